@@ -1,0 +1,28 @@
+"""moefuse: fast, small fine-tuning of Mixture-of-Experts models inside the Hugging Face ecosystem.
+
+``import moefuse`` registers the experts implementation ``"moefuse"`` in Transformers, so any MoE model whose
+experts use ``@use_experts_implementation`` can run on it:
+``AutoModelForCausalLM.from_pretrained(path, experts_implementation="moefuse")``.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .experts import EXPERTS_IMPLEMENTATION, UnsupportedExpertsError, register
+from .models import Qwen3MoeFusedForCausalLM, Qwen3MoeFusedModel
+from .ops import fused_experts, moe_fused_linear
+
+try:
+    __version__ = version("moefuse")
+except PackageNotFoundError:  # running from a source tree without install
+    __version__ = "0.0.0"
+
+register()
+
+__all__ = [
+    "EXPERTS_IMPLEMENTATION",
+    "Qwen3MoeFusedForCausalLM",
+    "Qwen3MoeFusedModel",
+    "UnsupportedExpertsError",
+    "fused_experts",
+    "moe_fused_linear",
+]

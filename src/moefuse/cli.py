@@ -1,0 +1,143 @@
+"""The ``moefuse`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from importlib.resources import files
+
+import torch
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _device_description() -> str:
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return f"cuda: {torch.cuda.device_count()} x {props.name} (sm{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)"
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import moefuse
+    from moefuse.ops.grouped_gemm import _HAS_GROUPED_MM
+
+    rows = [
+        ("moefuse", moefuse.__version__),
+        ("python", platform.python_version()),
+        *(
+            (pkg, _version(pkg))
+            for pkg in ("torch", "triton", "transformers", "peft", "safetensors", "huggingface_hub")
+        ),
+        ("device", _device_description()),
+        ("experts implementation", f"'{moefuse.EXPERTS_IMPLEMENTATION}' registered in transformers"),
+        (
+            "grouped GEMM",
+            "PyTorch: torch.nn.functional.grouped_mm where strides allow, per-expert loop otherwise"
+            if _HAS_GROUPED_MM
+            else "PyTorch: per-expert loop (this torch has no grouped_mm)",
+        ),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def tiny_qwen3_moe_config():
+    """The built-in tiny Qwen3-MoE config shipped in the package."""
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig.from_json_file(str(files("moefuse") / "data" / "tiny-qwen3-moe.json"))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Forward+backward of the built-in tiny Qwen3-MoE with moefuse and eager experts: agreement and tokens/s."""
+    from transformers import Qwen3MoeForCausalLM
+
+    import moefuse  # noqa: F401  (registers the experts implementation)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    config = tiny_qwen3_moe_config()
+    torch.manual_seed(args.seed)
+    model = Qwen3MoeForCausalLM(config).to(device)
+    ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device=device)
+    tokens = ids.numel()
+    print(
+        f"tiny Qwen3-MoE: {config.num_hidden_layers} layers, {config.num_experts} experts, top-{config.num_experts_per_tok}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {tokens} tokens per step on {device}"
+    )
+
+    results = {}
+    for impl in ("eager", "moefuse"):
+        model.set_experts_implementation(impl)
+        times = []
+        for step in range(args.warmup + args.steps):
+            model.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if step >= args.warmup:
+                times.append(time.perf_counter() - start)
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results[impl] = (loss.item(), grads, sorted(times)[len(times) // 2])
+        print(
+            f"  {impl:<8} loss {loss.item():.6f}  median step {results[impl][2] * 1e3:8.2f} ms  "
+            f"{tokens / results[impl][2]:10.0f} tokens/s"
+        )
+
+    (loss_e, grad_e, t_e), (loss_f, grad_f, t_f) = results["eager"], results["moefuse"]
+    grad_err = ((grad_f - grad_e).norm() / grad_e.norm()).item()
+    ok = abs(loss_f - loss_e) <= 1e-4 * max(1.0, abs(loss_e)) and grad_err < 1e-4
+    print(
+        f"moefuse vs eager: loss diff {abs(loss_f - loss_e):.2e}, relative grad error {grad_err:.2e}, "
+        f"speed-up {t_e / t_f:.2f}x -> {'OK' if ok else 'MISMATCH'}"
+    )
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moefuse",
+        description="Fast, small fine-tuning of Mixture-of-Experts models inside the Hugging Face ecosystem.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    info = sub.add_parser("info", help="versions, device and which kernels are active")
+    info.set_defaults(func=cmd_info)
+    demo = sub.add_parser(
+        "demo",
+        help="forward+backward of a built-in tiny Qwen3-MoE with moefuse vs eager experts (no download)",
+    )
+    demo.add_argument("--steps", type=int, default=5, help="timed steps per implementation (default 5)")
+    demo.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps (default 2)")
+    demo.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
+    demo.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
+    demo.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Triton kernels (``@triton.jit``) and their autotune configs; the autograd wiring lives in ``moefuse.ops``."""

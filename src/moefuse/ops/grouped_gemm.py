@@ -1,0 +1,145 @@
+"""Grouped GEMM over rows sorted by expert: ``moe_fused_linear`` and its reference.
+
+``output[b, o] = sum_i weight[e(b), o, i] * input[b, i]`` where rows ``b`` are grouped by expert,
+``m_sizes[e]`` rows for expert ``e``. This module holds the PyTorch path, which runs everywhere:
+``torch.nn.functional.grouped_mm`` where its layout rules allow it, a per-expert loop otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """grouped_mm needs 16-byte aligned base pointers and non-unit strides."""
+    size = t.element_size()
+    if t.data_ptr() % 16:
+        return False
+    return all(s == 1 or (s * size) % 16 == 0 for s in t.stride())
+
+
+def _use_grouped_mm(*tensors: torch.Tensor) -> bool:
+    if not _HAS_GROUPED_MM:
+        return False
+    device = tensors[0].device
+    # On CUDA the grouped_mm kernels are bf16 on sm80+; other dtypes take the loop.
+    if device.type == "cuda" and (
+        tensors[0].dtype != torch.bfloat16 or torch.cuda.get_device_capability(device) < (8, 0)
+    ):
+        return False
+    return all(_aligned(t) for t in tensors)
+
+
+def _offsets(m_sizes: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(m_sizes, dim=0, dtype=torch.int32)
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, m_sizes: torch.Tensor) -> torch.Tensor:
+    """``out[rows of e] = a[rows of e] @ b[e]`` for ``a [N, k]`` grouped by expert and ``b [E, k, n]``."""
+    if a.shape[0] == 0:
+        return a.new_zeros(0, b.shape[-1])
+    if _use_grouped_mm(a, b):
+        return F.grouped_mm(a, b, offs=_offsets(m_sizes))
+    out = a.new_empty(a.shape[0], b.shape[-1])
+    start = 0
+    for e, m in enumerate(m_sizes.tolist()):
+        if m:
+            torch.mm(a[start : start + m], b[e], out=out[start : start + m])
+        start += m
+    return out
+
+
+def grouped_mm_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, m_sizes: torch.Tensor) -> torch.Tensor:
+    """``dW[e] = grad_out[rows of e]^T @ x[rows of e]`` → ``[E, out, in]`` (zeros for experts without rows)."""
+    num_experts = m_sizes.numel()
+    if grad_out.shape[0] > 0 and _use_grouped_mm(grad_out.t(), x):
+        return F.grouped_mm(grad_out.t(), x, offs=_offsets(m_sizes))
+    out = x.new_zeros(num_experts, grad_out.shape[1], x.shape[1])
+    start = 0
+    for e, m in enumerate(m_sizes.tolist()):
+        if m:
+            torch.mm(grad_out[start : start + m].t(), x[start : start + m], out=out[e])
+        start += m
+    return out
+
+
+class _MoeFusedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, m_sizes: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight, m_sizes)
+        return grouped_mm(x, weight.transpose(1, 2), m_sizes)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight, m_sizes = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grouped_mm(grad_out, weight, m_sizes)
+        if ctx.needs_input_grad[1]:
+            grad_w = grouped_mm_weight_grad(grad_out, x, m_sizes)
+        return grad_x, grad_w, None
+
+
+def check_grouped_inputs(x: torch.Tensor, weight: torch.Tensor, m_sizes: torch.Tensor) -> None:
+    """Clear errors for the inputs of :func:`moe_fused_linear`."""
+    if x.dim() != 2:
+        raise ValueError(f"input must be 2-D [rows, in_features], got shape {tuple(x.shape)}")
+    if weight.dim() != 3:
+        raise ValueError(
+            f"weight must be 3-D [experts, out_features, in_features], got shape {tuple(weight.shape)}"
+        )
+    if x.shape[1] != weight.shape[2]:
+        raise ValueError(
+            f"input has {x.shape[1]} features but weight {tuple(weight.shape)} expects in_features={weight.shape[2]}"
+        )
+    if not x.dtype.is_floating_point or not weight.dtype.is_floating_point:
+        raise TypeError(f"input and weight must be floating point, got {x.dtype} and {weight.dtype}")
+    if m_sizes.dim() != 1 or m_sizes.numel() != weight.shape[0]:
+        raise ValueError(
+            f"m_sizes must be 1-D with one count per expert ({weight.shape[0]}), got {tuple(m_sizes.shape)}"
+        )
+    if m_sizes.dtype.is_floating_point or m_sizes.dtype == torch.bool:
+        raise TypeError(f"m_sizes must be an integer tensor, got {m_sizes.dtype}")
+    if x.device != weight.device or m_sizes.device != weight.device:
+        raise ValueError(
+            f"input, weight and m_sizes must share a device, got {x.device}, {weight.device}, {m_sizes.device}"
+        )
+    if m_sizes.device.type == "cpu":
+        total = int(m_sizes.sum())
+        if total != x.shape[0] or bool((m_sizes < 0).any()):
+            raise ValueError(
+                f"m_sizes must be non-negative and sum to the {x.shape[0]} input rows, got sum {total}"
+            )
+
+
+def moe_fused_linear(input: torch.Tensor, weight: torch.Tensor, m_sizes: torch.Tensor) -> torch.Tensor:
+    """Per-expert linear layer on rows grouped by expert.
+
+    Args:
+        input: ``[N, in]`` rows sorted by expert.
+        weight: ``[E, out, in]`` one weight matrix per expert.
+        m_sizes: ``[E]`` integer row counts, summing to ``N``.
+
+    Returns:
+        ``[N, out]`` in ``weight``'s dtype (``input`` is cast to it, as under autocast).
+    """
+    check_grouped_inputs(input, weight, m_sizes)
+    return _MoeFusedLinear.apply(input.to(weight.dtype), weight, m_sizes)
+
+
+def moe_fused_linear_reference(
+    input: torch.Tensor, weight: torch.Tensor, m_sizes: torch.Tensor
+) -> torch.Tensor:
+    """Per-expert loop with ``F.linear`` (autograd through PyTorch), the twin every kernel is tested against."""
+    outputs = []
+    start = 0
+    for e, m in enumerate(m_sizes.tolist()):
+        outputs.append(F.linear(input[start : start + m], weight[e]))
+        start += m
+    if not outputs:
+        return input.new_zeros(input.shape[0], weight.shape[1])
+    return torch.cat(outputs, dim=0)

@@ -1,0 +1,125 @@
+"""The whole experts computation of a top-k MoE block: ``fused_experts`` and its reference.
+
+Layout is Transformers 5.x's: ``gate_up_proj [E, 2I, H]`` (gate rows first, then up rows) and
+``down_proj [E, H, I]``. For each token ``t`` and each of its ``K`` chosen experts ``e`` with weight ``w``:
+``out[t] += w * down_e(act(gate_e(x_t)) * up_e(x_t))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .grouped_gemm import moe_fused_linear
+from .routing import check_top_k_index, route
+
+
+def check_experts_inputs(
+    hidden_states: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> None:
+    """Clear errors for the inputs of :func:`fused_experts`."""
+    if hidden_states.dim() != 2:
+        raise ValueError(
+            f"hidden_states must be 2-D [tokens, hidden], got shape {tuple(hidden_states.shape)}"
+        )
+    if gate_up_proj.dim() != 3 or down_proj.dim() != 3:
+        raise ValueError(
+            "gate_up_proj must be [E, 2*I, H] and down_proj [E, H, I], "
+            f"got {tuple(gate_up_proj.shape)} and {tuple(down_proj.shape)}"
+        )
+    num_experts, two_i, hidden = gate_up_proj.shape
+    if two_i % 2:
+        raise ValueError(f"gate_up_proj's second dim must be 2*intermediate (even), got {two_i}")
+    if tuple(down_proj.shape) != (num_experts, hidden, two_i // 2):
+        raise ValueError(
+            f"down_proj must be [E, H, I] = {(num_experts, hidden, two_i // 2)} to match gate_up_proj "
+            f"{tuple(gate_up_proj.shape)}, got {tuple(down_proj.shape)}"
+        )
+    if hidden_states.shape[1] != hidden:
+        raise ValueError(
+            f"hidden_states has {hidden_states.shape[1]} features, the experts expect hidden={hidden}"
+        )
+    for name, t in (
+        ("hidden_states", hidden_states),
+        ("gate_up_proj", gate_up_proj),
+        ("down_proj", down_proj),
+    ):
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    if gate_up_proj.dtype != down_proj.dtype:
+        raise TypeError(
+            f"gate_up_proj and down_proj must share a dtype, got {gate_up_proj.dtype} and {down_proj.dtype}"
+        )
+    if top_k_weights.shape != top_k_index.shape:
+        raise ValueError(
+            f"top_k_weights {tuple(top_k_weights.shape)} must have the shape of top_k_index {tuple(top_k_index.shape)}"
+        )
+    if not top_k_weights.dtype.is_floating_point:
+        raise TypeError(f"top_k_weights must be floating point, got {top_k_weights.dtype}")
+    if top_k_index.dim() == 2 and top_k_index.shape[0] != hidden_states.shape[0]:
+        raise ValueError(
+            f"top_k_index has {top_k_index.shape[0]} rows but hidden_states has {hidden_states.shape[0]} tokens"
+        )
+    check_top_k_index(top_k_index, num_experts)
+
+
+def fused_experts(
+    hidden_states: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    *,
+    act_fn: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+) -> torch.Tensor:
+    """Route-sort, gate/up grouped GEMM, gated activation, down grouped GEMM, weighted combine.
+
+    Args:
+        hidden_states: ``[T, H]`` tokens.
+        gate_up_proj: ``[E, 2I, H]`` gate rows then up rows of every expert.
+        down_proj: ``[E, H, I]``.
+        top_k_index: ``[T, K]`` chosen expert ids.
+        top_k_weights: ``[T, K]`` routing weights (differentiable: the router learns through them).
+        act_fn: activation applied to the gate half (SiLU gives SwiGLU).
+
+    Returns:
+        ``[T, H]`` in ``hidden_states``' dtype.
+    """
+    check_experts_inputs(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights)
+    num_tokens, hidden = hidden_states.shape
+    routing = route(top_k_index, gate_up_proj.shape[0])
+
+    x = hidden_states[routing.token_index]
+    gate, up = moe_fused_linear(x, gate_up_proj, routing.m_sizes).chunk(2, dim=-1)
+    y = moe_fused_linear(act_fn(gate) * up, down_proj, routing.m_sizes)
+
+    y = y[routing.inverse].view(num_tokens, routing.top_k, hidden)
+    out = (y * top_k_weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
+    return out.to(hidden_states.dtype)
+
+
+def fused_experts_reference(
+    hidden_states: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    *,
+    act_fn: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+) -> torch.Tensor:
+    """Token-by-expert loop, as Transformers' ``eager`` experts compute it."""
+    out = torch.zeros_like(hidden_states)
+    for e in range(gate_up_proj.shape[0]):
+        token_idx, k_pos = torch.where(top_k_index == e)
+        if token_idx.numel() == 0:
+            continue
+        gate, up = F.linear(hidden_states[token_idx], gate_up_proj[e]).chunk(2, dim=-1)
+        y = F.linear(act_fn(gate) * up, down_proj[e]) * top_k_weights[token_idx, k_pos, None]
+        out = out.index_add(0, token_idx, y.to(out.dtype))
+    return out

@@ -1,0 +1,88 @@
+"""Routing: group the (token, k) assignments of a top-k router by expert.
+
+Every grouped-GEMM path needs the rows of one expert to be contiguous. ``route`` computes, from
+``top_k_index [T, K]``, the order of the ``S = T * K`` assignments sorted by expert, the number of rows
+per expert and the inverse order used to bring expert outputs back to their tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ExpertRouting:
+    """Assignments of tokens to experts, grouped by expert.
+
+    Attributes:
+        m_sizes: ``[E]`` int64, rows routed to each expert (experts may receive zero rows).
+        sorted_slots: ``[S]`` int64, for each grouped row the flat assignment index ``t * K + k``.
+        token_index: ``[S]`` int64, for each grouped row the token it came from (``sorted_slots // K``).
+        inverse: ``[S]`` int64, for each flat assignment ``t * K + k`` its row in the grouped order.
+        top_k: K, assignments per token.
+    """
+
+    m_sizes: torch.Tensor
+    sorted_slots: torch.Tensor
+    token_index: torch.Tensor
+    inverse: torch.Tensor
+    top_k: int
+
+    @property
+    def num_experts(self) -> int:
+        return self.m_sizes.numel()
+
+
+def check_top_k_index(top_k_index: torch.Tensor, num_experts: int) -> None:
+    """Raise a clear error when ``top_k_index`` is not a ``[T, K]`` integer tensor of expert ids in range."""
+    if top_k_index.dim() != 2:
+        raise ValueError(f"top_k_index must be 2-D [tokens, top_k], got shape {tuple(top_k_index.shape)}")
+    if top_k_index.dtype.is_floating_point or top_k_index.dtype == torch.bool:
+        raise TypeError(f"top_k_index must be an integer tensor, got {top_k_index.dtype}")
+    if top_k_index.numel() == 0:
+        return
+    # One host sync; the Triton routing path validates on the device instead.
+    lo, hi = int(top_k_index.min()), int(top_k_index.max())
+    if lo < 0 or hi >= num_experts:
+        bad = lo if lo < 0 else hi
+        raise IndexError(
+            f"top_k_index holds expert id {bad}, outside [0, {num_experts}) for {num_experts} experts"
+        )
+
+
+def route(top_k_index: torch.Tensor, num_experts: int) -> ExpertRouting:
+    """Group the assignments in ``top_k_index [T, K]`` by expert (stable: token order kept inside an expert)."""
+    top_k = top_k_index.shape[-1]
+    flat = top_k_index.reshape(-1).long()
+    sorted_slots = torch.argsort(flat, stable=True)
+    m_sizes = torch.bincount(flat, minlength=num_experts)
+    inverse = torch.empty_like(sorted_slots)
+    inverse[sorted_slots] = torch.arange(sorted_slots.numel(), device=flat.device)
+    return ExpertRouting(
+        m_sizes=m_sizes,
+        sorted_slots=sorted_slots,
+        token_index=torch.div(sorted_slots, top_k, rounding_mode="floor"),
+        inverse=inverse,
+        top_k=top_k,
+    )
+
+
+def route_reference(top_k_index: torch.Tensor, num_experts: int) -> ExpertRouting:
+    """Plain-Python twin of :func:`route`, for tests."""
+    top_k = top_k_index.shape[-1]
+    flat = top_k_index.reshape(-1).tolist()
+    slots = [s for e in range(num_experts) for s, fe in enumerate(flat) if fe == e]
+    m_sizes = [sum(1 for fe in flat if fe == e) for e in range(num_experts)]
+    inverse = [0] * len(flat)
+    for row, s in enumerate(slots):
+        inverse[s] = row
+    device = top_k_index.device
+    return ExpertRouting(
+        m_sizes=torch.tensor(m_sizes, dtype=torch.long, device=device),
+        sorted_slots=torch.tensor(slots, dtype=torch.long, device=device),
+        token_index=torch.tensor([s // top_k for s in slots], dtype=torch.long, device=device),
+        inverse=torch.tensor(inverse, dtype=torch.long, device=device),
+        top_k=top_k,
+    )

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random configs of the MoE families moefuse covers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+import moefuse  # noqa: F401  (registers the "moefuse" experts implementation)
+
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
+
+
+def tiny_config(family: str, num_experts: int = 16, top_k: int = 2, intermediate: int = 16):
+    """A tiny random config of ``family`` with ``num_experts`` experts of width ``intermediate``."""
+    if family == "qwen3_moe":
+        return Qwen3MoeConfig(
+            **COMMON,
+            head_dim=8,
+            intermediate_size=64,
+            moe_intermediate_size=intermediate,
+            num_experts=num_experts,
+            num_experts_per_tok=top_k,
+            norm_topk_prob=True,
+        )
+    if family == "qwen2_moe":
+        return Qwen2MoeConfig(
+            **COMMON,
+            intermediate_size=64,
+            moe_intermediate_size=intermediate,
+            shared_expert_intermediate_size=24,
+            num_experts=num_experts,
+            num_experts_per_tok=top_k,
+        )
+    if family == "mixtral":
+        return MixtralConfig(
+            **COMMON, intermediate_size=intermediate, num_local_experts=num_experts, num_experts_per_tok=top_k
+        )
+    if family == "olmoe":
+        return OlmoeConfig(
+            **COMMON, intermediate_size=intermediate, num_experts=num_experts, num_experts_per_tok=top_k
+        )
+    raise ValueError(family)
+
+
+FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
+    """Fill every parameter with random values (the router too, so routing spreads over experts)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
