@@ -7,12 +7,13 @@ Layout is Transformers 5.x's: ``gate_up_proj [E, 2I, H]`` (gate rows first, then
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .grouped_gemm import moe_fused_linear
+from .lora import ExpertsLora, check_lora_weights, down_lora_delta, gate_up_lora_delta
 from .routing import check_top_k_index, route
 
 
@@ -69,6 +70,22 @@ def check_experts_inputs(
     check_top_k_index(top_k_index, num_experts)
 
 
+def check_experts_lora(
+    lora: Sequence[ExpertsLora], gate_up_proj: torch.Tensor, down_proj: torch.Tensor
+) -> None:
+    """Clear errors for LoRA factors that do not fit the experts' projections."""
+    num_experts, two_i, hidden = gate_up_proj.shape
+    for adapter in lora:
+        for name, shape in (
+            ("gate", (num_experts, two_i // 2, hidden)),
+            ("up", (num_experts, two_i // 2, hidden)),
+            ("down", tuple(down_proj.shape)),
+        ):
+            factors = getattr(adapter, name)
+            if factors is not None:
+                check_lora_weights(name, factors, shape)
+
+
 def fused_experts(
     hidden_states: torch.Tensor,
     gate_up_proj: torch.Tensor,
@@ -77,6 +94,7 @@ def fused_experts(
     top_k_weights: torch.Tensor,
     *,
     act_fn: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+    lora: Sequence[ExpertsLora] = (),
 ) -> torch.Tensor:
     """Route-sort, gate/up grouped GEMM, gated activation, down grouped GEMM, weighted combine.
 
@@ -87,17 +105,28 @@ def fused_experts(
         top_k_index: ``[T, K]`` chosen expert ids.
         top_k_weights: ``[T, K]`` routing weights (differentiable: the router learns through them).
         act_fn: activation applied to the gate half (SiLU gives SwiGLU).
+        lora: LoRA adapters added to the projections (see :mod:`moefuse.ops.lora`), each as two thin
+            grouped GEMMs on the grouped rows; ``W + B·A`` is never formed.
 
     Returns:
         ``[T, H]`` in ``hidden_states``' dtype.
     """
     check_experts_inputs(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights)
+    check_experts_lora(lora, gate_up_proj, down_proj)
     num_tokens, hidden = hidden_states.shape
     routing = route(top_k_index, gate_up_proj.shape[0])
 
     x = hidden_states[routing.token_index]
-    gate, up = moe_fused_linear(x, gate_up_proj, routing.m_sizes).chunk(2, dim=-1)
-    y = moe_fused_linear(act_fn(gate) * up, down_proj, routing.m_sizes)
+    gate_up = moe_fused_linear(x, gate_up_proj, routing.m_sizes)
+    for adapter in lora:
+        delta = gate_up_lora_delta(x, adapter, down_proj.shape[2], routing.m_sizes)
+        gate_up = gate_up if delta is None else gate_up + delta.to(gate_up.dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    h = act_fn(gate) * up
+    y = moe_fused_linear(h, down_proj, routing.m_sizes)
+    for adapter in lora:
+        delta = down_lora_delta(h, adapter, routing.m_sizes)
+        y = y if delta is None else y + delta.to(y.dtype)
 
     y = y[routing.inverse].view(num_tokens, routing.top_k, hidden)
     out = (y * top_k_weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
@@ -112,14 +141,29 @@ def fused_experts_reference(
     top_k_weights: torch.Tensor,
     *,
     act_fn: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+    lora: Sequence[ExpertsLora] = (),
 ) -> torch.Tensor:
-    """Token-by-expert loop, as Transformers' ``eager`` experts compute it."""
+    """Token-by-expert loop, as Transformers' ``eager`` experts compute it (LoRA as per-expert PEFT ``Linear``s)."""
+
+    def project(x: torch.Tensor, weight: torch.Tensor, e: int, which: str) -> torch.Tensor:
+        out = F.linear(x, weight[e])
+        for adapter in lora:
+            factors = getattr(adapter, which)
+            if factors is not None:
+                dropped = (x if adapter.dropout is None else adapter.dropout(x)).to(factors.lora_A.dtype)
+                lora_out = F.linear(F.linear(dropped, factors.lora_A[e]), factors.lora_B[e]) * factors.scaling
+                out = out + lora_out.to(out.dtype)
+        return out
+
     out = torch.zeros_like(hidden_states)
+    intermediate = down_proj.shape[2]
     for e in range(gate_up_proj.shape[0]):
         token_idx, k_pos = torch.where(top_k_index == e)
         if token_idx.numel() == 0:
             continue
-        gate, up = F.linear(hidden_states[token_idx], gate_up_proj[e]).chunk(2, dim=-1)
-        y = F.linear(act_fn(gate) * up, down_proj[e]) * top_k_weights[token_idx, k_pos, None]
+        x = hidden_states[token_idx]
+        gate = project(x, gate_up_proj[:, :intermediate], e, "gate")
+        up = project(x, gate_up_proj[:, intermediate:], e, "up")
+        y = project(act_fn(gate) * up, down_proj, e, "down") * top_k_weights[token_idx, k_pos, None]
         out = out.index_add(0, token_idx, y.to(out.dtype))
     return out

@@ -1,0 +1,104 @@
+"""LoRA terms of grouped expert projections, computed without materialising ``W + B·A``.
+
+For a projection with per-expert weights ``W [E, out, in]``, one adapter holds ``lora_A [E, r, in]`` and
+``lora_B [E, out, r]`` (each expert's PEFT ``nn.Linear`` factors, stacked) and adds
+``scaling * lora_B[e] @ lora_A[e] @ dropout(x)`` to expert ``e``'s output. Here that is two thin grouped
+GEMMs, ``t = dropout(x)·Aᵀ`` then ``t·Bᵀ``, on the rows already grouped for the base GEMM; their autograd
+gives ``dA``, ``dB`` and ``dx`` and nothing for the frozen base weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .grouped_gemm import moe_fused_linear
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """One adapter's factors on one projection of every expert: ``W[e] + scaling * lora_B[e] @ lora_A[e]``."""
+
+    lora_A: torch.Tensor  # [E, r, in]
+    lora_B: torch.Tensor  # [E, out, r]
+    scaling: float = 1.0
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B @ A`` per expert, ``[E, out, in]`` (for merging and references, never in a forward)."""
+        return torch.bmm(self.lora_B, self.lora_A) * self.scaling
+
+
+@dataclass(frozen=True)
+class ExpertsLora:
+    """One LoRA adapter on the experts; a projection left ``None`` is not adapted.
+
+    ``dropout`` is applied to each adapted projection's input (gate and up read the same input and share one
+    dropout mask, so their ``A`` factors run as one GEMM).
+    """
+
+    gate: LoraWeights | None = None
+    up: LoraWeights | None = None
+    down: LoraWeights | None = None
+    dropout: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def check_lora_weights(name: str, lora: LoraWeights, weight_shape: tuple[int, int, int]) -> None:
+    """Clear errors for factors that do not fit the ``[E, out, in]`` weight they adapt."""
+    num_experts, out_features, in_features = weight_shape
+    a, b = lora.lora_A, lora.lora_B
+    rank = a.shape[1] if a.dim() == 3 else -1
+    if (
+        a.dim() != 3
+        or b.dim() != 3
+        or tuple(a.shape) != (num_experts, rank, in_features)
+        or tuple(b.shape) != (num_experts, out_features, rank)
+    ):
+        raise ValueError(
+            f"{name} LoRA factors must be lora_A [E, r, in] = [{num_experts}, r, {in_features}] and "
+            f"lora_B [E, out, r] = [{num_experts}, {out_features}, r], got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+
+
+def _dropout(adapter: ExpertsLora, x: torch.Tensor) -> torch.Tensor:
+    return x if adapter.dropout is None else adapter.dropout(x)
+
+
+def _thin(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, m_sizes: torch.Tensor) -> torch.Tensor:
+    return moe_fused_linear(moe_fused_linear(x, lora_A, m_sizes), lora_B, m_sizes)
+
+
+def gate_up_lora_delta(
+    x: torch.Tensor, adapter: ExpertsLora, intermediate: int, m_sizes: torch.Tensor
+) -> torch.Tensor | None:
+    """The adapter's term for the ``[rows, 2I]`` gate/up output (gate columns first), ``None`` if neither is adapted.
+
+    Gate and up ``A`` are stacked along the rank so ``x`` is read once; ``B`` becomes block-diagonal
+    ``[E, 2I, r_gate + r_up]`` with the scalings folded in (a small copy of the factors, not of ``W``).
+    """
+    halves = [adapter.gate, adapter.up]
+    if halves == [None, None]:
+        return None
+    present = [h for h in halves if h is not None]
+    lora_A = torch.cat([h.lora_A for h in present], dim=1)
+    num_experts, rank = lora_A.shape[0], lora_A.shape[1]
+    blocks, col = [], 0
+    for half in halves:
+        if half is None:
+            blocks.append(lora_A.new_zeros(num_experts, intermediate, rank))
+            continue
+        r = half.lora_A.shape[1]
+        scaled = half.lora_B * half.scaling
+        blocks.append(torch.nn.functional.pad(scaled, (col, rank - col - r)))
+        col += r
+    return _thin(_dropout(adapter, x), lora_A, torch.cat(blocks, dim=1), m_sizes)
+
+
+def down_lora_delta(x: torch.Tensor, adapter: ExpertsLora, m_sizes: torch.Tensor) -> torch.Tensor | None:
+    """The adapter's term for the down projection's ``[rows, H]`` output, ``None`` if down is not adapted."""
+    if adapter.down is None:
+        return None
+    return _thin(
+        _dropout(adapter, x), adapter.down.lora_A, adapter.down.lora_B * adapter.down.scaling, m_sizes
+    )

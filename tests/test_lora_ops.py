@@ -1,0 +1,138 @@
+"""fused_experts with LoRA (two thin grouped GEMMs per projection) against the per-expert reference."""
+
+import pytest
+import torch
+
+import moefuse
+from moefuse.ops import ExpertsLora, LoraWeights
+from moefuse.ops.moe import fused_experts_reference
+
+
+def _factors(experts, out, inp, rank, scaling, dtype):
+    a = (torch.randn(experts, rank, inp) / inp**0.5).to(dtype).requires_grad_()
+    b = (torch.randn(experts, out, rank) / rank**0.5).to(dtype).requires_grad_()
+    return LoraWeights(a, b, scaling)
+
+
+def _problem(
+    tokens, hidden, inter, experts, top_k, projections, ranks=(4, 3, 5), dtype=torch.float32, unused=0
+):
+    x = torch.randn(tokens, hidden, dtype=dtype)
+    gate_up = torch.randn(experts, 2 * inter, hidden, dtype=dtype) / hidden**0.5
+    down = torch.randn(experts, hidden, inter, dtype=dtype) / inter**0.5
+    logits = torch.randn(tokens, experts - unused)
+    weights, index = torch.topk(logits.softmax(-1), top_k, dim=-1)
+    shapes = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+    lora = ExpertsLora(
+        **{
+            name: _factors(experts, *shapes[name], rank, 0.5 + i, dtype)
+            for i, (name, rank) in enumerate(zip(("gate", "up", "down"), ranks, strict=True))
+            if name in projections
+        }
+    )
+    return x.requires_grad_(), gate_up, down, index, weights.to(dtype).requires_grad_(), lora
+
+
+def _clone_lora(lora: ExpertsLora) -> ExpertsLora:
+    def clone(w):
+        if w is None:
+            return None
+        return LoraWeights(
+            w.lora_A.detach().clone().requires_grad_(), w.lora_B.detach().clone().requires_grad_(), w.scaling
+        )
+
+    return ExpertsLora(clone(lora.gate), clone(lora.up), clone(lora.down), lora.dropout)
+
+
+def _grads(lora: ExpertsLora):
+    return {
+        f"{name}.{f}": getattr(getattr(lora, name), f).grad
+        for name in ("gate", "up", "down")
+        if getattr(lora, name) is not None
+        for f in ("lora_A", "lora_B")
+    }
+
+
+@pytest.mark.parametrize(
+    "tokens,hidden,inter,experts,top_k,unused,projections",
+    [
+        (9, 32, 16, 8, 2, 3, ("gate", "up", "down")),  # experts without tokens
+        (1, 32, 16, 4, 1, 0, ("gate", "up", "down")),  # one token, top-1
+        (5, 16, 8, 1, 1, 0, ("down",)),  # E = 1, down only
+        (40, 32, 24, 32, 4, 0, ("gate",)),  # gate only: the up half of B is zeros
+        (13, 20, 6, 6, 3, 1, ("up", "down")),  # unaligned sizes (loop path), no gate
+    ],
+)
+def test_lora_matches_reference_with_grads(tokens, hidden, inter, experts, top_k, unused, projections):
+    x, gate_up, down, index, weights, lora = _problem(
+        tokens, hidden, inter, experts, top_k, projections, unused=unused
+    )
+    ref_lora = _clone_lora(lora)
+    x_ref, w_ref = x.detach().clone().requires_grad_(), weights.detach().clone().requires_grad_()
+    out = moefuse.fused_experts(x, gate_up, down, index, weights, lora=[lora])
+    ref = fused_experts_reference(x_ref, gate_up, down, index, w_ref, lora=[ref_lora])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    (out * grad).sum().backward()
+    (ref * grad).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weights.grad, w_ref.grad, rtol=1e-5, atol=1e-5)
+    got, want = _grads(lora), _grads(ref_lora)
+    assert got.keys() == want.keys() and got
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_lora_equals_merged_weights_and_frozen_base_gets_no_grad():
+    x, gate_up, down, index, weights, lora = _problem(17, 32, 16, 8, 2, ("gate", "up", "down"))
+    out = moefuse.fused_experts(x, gate_up, down, index, weights, lora=[lora])
+    merged_gate_up = gate_up + torch.cat([lora.gate.delta_weight(), lora.up.delta_weight()], dim=1)
+    merged = moefuse.fused_experts(x, merged_gate_up, down + lora.down.delta_weight(), index, weights)
+    torch.testing.assert_close(out, merged, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert gate_up.grad is None and down.grad is None
+    assert all(g is not None for g in _grads(lora).values())
+
+
+def test_two_adapters_add_up():
+    x, gate_up, down, index, weights, first = _problem(11, 16, 8, 4, 2, ("gate", "up", "down"))
+    *_, second = _problem(11, 16, 8, 4, 2, ("up", "down"), ranks=(2, 2, 2))
+    both = moefuse.fused_experts(x, gate_up, down, index, weights, lora=[first, second])
+    ref = fused_experts_reference(x, gate_up, down, index, weights, lora=[first, second])
+    torch.testing.assert_close(both, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fp16_and_fp32_factors_on_fp16_base():
+    x, gate_up, down, index, weights, lora = _problem(
+        12, 32, 16, 4, 2, ("gate", "up", "down"), dtype=torch.float16
+    )
+    out = moefuse.fused_experts(x, gate_up, down, index, weights, lora=[lora])
+    ref = fused_experts_reference(
+        x.float(), gate_up.float(), down.float(), index, weights.float(), lora=[lora]
+    )
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    # factors kept in fp32 on an fp16 base (PEFT's autocast_adapter_dtype)
+    fp32 = _clone_lora(lora)
+    fp32 = ExpertsLora(
+        *(LoraWeights(w.lora_A.float(), w.lora_B.float(), w.scaling) for w in (fp32.gate, fp32.up, fp32.down))
+    )
+    out32 = moefuse.fused_experts(x, gate_up, down, index, weights, lora=[fp32])
+    assert out32.dtype == torch.float16
+    torch.testing.assert_close(out32.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_dropout_applies_to_lora_input_only():
+    x, gate_up, down, index, weights, lora = _problem(64, 32, 16, 4, 2, ("gate", "up", "down"))
+    dropped = ExpertsLora(lora.gate, lora.up, lora.down, dropout=torch.nn.Dropout(1.0))
+    torch.testing.assert_close(
+        moefuse.fused_experts(x, gate_up, down, index, weights, lora=[dropped]),
+        moefuse.fused_experts(x, gate_up, down, index, weights),
+    )
+
+
+def test_bad_factor_shape_names_projection():
+    x, gate_up, down, index, weights, lora = _problem(5, 16, 8, 4, 2, ("gate",))
+    bad = ExpertsLora(down=LoraWeights(torch.zeros(4, 2, 16), torch.zeros(4, 16, 2)))
+    with pytest.raises(ValueError, match=r"down LoRA factors must be lora_A \[E, r, in\] = \[4, r, 8\]"):
+        moefuse.fused_experts(x, gate_up, down, index, weights, lora=[bad])
