@@ -7,6 +7,7 @@ experts use ``@use_experts_implementation`` can run on it:
 
 from importlib.metadata import PackageNotFoundError, version
 
+from . import lora
 from .experts import EXPERTS_IMPLEMENTATION, UnsupportedExpertsError, register
 from .models import Qwen3MoeFusedForCausalLM, Qwen3MoeFusedModel
 from .ops import fused_experts, moe_fused_linear
@@ -17,6 +18,7 @@ except PackageNotFoundError:  # running from a source tree without install
     __version__ = "0.0.0"
 
 register()
+lora.install()  # PEFT's target_modules reach the experts by gate_proj/up_proj/down_proj
 
 __all__ = [
     "EXPERTS_IMPLEMENTATION",
