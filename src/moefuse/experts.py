@@ -53,6 +53,15 @@ def check_supported(experts: torch.nn.Module) -> None:
     )
 
 
+def stacked_expert_weights(experts: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]`` of an experts module, as the ops take them."""
+    gate_up_proj, down_proj = experts.gate_up_proj, experts.down_proj
+    if getattr(experts, "is_transposed", False):
+        # Transposed storage ([E, H, 2I] and [E, I, H]): views, the GEMMs read them through their strides.
+        gate_up_proj, down_proj = gate_up_proj.transpose(1, 2), down_proj.transpose(1, 2)
+    return gate_up_proj, down_proj
+
+
 def moefuse_experts_forward(
     self: torch.nn.Module,
     hidden_states: torch.Tensor,
@@ -61,10 +70,7 @@ def moefuse_experts_forward(
 ) -> torch.Tensor:
     """Forward of an ``@use_experts_implementation`` experts module through :func:`moefuse.fused_experts`."""
     check_supported(self)
-    gate_up_proj, down_proj = self.gate_up_proj, self.down_proj
-    if getattr(self, "is_transposed", False):
-        # Transposed storage ([E, H, 2I] and [E, I, H]): views, the GEMMs read them through their strides.
-        gate_up_proj, down_proj = gate_up_proj.transpose(1, 2), down_proj.transpose(1, 2)
+    gate_up_proj, down_proj = stacked_expert_weights(self)
     return fused_experts(
         hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights, act_fn=self.act_fn
     )
