@@ -20,7 +20,7 @@ from transformers import Qwen3MoeForCausalLM
 from conftest import randomize_, tiny_config
 from moefuse import Qwen3MoeFusedForCausalLM
 from moefuse.convert.layouts import Checkpoint, detect_layout
-from moefuse.ops import fused_experts_reference
+from moefuse.ops import ExpertsLora, LoraWeights, fused_experts_reference
 from moefuse.parallel import (
     apply_expert_parallel,
     expert_parallel_fused_experts,
@@ -62,8 +62,10 @@ NUM_EXPERTS, HIDDEN, INTER, TOP_K = 8, 16, 8, 2
 def _routing_case(case: str, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(hidden_states, top_k_index, top_k_weights)`` of one rank, the same on every process that asks."""
     g = torch.Generator().manual_seed(100 * rank + 7)
-    num_tokens = {"uneven": 5 + 4 * rank, "empty_experts": 6, "empty_rank": 0 if rank == 1 else 7}[case]
-    if case == "uneven":
+    num_tokens = {"uneven": 5 + 4 * rank, "lora": 5 + 4 * rank, "empty_experts": 6}.get(case, 7)
+    if case == "empty_rank" and rank == 1:
+        num_tokens = 0
+    if case in ("uneven", "lora"):
         # skewed: low expert ids (rank 0's experts) much more likely, some experts get nothing
         probs = torch.tensor([8.0, 6, 4, 2, 1, 1, 0.5, 0])
         rows = [torch.multinomial(probs, TOP_K, generator=g) for _ in range(num_tokens)]
@@ -78,11 +80,33 @@ def _routing_case(case: str, rank: int, world_size: int) -> tuple[torch.Tensor, 
     return hidden, index, weights
 
 
+def _lora_factors(g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Gate and down LoRA factors of all experts (rank 3), up left without."""
+    shapes = {
+        "gate_A": (NUM_EXPERTS, 3, HIDDEN),
+        "gate_B": (NUM_EXPERTS, INTER, 3),
+        "down_A": (NUM_EXPERTS, 3, INTER),
+        "down_B": (NUM_EXPERTS, HIDDEN, 3),
+    }
+    return {k: torch.randn(shape, generator=g) * 0.3 for k, shape in shapes.items()}
+
+
+def _experts_lora(factors: dict[str, torch.Tensor]) -> list[ExpertsLora]:
+    return [
+        ExpertsLora(
+            gate=LoraWeights(factors["gate_A"], factors["gate_B"], 0.5),
+            down=LoraWeights(factors["down_A"], factors["down_B"], 2.0),
+        )
+    ]
+
+
 def _check_op(rank: int, world_size: int, case: str) -> None:
     g = torch.Generator().manual_seed(0)
     gate_up = torch.randn(NUM_EXPERTS, 2 * INTER, HIDDEN, generator=g) * 0.3
     down = torch.randn(NUM_EXPERTS, HIDDEN, INTER, generator=g) * 0.3
     cot = [torch.randn(100, HIDDEN, generator=g) for _ in range(world_size)]  # upstream gradient per rank
+    lora = _lora_factors(g) if case == "lora" else {}
+    ref_lora = {k: v.clone().requires_grad_() for k, v in lora.items()}
 
     # reference: every rank's tokens through the full experts, loss summed over ranks
     ref_gate_up, ref_down = gate_up.clone().requires_grad_(), down.clone().requires_grad_()
@@ -90,17 +114,27 @@ def _check_op(rank: int, world_size: int, case: str) -> None:
     for r in range(world_size):
         hidden, index, weights = _routing_case(case, r, world_size)
         hidden.requires_grad_(), weights.requires_grad_()
-        out = fused_experts_reference(hidden, ref_gate_up, ref_down, index, weights)
+        out = fused_experts_reference(
+            hidden, ref_gate_up, ref_down, index, weights, lora=_experts_lora(ref_lora) if lora else ()
+        )
         if out.requires_grad:  # not for a rank without tokens
             (out * cot[r][: out.shape[0]]).sum().backward()
         ref_inputs.append((hidden, weights, out.detach()))
 
     local = slice(rank * NUM_EXPERTS // world_size, (rank + 1) * NUM_EXPERTS // world_size)
     my_gate_up, my_down = gate_up[local].clone().requires_grad_(), down[local].clone().requires_grad_()
+    my_lora = {k: v[local].clone().requires_grad_() for k, v in lora.items()}
     hidden, index, weights = _routing_case(case, rank, world_size)
     hidden.requires_grad_(), weights.requires_grad_()
-    group = dist.group.WORLD
-    out = expert_parallel_fused_experts(hidden, my_gate_up, my_down, index, weights, group=group)
+    out = expert_parallel_fused_experts(
+        hidden,
+        my_gate_up,
+        my_down,
+        index,
+        weights,
+        group=dist.group.WORLD,
+        lora=_experts_lora(my_lora) if lora else (),
+    )
     (out * cot[rank][: out.shape[0]]).sum().backward()
 
     ref_hidden, ref_weights, ref_out = ref_inputs[rank]
@@ -110,11 +144,13 @@ def _check_op(rank: int, world_size: int, case: str) -> None:
         torch.testing.assert_close(weights.grad, ref_weights.grad, **TOL)
     torch.testing.assert_close(my_gate_up.grad, ref_gate_up.grad[local], **TOL)
     torch.testing.assert_close(my_down.grad, ref_down.grad[local], **TOL)
+    for key, factor in my_lora.items():
+        torch.testing.assert_close(factor.grad, ref_lora[key].grad[local], **TOL)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_op_matches_single_process(tmp_path, world_size):
-    for case in ("uneven", "empty_experts", "empty_rank"):
+    for case in ("uneven", "empty_experts", "empty_rank", "lora"):
         run_ranks(world_size, tmp_path / case, _check_op, case)
 
 
@@ -204,3 +240,24 @@ def test_checkpoint_round_trip(tmp_path, world_size):
     for key, tensor in reloaded.state_dict().items():
         torch.testing.assert_close(tensor, expected[key], rtol=0, atol=0, msg=key)
     assert detect_layout(Checkpoint.open(out_dir).shapes) == "per_expert"
+
+
+# ---- clear errors ----
+
+
+def _check_errors(rank: int, world_size: int) -> None:
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("ep",))
+    with pytest.raises(ValueError, match="3 experts, not divisible by ep_size=2"):
+        apply_expert_parallel(Qwen3MoeFusedForCausalLM(tiny_config("qwen3_moe", num_experts=3)), mesh)
+    with pytest.raises(ValueError, match="has no experts module"):
+        apply_expert_parallel(torch.nn.Linear(2, 2), mesh)
+    model = apply_expert_parallel(_tiny_model(), mesh)
+    with pytest.raises(ValueError, match="already expert-parallel"):
+        apply_expert_parallel(model, mesh)
+    experts = model.model.layers[0].mlp.experts
+    with pytest.raises(IndexError, match="expert id 8, outside"):
+        experts(torch.randn(3, 32), torch.full((3, 2), 8), torch.rand(3, 2))
+
+
+def test_clear_errors(tmp_path):
+    run_ranks(2, tmp_path, _check_errors)
