@@ -17,12 +17,14 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from transformers import Qwen3MoeForCausalLM
 
+import moefuse
 from conftest import randomize_, tiny_config
 from moefuse import Qwen3MoeFusedForCausalLM
 from moefuse.convert.layouts import Checkpoint, detect_layout
 from moefuse.ops import ExpertsLora, LoraWeights, fused_experts_reference
 from moefuse.parallel import (
     apply_expert_parallel,
+    clip_grad_norm_,
     expert_parallel_fused_experts,
     expert_parallel_state_dict,
     expert_parameters,
@@ -166,11 +168,15 @@ def _batch(rank: int) -> torch.Tensor:
     return torch.randint(0, 128, (2, 5 + rank), generator=torch.Generator().manual_seed(rank))
 
 
+CLIP = 0.05  # below the gradients' norm: clipping scales them
+
+
 def _check_model(rank: int, world_size: int, wrapper: str, ep_size: int) -> None:
     reference = _tiny_model()
     # the global loss of data parallelism: the mean of the ranks' losses
     ref_loss = sum(reference(_batch(r), labels=_batch(r)).loss for r in range(world_size)) / world_size
     ref_loss.backward()
+    ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), CLIP)
     ref_grads = {k: p.grad for k, p in reference.named_parameters()}
     ref_logits = reference(_batch(rank)).logits.detach()
 
@@ -180,12 +186,14 @@ def _check_model(rank: int, world_size: int, wrapper: str, ep_size: int) -> None
     if wrapper == "ddp":
         wrapped = DistributedDataParallel(model)
     else:
+        dp_mesh = init_device_mesh("cpu", (world_size,))
         for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh._flatten(), ignored_params=expert_parameters(model))
-        wrapped = fully_shard(model, mesh=mesh._flatten(), ignored_params=expert_parameters(model))
+            fully_shard(layer, mesh=dp_mesh, ignored_params=expert_parameters(model))
+        wrapped = fully_shard(model, mesh=dp_mesh, ignored_params=expert_parameters(model))
     out = wrapped(_batch(rank), labels=_batch(rank))
     torch.testing.assert_close(out.logits, ref_logits, **TOL)
     out.loss.backward()
+    torch.testing.assert_close(clip_grad_norm_(model, CLIP), ref_norm, **TOL)
 
     ep_rank = mesh["ep"].get_local_rank()
     local = slice(ep_rank * 8 // ep_size, (ep_rank + 1) * 8 // ep_size)
@@ -251,6 +259,8 @@ def _check_errors(rank: int, world_size: int) -> None:
         apply_expert_parallel(Qwen3MoeFusedForCausalLM(tiny_config("qwen3_moe", num_experts=3)), mesh)
     with pytest.raises(ValueError, match="has no experts module"):
         apply_expert_parallel(torch.nn.Linear(2, 2), mesh)
+    with pytest.raises(ValueError, match="puts LoRA on the experts"):
+        apply_expert_parallel(moefuse.lora.get_peft_model(_tiny_model(), r=2), mesh)
     model = apply_expert_parallel(_tiny_model(), mesh)
     with pytest.raises(ValueError, match="already expert-parallel"):
         apply_expert_parallel(model, mesh)

@@ -14,6 +14,7 @@ from .checkpoint import (
 from .expert_parallel import (
     ExpertParallelShard,
     apply_expert_parallel,
+    clip_grad_norm_,
     expert_parallel_fused_experts,
     expert_parameters,
     experts_modules,
@@ -25,6 +26,7 @@ __all__ = [
     "ExpertParallelShard",
     "all_to_all",
     "apply_expert_parallel",
+    "clip_grad_norm_",
     "combine",
     "dispatch",
     "expert_parallel_fused_experts",

@@ -194,6 +194,13 @@ def apply_expert_parallel(
             f"{type(model).__name__} has no experts module with gate_up_proj [E, 2I, H] and down_proj [E, H, I] "
             "stacks; expert parallelism needs a Transformers 5.x MoE model"
         )
+    experts_ids = {id(module) for _, module in modules}
+    for name, module in model.named_modules():
+        if id(getattr(module, "base_layer", None)) in experts_ids:
+            raise ValueError(
+                f"{name} puts LoRA on the experts, which expert parallelism does not shard yet; apply "
+                "expert parallelism without expert LoRA (target attention only) or train with ep_size=1"
+            )
     ignored = []
     for name, module in modules:
         if hasattr(module, "expert_parallel"):
@@ -226,6 +233,33 @@ def expert_parameters(model: nn.Module) -> set[nn.Parameter]:
         if hasattr(module, "expert_parallel")
         for p in (module.gate_up_proj, module.down_proj)
     }
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (2-norm) of an expert-parallel model after DDP/FSDP2 synchronised the
+    dense gradients: the expert gradients, which differ between EP ranks, are counted once per EP group, so
+    every rank finds the same norm and clips its dense replicas alike. Returns the total norm."""
+    experts = expert_parameters(model)
+    dense = [p for p in model.parameters() if p.grad is not None and p not in experts]
+    local = [p for p in experts if p.grad is not None]
+    dense_norm = torch.nn.utils.get_total_norm([p.grad for p in dense])
+    if hasattr(dense_norm, "full_tensor"):  # FSDP2's DTensor gradients
+        dense_norm = dense_norm.full_tensor()
+    expert_sq = torch.nn.utils.get_total_norm([p.grad for p in local]).to(dense_norm) ** 2
+    groups = {
+        id(m.expert_parallel.group): m.expert_parallel.group
+        for _, m in experts_modules(model)
+        if hasattr(m, "expert_parallel")
+    }
+    for group in groups.values():
+        dist.all_reduce(expert_sq, group=group)
+    total = (dense_norm**2 + expert_sq).sqrt()
+    # A Python float scales plain and DTensor gradients alike (torch's foreach clipping cannot mix them).
+    coefficient = min(1.0, max_norm / (float(total) + 1e-6))
+    if coefficient < 1.0:
+        for p in dense + local:
+            p.grad.mul_(coefficient)
+    return total
 
 
 def init_expert_parallel_mesh(ep_size: int, device_type: str | None = None) -> DeviceMesh:
