@@ -11,6 +11,8 @@ from importlib.resources import files
 
 import torch
 
+from .train import cli as train_cli
+
 
 def _version(package: str) -> str:
     try:
@@ -127,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
+    train_cli.add_parsers(sub)
     return parser
 
 

@@ -1,0 +1,273 @@
+"""``moefuse train`` configuration: a YAML file and ``--key value`` overrides, read into moefuse's own keys
+(:class:`MoefuseTrainArguments`, LLaMA-Factory's names where it has one) and TRL's ``SFTConfig`` (every
+Transformers ``TrainingArguments`` field: ``learning_rate``, ``max_steps``, ``output_dir``, ``report_to``, ...).
+
+As with TRL's own command line, the YAML gives the defaults and the command line overrides them; values pass
+through ``HfArgumentParser``, so ``1e-4`` is a float whether it comes from YAML or the command line. Without a
+YAML file the built-in default (:data:`moefuse.train.builtin.DEFAULT_CONFIG`) is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import HfArgumentParser
+from trl import SFTConfig
+
+from .builtin import DEFAULT_CONFIG
+
+QLORA_ISSUE = 7  # 4-bit experts (QLoRA)
+FINETUNING_TYPES = ("lora", "full", "qlora")
+
+
+class TrainConfigError(ValueError):
+    """A configuration ``moefuse train`` refuses before loading anything heavy."""
+
+
+@dataclass
+class MoefuseTrainArguments:
+    """Keys of ``moefuse train`` beyond TRL's ``SFTConfig``."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "checkpoint folder or Hub id; or config:NAME for random weights from a built-in config "
+            "(tiny, qwen3-30b-a3b, ...) or config:PATH to a config.json"
+        },
+    )
+    num_layers: int | None = field(
+        default=None,
+        metadata={"help": "keep only the first N decoder layers (e.g. a short run at full width)"},
+    )
+    config_overrides: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "model config fields to change before the model is built or loaded, as a mapping "
+            "(YAML) or JSON (command line), e.g. {initializer_range: 0.1}"
+        },
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "default: the model's tokenizer; the built-in one for config: models"},
+    )
+    experts_implementation: str = field(
+        default="moefuse",
+        metadata={"help": "moefuse, or a Transformers one (grouped_mm, eager) to compare against"},
+    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager, flash_attention_2, ..."})
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "weights' dtype: float32, bfloat16, float16, or auto (bfloat16 when training in bf16, "
+            "else float32); bfloat16 with full fine-tuning is LLaMA-Factory's pure_bf16"
+        },
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "a .json/.jsonl/.parquet/.csv file, a folder of them, or a Hub dataset name; rows in "
+            "messages, ShareGPT (conversations), Alpaca (instruction/input/output), prompt/completion or text form"
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config name"})
+    dataset_split: str = field(default="train", metadata={"help": "split of a Hub dataset"})
+    max_samples: int | None = field(default=None, metadata={"help": "use the first N rows only"})
+    val_size: float = field(
+        default=0.0,
+        metadata={"help": "fraction (< 1) or number of rows held out for evaluation (set eval_strategy too)"},
+    )
+    finetuning_type: str = field(
+        default="lora", metadata={"help": "lora, full, or qlora (not available yet)"}
+    )
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank of attention (and experts by default)"})
+    lora_alpha: float | None = field(default=None, metadata={"help": "default: 2 * lora_rank"})
+    lora_dropout: float = field(default=0.0)
+    lora_target: str = field(
+        default="all",
+        metadata={
+            "help": "comma-separated module names, or all: q_proj,k_proj,v_proj,o_proj + the experts' "
+            "gate_proj,up_proj,down_proj"
+        },
+    )
+    expert_lora_rank: int | None = field(
+        default=None, metadata={"help": "LoRA rank of the experts' projections (default: lora_rank)"}
+    )
+    expert_lora_alpha: float | None = field(
+        default=None,
+        metadata={"help": "default: the attention's alpha/rank ratio times expert_lora_rank"},
+    )
+    use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised LoRA scaling alpha/sqrt(r)"})
+    additional_target: str | None = field(
+        default=None,
+        metadata={
+            "help": "comma-separated modules trained in full beside LoRA and saved with the adapter (e.g. norm)"
+        },
+    )
+    ep_size: int = field(default=1, metadata={"help": "expert parallelism: only 1 in moefuse train for now"})
+    save_base_model: bool | None = field(
+        default=None,
+        metadata={
+            "help": "save the random initial weights of a config: model beside the adapter, so it can be "
+            "loaded again (default: true for config: models)"
+        },
+    )
+    peak_tflops: float | None = field(
+        default=None,
+        metadata={"help": "per-device peak for the MFU figure (default: the GPU's bf16 datasheet value)"},
+    )
+
+
+# Where moefuse train's defaults differ from TRL's: the same behaviour with TRL 0.24 and 1.x, and bf16 only
+# where the hardware has it (TRL 1.x turns bf16 on everywhere, which TrainingArguments refuses on a CPU).
+def _moefuse_defaults() -> dict[str, Any]:
+    return {
+        "gradient_checkpointing": False,
+        "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        "report_to": "none",
+    }
+
+
+def _parser() -> HfArgumentParser:
+    return HfArgumentParser((MoefuseTrainArguments, SFTConfig))
+
+
+def known_keys() -> dict[str, str]:
+    """Every accepted key, mapped to where it comes from (``moefuse`` or ``SFTConfig``)."""
+    keys = {f.name: "SFTConfig" for f in dataclasses.fields(SFTConfig) if f.init}
+    keys.update({f.name: "moefuse" for f in dataclasses.fields(MoefuseTrainArguments)})
+    return keys
+
+
+def _check_keys(keys: list[str], where: str) -> None:
+    known = known_keys()
+    for key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise TrainConfigError(
+                f"{where}: unknown key '{key}'{hint}; `moefuse train --help` lists moefuse's keys, and every "
+                "field of TRL's SFTConfig / Transformers' TrainingArguments is accepted"
+            )
+
+
+def _cli_keys(argv: list[str]) -> list[str]:
+    keys = []
+    for arg in argv:
+        if arg.startswith("--"):
+            keys.append(arg[2:].split("=", 1)[0].replace("-", "_"))
+        elif arg.startswith("-"):
+            raise TrainConfigError(f"command line: '{arg}' is not a --key; give options as --key value")
+    return keys
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise TrainConfigError(
+            f"{path}: no such config file; give a YAML file, or no file for the built-in default"
+        )
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise TrainConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(values, dict):
+        raise TrainConfigError(f"{path}: expected a mapping of keys to values, got {type(values).__name__}")
+    return values
+
+
+def parse_train_args(
+    config_file: str | Path | None, overrides: list[str] | None = None
+) -> tuple[MoefuseTrainArguments, SFTConfig]:
+    """Read ``config_file`` (the built-in default when ``None``) and the ``--key value`` ``overrides``."""
+    overrides = list(overrides or [])
+    path = Path(config_file) if config_file is not None else DEFAULT_CONFIG
+    values = read_config_file(path)
+    _check_keys(list(values), str(path))
+    _check_keys(_cli_keys(overrides), "command line")
+    parser = _parser()
+    parser.set_defaults(**_moefuse_defaults())
+    # YAML values become argparse defaults, so the command line overrides them and strings still convert.
+    parser.set_defaults(**{k: v for k, v in values.items() if v is not None})
+    try:
+        moefuse_args, sft_config = parser.parse_args_into_dataclasses(args=overrides)
+    except (ValueError, TypeError) as e:
+        raise TrainConfigError(f"{path}: {e}") from e
+    check_train_args(moefuse_args, sft_config)
+    return moefuse_args, sft_config
+
+
+def check_train_args(args: MoefuseTrainArguments, sft_config: SFTConfig) -> None:
+    """Refuse what moefuse train cannot do, before anything is loaded."""
+    if args.finetuning_type == "qlora":
+        raise TrainConfigError(
+            f"finetuning_type: qlora needs 4-bit experts, which moefuse does not have yet (issue {QLORA_ISSUE}); "
+            "use lora (bf16 experts) or full"
+        )
+    if args.finetuning_type not in FINETUNING_TYPES:
+        raise TrainConfigError(
+            f"finetuning_type: '{args.finetuning_type}' is not one of {', '.join(FINETUNING_TYPES)}"
+        )
+    if args.ep_size != 1:
+        raise TrainConfigError(
+            f"ep_size: {args.ep_size}: expert parallelism is not wired into moefuse train (the Trainer would "
+            "save only rank 0's experts and clip gradients per rank); run with ep_size: 1, or train with "
+            "moefuse.parallel in your own loop (README, 'Expert parallelism')"
+        )
+    if args.model_name_or_path is None:
+        raise TrainConfigError("model_name_or_path: missing; give a checkpoint, a Hub id or config:NAME")
+    if args.dataset is None:
+        raise TrainConfigError("dataset: missing; give a .json/.jsonl/.parquet file, a folder or a Hub name")
+    if isinstance(args.config_overrides, str):
+        try:
+            args.config_overrides = yaml.safe_load(args.config_overrides)
+        except yaml.YAMLError as e:
+            raise TrainConfigError(f"config_overrides: not a mapping ({e})") from e
+    if args.config_overrides is not None and not isinstance(args.config_overrides, dict):
+        raise TrainConfigError(
+            f"config_overrides: expected a mapping of config fields, got {args.config_overrides!r}"
+        )
+    if args.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise TrainConfigError(f"dtype: '{args.dtype}' is not one of auto, float32, bfloat16, float16")
+    if not (0 <= args.val_size < 1 or float(args.val_size).is_integer() and args.val_size >= 1):
+        raise TrainConfigError(
+            f"val_size: {args.val_size} must be a fraction in [0, 1) or a whole number of rows"
+        )
+    if sft_config.eval_strategy != "no" and not args.val_size:
+        raise TrainConfigError(
+            f"eval_strategy: {sft_config.eval_strategy.value} needs an evaluation set; set val_size "
+            "(e.g. 0.1) or eval_strategy: no"
+        )
+    if args.finetuning_type == "lora" and args.lora_rank < 1:
+        raise TrainConfigError(f"lora_rank: {args.lora_rank} must be at least 1")
+
+
+def help_text() -> str:
+    """``moefuse train --help``."""
+    lines = [
+        "usage: moefuse train [CONFIG.yaml] [--key value ...]",
+        "",
+        "Supervised fine-tuning of an MoE model with moefuse experts on TRL's SFTTrainer. Without CONFIG it runs",
+        f"the built-in default ({DEFAULT_CONFIG.name}: a tiny Qwen3-MoE, a shipped dataset and tokenizer, LoRA).",
+        "--key value pairs override the file's keys.",
+        "",
+        "moefuse keys:",
+    ]
+    for f in dataclasses.fields(MoefuseTrainArguments):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        lines.append(f"  --{f.name:<24} {f.metadata.get('help', '')} (default: {default})")
+    lines += [
+        "",
+        "Every field of TRL's SFTConfig and Transformers' TrainingArguments is a key too, e.g. output_dir,",
+        "max_steps, num_train_epochs, per_device_train_batch_size, gradient_accumulation_steps, learning_rate,",
+        "lr_scheduler_type, warmup_ratio, max_length, packing, assistant_only_loss, gradient_checkpointing, bf16,",
+        "optim, logging_steps, save_steps, eval_strategy, eval_steps, resume_from_checkpoint (a checkpoint",
+        "folder, or true for the last one in output_dir), report_to, seed.",
+        "moefuse train defaults gradient_checkpointing to false, bf16 to true only on GPUs that have it,",
+        "report_to to none.",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,217 @@
+"""The model and tokenizer of a ``moefuse train`` run: a checkpoint (or random weights from a built-in config),
+its experts on moefuse, and PEFT LoRA on attention and experts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedTokenizerBase as Tokenizer
+
+from ..experts import EXPERTS_IMPLEMENTATION, SUPPORTED_FAMILIES, check_supported
+from ..lora import ATTENTION_PROJECTIONS
+from ..lora.targets import PROJECTIONS
+from ..models import Qwen3MoeFusedForCausalLM
+from ..parallel import experts_modules
+from .builtin import TOKENIZER_DIR
+from .config import MoefuseTrainArguments, TrainConfigError
+
+CONFIG_PREFIX = "config:"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelSource:
+    """Where the weights come from: a checkpoint (``path``) or random initialisation from ``config``."""
+
+    config: PretrainedConfig
+    path: str | None  # None: random weights
+    description: str
+
+    @property
+    def random_init(self) -> bool:
+        return self.path is None
+
+
+def _builtin_config(name: str) -> tuple[PretrainedConfig, str]:
+    # The bench's table of published MoE configs (shapes only, no download).
+    from ..bench.configs import BUILTIN_CONFIGS
+
+    if name in BUILTIN_CONFIGS:
+        fields = dict(BUILTIN_CONFIGS[name])
+        return AutoConfig.for_model(fields.pop("model_type"), **fields), f"built-in config '{name}'"
+    path = Path(name).expanduser()
+    if path.is_file() or (path / "config.json").is_file():
+        return AutoConfig.from_pretrained(path), f"config {path}"
+    raise TrainConfigError(
+        f"model_name_or_path: {CONFIG_PREFIX}{name} is neither a built-in config "
+        f"({', '.join(sorted(BUILTIN_CONFIGS))}) nor a config.json file or a folder holding one"
+    )
+
+
+def resolve_model(args: MoefuseTrainArguments) -> ModelSource:
+    """Read the model's config (no weights) and refuse models moefuse train cannot fine-tune."""
+    name = args.model_name_or_path
+    if name.startswith(CONFIG_PREFIX):
+        config, description = _builtin_config(name[len(CONFIG_PREFIX) :])
+        source = ModelSource(config, None, f"random weights from {description}")
+    else:
+        path = Path(name).expanduser()
+        if not path.exists() and name.startswith((".", "/", "~")):
+            raise TrainConfigError(f"model_name_or_path: {name}: no such folder")
+        try:
+            config = AutoConfig.from_pretrained(str(path) if path.exists() else name)
+        except (OSError, ValueError) as e:
+            raise TrainConfigError(f"model_name_or_path: could not read the config of '{name}': {e}") from e
+        source = ModelSource(config, str(path) if path.exists() else name, name)
+    for key, value in (args.config_overrides or {}).items():
+        if not hasattr(source.config, key):
+            raise TrainConfigError(
+                f"config_overrides: {source.config.model_type} configs have no field '{key}'"
+            )
+        setattr(source.config, key, value)
+    check_model_config(source.config, args)
+    if args.num_layers is not None:
+        from ..bench.configs import with_layers
+
+        if not 1 <= args.num_layers <= source.config.num_hidden_layers:
+            raise TrainConfigError(
+                f"num_layers: {args.num_layers} must be between 1 and the model's "
+                f"{source.config.num_hidden_layers} layers"
+            )
+        source.config = with_layers(source.config, args.num_layers)
+    source.config._experts_implementation = args.experts_implementation
+    source.config._attn_implementation = args.attn_implementation
+    return source
+
+
+def check_model_config(config: PretrainedConfig, args: MoefuseTrainArguments) -> None:
+    model_type = getattr(config, "model_type", "unknown")
+    if not getattr(config, "num_experts_per_tok", None):
+        raise TrainConfigError(
+            f"model_name_or_path: {args.model_name_or_path} (model type '{model_type}') is not a "
+            "Mixture-of-Experts model; moefuse train fine-tunes MoE models "
+            f"({', '.join(SUPPORTED_FAMILIES)})"
+        )
+    if args.experts_implementation == EXPERTS_IMPLEMENTATION and model_type not in SUPPORTED_FAMILIES:
+        raise TrainConfigError(
+            f"model_name_or_path: model type '{model_type}' is not supported by moefuse experts "
+            f"(supported: {', '.join(SUPPORTED_FAMILIES)}); set experts_implementation: grouped_mm to train "
+            "it on Transformers' experts"
+        )
+
+
+def resolve_dtype(args: MoefuseTrainArguments, bf16: bool, fp16: bool) -> torch.dtype:
+    if args.dtype != "auto":
+        return _DTYPES[args.dtype]
+    return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+
+
+def load_tokenizer(args: MoefuseTrainArguments, source: ModelSource) -> Tokenizer:
+    name = args.tokenizer_name_or_path or (str(TOKENIZER_DIR) if source.random_init else source.path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise TrainConfigError(
+            f"tokenizer_name_or_path: could not load a tokenizer from '{name}': {e}"
+        ) from e
+    if len(tokenizer) > source.config.vocab_size:
+        raise TrainConfigError(
+            f"tokenizer_name_or_path: {name} has {len(tokenizer)} tokens, more than the model's vocabulary "
+            f"({source.config.vocab_size}); give the model's own tokenizer"
+        )
+    return tokenizer
+
+
+def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
+    """The model with its experts on ``config._experts_implementation``; random weights are made on ``device``
+    (building a large model on the CPU first would cost minutes)."""
+    on_moefuse = source.config._experts_implementation == EXPERTS_IMPLEMENTATION
+    # Qwen3MoeFusedForCausalLM also reads the fused checkpoint layouts; Transformers' own class is the
+    # baseline for its experts implementations.
+    cls = (
+        Qwen3MoeFusedForCausalLM
+        if source.config.model_type == "qwen3_moe" and on_moefuse
+        else AutoModelForCausalLM
+    )
+    if source.random_init:
+        with torch.device(device):
+            if cls is AutoModelForCausalLM:
+                model = cls.from_config(source.config, dtype=dtype)
+            else:
+                model = cls._from_config(source.config, dtype=dtype)
+    else:
+        model = cls.from_pretrained(
+            source.path,
+            config=source.config,
+            dtype=dtype,
+            experts_implementation=source.config._experts_implementation,
+            attn_implementation=source.config._attn_implementation,
+        )
+    if on_moefuse:
+        for _, experts in experts_modules(model):
+            check_supported(experts)
+    return model
+
+
+def _names(value: str | None) -> list[str]:
+    return [name.strip() for name in (value or "").split(",") if name.strip()]
+
+
+def lora_config(args: MoefuseTrainArguments) -> LoraConfig:
+    """PEFT LoRA on ``lora_target``; the experts' projections at ``expert_lora_rank`` through ``rank_pattern``
+    (moefuse experts), or PEFT's ``target_parameters`` on the stacked weights for Transformers' experts."""
+    targets = (
+        list(ATTENTION_PROJECTIONS + PROJECTIONS)
+        if args.lora_target.strip() == "all"
+        else _names(args.lora_target)
+    )
+    alpha = args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_rank
+    expert_rank = args.expert_lora_rank or args.lora_rank
+    expert_alpha = (
+        args.expert_lora_alpha if args.expert_lora_alpha is not None else alpha * expert_rank / args.lora_rank
+    )
+    expert_targets = [p for p in PROJECTIONS if p in targets]
+    common = dict(
+        r=args.lora_rank,
+        lora_alpha=alpha,
+        lora_dropout=args.lora_dropout,
+        use_rslora=args.use_rslora,
+        modules_to_save=_names(args.additional_target) or None,
+    )
+    if args.experts_implementation == EXPERTS_IMPLEMENTATION:
+        # "experts.gate_proj" matches <...>.mlp.experts.gate_proj only, not a shared expert's gate_proj.
+        return LoraConfig(
+            target_modules=targets,
+            rank_pattern={
+                f"experts.{p}": expert_rank for p in expert_targets if expert_rank != args.lora_rank
+            },
+            alpha_pattern={f"experts.{p}": expert_alpha for p in expert_targets if expert_alpha != alpha},
+            task_type="CAUSAL_LM",
+            **common,
+        )
+    if (expert_rank, expert_alpha) != (args.lora_rank, alpha) and expert_targets:
+        raise TrainConfigError(
+            f"expert_lora_rank/expert_lora_alpha need experts_implementation: {EXPERTS_IMPLEMENTATION}; "
+            f"on '{args.experts_implementation}' experts PEFT's target_parameters LoRA uses lora_rank"
+        )
+    stacked = sorted(
+        {"experts.gate_up_proj" for p in expert_targets if p != "down_proj"}
+        | {"experts.down_proj" for p in expert_targets if p == "down_proj"}
+    )
+    return LoraConfig(
+        target_modules=[t for t in targets if t not in PROJECTIONS],
+        target_parameters=stacked or None,
+        task_type="CAUSAL_LM",
+        **common,
+    )
+
+
+def apply_lora(model: PreTrainedModel, args: MoefuseTrainArguments) -> PeftModel:
+    try:
+        return get_peft_model(model, lora_config(args))
+    except ValueError as e:  # PEFT: no target found, unsupported LoRA option on the experts
+        raise TrainConfigError(f"lora_target: {args.lora_target}: {e}") from e

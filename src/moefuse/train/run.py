@@ -1,0 +1,225 @@
+"""``moefuse train``: check the configuration, build the model on moefuse experts, train with TRL's
+``SFTTrainer``, save and convert the result, and say where everything went."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import PreTrainedModel, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTConfig, SFTTrainer
+
+from ..convert import convert_lora_to_unfused
+from .callbacks import ThroughputCallback, add_throughput_callback
+from .config import MoefuseTrainArguments, TrainConfigError, parse_train_args
+from .data import is_conversational, load_train_dataset
+from .model import ModelSource, apply_lora, load_model, load_tokenizer, resolve_dtype, resolve_model
+
+BASE_MODEL_DIR = "base-model"  # the random initial weights of a config: model
+ADAPTER_DIR = "adapter"  # LoRA adapter as moefuse trains it (fused expert factors)
+PER_EXPERT_ADAPTER_DIR = "adapter-per-expert"  # the same adapter in PEFT's per-expert layout
+MODEL_DIR = "model"  # full fine-tuning: the model in the per-expert Hub layout
+SUMMARY_FILE = "moefuse_train_summary.json"
+
+
+@dataclass
+class TrainResult:
+    """What a run wrote and measured."""
+
+    output_dir: Path
+    final_dir: Path  # the adapter (LoRA) or the model (full)
+    base_model: str  # what the adapter applies to: a checkpoint, a Hub id, or the saved random weights
+    per_expert_adapter: Path | None
+    global_step: int
+    losses: list[float] = field(default_factory=list)
+    throughput: dict[str, float] = field(default_factory=dict)
+
+
+def _resume_checkpoint(sft_config: SFTConfig) -> str | None:
+    """``resume_from_checkpoint``: a checkpoint folder, or true for the last one in ``output_dir``."""
+    value = sft_config.resume_from_checkpoint
+    if value is None or str(value).lower() in ("false", "no", ""):
+        return None
+    if str(value).lower() in ("true", "yes", "last"):
+        last = get_last_checkpoint(sft_config.output_dir) if Path(sft_config.output_dir).is_dir() else None
+        if last is None:
+            raise TrainConfigError(
+                f"resume_from_checkpoint: true, but {sft_config.output_dir} holds no checkpoint-N folder"
+            )
+        return last
+    if not (Path(value) / "trainer_state.json").is_file():
+        raise TrainConfigError(
+            f"resume_from_checkpoint: {value} is not a Trainer checkpoint (no trainer_state.json); give a "
+            "checkpoint-N folder, or true for the last one in output_dir"
+        )
+    return str(value)
+
+
+def _base_model_dir(source: ModelSource, sft_config: SFTConfig, resume: str | None) -> Path:
+    # A resumed run continues on the weights its adapter was trained on: those saved by the first run.
+    output_dir = Path(resume).parent if resume else Path(sft_config.output_dir)
+    return output_dir / BASE_MODEL_DIR
+
+
+def _describe(
+    model: PreTrainedModel, args: MoefuseTrainArguments, source: ModelSource, rows: int, sft
+) -> str:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    config = source.config
+    experts = next(
+        getattr(config, k)
+        for k in ("num_experts", "num_local_experts", "n_routed_experts")
+        if hasattr(config, k)
+    )
+    return (
+        f"moefuse train: {source.description}\n"
+        f"  model      {config.model_type}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+        f"{experts} experts top-{config.num_experts_per_tok}; experts on '{args.experts_implementation}', "
+        f"weights {next(model.parameters()).dtype}, device {sft.device}\n"
+        f"  training   {args.finetuning_type}: {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters; "
+        f"{rows} rows of {args.dataset}; batch {sft.per_device_train_batch_size} x "
+        f"{sft.gradient_accumulation_steps} accumulation; "
+        f"{f'{sft.max_steps} steps' if sft.max_steps > 0 else f'{sft.num_train_epochs} epochs'}, "
+        f"lr {sft.learning_rate}, bf16 {sft.bf16}\n"
+        f"  output     {sft.output_dir}"
+    )
+
+
+def run_train(config_file: str | Path | None = None, overrides: list[str] | None = None) -> TrainResult:
+    """Run ``moefuse train [config_file] [overrides...]`` (see :mod:`moefuse.train.config`)."""
+    args, sft_config = parse_train_args(config_file, overrides)
+    source = resolve_model(args)
+    tokenizer = load_tokenizer(args, source)
+    train_dataset, eval_dataset = load_train_dataset(args, sft_config.dataset_text_field, sft_config.seed)
+    if (
+        is_conversational(train_dataset)
+        and tokenizer.chat_template is None
+        and not sft_config.chat_template_path
+    ):
+        raise TrainConfigError(
+            f"dataset: {args.dataset} holds conversations but the tokenizer has no chat template; set "
+            "chat_template_path (a .jinja file or a tokenizer that has one)"
+        )
+    resume = _resume_checkpoint(sft_config)
+    output_dir = Path(sft_config.output_dir)
+    is_main = sft_config.process_index == 0
+
+    set_seed(sft_config.seed)
+    base_dir = _base_model_dir(source, sft_config, resume)
+    if source.random_init and resume and base_dir.is_dir():
+        source.path = str(base_dir)
+    model = load_model(source, resolve_dtype(args, sft_config.bf16, sft_config.fp16), sft_config.device)
+    save_base = args.save_base_model if args.save_base_model is not None else source.random_init
+    if source.random_init and save_base and is_main:
+        model.save_pretrained(base_dir)
+        tokenizer.save_pretrained(base_dir)
+    base_model = str(base_dir) if source.random_init else source.path
+    model.config._name_or_path = base_model or ""  # recorded as the adapter's base_model_name_or_path
+    model.name_or_path = model.config._name_or_path
+    if args.finetuning_type == "lora":
+        model = apply_lora(model, args)
+
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
+    throughput = add_throughput_callback(trainer, args.peak_tflops)
+    if is_main:
+        print(_describe(model, args, source, len(train_dataset), sft_config), flush=True)
+    trainer.train(resume_from_checkpoint=resume)
+
+    final_dir = output_dir / (ADAPTER_DIR if args.finetuning_type == "lora" else MODEL_DIR)
+    trainer.save_model(str(final_dir))
+    trainer.save_state()
+    per_expert = None
+    if args.finetuning_type == "lora" and trainer.is_world_process_zero():
+        per_expert = convert_lora_to_unfused(
+            final_dir, output_dir / PER_EXPERT_ADAPTER_DIR, overwrite=True, progress=False
+        )
+    result = TrainResult(
+        output_dir=output_dir,
+        final_dir=final_dir,
+        base_model=base_model if save_base or not source.random_init else "(random weights, not saved)",
+        per_expert_adapter=per_expert,
+        global_step=trainer.state.global_step,
+        losses=[log["loss"] for log in trainer.state.log_history if "loss" in log],
+        throughput=throughput.totals,
+    )
+    if trainer.is_world_process_zero():
+        (output_dir / SUMMARY_FILE).write_text(json.dumps(_summary_record(result, args), indent=2) + "\n")
+        print(summary(result, args, source), flush=True)
+    return result
+
+
+def _summary_record(result: TrainResult, args: MoefuseTrainArguments) -> dict:
+    return {
+        "finetuning_type": args.finetuning_type,
+        "experts_implementation": args.experts_implementation,
+        "global_step": result.global_step,
+        "losses": result.losses,
+        "throughput": result.throughput,
+        "final_dir": str(result.final_dir),
+        "per_expert_adapter": str(result.per_expert_adapter) if result.per_expert_adapter else None,
+        "base_model": result.base_model,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def summary(result: TrainResult, args: MoefuseTrainArguments, source: ModelSource) -> str:
+    """The closing message: what was measured, where things are, how to load and serve them."""
+    lines = ["", "moefuse train: done"]
+    if result.losses:
+        lines.append(
+            f"  loss       {result.losses[0]:.4f} (first log) -> {result.losses[-1]:.4f} (last log), "
+            f"{result.global_step} steps"
+        )
+    if result.throughput:
+        t = result.throughput
+        mfu = f", MFU {t['mfu']:.1%}" if "mfu" in t else ""
+        lines.append(
+            f"  throughput {t['tokens_per_second']:.0f} tokens/s on this device{mfu} ({t['tokens']} tokens)"
+        )
+    cls = (
+        "moefuse.Qwen3MoeFusedForCausalLM"
+        if source.config.model_type == "qwen3_moe"
+        else "AutoModelForCausalLM"
+    )
+    load_kwargs = "" if cls.startswith("moefuse") else ', experts_implementation="moefuse"'
+    if args.finetuning_type == "lora":
+        lines += [
+            f"  adapter    {result.final_dir}  (PEFT LoRA; expert factors fused [E, r, in], as moefuse trains)",
+            f"  per-expert {result.per_expert_adapter}  (the same adapter in PEFT's per-expert layout)",
+            f"  base model {result.base_model}",
+            "",
+            "Load it:",
+            "  import moefuse"
+            + ("" if cls.startswith("moefuse") else "; from transformers import AutoModelForCausalLM"),
+            "  from peft import PeftModel",
+            f'  model = PeftModel.from_pretrained({cls}.from_pretrained("{result.base_model}"{load_kwargs}),',
+            f'                                    "{result.final_dir}")',
+            "Serve it with vLLM / SGLang: merge into the base model, saved in the per-expert Hub layout:",
+            f'  model.merge_and_unload().save_pretrained("{result.output_dir / "merged"}")',
+            f"  vllm serve {result.output_dir / 'merged'}",
+            f"or give {result.per_expert_adapter} to an engine that loads per-expert MoE LoRA adapters.",
+        ]
+    else:
+        lines += [
+            f"  model      {result.final_dir}  (per-expert Hub layout, architectures as the original)",
+            "",
+            "Load it:",
+            f'  import moefuse; model = {cls}.from_pretrained("{result.final_dir}"{load_kwargs})',
+            "Serve it as it is (no conversion needed):",
+            f"  vllm serve {result.final_dir}",
+        ]
+    lines.append(f"Checkpoints (resume with --resume_from_checkpoint true): {result.output_dir}/checkpoint-N")
+    return "\n".join(lines)
+
+
+__all__ = ["TrainResult", "ThroughputCallback", "run_train", "summary"]
