@@ -1,14 +1,17 @@
 """Grouped GEMM over rows sorted by expert: ``moe_fused_linear`` and its reference.
 
 ``output[b, o] = sum_i weight[e(b), o, i] * input[b, i]`` where rows ``b`` are grouped by expert,
-``m_sizes[e]`` rows for expert ``e``. This module holds the PyTorch path, which runs everywhere:
-``torch.nn.functional.grouped_mm`` where its layout rules allow it, a per-expert loop otherwise.
+``m_sizes[e]`` rows for expert ``e``. Two paths, chosen by :mod:`moefuse.ops.backend`: the Triton kernels
+(CUDA by default), and the PyTorch path, which runs everywhere: ``torch.nn.functional.grouped_mm`` where its
+layout rules allow it, a per-expert loop otherwise.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .backend import use_triton
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
@@ -70,13 +73,26 @@ class _MoeFusedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, m_sizes: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, weight, m_sizes)
+        ctx.triton = use_triton(x)
+        if ctx.triton:
+            from . import triton_gemm
+
+            return triton_gemm.grouped_gemm(x, weight, m_sizes)
         return grouped_mm(x, weight.transpose(1, 2), m_sizes)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, weight, m_sizes = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
         grad_x = grad_w = None
+        if ctx.triton:
+            from . import triton_gemm
+
+            if ctx.needs_input_grad[0]:
+                grad_x = triton_gemm.grouped_gemm(grad_out, weight.transpose(1, 2), m_sizes)
+            if ctx.needs_input_grad[1]:
+                grad_w = triton_gemm.grouped_weight_grad(grad_out, x, m_sizes)
+            return grad_x, grad_w, None
+        grad_out = grad_out.contiguous()
         if ctx.needs_input_grad[0]:
             grad_x = grouped_mm(grad_out, weight, m_sizes)
         if ctx.needs_input_grad[1]:

@@ -8,6 +8,7 @@ per expert and the inverse order used to bring expert outputs back to their toke
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -20,19 +21,25 @@ class ExpertRouting:
         m_sizes: ``[E]`` int64, rows routed to each expert (experts may receive zero rows).
         sorted_slots: ``[S]`` int64, for each grouped row the flat assignment index ``t * K + k``.
         token_index: ``[S]`` int64, for each grouped row the token it came from (``sorted_slots // K``).
-        inverse: ``[S]`` int64, for each flat assignment ``t * K + k`` its row in the grouped order.
         top_k: K, assignments per token.
     """
 
     m_sizes: torch.Tensor
     sorted_slots: torch.Tensor
     token_index: torch.Tensor
-    inverse: torch.Tensor
     top_k: int
 
     @property
     def num_experts(self) -> int:
         return self.m_sizes.numel()
+
+    @cached_property
+    def inverse(self) -> torch.Tensor:
+        """``[S]`` int64, for each flat assignment ``t * K + k`` its row in the grouped order (computed on demand:
+        the fused kernels scatter through ``sorted_slots`` and never need it)."""
+        inverse = torch.empty_like(self.sorted_slots)
+        inverse[self.sorted_slots] = torch.arange(self.sorted_slots.numel(), device=self.sorted_slots.device)
+        return inverse
 
 
 def check_top_k_index(top_k_index: torch.Tensor, num_experts: int) -> None:
@@ -53,18 +60,18 @@ def check_top_k_index(top_k_index: torch.Tensor, num_experts: int) -> None:
 
 
 def route(top_k_index: torch.Tensor, num_experts: int) -> ExpertRouting:
-    """Group the assignments in ``top_k_index [T, K]`` by expert (stable: token order kept inside an expert)."""
+    """Group the assignments in ``top_k_index [T, K]`` by expert (stable: token order kept inside an expert).
+
+    Device ops only (a sort and a scatter-add; no ``bincount``, whose output size costs a host sync on CUDA).
+    """
     top_k = top_k_index.shape[-1]
     flat = top_k_index.reshape(-1).long()
     sorted_slots = torch.argsort(flat, stable=True)
-    m_sizes = torch.bincount(flat, minlength=num_experts)
-    inverse = torch.empty_like(sorted_slots)
-    inverse[sorted_slots] = torch.arange(sorted_slots.numel(), device=flat.device)
+    m_sizes = flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))
     return ExpertRouting(
         m_sizes=m_sizes,
         sorted_slots=sorted_slots,
         token_index=torch.div(sorted_slots, top_k, rounding_mode="floor"),
-        inverse=inverse,
         top_k=top_k,
     )
 
@@ -75,14 +82,10 @@ def route_reference(top_k_index: torch.Tensor, num_experts: int) -> ExpertRoutin
     flat = top_k_index.reshape(-1).tolist()
     slots = [s for e in range(num_experts) for s, fe in enumerate(flat) if fe == e]
     m_sizes = [sum(1 for fe in flat if fe == e) for e in range(num_experts)]
-    inverse = [0] * len(flat)
-    for row, s in enumerate(slots):
-        inverse[s] = row
     device = top_k_index.device
     return ExpertRouting(
         m_sizes=torch.tensor(m_sizes, dtype=torch.long, device=device),
         sorted_slots=torch.tensor(slots, dtype=torch.long, device=device),
         token_index=torch.tensor([s // top_k for s in slots], dtype=torch.long, device=device),
-        inverse=torch.tensor(inverse, dtype=torch.long, device=device),
         top_k=top_k,
     )

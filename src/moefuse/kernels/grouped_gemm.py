@@ -1,0 +1,451 @@
+"""Triton kernels of the grouped GEMMs behind the experts, and their autotune configs.
+
+Rows are grouped by expert: expert ``e`` owns rows ``[offset[e], offset[e] + m_sizes[e])`` of the grouped
+order, where ``offset`` is the exclusive cumulative sum of ``m_sizes``. Kernels read ``m_sizes`` on the device
+and find their tile from it (:func:`_expert_tile`), so a launch needs no host sync: the grid is an upper bound
+and programs past the last tile return at once.
+
+The activations need not be in grouped order: a kernel can gather its input rows through an index
+(``token_index[r]``: the token of grouped row ``r``) and scatter or atomically add its output rows through
+another, so the permuted copy of the hidden states is never materialised.
+
+- :func:`grouped_gemm_kernel`: ``C[c_row(r)] (+)= scale[r] * A[a_row(r)] @ B[e]ᵀ``.
+- :func:`gate_up_swiglu_kernel`: the gate/up projection with SwiGLU in its epilogue.
+- :func:`swiglu_backward_kernel`: the down projection's input gradient with SwiGLU's backward and the routing
+  weights' gradient in its epilogue.
+- :func:`grouped_weight_grad_kernel`: ``dW[e] = (scale * A[a_row(rows of e)])ᵀ @ B[b_row(rows of e)]``.
+
+The launchers and the autograd live in :mod:`moefuse.ops.triton_gemm`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+# Triton chooses interpreter or compiler when a kernel is defined, from this variable.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# MOEFUSE_AUTOTUNE=0 takes the first config that fits instead of timing them all: for tests over many shapes,
+# where compiling every config of every shape would cost more than the tests.
+AUTOTUNE = os.environ.get("MOEFUSE_AUTOTUNE", "1") not in ("", "0")
+
+
+def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages
+    )
+
+
+# Thick tiles for the experts' projections (Qwen3-30B-A3B: N, K in {768, 1536, 2048}) and thin ones for LoRA
+# factors (N or K = rank, 8-64). Configs wider than the problem are pruned before tuning.
+TILE_CONFIGS = [
+    _config(128, 128, 64, 8, 3),
+    _config(128, 128, 64, 4, 4),
+    _config(64, 128, 64, 4, 4),
+    _config(128, 64, 64, 4, 4),
+    _config(128, 256, 64, 8, 3),
+    _config(64, 64, 64, 4, 4),
+    _config(64, 32, 64, 4, 4),
+    _config(64, 16, 128, 4, 4),
+]
+# dW tiles: BLOCK_M is the chunk of rows reduced per step, BLOCK_N x BLOCK_K the tile of dW[e].
+WEIGHT_GRAD_CONFIGS = [
+    _config(64, 128, 128, 8, 3),
+    _config(32, 128, 128, 4, 4),
+    _config(64, 128, 64, 4, 4),
+    _config(64, 64, 128, 4, 4),
+    _config(64, 256, 128, 8, 3),
+    _config(64, 64, 64, 4, 4),
+    _config(64, 16, 128, 4, 4),
+    _config(64, 128, 16, 4, 4),
+]
+# Under TRITON_INTERPRET=1 (CPU tests) one small config: nothing to tune, and blocks smaller than the test shapes.
+INTERPRET_CONFIGS = [_config(32, 64, 32, 1, 1)]
+
+
+def _prune(n_name: str, k_name: str):
+    """Drop configs whose tile is much wider than the problem (a rank-16 LoRA factor needs no 256-wide tile)."""
+
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        n_cap = max(16, triton.next_power_of_2(named_args[n_name]))
+        k_cap = max(16, triton.next_power_of_2(named_args[k_name]))
+        kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap]
+        kept = kept or configs[-1:]
+        return kept if AUTOTUNE else kept[:1]
+
+    return {"early_config_prune": prune}
+
+
+def _configs(configs: list[triton.Config]) -> list[triton.Config]:
+    return INTERPRET_CONFIGS if INTERPRET else configs
+
+
+@triton.jit
+def _expert_tile(pid, m_sizes_ptr, num_experts, num_n_tiles, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+    """The tile of program ``pid``: (expert, first row, end of the expert's rows, column tile).
+
+    Programs are numbered expert by expert; inside an expert the row tiles run fastest, so the programs that
+    read one column tile of the expert's weight run side by side and share it through L2. ``expert`` comes
+    back as ``num_experts`` for programs past the last tile.
+    """
+    experts = tl.arange(0, E_POW2)
+    m = tl.load(m_sizes_ptr + experts, mask=experts < num_experts, other=0).to(tl.int32)
+    programs_end = tl.cumsum((m + BLOCK_M - 1) // BLOCK_M * num_n_tiles, 0)
+    done = programs_end <= pid  # experts whose programs all come before this one
+    expert = tl.sum(done.to(tl.int32), 0)
+    program_start = tl.max(tl.where(done, programs_end, 0), 0)
+    row_start = tl.sum(tl.where(experts < expert, m, 0), 0)
+    rows = tl.load(m_sizes_ptr + expert, mask=expert < num_experts, other=0).to(tl.int32)
+    m_tiles = tl.maximum((rows + BLOCK_M - 1) // BLOCK_M, 1)
+    local = pid - program_start
+    return expert, row_start + (local % m_tiles) * BLOCK_M, row_start + rows, local // m_tiles
+
+
+@triton.jit
+def _row_offsets(index_ptr, rows, row_mask, GATHER: tl.constexpr):
+    """int64 offsets of the rows a tile reads: ``index[rows]`` when gathering, else the grouped rows."""
+    if GATHER:
+        return tl.load(index_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    return rows.to(tl.int64)
+
+
+@triton.autotune(
+    configs=_configs(TILE_CONFIGS),
+    key=["N", "K", "GATHER_A", "SCATTER_C", "ATOMIC_ADD"],
+    prune_configs_by=_prune("N", "K"),
+    reset_to_zero=["c_ptr"],
+)
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit
+def grouped_gemm_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    m_sizes_ptr,
+    a_index_ptr,
+    c_index_ptr,
+    scale_ptr,
+    N,
+    K,
+    num_experts,
+    stride_am,
+    stride_ak,
+    stride_be,
+    stride_bn,
+    stride_bk,
+    stride_cm,
+    stride_cn,
+    GATHER_A: tl.constexpr,
+    SCATTER_C: tl.constexpr,
+    SCALE_ROWS: tl.constexpr,
+    ATOMIC_ADD: tl.constexpr,
+    PRECISION: tl.constexpr,
+    E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """``C[c_row(r), n] (+)= scale[r] * sum_k A[a_row(r), k] * B[e(r), n, k]`` over grouped rows ``r``."""
+    pid = tl.program_id(0)
+    expert, row0, row_end, pid_n = _expert_tile(
+        pid, m_sizes_ptr, num_experts, (N + BLOCK_N - 1) // BLOCK_N, BLOCK_M, E_POW2
+    )
+    if expert >= num_experts:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_rows = _row_offsets(a_index_ptr, rows, row_mask, GATHER_A)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = (
+        b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    )
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
+        else:
+            k_mask = offs_k < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if SCALE_ROWS:
+        acc = acc * tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    c_rows = _row_offsets(c_index_ptr, rows, row_mask, SCATTER_C)
+    c_ptrs = c_ptr + c_rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    mask = row_mask[:, None] & n_mask[None, :]
+    if ATOMIC_ADD:
+        tl.atomic_add(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask, sem="relaxed")
+    else:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(
+    configs=_configs(TILE_CONFIGS),
+    key=["N", "K", "GATHER_A", "STORE_GATE_UP"],
+    prune_configs_by=_prune("N", "K"),
+)
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit
+def gate_up_swiglu_kernel(
+    x_ptr,
+    w_ptr,
+    gate_up_ptr,
+    h_ptr,
+    m_sizes_ptr,
+    x_index_ptr,
+    N,
+    K,
+    num_experts,
+    stride_xm,
+    stride_xk,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_gm,
+    stride_gn,
+    stride_hm,
+    stride_hn,
+    GATHER_A: tl.constexpr,
+    STORE_GATE_UP: tl.constexpr,
+    PRECISION: tl.constexpr,
+    E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """``h = silu(gate) * up`` with ``gate = X[x_row(r)] @ W[e, :N]ᵀ`` and ``up = X[x_row(r)] @ W[e, N:]ᵀ``.
+
+    ``W`` is ``[E, 2N, K]`` (gate rows, then up rows); one program computes a column tile of both halves from
+    the same loaded rows of ``X``. ``gate_up [rows, 2N]`` (the pre-activations, for backward) is written when
+    ``STORE_GATE_UP``.
+    """
+    pid = tl.program_id(0)
+    expert, row0, row_end, pid_n = _expert_tile(
+        pid, m_sizes_ptr, num_experts, (N + BLOCK_N - 1) // BLOCK_N, BLOCK_M, E_POW2
+    )
+    if expert >= num_experts:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    x_rows = _row_offsets(x_index_ptr, rows, row_mask, GATHER_A)
+    x_ptrs = x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    gate_ptrs = (
+        w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    )
+    up_ptrs = gate_ptrs + N * stride_wn
+
+    gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
+            w_gate = tl.load(gate_ptrs, mask=n_mask[None, :], other=0.0)
+            w_up = tl.load(up_ptrs, mask=n_mask[None, :], other=0.0)
+        else:
+            k_mask = offs_k < K - k * BLOCK_K
+            x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w_gate = tl.load(gate_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            w_up = tl.load(up_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        gate = tl.dot(x, w_gate, gate, input_precision=PRECISION)
+        up = tl.dot(x, w_up, up, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        gate_ptrs += BLOCK_K * stride_wk
+        up_ptrs += BLOCK_K * stride_wk
+
+    mask = row_mask[:, None] & n_mask[None, :]
+    out_type = h_ptr.dtype.element_ty
+    if STORE_GATE_UP:
+        g_ptrs = gate_up_ptr + rows.to(tl.int64)[:, None] * stride_gm + offs_n[None, :] * stride_gn
+        tl.store(g_ptrs, gate.to(out_type), mask=mask)
+        tl.store(g_ptrs + N * stride_gn, up.to(out_type), mask=mask)
+    # SiLU on the values backward will read back (rounded to the storage dtype), so forward and backward agree.
+    gate = gate.to(out_type).to(tl.float32)
+    up = up.to(out_type).to(tl.float32)
+    h = gate * tl.sigmoid(gate) * up
+    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + offs_n[None, :] * stride_hn
+    tl.store(h_ptrs, h.to(out_type), mask=mask)
+
+
+@triton.autotune(configs=_configs(TILE_CONFIGS), key=["N", "K"], prune_configs_by=_prune("N", "K"))
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit
+def swiglu_backward_kernel(
+    dy_ptr,
+    w_ptr,
+    gate_up_ptr,
+    scale_ptr,
+    d_gate_up_ptr,
+    d_scale_ptr,
+    m_sizes_ptr,
+    dy_index_ptr,
+    N,
+    K,
+    num_experts,
+    stride_dym,
+    stride_dyk,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    stride_gm,
+    stride_gn,
+    stride_dgm,
+    stride_dgn,
+    stride_dsm,
+    PRECISION: tl.constexpr,
+    E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """Backward of ``y = scale * down(silu(gate) * up)`` through the down projection and SwiGLU.
+
+    ``g = dY[dy_row(r)] @ W[e]`` with the down weight ``W [E, K, N]`` (``K`` = hidden, ``N`` = intermediate),
+    then per element: ``d_scale += g * h``, ``dh = scale * g``, ``d_up = dh * silu(gate)``,
+    ``d_gate = dh * up * silu'(gate)``. Writes ``d_gate_up [rows, 2N]`` and this column tile's share of the
+    routing weight's gradient, ``d_scale[r, pid_n]`` (summed over tiles by the caller: no atomics).
+    """
+    pid = tl.program_id(0)
+    expert, row0, row_end, pid_n = _expert_tile(
+        pid, m_sizes_ptr, num_experts, (N + BLOCK_N - 1) // BLOCK_N, BLOCK_M, E_POW2
+    )
+    if expert >= num_experts:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    dy_rows = _row_offsets(dy_index_ptr, rows, row_mask, True)
+    dy_ptrs = dy_ptr + dy_rows[:, None] * stride_dym + offs_k[None, :] * stride_dyk
+    w_ptrs = (
+        w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    )
+
+    g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+        if EVEN_K:
+            dy = tl.load(dy_ptrs, mask=row_mask[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
+        else:
+            k_mask = offs_k < K - k * BLOCK_K
+            dy = tl.load(dy_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        g = tl.dot(dy, w, g, input_precision=PRECISION)
+        dy_ptrs += BLOCK_K * stride_dyk
+        w_ptrs += BLOCK_K * stride_wk
+
+    mask = row_mask[:, None] & n_mask[None, :]
+    g_ptrs = gate_up_ptr + rows.to(tl.int64)[:, None] * stride_gm + offs_n[None, :] * stride_gn
+    gate = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(g_ptrs + N * stride_gn, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(gate)
+    silu = gate * sig
+    tl.store(
+        d_scale_ptr + rows.to(tl.int64) * stride_dsm + pid_n, tl.sum(g * silu * up, axis=1), mask=row_mask
+    )
+    dh = g * scale[:, None]
+    d_up = dh * silu
+    d_gate = dh * up * sig * (1.0 + gate * (1.0 - sig))
+    out_type = d_gate_up_ptr.dtype.element_ty
+    d_ptrs = d_gate_up_ptr + rows.to(tl.int64)[:, None] * stride_dgm + offs_n[None, :] * stride_dgn
+    tl.store(d_ptrs, d_gate.to(out_type), mask=mask)
+    tl.store(d_ptrs + N * stride_dgn, d_up.to(out_type), mask=mask)
+
+
+@triton.autotune(
+    configs=_configs(WEIGHT_GRAD_CONFIGS),
+    key=["N", "K", "GATHER_A", "GATHER_B", "SCALE_ROWS"],
+    prune_configs_by=_prune("N", "K"),
+)
+@triton.jit
+def grouped_weight_grad_kernel(
+    a_ptr,
+    b_ptr,
+    dw_ptr,
+    m_sizes_ptr,
+    a_index_ptr,
+    b_index_ptr,
+    scale_ptr,
+    N,
+    K,
+    num_experts,
+    stride_am,
+    stride_an,
+    stride_bm,
+    stride_bk,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    GATHER_A: tl.constexpr,
+    GATHER_B: tl.constexpr,
+    SCALE_ROWS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``dW[e, n, k] = sum_{r of e} scale[r] * A[a_row(r), n] * B[b_row(r), k]``; zeros for experts without rows.
+
+    One program owns a ``BLOCK_N x BLOCK_K`` tile of one expert's ``dW`` and reduces over that expert's rows,
+    ``BLOCK_M`` at a time: no atomics, so the result does not depend on scheduling.
+    """
+    pid = tl.program_id(0)
+    tiles_n = (N + BLOCK_N - 1) // BLOCK_N
+    tiles_k = (K + BLOCK_K - 1) // BLOCK_K
+    expert = pid // (tiles_n * tiles_k)
+    tile = pid % (tiles_n * tiles_k)
+    pid_n = tile // tiles_k
+    pid_k = tile % tiles_k
+
+    experts = tl.arange(0, E_POW2)
+    m = tl.load(m_sizes_ptr + experts, mask=experts < num_experts, other=0).to(tl.int32)
+    row_start = tl.sum(tl.where(experts < expert, m, 0), 0)
+    row_end = row_start + tl.load(m_sizes_ptr + expert).to(tl.int32)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    k_mask = offs_k < K
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for row0 in range(row_start, row_end, BLOCK_M):
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        a_rows = _row_offsets(a_index_ptr, rows, row_mask, GATHER_A)
+        b_rows = _row_offsets(b_index_ptr, rows, row_mask, GATHER_B)
+        a = tl.load(
+            a_ptr + a_rows[:, None] * stride_am + offs_n[None, :] * stride_an,
+            mask=row_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        )
+        if SCALE_ROWS:
+            scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+            a = (a.to(tl.float32) * scale[:, None]).to(a_ptr.dtype.element_ty)
+        b = tl.load(
+            b_ptr + b_rows[:, None] * stride_bm + offs_k[None, :] * stride_bk,
+            mask=row_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
+
+    dw_ptrs = (
+        dw_ptr + expert.to(tl.int64) * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    )
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])

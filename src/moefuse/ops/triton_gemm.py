@@ -1,0 +1,240 @@
+"""Launchers of the Triton grouped-GEMM kernels: allocate outputs, pick strides and flags, size the grid.
+
+Every launcher takes ``m_sizes [E]`` (rows per expert, on the device) and never reads it on the host: the
+grid is an upper bound on the tiles, and the kernels find their own tile (see :mod:`moefuse.kernels`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ..kernels import grouped_gemm as kernels
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 inputs multiply in full fp32 unless PyTorch's own matmuls allow TF32, as ``torch.mm`` would."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _experts_pow2(num_experts: int) -> int:
+    return max(16, triton.next_power_of_2(num_experts))
+
+
+def _tile_grid(m_sizes: torch.Tensor, rows: int, n: int):
+    """The programs of a row-tiled kernel. On a GPU an upper bound (each expert adds at most one partial row
+    tile; reading ``m_sizes`` would cost a host sync); in the CPU interpreter the exact count, which is free."""
+
+    def grid(meta: dict) -> tuple[int]:
+        block_m = meta["BLOCK_M"]
+        if m_sizes.device.type == "cpu":
+            m_tiles = int(((m_sizes + block_m - 1) // block_m).sum())
+        else:
+            m_tiles = triton.cdiv(rows, block_m) + min(m_sizes.numel(), rows)
+        return (m_tiles * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    return grid
+
+
+def _index(index: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """The kernels take a pointer for every index; an absent one is never read (its flag is off)."""
+    return like if index is None else index
+
+
+def grouped_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    m_sizes: torch.Tensor,
+    *,
+    a_index: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    out_index: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
+    accumulate: bool = False,
+) -> torch.Tensor:
+    """``out[out_row(r)] (+)= row_scale[r] * a[a_row(r)] @ b[e(r)]ᵀ`` over the ``R = m_sizes.sum()`` grouped rows.
+
+    Args:
+        a: ``[R, K]`` in grouped order, or any ``[T, K]`` read through ``a_index [R]``.
+        b: ``[E, N, K]`` (any strides: a transposed view reads the other orientation).
+        m_sizes: ``[E]`` rows per expert.
+        a_index: ``a``'s row for each grouped row (gather fused into the loads).
+        out: where to write; ``[R, N]`` (new) unless given. With ``out_index``, row ``r`` goes to ``out[out_index[r]]``.
+        row_scale: ``[R]`` per-row factor applied in the epilogue.
+        accumulate: add into ``out`` atomically (``out`` must be given, ideally fp32) instead of storing.
+    """
+    num_experts, n, k = b.shape
+    rows = a_index.numel() if a_index is not None else a.shape[0]
+    if out is None:
+        out = a.new_empty(rows, n, dtype=b.dtype)
+    if rows == 0:
+        return out
+    kernels.grouped_gemm_kernel[_tile_grid(m_sizes, rows, n)](
+        a,
+        b,
+        out,
+        m_sizes,
+        _index(a_index, m_sizes),
+        _index(out_index, m_sizes),
+        _index(row_scale, out),
+        n,
+        k,
+        num_experts,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        b.stride(2),
+        out.stride(0),
+        out.stride(1),
+        GATHER_A=a_index is not None,
+        SCATTER_C=out_index is not None,
+        SCALE_ROWS=row_scale is not None,
+        ATOMIC_ADD=accumulate,
+        PRECISION=_precision(b.dtype),
+        E_POW2=_experts_pow2(num_experts),
+    )
+    return out
+
+
+def gate_up_swiglu(
+    x: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    m_sizes: torch.Tensor,
+    x_index: torch.Tensor,
+    *,
+    store_gate_up: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``h = silu(gate) * up`` for the grouped rows ``x[x_index]``: ``(h [R, I], gate_up [R, 2I] or None)``."""
+    num_experts, two_i, hidden = gate_up_proj.shape
+    inter = two_i // 2
+    rows = x_index.numel()
+    h = x.new_empty(rows, inter, dtype=gate_up_proj.dtype)
+    gate_up = x.new_empty(rows, two_i, dtype=gate_up_proj.dtype) if store_gate_up else None
+    if rows == 0:
+        return h, gate_up
+    kernels.gate_up_swiglu_kernel[_tile_grid(m_sizes, rows, inter)](
+        x,
+        gate_up_proj,
+        h if gate_up is None else gate_up,
+        h,
+        m_sizes,
+        x_index,
+        inter,
+        hidden,
+        num_experts,
+        x.stride(0),
+        x.stride(1),
+        gate_up_proj.stride(0),
+        gate_up_proj.stride(1),
+        gate_up_proj.stride(2),
+        0 if gate_up is None else gate_up.stride(0),
+        0 if gate_up is None else gate_up.stride(1),
+        h.stride(0),
+        h.stride(1),
+        GATHER_A=True,
+        STORE_GATE_UP=store_gate_up,
+        PRECISION=_precision(gate_up_proj.dtype),
+        E_POW2=_experts_pow2(num_experts),
+    )
+    return h, gate_up
+
+
+def swiglu_backward(
+    grad_out: torch.Tensor,
+    down_proj: torch.Tensor,
+    gate_up: torch.Tensor,
+    row_scale: torch.Tensor,
+    m_sizes: torch.Tensor,
+    grad_index: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients through ``scale * down(silu(gate) * up)`` for the grouped rows: ``(d_gate_up [R, 2I], d_scale [R])``.
+
+    ``grad_out [T, H]`` is read through ``grad_index`` (each grouped row's token); ``down_proj [E, H, I]``.
+    """
+    num_experts, hidden, inter = down_proj.shape
+    rows = gate_up.shape[0]
+    d_gate_up = torch.empty_like(gate_up)
+    # One partial sum of d_scale per column tile (at most I / 16 of them), reduced below: deterministic.
+    partial = torch.zeros(rows, triton.cdiv(inter, 16), device=gate_up.device, dtype=torch.float32)
+    if rows == 0:
+        return d_gate_up, partial.sum(1)
+    kernels.swiglu_backward_kernel[_tile_grid(m_sizes, rows, inter)](
+        grad_out,
+        down_proj,
+        gate_up,
+        row_scale,
+        d_gate_up,
+        partial,
+        m_sizes,
+        grad_index,
+        inter,
+        hidden,
+        num_experts,
+        grad_out.stride(0),
+        grad_out.stride(1),
+        down_proj.stride(0),
+        down_proj.stride(1),
+        down_proj.stride(2),
+        gate_up.stride(0),
+        gate_up.stride(1),
+        d_gate_up.stride(0),
+        d_gate_up.stride(1),
+        partial.stride(0),
+        PRECISION=_precision(down_proj.dtype),
+        E_POW2=_experts_pow2(num_experts),
+    )
+    return d_gate_up, partial.sum(1)
+
+
+def grouped_weight_grad(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    m_sizes: torch.Tensor,
+    *,
+    a_index: torch.Tensor | None = None,
+    b_index: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``dW[e] = (row_scale * a[a_row(rows of e)])ᵀ @ b[b_row(rows of e)]`` → ``[E, N, K]`` (zeros for idle experts).
+
+    ``a`` has ``N`` columns and ``b`` ``K``; each is in grouped order or read through its index. ``out`` may be
+    a strided view (e.g. a transposed ``[E, K, N]`` buffer) to write the other orientation.
+    """
+    num_experts = m_sizes.numel()
+    n, k = a.shape[1], b.shape[1]
+    if out is None:
+        out = a.new_empty(num_experts, n, k)
+    if num_experts == 0:
+        return out
+    tiles = lambda meta: (  # noqa: E731
+        num_experts * triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]),
+    )
+    kernels.grouped_weight_grad_kernel[tiles](
+        a,
+        b,
+        out,
+        m_sizes,
+        _index(a_index, m_sizes),
+        _index(b_index, m_sizes),
+        _index(row_scale, a),
+        n,
+        k,
+        num_experts,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        GATHER_A=a_index is not None,
+        GATHER_B=b_index is not None,
+        SCALE_ROWS=row_scale is not None,
+        PRECISION=_precision(a.dtype),
+        E_POW2=_experts_pow2(num_experts),
+    )
+    return out

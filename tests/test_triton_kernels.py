@@ -1,0 +1,297 @@
+"""The Triton kernels against their PyTorch references: each launcher, then the ops on the Triton backend.
+
+On a CPU machine they run in Triton's interpreter (fp32/fp16, small shapes; bf16 loads are wrong there); the
+tests marked ``gpu`` repeat them in bf16 at larger shapes on a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moefuse
+from moefuse.ops import triton_gemm
+from moefuse.ops.backend import use_backend
+from moefuse.ops.grouped_gemm import moe_fused_linear_reference
+from moefuse.ops.moe import fused_experts_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Relative error ||x - ref|| / ||ref|| allowed per dtype (references in fp64 on the same inputs).
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+CPU_DTYPES = [torch.float32, torch.float16]
+
+M_SIZES = [
+    [3, 0, 5, 1],  # an expert with no rows, one with a single row
+    [1],  # E = 1, one row
+    [17, 33, 2],  # counts not a multiple of any block size
+    [0, 0, 0],  # no rows at all
+]
+# E = 128 costs the interpreter a second or more per launch (one program per expert at least): fp32 only.
+CASES = [(m, dtype) for m in M_SIZES for dtype in CPU_DTYPES] + [
+    pytest.param([2] * 128, torch.float32, id="E128-fp32")
+]
+
+
+def rel_err(value: torch.Tensor, ref: torch.Tensor) -> float:
+    value, ref = value.double(), ref.double()
+    assert torch.isfinite(value).all()
+    scale = ref.norm().item()
+    return (value - ref).norm().item() / (scale if scale > 0 else 1.0)
+
+
+def assert_close(value: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, name: str = "") -> None:
+    assert value.shape == ref.shape, (name, value.shape, ref.shape)
+    err = rel_err(value, ref)
+    assert err <= TOLERANCE[dtype], f"{name}: relative error {err:.2e} > {TOLERANCE[dtype]:.0e}"
+
+
+def randn(*shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(DEVICE, dtype)
+
+
+def group_ids(m_sizes: list[int]) -> torch.Tensor:
+    return torch.repeat_interleave(torch.arange(len(m_sizes)), torch.tensor(m_sizes, dtype=torch.long))
+
+
+def _m(m_sizes: list[int]) -> torch.Tensor:
+    return torch.tensor(m_sizes, dtype=torch.int64, device=DEVICE)
+
+
+@pytest.mark.parametrize("m_sizes,dtype", CASES)
+def test_grouped_gemm_plain_and_transposed_weight(m_sizes, dtype):
+    rows, experts = sum(m_sizes), len(m_sizes)
+    a = randn(rows, 24, dtype=dtype)
+    w = randn(experts, 40, 24, dtype=dtype, scale=0.2)
+    ids = group_ids(m_sizes).to(DEVICE)
+    ref = torch.einsum("rk,rnk->rn", a.double(), w.double()[ids])
+    assert_close(triton_gemm.grouped_gemm(a, w, _m(m_sizes)), ref, dtype, "forward")
+    # A transposed view of a [E, K, N] buffer: the input-gradient orientation, read through strides.
+    wt = randn(experts, 24, 40, dtype=dtype, scale=0.2).transpose(1, 2)
+    ref_t = torch.einsum("rk,rnk->rn", a.double(), wt.double()[ids])
+    assert_close(triton_gemm.grouped_gemm(a, wt, _m(m_sizes)), ref_t, dtype, "transposed")
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("atomic", [False, True])
+def test_grouped_gemm_gather_scale_and_scatter(dtype, atomic):
+    m_sizes, tokens, top_k = [5, 0, 9, 1, 7], 11, 2
+    ids = group_ids(m_sizes).to(DEVICE)
+    token_index = torch.randint(0, tokens, (sum(m_sizes),), device=DEVICE)
+    x = randn(tokens, 3 * 20, dtype=dtype)[:, ::3]  # non-contiguous rows
+    w = randn(len(m_sizes), 36, 20, dtype=dtype, scale=0.3)
+    scale = torch.rand(sum(m_sizes), device=DEVICE)
+    rows = torch.einsum("rk,rnk->rn", x.double()[token_index], w.double()[ids]) * scale.double()[:, None]
+    if atomic:
+        out = torch.zeros(tokens, 36, device=DEVICE)
+        triton_gemm.grouped_gemm(
+            x,
+            w,
+            _m(m_sizes),
+            a_index=token_index,
+            out=out,
+            out_index=token_index,
+            row_scale=scale,
+            accumulate=True,
+        )
+        ref = torch.zeros(tokens, 36, dtype=torch.float64, device=DEVICE).index_add_(0, token_index, rows)
+    else:
+        slots = torch.randperm(tokens * top_k, device=DEVICE)[: sum(m_sizes)]
+        out = torch.full((tokens * top_k, 36), float("nan"), device=DEVICE, dtype=dtype)
+        triton_gemm.grouped_gemm(
+            x, w, _m(m_sizes), a_index=token_index, out=out, out_index=slots, row_scale=scale
+        )
+        out, ref = out[slots], rows  # only the scattered rows were written
+    assert_close(out, ref, dtype, "scattered")
+
+
+def swiglu_reference(x, gate_up_proj, ids, token_index):
+    gate_up = torch.einsum("rk,rnk->rn", x[token_index], gate_up_proj[ids])
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up, gate_up
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("m_sizes", M_SIZES)
+def test_gate_up_swiglu(m_sizes, dtype):
+    tokens, inter, hidden = 7, 24, 40
+    ids = group_ids(m_sizes).to(DEVICE)
+    token_index = torch.randint(0, tokens, (sum(m_sizes),), device=DEVICE)
+    x = randn(tokens, hidden, dtype=dtype)
+    w = randn(len(m_sizes), 2 * inter, hidden, dtype=dtype, scale=0.2)
+    h, gate_up = triton_gemm.gate_up_swiglu(x, w, _m(m_sizes), token_index, store_gate_up=True)
+    h_ref, gate_up_ref = swiglu_reference(x.double(), w.double(), ids, token_index)
+    assert_close(gate_up, gate_up_ref, dtype, "gate_up")
+    assert_close(h, h_ref, dtype, "h")
+    h_only, none = triton_gemm.gate_up_swiglu(x, w, _m(m_sizes), token_index, store_gate_up=False)
+    assert none is None and torch.equal(h_only, h)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("m_sizes", M_SIZES)
+def test_swiglu_backward(m_sizes, dtype):
+    tokens, inter, hidden = 6, 40, 24
+    ids = group_ids(m_sizes).to(DEVICE)
+    token_index = torch.randint(0, tokens, (sum(m_sizes),), device=DEVICE)
+    gate_up = randn(sum(m_sizes), 2 * inter, dtype=dtype)
+    down = randn(len(m_sizes), hidden, inter, dtype=dtype, scale=0.2)
+    scale = torch.rand(sum(m_sizes), device=DEVICE)
+    grad_out = randn(tokens, hidden, dtype=dtype)
+
+    g64 = gate_up.double().requires_grad_()
+    s64 = scale.double().requires_grad_()
+    gate, up = g64.chunk(2, dim=-1)
+    y = torch.einsum("rn,rkn->rk", F.silu(gate) * up, down.double()[ids]) * s64[:, None]
+    (y * grad_out.double()[token_index]).sum().backward()
+
+    d_gate_up, d_scale = triton_gemm.swiglu_backward(grad_out, down, gate_up, scale, _m(m_sizes), token_index)
+    assert_close(d_gate_up, g64.grad, dtype, "d_gate_up")
+    assert_close(d_scale, s64.grad, dtype, "d_scale")
+
+
+@pytest.mark.parametrize("m_sizes,dtype", CASES)
+@pytest.mark.parametrize("gather", [False, True])
+def test_grouped_weight_grad(m_sizes, dtype, gather):
+    rows, n, k, tokens = sum(m_sizes), 36, 20, 9
+    ids = group_ids(m_sizes).to(DEVICE)
+    a = randn(rows, n, dtype=dtype)
+    b = randn(tokens if gather else rows, k, dtype=dtype)
+    b_index = torch.randint(0, tokens, (rows,), device=DEVICE) if gather else None
+    scale = torch.rand(rows, device=DEVICE) if gather else None
+    b_rows = b.double()[b_index] if gather else b.double()
+    a_rows = a.double() * (scale.double()[:, None] if gather else 1.0)
+    ref = torch.zeros(len(m_sizes), n, k, dtype=torch.float64, device=DEVICE)
+    ref.index_add_(0, ids, torch.einsum("rn,rk->rnk", a_rows, b_rows))
+    out = torch.full((len(m_sizes), n, k), float("nan"), device=DEVICE, dtype=dtype)
+    triton_gemm.grouped_weight_grad(a, b, _m(m_sizes), b_index=b_index, row_scale=scale, out=out)
+    assert_close(out, ref, dtype, "dW")
+
+
+@pytest.mark.parametrize("m_sizes,dtype", CASES)
+def test_moe_fused_linear_on_triton(m_sizes, dtype):
+    m = _m(m_sizes)
+    x = randn(sum(m_sizes), 2 * 24, dtype=dtype)[:, ::2].requires_grad_()  # non-contiguous
+    w = randn(len(m_sizes), 16, 24, dtype=dtype, scale=0.2).requires_grad_()
+    with use_backend("triton"):
+        y = moefuse.moe_fused_linear(x, w, m)
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    yr = moe_fused_linear_reference(xr, wr, m.cpu())
+    assert_close(y, yr, dtype, "forward")
+    dy = randn(*y.shape, dtype=dtype)
+    y.backward(dy)
+    yr.backward(dy.double())
+    assert_close(x.grad, xr.grad, dtype, "grad input")
+    assert_close(w.grad, wr.grad, dtype, "grad weight")
+
+
+def experts_problem(tokens, hidden, inter, experts, top_k, unused=0, *, dtype, scale=1.0):
+    x = randn(tokens, hidden, dtype=dtype)
+    gate_up = randn(experts, 2 * inter, hidden, dtype=dtype, scale=scale * hidden**-0.5)
+    down = randn(experts, hidden, inter, dtype=dtype, scale=scale * inter**-0.5)
+    logits = torch.randn(tokens, experts - unused, device=DEVICE)
+    weights, index = torch.topk(logits.softmax(-1), top_k, dim=-1)
+    return [t.requires_grad_() for t in (x, gate_up, down)] + [index, weights.to(dtype).requires_grad_()]
+
+
+EXPERT_CASES = [
+    # tokens, hidden, inter, experts, top_k, experts without tokens
+    (9, 32, 16, 8, 2, 3),
+    (1, 32, 16, 4, 1, 0),  # one token, top-1
+    (5, 16, 16, 1, 1, 0),  # E = 1
+    (13, 24, 40, 6, 3, 1),  # sizes not a multiple of the block
+]
+E128_TOP8 = (24, 32, 16, 128, 8, 0)
+
+
+def check_experts(args, dtype, deterministic, names=("x", "gate_up_proj", "down_proj", "index", "weights")):
+    ref_args = [a.detach().double().requires_grad_() if a.is_floating_point() else a for a in args]
+    with use_backend("triton"):
+        out = moefuse.fused_experts(*args, deterministic=deterministic)
+    ref = fused_experts_reference(*ref_args)
+    assert out.dtype == dtype
+    assert_close(out, ref, dtype, "output")
+    grad = randn(*out.shape, dtype=dtype)
+    out.backward(grad)
+    ref.backward(grad.double())
+    for a, r, name in zip(args, ref_args, names, strict=True):
+        if a.is_floating_point():
+            assert_close(a.grad, r.grad, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("case", EXPERT_CASES)
+def test_fused_experts_on_triton(case, deterministic, dtype):
+    check_experts(experts_problem(*case, dtype=dtype), dtype, deterministic)
+
+
+def test_fused_experts_on_triton_128_experts_top8():
+    check_experts(experts_problem(*E128_TOP8, dtype=torch.float32), torch.float32, deterministic=False)
+
+
+def test_fused_experts_triton_non_contiguous_and_deterministic_repeats():
+    x, gu, d, idx, w = experts_problem(11, 32, 16, 8, 2, dtype=torch.float32)
+    xt = randn(32, 11, dtype=torch.float32).t().requires_grad_()
+    gut = gu.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # transposed storage
+    check_experts([xt, gut, d, idx, w], torch.float32, deterministic=False)
+    with use_backend("triton"):
+        first = moefuse.fused_experts(xt, gut, d, idx, w, deterministic=True)
+        again = moefuse.fused_experts(xt, gut, d, idx, w, deterministic=True)
+    assert torch.equal(first, again)
+
+
+def test_fused_experts_no_grad_path_matches():
+    args = experts_problem(9, 32, 16, 8, 2, dtype=torch.float32)
+    with use_backend("triton"):
+        with torch.no_grad():
+            out = moefuse.fused_experts(*args)
+        ref = moefuse.fused_experts(*args)
+    torch.testing.assert_close(out, ref.detach(), rtol=0, atol=0)
+
+
+def test_triton_backend_refused_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        moefuse.moe_fused_linear(torch.randn(2, 4), torch.randn(1, 3, 4), torch.tensor([2]))
+
+
+def test_unknown_backend_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("MOEFUSE_BACKEND", "cutlass")
+    with pytest.raises(ValueError, match="MOEFUSE_BACKEND='cutlass' is not a moefuse backend"):
+        moefuse.moe_fused_linear(torch.randn(2, 4), torch.randn(1, 3, 4), torch.tensor([2]))
+
+
+# --- on a GPU: bf16 at larger shapes, Qwen3-30B-A3B's included --------------------------------------------
+
+GPU_EXPERT_CASES = EXPERT_CASES + [
+    E128_TOP8,
+    (512, 256, 128, 16, 4, 2),
+    (1000, 2048, 768, 128, 8, 0),  # Qwen3-30B-A3B's expert dims
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("case", GPU_EXPERT_CASES)
+def test_fused_experts_bf16_gpu(case, deterministic):
+    check_experts(experts_problem(*case, dtype=torch.bfloat16), torch.bfloat16, deterministic)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m_sizes", M_SIZES + [[2] * 128, [300, 0, 1, 129, 64, 7]])
+@pytest.mark.parametrize("dims", [(24, 40), (2048, 1536), (768, 2048), (2048, 16), (16, 768)])
+def test_moe_fused_linear_bf16_gpu(m_sizes, dims):
+    k, n = dims
+    m = _m(m_sizes)
+    x = randn(sum(m_sizes), k, dtype=torch.bfloat16).requires_grad_()
+    w = randn(len(m_sizes), n, k, dtype=torch.bfloat16, scale=k**-0.5).requires_grad_()
+    with use_backend("triton"):
+        y = moefuse.moe_fused_linear(x, w, m)
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    yr = moe_fused_linear_reference(xr, wr, m.cpu())
+    assert_close(y, yr, torch.bfloat16, "forward")
+    dy = randn(*y.shape, dtype=torch.bfloat16)
+    y.backward(dy)
+    yr.backward(dy.double())
+    assert_close(x.grad, xr.grad, torch.bfloat16, "grad input")
+    assert_close(w.grad, wr.grad, torch.bfloat16, "grad weight")
