@@ -161,14 +161,24 @@ def _names(value: str | None) -> list[str]:
     return [name.strip() for name in (value or "").split(",") if name.strip()]
 
 
+def lora_targets(args: MoefuseTrainArguments) -> list[str]:
+    """``lora_target`` as module names ("all": attention and the experts' projections)."""
+    if args.lora_target.strip() == "all":
+        return list(ATTENTION_PROJECTIONS + PROJECTIONS)
+    return _names(args.lora_target)
+
+
+def has_fused_expert_lora(args: MoefuseTrainArguments) -> bool:
+    """Whether the adapter holds moefuse's fused expert factors (which convert to the per-expert layout)."""
+    return args.experts_implementation == EXPERTS_IMPLEMENTATION and any(
+        p in lora_targets(args) for p in PROJECTIONS
+    )
+
+
 def lora_config(args: MoefuseTrainArguments) -> LoraConfig:
     """PEFT LoRA on ``lora_target``; the experts' projections at ``expert_lora_rank`` through ``rank_pattern``
     (moefuse experts), or PEFT's ``target_parameters`` on the stacked weights for Transformers' experts."""
-    targets = (
-        list(ATTENTION_PROJECTIONS + PROJECTIONS)
-        if args.lora_target.strip() == "all"
-        else _names(args.lora_target)
-    )
+    targets = lora_targets(args)
     alpha = args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_rank
     expert_rank = args.expert_lora_rank or args.lora_rank
     expert_alpha = (

@@ -13,10 +13,19 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
 from ..convert import convert_lora_to_unfused
+from ..experts import EXPERTS_IMPLEMENTATION
 from .callbacks import ThroughputCallback, add_throughput_callback
 from .config import MoefuseTrainArguments, TrainConfigError, parse_train_args
 from .data import is_conversational, load_train_dataset
-from .model import ModelSource, apply_lora, load_model, load_tokenizer, resolve_dtype, resolve_model
+from .model import (
+    ModelSource,
+    apply_lora,
+    has_fused_expert_lora,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model,
+)
 
 BASE_MODEL_DIR = "base-model"  # the random initial weights of a config: model
 ADAPTER_DIR = "adapter"  # LoRA adapter as moefuse trains it (fused expert factors)
@@ -36,6 +45,7 @@ class TrainResult:
     global_step: int
     losses: list[float] = field(default_factory=list)
     throughput: dict[str, float] = field(default_factory=dict)
+    model: PreTrainedModel | None = field(default=None, repr=False)  # the trained model, still in memory
 
 
 def _resume_checkpoint(sft_config: SFTConfig) -> str | None:
@@ -139,7 +149,7 @@ def run_train(config_file: str | Path | None = None, overrides: list[str] | None
     trainer.save_model(str(final_dir))
     trainer.save_state()
     per_expert = None
-    if args.finetuning_type == "lora" and trainer.is_world_process_zero():
+    if args.finetuning_type == "lora" and has_fused_expert_lora(args) and trainer.is_world_process_zero():
         per_expert = convert_lora_to_unfused(
             final_dir, output_dir / PER_EXPERT_ADAPTER_DIR, overwrite=True, progress=False
         )
@@ -151,6 +161,7 @@ def run_train(config_file: str | Path | None = None, overrides: list[str] | None
         global_step=trainer.state.global_step,
         losses=[log["loss"] for log in trainer.state.log_history if "loss" in log],
         throughput=throughput.totals,
+        model=trainer.model,
     )
     if trainer.is_world_process_zero():
         (output_dir / SUMMARY_FILE).write_text(json.dumps(_summary_record(result, args), indent=2) + "\n")
@@ -186,35 +197,40 @@ def summary(result: TrainResult, args: MoefuseTrainArguments, source: ModelSourc
         lines.append(
             f"  throughput {t['tokens_per_second']:.0f} tokens/s on this device{mfu} ({t['tokens']} tokens)"
         )
-    cls = (
-        "moefuse.Qwen3MoeFusedForCausalLM"
-        if source.config.model_type == "qwen3_moe"
-        else "AutoModelForCausalLM"
-    )
-    load_kwargs = "" if cls.startswith("moefuse") else ', experts_implementation="moefuse"'
+    on_moefuse = args.experts_implementation == EXPERTS_IMPLEMENTATION
+    if source.config.model_type == "qwen3_moe" and on_moefuse:
+        imports, cls, load_kwargs = "import moefuse", "moefuse.Qwen3MoeFusedForCausalLM", ""
+    else:
+        imports = "import moefuse; from transformers import AutoModelForCausalLM"
+        cls, load_kwargs = "AutoModelForCausalLM", f', experts_implementation="{args.experts_implementation}"'
     if args.finetuning_type == "lora":
+        lines.append(f"  adapter    {result.final_dir}  (PEFT LoRA)")
+        if result.per_expert_adapter:
+            lines.append(
+                f"  per-expert {result.per_expert_adapter}  (the same adapter in PEFT's per-expert layout)"
+            )
         lines += [
-            f"  adapter    {result.final_dir}  (PEFT LoRA; expert factors fused [E, r, in], as moefuse trains)",
-            f"  per-expert {result.per_expert_adapter}  (the same adapter in PEFT's per-expert layout)",
             f"  base model {result.base_model}",
             "",
             "Load it:",
-            "  import moefuse"
-            + ("" if cls.startswith("moefuse") else "; from transformers import AutoModelForCausalLM"),
+            f"  {imports}",
             "  from peft import PeftModel",
             f'  model = PeftModel.from_pretrained({cls}.from_pretrained("{result.base_model}"{load_kwargs}),',
             f'                                    "{result.final_dir}")',
-            "Serve it with vLLM / SGLang: merge into the base model, saved in the per-expert Hub layout:",
+            "Serve it with vLLM / SGLang: merge it into the base model, saved in the per-expert Hub layout:",
             f'  model.merge_and_unload().save_pretrained("{result.output_dir / "merged"}")',
             f"  vllm serve {result.output_dir / 'merged'}",
-            f"or give {result.per_expert_adapter} to an engine that loads per-expert MoE LoRA adapters.",
         ]
+        if result.per_expert_adapter:
+            lines.append(
+                f"or give {result.per_expert_adapter} to an engine that loads per-expert MoE LoRA adapters."
+            )
     else:
         lines += [
             f"  model      {result.final_dir}  (per-expert Hub layout, architectures as the original)",
             "",
             "Load it:",
-            f'  import moefuse; model = {cls}.from_pretrained("{result.final_dir}"{load_kwargs})',
+            f'  {imports}; model = {cls}.from_pretrained("{result.final_dir}"{load_kwargs})',
             "Serve it as it is (no conversion needed):",
             f"  vllm serve {result.final_dir}",
         ]

@@ -1,0 +1,325 @@
+"""``moefuse train``: the built-in default end to end, resume, saved adapters and models, and clear refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+from transformers import LlamaConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+import moefuse
+from moefuse import cli
+from moefuse.train import TrainConfigError, run_train
+from moefuse.train.builtin import DATASET, TOKENIZER_DIR, build_dataset, build_tokenizer
+from moefuse.train.callbacks import FlopsModel, _batch_shape
+from moefuse.train.config import parse_train_args
+from moefuse.train.data import to_sft_format
+from moefuse.train.model import apply_lora, load_model, resolve_model
+from moefuse.train.run import SUMMARY_FILE
+
+# The built-in default, shortened; everything else as `moefuse train` runs it.
+SHORT = ["--max_steps", "20", "--logging_steps", "5", "--save_steps", "1000"]
+# Runs that test the plumbing, not the learning: a slice of the dataset tokenizes faster.
+FEW_ROWS = ["--max_samples", "48"]
+
+
+def _ids(vocab: int = 512) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("default")
+    return run_train(None, [*SHORT, "--output_dir", str(out)])
+
+
+def test_default_run_loss_falls_and_writes_everything(default_run):
+    result = default_run
+    assert result.global_step == 20
+    assert len(result.losses) == 4
+    assert result.losses[-1] < result.losses[0] - 1.0, result.losses
+    assert result.throughput["tokens"] > 0 and result.throughput["tokens_per_second"] > 0
+    summary = json.loads((result.output_dir / SUMMARY_FILE).read_text())
+    assert summary["global_step"] == 20 and summary["losses"] == result.losses
+    # tokens/s is in every training log, also in the saved history
+    history = json.loads((result.output_dir / "trainer_state.json").read_text())["log_history"]
+    assert all("tokens_per_second" in log for log in history if "loss" in log)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json"):
+        assert (result.final_dir / name).is_file()
+    assert (result.output_dir / "base-model" / "config.json").is_file()
+
+
+def test_per_expert_adapter_holds_the_trained_factors(default_run):
+    fused_file = default_run.final_dir / "adapter_model.safetensors"
+    per_expert_file = default_run.per_expert_adapter / "adapter_model.safetensors"
+    with safe_open(fused_file, "pt") as fused, safe_open(per_expert_file, "pt") as per_expert:
+        name = "base_model.model.model.layers.1.mlp.experts.down_proj.lora_B.weight"
+        stacked = fused.get_tensor(name)
+        assert stacked.shape == (16, 64, 8) and stacked.abs().sum() > 0  # trained: B starts at zero
+        for e in (0, 7, 15):
+            expert = per_expert.get_tensor(name.replace("experts.", f"experts.{e}."))
+            assert torch.equal(expert, stacked[e])
+        assert not any(".experts.down_proj." in key for key in per_expert.keys())
+
+
+def test_saved_adapter_reloads_to_the_same_outputs(default_run):
+    trained = default_run.model.eval()
+    base = moefuse.Qwen3MoeFusedForCausalLM.from_pretrained(default_run.base_model)
+    reloaded = PeftModel.from_pretrained(base, default_run.final_dir).eval()
+    ids = _ids()
+    with torch.no_grad():
+        expected = trained(input_ids=ids).logits
+        got = reloaded(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with reloaded.disable_adapter(), torch.no_grad():
+        assert not torch.allclose(reloaded(input_ids=ids).logits, expected, atol=1e-3)
+
+
+def test_resume_continues_from_the_saved_step(tmp_path):
+    common = [*FEW_ROWS, "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1"]
+    first = run_train(None, [*common, "--output_dir", str(tmp_path / "a")])
+    assert (tmp_path / "a" / "checkpoint-2").is_dir()
+    resumed = run_train(
+        None,
+        [
+            *common,
+            "--output_dir",
+            str(tmp_path / "b"),
+            "--resume_from_checkpoint",
+            str(tmp_path / "a" / "checkpoint-2"),
+        ],
+    )
+    assert resumed.global_step == 4
+    history = json.loads((tmp_path / "b" / "trainer_state.json").read_text())["log_history"]
+    assert [log["step"] for log in history if "loss" in log] == [1, 2, 3, 4]
+    # steps 3 and 4 after the resume are the uninterrupted run's steps 3 and 4
+    assert resumed.losses[2:] == pytest.approx(first.losses[2:], rel=1e-5)
+    assert resumed.losses[:2] == pytest.approx(first.losses[:2], rel=1e-5)  # carried over from the checkpoint
+
+
+def test_resume_true_takes_the_last_checkpoint(tmp_path):
+    common = [*FEW_ROWS, "--save_steps", "2", "--logging_steps", "1", "--output_dir", str(tmp_path)]
+    run_train(None, [*common, "--max_steps", "2"])
+    resumed = run_train(None, [*common, "--max_steps", "3", "--resume_from_checkpoint", "true"])
+    assert resumed.global_step == 3 and len(resumed.losses) == 3
+
+
+def test_full_finetuning_saves_a_per_expert_model(tmp_path):
+    result = run_train(
+        None,
+        [
+            "--finetuning_type",
+            "full",
+            "--max_steps",
+            "3",
+            "--learning_rate",
+            "1e-3",
+            "--output_dir",
+            str(tmp_path),
+        ],
+    )
+    assert result.final_dir.name == "model" and result.per_expert_adapter is None
+    config = json.loads((result.final_dir / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3MoeForCausalLM"]
+    with safe_open(next(result.final_dir.glob("*.safetensors")), "pt") as f:
+        assert "model.layers.0.mlp.experts.3.up_proj.weight" in f.keys()  # the Hub layout
+    reloaded = moefuse.Qwen3MoeFusedForCausalLM.from_pretrained(result.final_dir).eval()
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, result.model.eval()(input_ids=ids).logits)
+
+
+def test_cli_runs_the_default_and_prints_the_summary(tmp_path, capsys):
+    assert cli.main(["train", *FEW_ROWS, "--max_steps", "2", "--output_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "moefuse train: done" in out and str(tmp_path / "adapter-per-expert") in out
+    assert "vllm serve" in out and "PeftModel.from_pretrained" in out
+
+
+def test_cli_help_lists_the_keys(capsys):
+    assert cli.main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    for key in ("--model_name_or_path", "--finetuning_type", "--expert_lora_rank", "--ep_size", "SFTConfig"):
+        assert key in out
+
+
+def _write_config(tmp_path, config) -> str:
+    path = tmp_path / "model-config"
+    config.save_pretrained(path)
+    return f"config:{path}"
+
+
+def _bad_dataset(tmp_path) -> str:
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"question": "a", "answer": "b"}\n')
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--lora_r", "8"], "unknown key 'lora_r' (did you mean 'lora_rank'?)"),
+        (["--dataset", "no/such/rows.jsonl"], "no such file"),
+        (["--dataset", "{bad_dataset}"], "expected 'messages'"),
+        (["--model_name_or_path", "{llama}"], "not a Mixture-of-Experts model"),
+        (["--model_name_or_path", "config:no-such-model"], "neither a built-in config"),
+        (["--finetuning_type", "qlora"], "issue 7"),
+        (["--finetuning_type", "prefix"], "not one of lora, full, qlora"),
+        (["--ep_size", "2"], "expert parallelism is not wired into moefuse train"),
+        (["--resume_from_checkpoint", "true"], "holds no checkpoint"),
+        (["--eval_strategy", "steps"], "needs an evaluation set"),
+        (["--config_overrides", '{"no_such_field": 1}'], "have no field 'no_such_field'"),
+        (["--num_layers", "9"], "num_layers: 9 must be between 1"),
+    ],
+)
+def test_bad_configs_fail_before_training(tmp_path, overrides, message):
+    llama = _write_config(tmp_path, LlamaConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1))
+    overrides = [
+        o.replace("{llama}", llama).replace("{bad_dataset}", _bad_dataset(tmp_path)) for o in overrides
+    ]
+    out = tmp_path / "out"
+    with pytest.raises(TrainConfigError) as error:
+        run_train(None, [*overrides, "--output_dir", str(out)])
+    assert message in str(error.value)
+    assert not out.exists()  # refused before the Trainer made anything
+
+
+def test_unknown_key_in_a_yaml_names_the_file(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model_name_or_path: config:tiny\ndataset: {DATASET}\nlearning_rat: 1.0e-4\n")
+    with pytest.raises(
+        TrainConfigError, match=r"run.yaml: unknown key 'learning_rat' \(did you mean 'learning_rate'"
+    ):
+        parse_train_args(config)
+
+
+def test_yaml_values_and_command_line_overrides(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model_name_or_path: config:tiny\ndataset: {DATASET}\nlearning_rate: 1e-4\nmax_steps: 7\n"
+        "report_to: [tensorboard]\n"
+    )
+    args, sft = parse_train_args(config, ["--max_steps", "3", "--expert_lora_rank=16"])
+    assert sft.learning_rate == 1e-4 and isinstance(sft.learning_rate, float)  # YAML's "1e-4" is a string
+    assert sft.max_steps == 3 and args.expert_lora_rank == 16 and sft.report_to == ["tensorboard"]
+    assert sft.gradient_checkpointing is False and sft.bf16 is False  # moefuse's defaults on a CPU
+
+
+def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):
+    assert cli.main(["train", "--finetuning_type", "qlora", "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moefuse train: finetuning_type: qlora") and "\n" not in err
+
+
+def test_expert_lora_rank_and_alpha_reach_the_experts():
+    args, _ = parse_train_args(
+        None, ["--lora_rank", "4", "--expert_lora_rank", "8", "--output_dir", "unused"]
+    )
+    model = apply_lora(load_model(resolve_model(args), torch.float32, torch.device("cpu")), args)
+    shapes = {
+        n.split("layers.0.")[1]: tuple(p.shape) for n, p in model.named_parameters() if "layers.0." in n
+    }
+    assert shapes["self_attn.q_proj.lora_A.default.weight"] == (4, 64)
+    assert shapes["mlp.experts.gate_proj.lora_A.default.weight"] == (16, 8, 64)
+    assert shapes["mlp.experts.down_proj.lora_B.default.weight"] == (16, 64, 8)
+    experts = model.base_model.model.model.layers[0].mlp.experts
+    # the experts keep the attention's alpha/rank ratio (2) unless expert_lora_alpha says otherwise
+    assert experts.scaling["default"] == {"gate_proj": 2.0, "up_proj": 2.0, "down_proj": 2.0}
+
+
+def test_grouped_mm_baseline_trains_experts_through_peft_target_parameters(tmp_path):
+    result = run_train(
+        None,
+        [
+            *FEW_ROWS,
+            "--experts_implementation",
+            "grouped_mm",
+            "--max_steps",
+            "2",
+            "--output_dir",
+            str(tmp_path),
+        ],
+    )
+    assert result.global_step == 2
+    trainable = [n for n, p in result.model.named_parameters() if p.requires_grad]
+    assert any(".mlp.experts.lora_A." in n for n in trainable)
+    assert type(result.model.get_base_model()) is Qwen3MoeForCausalLM
+    assert result.per_expert_adapter is None  # PEFT's own expert LoRA: nothing fused to convert
+
+
+def test_dataset_formats_become_what_sft_trainer_reads():
+    from datasets import Dataset
+
+    alpaca = Dataset.from_list(
+        [{"instruction": "Add", "input": "2 and 3", "output": "5", "system": "Be brief."}]
+    )
+    assert to_sft_format(alpaca, "text", "x")[0]["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Add\n\n2 and 3"},
+        {"role": "assistant", "content": "5"},
+    ]
+    sharegpt = Dataset.from_list(
+        [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}]
+    )
+    assert to_sft_format(sharegpt, "text", "x")[0]["messages"] == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+    ]
+    for kept in (
+        {"prompt": "a", "completion": "b"},
+        {"text": "plain"},
+        {"messages": [{"role": "user", "content": "q"}]},
+    ):
+        assert to_sft_format(Dataset.from_list([kept]), "text", "x")[0] == kept
+
+
+def test_flops_model_counts_the_parameters_a_token_meets():
+    config = Qwen3MoeConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    model = Qwen3MoeForCausalLM(config)
+    h, q, kv, i = 32, 4 * 8, 2 * 8, 16
+    attention = h * q + 2 * h * kv + q * h + 2 * 8  # q, k, v, o and the q/k norms
+    experts = 8 * 3 * h * i
+    per_layer = attention + 2 * h + 8 * h + experts * 2 / 8  # norms, router, top-2 of 8 experts
+    dense = 2 * per_layer + h + 100 * h  # final norm, output head; the input embedding is a lookup
+    flops = FlopsModel.of(model, config)
+    assert flops.active_params == pytest.approx(dense)
+    assert flops.per_token == pytest.approx(6 * dense)  # full fine-tuning: everything trains
+    for p in model.parameters():
+        p.requires_grad_(False)
+    assert FlopsModel.of(model, config).per_token == pytest.approx(4 * dense)
+    assert flops.flops(10, 100) == pytest.approx(6 * dense * 10 + 12 * 2 * q * 100)
+
+
+def test_batch_shape_counts_real_tokens_and_sequences():
+    assert _batch_shape(
+        (), {"input_ids": torch.zeros(2, 4), "attention_mask": torch.tensor([[1, 1, 1, 0], [1] * 4])}
+    ) == (
+        7,
+        9 + 16,
+    )
+    packed = {"input_ids": torch.zeros(1, 10), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 4]])}
+    assert _batch_shape((), packed) == (10, 9 + 4 + 25)
+    assert _batch_shape((torch.zeros(2, 4),), {}) == (8, 32)
+
+
+def test_builtin_dataset_and_tokenizer_are_what_the_builder_makes(tmp_path):
+    from transformers import AutoTokenizer
+
+    assert build_dataset(tmp_path / "rows.jsonl").read_bytes() == DATASET.read_bytes()
+    shipped = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    rebuilt = AutoTokenizer.from_pretrained(build_tokenizer(DATASET, tmp_path / "tok"))
+    assert rebuilt.get_vocab() == shipped.get_vocab() and rebuilt.chat_template == shipped.chat_template
+    assert len(shipped) <= 512  # the tiny model's vocabulary
+    rows = [json.loads(line)["messages"] for line in DATASET.read_text().splitlines()]
+    assert 200 <= len(rows) and DATASET.stat().st_size < 200_000
+    text = shipped.apply_chat_template(rows[0], tokenize=False)
+    assert shipped.decode(shipped(text)["input_ids"]) == text
+    masks = shipped.apply_chat_template(rows[0], return_dict=True, return_assistant_tokens_mask=True)
+    assert sum(masks["assistant_masks"]) > 0  # {% generation %} marks the answer for assistant_only_loss
