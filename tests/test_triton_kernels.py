@@ -295,3 +295,42 @@ def test_moe_fused_linear_bf16_gpu(m_sizes, dims):
     yr.backward(dy.double())
     assert_close(x.grad, xr.grad, torch.bfloat16, "grad input")
     assert_close(w.grad, wr.grad, torch.bfloat16, "grad weight")
+
+
+@pytest.mark.gpu
+def test_autotuning_leaves_no_trace_in_accumulated_output(monkeypatch):
+    """Tuning runs every config on the real arguments: an atomic-add output must come back as it was."""
+    from moefuse.kernels import grouped_gemm as kernels
+
+    monkeypatch.setattr(kernels, "AUTOTUNE", True)
+    m_sizes, tokens = [40, 0, 77, 3], 50
+    ids = group_ids(m_sizes).to(DEVICE)
+    token_index = torch.randint(0, tokens, (sum(m_sizes),), device=DEVICE)
+    x = randn(tokens, 200, dtype=torch.bfloat16)  # a (N, K) no other test uses: this call tunes
+    w = randn(len(m_sizes), 136, 200, dtype=torch.bfloat16, scale=0.1)
+    start = torch.randn(tokens, 136, device=DEVICE)
+    out = start.clone()
+    triton_gemm.grouped_gemm(
+        x, w, _m(m_sizes), a_index=token_index, out=out, out_index=token_index, accumulate=True
+    )
+    rows = torch.einsum("rk,rnk->rn", x.double()[token_index], w.double()[ids])
+    assert_close(out, start.double().index_add(0, token_index, rows), torch.bfloat16, "accumulated")
+
+
+@pytest.mark.gpu
+def test_autotuning_leaves_no_stale_partial_sums(monkeypatch):
+    """Configs of different widths write different numbers of d_scale partials: tuning must clear them."""
+    from moefuse.kernels import grouped_gemm as kernels
+
+    monkeypatch.setattr(kernels, "AUTOTUNE", True)
+    m_sizes, tokens, inter, hidden = [30, 0, 65, 5], 40, 264, 120  # shapes no other test uses
+    ids = group_ids(m_sizes).to(DEVICE)
+    token_index = torch.randint(0, tokens, (sum(m_sizes),), device=DEVICE)
+    gate_up = randn(sum(m_sizes), 2 * inter, dtype=torch.bfloat16)
+    down = randn(len(m_sizes), hidden, inter, dtype=torch.bfloat16, scale=0.1)
+    scale = torch.rand(sum(m_sizes), device=DEVICE)
+    grad_out = randn(tokens, hidden, dtype=torch.bfloat16)
+    _, d_scale = triton_gemm.swiglu_backward(grad_out, down, gate_up, scale, _m(m_sizes), token_index)
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    y = torch.einsum("rn,rkn->rk", F.silu(gate) * up, down.double()[ids])
+    assert_close(d_scale, (y * grad_out.double()[token_index]).sum(-1), torch.bfloat16, "d_scale")

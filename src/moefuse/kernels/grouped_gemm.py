@@ -39,14 +39,15 @@ def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -
 
 
 # Thick tiles for the experts' projections (Qwen3-30B-A3B: N, K in {768, 1536, 2048}) and thin ones for LoRA
-# factors (N or K = rank, 8-64). Configs wider than the problem are pruned before tuning.
+# factors (N or K = rank, 8-64). Configs wider than the problem are pruned before tuning. The thick ones are
+# the winners of a wider sweep on an H100 at 4k and 16k tokens (README, "Performance").
 TILE_CONFIGS = [
+    _config(128, 256, 64, 8, 4),
     _config(128, 128, 64, 8, 3),
-    _config(128, 128, 64, 4, 4),
+    _config(128, 128, 64, 8, 4),
     _config(64, 128, 64, 4, 4),
-    _config(128, 64, 64, 4, 4),
-    _config(128, 256, 64, 8, 3),
     _config(64, 64, 64, 4, 4),
+    _config(128, 64, 64, 4, 4),
     _config(64, 32, 64, 4, 4),
     _config(64, 16, 128, 4, 4),
 ]
@@ -54,9 +55,8 @@ TILE_CONFIGS = [
 WEIGHT_GRAD_CONFIGS = [
     _config(64, 128, 128, 8, 3),
     _config(32, 128, 128, 4, 4),
-    _config(64, 128, 64, 4, 4),
+    _config(64, 128, 128, 4, 3),
     _config(64, 64, 128, 4, 4),
-    _config(64, 256, 128, 8, 3),
     _config(64, 64, 64, 4, 4),
     _config(64, 16, 128, 4, 4),
     _config(64, 128, 16, 4, 4),
@@ -113,9 +113,9 @@ def _row_offsets(index_ptr, rows, row_mask, GATHER: tl.constexpr):
 
 @triton.autotune(
     configs=_configs(TILE_CONFIGS),
-    key=["N", "K", "GATHER_A", "SCATTER_C", "ATOMIC_ADD"],
+    key=["N", "K", "ROWS_PER_EXPERT", "GATHER_A", "SCATTER_C", "ATOMIC_ADD"],
     prune_configs_by=_prune("N", "K"),
-    reset_to_zero=["c_ptr"],
+    restore_value=["c_ptr"],  # tuning runs must not leave their atomic adds in the output
 )
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
@@ -130,6 +130,7 @@ def grouped_gemm_kernel(
     N,
     K,
     num_experts,
+    ROWS_PER_EXPERT,
     stride_am,
     stride_ak,
     stride_be,
@@ -192,7 +193,7 @@ def grouped_gemm_kernel(
 
 @triton.autotune(
     configs=_configs(TILE_CONFIGS),
-    key=["N", "K", "GATHER_A", "STORE_GATE_UP"],
+    key=["N", "K", "ROWS_PER_EXPERT", "GATHER_A", "STORE_GATE_UP"],
     prune_configs_by=_prune("N", "K"),
 )
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
@@ -207,6 +208,7 @@ def gate_up_swiglu_kernel(
     N,
     K,
     num_experts,
+    ROWS_PER_EXPERT,
     stride_xm,
     stride_xk,
     stride_we,
@@ -281,7 +283,12 @@ def gate_up_swiglu_kernel(
     tl.store(h_ptrs, h.to(out_type), mask=mask)
 
 
-@triton.autotune(configs=_configs(TILE_CONFIGS), key=["N", "K"], prune_configs_by=_prune("N", "K"))
+@triton.autotune(
+    configs=_configs(TILE_CONFIGS),
+    key=["N", "K", "ROWS_PER_EXPERT"],
+    prune_configs_by=_prune("N", "K"),
+    reset_to_zero=["d_scale_ptr"],  # each tile size writes its own number of partial sums: none may linger
+)
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def swiglu_backward_kernel(
@@ -296,6 +303,7 @@ def swiglu_backward_kernel(
     N,
     K,
     num_experts,
+    ROWS_PER_EXPERT,
     stride_dym,
     stride_dyk,
     stride_we,
@@ -371,7 +379,7 @@ def swiglu_backward_kernel(
 
 @triton.autotune(
     configs=_configs(WEIGHT_GRAD_CONFIGS),
-    key=["N", "K", "GATHER_A", "GATHER_B", "SCALE_ROWS"],
+    key=["N", "K", "ROWS_PER_EXPERT", "GATHER_A", "GATHER_B", "SCALE_ROWS"],
     prune_configs_by=_prune("N", "K"),
 )
 @triton.jit
@@ -386,6 +394,7 @@ def grouped_weight_grad_kernel(
     N,
     K,
     num_experts,
+    ROWS_PER_EXPERT,
     stride_am,
     stride_an,
     stride_bm,

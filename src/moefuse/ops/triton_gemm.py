@@ -23,6 +23,12 @@ def _experts_pow2(num_experts: int) -> int:
     return max(16, triton.next_power_of_2(num_experts))
 
 
+def _rows_per_expert(rows: int, num_experts: int) -> int:
+    """Average rows per expert, rounded to a power of two: the tuning key that separates 4k- and 16k-token
+    batches (whose best tiles differ) without re-tuning for every batch size."""
+    return min(4096, triton.next_power_of_2(max(1, rows // max(1, num_experts))))
+
+
 def _tile_grid(m_sizes: torch.Tensor, rows: int, n: int):
     """The programs of a row-tiled kernel. On a GPU an upper bound (each expert adds at most one partial row
     tile; reading ``m_sizes`` would cost a host sync); in the CPU interpreter the exact count, which is free."""
@@ -82,6 +88,7 @@ def grouped_gemm(
         n,
         k,
         num_experts,
+        _rows_per_expert(rows, num_experts),
         a.stride(0),
         a.stride(1),
         b.stride(0),
@@ -125,6 +132,7 @@ def gate_up_swiglu(
         inter,
         hidden,
         num_experts,
+        _rows_per_expert(rows, num_experts),
         x.stride(0),
         x.stride(1),
         gate_up_proj.stride(0),
@@ -173,6 +181,7 @@ def swiglu_backward(
         inter,
         hidden,
         num_experts,
+        _rows_per_expert(rows, num_experts),
         grad_out.stride(0),
         grad_out.stride(1),
         down_proj.stride(0),
@@ -224,6 +233,7 @@ def grouped_weight_grad(
         n,
         k,
         num_experts,
+        _rows_per_expert(a_index.numel() if a_index is not None else a.shape[0], num_experts),
         a.stride(0),
         a.stride(1),
         b.stride(0),
