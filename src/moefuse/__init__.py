@@ -8,6 +8,15 @@ experts use ``@use_experts_implementation`` can run on it:
 from importlib.metadata import PackageNotFoundError, version
 
 from . import lora
+from .convert import (
+    convert_lora,
+    convert_lora_to_fused,
+    convert_lora_to_unfused,
+    convert_model,
+    convert_model_to_fused,
+    convert_model_to_unfused,
+    convert_optimizer_state,
+)
 from .experts import EXPERTS_IMPLEMENTATION, UnsupportedExpertsError, register
 from .models import Qwen3MoeFusedForCausalLM, Qwen3MoeFusedModel
 from .ops import fused_experts, moe_fused_linear
@@ -21,6 +30,13 @@ register()
 lora.install()  # PEFT's target_modules reach the experts by gate_proj/up_proj/down_proj
 
 __all__ = [
+    "convert_lora",
+    "convert_lora_to_fused",
+    "convert_lora_to_unfused",
+    "convert_model",
+    "convert_model_to_fused",
+    "convert_model_to_unfused",
+    "convert_optimizer_state",
     "EXPERTS_IMPLEMENTATION",
     "Qwen3MoeFusedForCausalLM",
     "Qwen3MoeFusedModel",

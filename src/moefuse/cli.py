@@ -11,6 +11,7 @@ from importlib.resources import files
 
 import torch
 
+from .convert import cli as convert_cli
 from .train import cli as train_cli
 
 
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
+    convert_cli.add_parsers(sub)
     train_cli.add_parsers(sub)
     return parser
 

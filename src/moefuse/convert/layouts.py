@@ -1,141 +1,400 @@
-"""Checkpoint layouts of MoE expert weights, their detection, and a lazy view in Transformers' layout.
+"""Layouts of MoE expert weights and of LoRA adapters on experts: names, detection, and conversion plans.
 
-Layouts (``{p}`` is a block's MoE prefix, e.g. ``model.layers.3.mlp``; E experts, hidden H, intermediate I):
+Model layouts (``{p}`` is a block's MoE prefix, e.g. ``model.layers.3.mlp``; E experts, hidden H, expert
+intermediate I):
 
 ``per_expert``       ``{p}.experts.{e}.gate_proj.weight [I, H]``, ``...up_proj.weight [I, H]``,
                      ``...down_proj.weight [H, I]``: the Hub layout that vLLM, SGLang and llama.cpp read.
-``transformers``     ``{p}.experts.gate_up_proj [E, 2I, H]``, ``{p}.experts.down_proj [E, H, I]``:
-                     Transformers 5.x's in-memory layout.
+``transformers``     ``{p}.experts.gate_up_proj [E, 2I, H]`` (each expert's gate rows, then its up rows),
+                     ``{p}.experts.down_proj [E, H, I]``: Transformers 5.x's in-memory layout.
 ``qwen3_moe_fused``  ``{p}.gate_proj.weight [E, I, H]``, ``{p}.up_proj.weight``, ``{p}.down_proj.weight [E, H, I]``:
                      transformers-qwen3-moe-fused.
 ``veomni``           ``{p}.experts.gate_proj [E, I, H]``, ``{p}.experts.up_proj``, ``{p}.experts.down_proj [E, H, I]``:
                      VeOmni and the Qwen3-30B-A3B-fused EP model card.
+
+LoRA layouts (PEFT adapters; ``{f}`` is ``gate_proj``, ``up_proj`` or ``down_proj``, whose weight is
+``[out, in]``; an adapter name may follow ``lora_A``/``lora_B`` in parameter names, as in a live PEFT model):
+
+``per_expert``       ``{p}.experts.{e}.{f}.lora_A.weight [r, in]``, ``....lora_B.weight [out, r]``: PEFT on
+                     per-expert ``nn.Linear`` experts (Transformers 4, Unsloth), read by vLLM.
+``fused``            ``{p}.experts.{f}.lora_A.weight [E, r, in]``, ``....lora_B.weight [E, out, r]``: moefuse's
+                     LoRA on fused experts (:mod:`moefuse.lora`).
+``qwen3_moe_fused``  ``{p}.{f}.lora_A.weight [E, r, in]``, ``{p}.{f}.lora_B.weight [E, out, r]``:
+                     transformers-qwen3-moe-fused.
+
+Every layout stores the same matrices, expert ``e``'s weight (or LoRA factor) of each projection, as row-major
+bytes; layouts differ only in how they group them into tensors. A conversion plan (:func:`plan_conversion`)
+says for every output tensor which contiguous element ranges (:class:`Piece`) of which input tensors it is made
+of, in order: copying those ranges one after the other gives the output bit for bit, and never needs more in
+memory than one range.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
 
+from .checkpoint import SAFETENSORS_DTYPES, Checkpoint, CheckpointError, Piece
+
+MODEL, LORA = "model", "lora"
 LAYOUTS = ("per_expert", "transformers", "qwen3_moe_fused", "veomni")
+FUSED_LAYOUTS = LAYOUTS[1:]
+LORA_LAYOUTS = ("per_expert", "fused", "qwen3_moe_fused")
+_PROJECTIONS = ("gate", "up", "down")
 
+_LORA_ITEM = r"(?P<item>(?:gate|up|down)_proj\.lora_[AB](?:\.[\w-]+)?)"
 _PATTERNS = {
-    "per_expert": re.compile(r"^(?P<p>.+\.mlp)\.experts\.(?P<e>\d+)\.(?P<proj>gate|up|down)_proj\.weight$"),
-    "transformers": re.compile(r"^(?P<p>.+\.mlp)\.experts\.(?P<proj>gate_up|down)_proj$"),
-    "veomni": re.compile(r"^(?P<p>.+\.mlp)\.experts\.(?P<proj>gate|up|down)_proj$"),
-    "qwen3_moe_fused": re.compile(r"^(?P<p>.+\.mlp)\.(?P<proj>gate|up|down)_proj\.weight$"),
+    (MODEL, "per_expert"): re.compile(
+        r"^(?P<p>.+\.mlp)\.experts\.(?P<e>\d+)\.(?P<item>gate|up|down)_proj\.weight$"
+    ),
+    (MODEL, "transformers"): re.compile(r"^(?P<p>.+\.mlp)\.experts\.(?P<item>gate_up|down)_proj$"),
+    (MODEL, "veomni"): re.compile(r"^(?P<p>.+\.mlp)\.experts\.(?P<item>gate|up|down)_proj$"),
+    (MODEL, "qwen3_moe_fused"): re.compile(r"^(?P<p>.+\.mlp)\.(?P<item>gate|up|down)_proj\.weight$"),
+    (LORA, "per_expert"): re.compile(rf"^(?P<p>.+)\.experts\.(?P<e>\d+)\.{_LORA_ITEM}\.weight$"),
+    (LORA, "fused"): re.compile(rf"^(?P<p>.+)\.experts\.{_LORA_ITEM}\.weight$"),
+    (LORA, "qwen3_moe_fused"): re.compile(rf"^(?P<p>.+\.mlp)\.{_LORA_ITEM}\.weight$"),
 }
 
 
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be read as asked; the message names the file and the fix."""
+def lora_layout_for(layout: str) -> str:
+    """The LoRA layout that goes with a model layout (moefuse's ``fused`` adapters sit on Transformers' and
+    VeOmni's fused experts alike); LoRA layout names are returned as they are."""
+    if layout in LORA_LAYOUTS:
+        return layout
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS + ('fused',))}")
+    return "fused" if layout in ("transformers", "veomni") else layout
+
+
+def _stored_name(kind: str, layout: str, prefix: str, item: str, expert: int | None = None) -> str:
+    if kind == MODEL:
+        if layout == "per_expert":
+            return f"{prefix}.experts.{expert}.{item}_proj.weight"
+        if layout == "qwen3_moe_fused":
+            return f"{prefix}.{item}_proj.weight"
+        return f"{prefix}.experts.{item}_proj"  # transformers (item gate_up or down), veomni
+    if layout == "per_expert":
+        return f"{prefix}.experts.{expert}.{item}.weight"
+    if layout == "qwen3_moe_fused":
+        return f"{prefix}.{item}.weight"
+    return f"{prefix}.experts.{item}.weight"
+
+
+def names_expert(name: str, kind: str, layout: str) -> bool:
+    """Whether ``name`` is how ``layout`` names a tensor of experts (whatever its shape)."""
+    return _PATTERNS[kind, layout].match(name) is not None
+
+
+def _matching(
+    shapes: Mapping[str, tuple[int, ...]], kind: str, layout: str
+) -> Iterator[tuple[str, re.Match]]:
+    """Tensors named as ``layout`` stores experts: per-expert matrices are 2-D, stacks 3-D (dense MLPs also
+    have ``mlp.gate_proj.weight``, 2-D)."""
+    pattern, ndim = _PATTERNS[kind, layout], 2 if layout == "per_expert" else 3
+    for name, shape in shapes.items():
+        m = pattern.match(name)
+        if m is not None and len(shape) == ndim:
+            yield name, m
+
+
+def _detect(shapes: Mapping[str, tuple[int, ...]], kind: str, where: object) -> str | None:
+    layouts = LAYOUTS if kind == MODEL else LORA_LAYOUTS
+    # Transformers' and VeOmni's layouts both name experts.down_proj: tell them apart by the gate tensors.
+    found = [
+        layout for layout in layouts if any(m["item"] != "down" for _, m in _matching(shapes, kind, layout))
+    ]
+    if len(found) > 1:
+        examples = [next(_matching(shapes, kind, layout))[0] for layout in found]
+        raise CheckpointError(
+            f"{where}: mixes expert layouts {' and '.join(found)} ({', '.join(examples)}); convert from a "
+            "checkpoint in one layout"
+        )
+    return found[0] if found else None
+
+
+def detect_layout(shapes: Mapping[str, tuple[int, ...]], where: object = "checkpoint") -> str | None:
+    """The expert layout of a model checkpoint given its tensor names and shapes; ``None`` when it holds no
+    experts. Raises :class:`CheckpointError` for a checkpoint that mixes layouts."""
+    return _detect(shapes, MODEL, where)
+
+
+def detect_lora_layout(shapes: Mapping[str, tuple[int, ...]], where: object = "adapter") -> str | None:
+    """The LoRA layout of an adapter given its tensor names and shapes; ``None`` without LoRA on experts."""
+    return _detect(shapes, LORA, where)
 
 
 @dataclass
-class Checkpoint:
-    """The safetensors files of a checkpoint folder, read lazily: names and shapes come from the headers."""
+class ExpertBlock:
+    """The experts of one MoE block (``prefix`` e.g. ``model.layers.3.mlp``) as stored in a checkpoint.
 
-    path: Path
-    files: dict[str, Path] = field(default_factory=dict)  # tensor name -> file
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    ``matrices`` maps each projection (``gate``/``up``/``down``; for LoRA ``gate_proj.lora_A`` ...) to the
+    shape of one expert's matrix, in storage order; ``names`` are the tensors holding them."""
 
-    @classmethod
-    def open(cls, path: str | Path) -> Checkpoint:
-        path = Path(path)
-        if not path.is_dir():
-            raise CheckpointError(
-                f"{path}: not a folder; give the folder that holds config.json and *.safetensors"
-            )
-        ckpt = cls(path)
-        index = path / "model.safetensors.index.json"
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(
-                    f"{index}: not a safetensors index ({e}); restore or remove the file"
-                ) from e
-            shard_names = sorted(set(weight_map.values()))
-        else:
-            shard_names = sorted(p.name for p in path.glob("*.safetensors"))
-            if not shard_names:
-                raise CheckpointError(
-                    f"{path}: no *.safetensors files; moefuse reads safetensors checkpoints only"
+    prefix: str
+    num_experts: int
+    matrices: dict[str, tuple[int, int]]
+    names: list[str]
+
+
+def _item_label(kind: str, item: str) -> str:
+    return f"{item}_proj" if kind == MODEL else item
+
+
+def _item_order(kind: str, item: str) -> tuple:
+    """Storage order: gate, up, down (for LoRA: by adapter name, then projection, then A before B)."""
+    if kind == MODEL:
+        return (("gate", "gate_up", "up", "down").index(item),)
+    proj, factor, *adapter = item.split(".")
+    return (adapter, _PROJECTIONS.index(proj.removesuffix("_proj")), factor)
+
+
+def find_blocks(
+    shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, object], kind: str, layout: str, where: object
+) -> list[ExpertBlock]:
+    """Every MoE block stored in ``layout``, checked: experts 0..E-1 of every projection, one shape per
+    projection, one dtype per block, projections that fit together. ``where`` (a path) starts error messages."""
+    per_expert = layout == "per_expert"
+    # prefix -> stored item -> expert (-1 for a stack) -> shape
+    found: dict[str, dict[str, dict[int, tuple[int, ...]]]] = {}
+    names: dict[str, list[str]] = {}
+    for name, m in _matching(shapes, kind, layout):
+        names.setdefault(m["p"], []).append(name)
+        by_expert = found.setdefault(m["p"], {}).setdefault(m["item"], {})
+        by_expert[int(m["e"]) if per_expert else -1] = shapes[name]
+    blocks = []
+    for prefix, stored in found.items():
+        num_experts = max(len(by_expert) if per_expert else by_expert[-1][0] for by_expert in stored.values())
+        counts = {
+            item: (sorted(by_expert) if per_expert else list(range(by_expert[-1][0])))
+            for item, by_expert in stored.items()
+        }
+        if any(experts != list(range(num_experts)) for experts in counts.values()):
+            details = []
+            for item, experts in sorted(counts.items(), key=lambda kv: _item_order(kind, kv[0])):
+                missing = sorted(set(range(num_experts)) - set(experts))
+                details.append(
+                    f"{_item_label(kind, item)}: {len(experts)} experts"
+                    + (f" (missing {missing})" if missing else "")
                 )
-        for name in shard_names:
-            file = path / name
-            if not file.exists():
-                raise CheckpointError(f"{file}: missing shard named by {index.name}; download it again")
-            try:
-                with safe_open(file, framework="pt") as f:
-                    for key in f.keys():
-                        ckpt.files[key] = file
-                        ckpt.shapes[key] = tuple(f.get_slice(key).get_shape())
-            except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-                raise CheckpointError(f"{file}: unreadable safetensors file ({e}); download it again") from e
-        return ckpt
+            raise CheckpointError(
+                f"{where}: mismatched expert counts in {prefix} ({', '.join(details)}); every projection needs "
+                f"experts 0..{num_experts - 1}, download or convert the checkpoint again"
+            )
+        block_dtypes = {str(dtypes[name]) for name in names[prefix]}
+        if len(block_dtypes) != 1:
+            raise CheckpointError(
+                f"{where}: the experts of {prefix} mix dtypes {sorted(block_dtypes)}; cast them to one dtype first"
+            )
+        matrices: dict[str, tuple[int, int]] = {}
+        for item, by_expert in stored.items():
+            item_shapes = {shape[-2:] for shape in by_expert.values()}
+            if len(item_shapes) != 1:
+                raise CheckpointError(
+                    f"{where}: the experts of {prefix} have {_item_label(kind, item)} matrices of different "
+                    f"shapes {sorted(item_shapes)}; only experts of one shape stack"
+                )
+            rows, cols = item_shapes.pop()
+            if item == "gate_up":
+                if rows % 2:
+                    raise CheckpointError(
+                        f"{where}: {prefix}.experts.gate_up_proj has {rows} rows, not gate and up rows of one size"
+                    )
+                matrices["gate"] = matrices["up"] = (rows // 2, cols)
+            else:
+                matrices[item] = (rows, cols)
+        blocks.append(
+            ExpertBlock(prefix, num_experts, _checked(where, kind, layout, prefix, matrices), names[prefix])
+        )
+    # Other tensors of the experts (quantization scales, biases, DoRA magnitudes) would stay in the old layout
+    # beside the converted weights: refuse rather than write a checkpoint no loader reads right.
+    held = {name for block in blocks for name in block.names}
+    for name in shapes:
+        prefix = name.split(".experts.")[0] if ".experts." in name else None
+        if prefix in found and name not in held:
+            what = "gate/up/down weight" if kind == MODEL else "gate/up/down LoRA factor"
+            raise CheckpointError(
+                f"{where}: {name} belongs to the experts but is no {what} moefuse converts (quantization "
+                "scales, biases and DoRA are not supported); convert an unquantized checkpoint"
+            )
+    return blocks
 
-    def tensor(self, key: str) -> torch.Tensor:
-        with safe_open(self.files[key], framework="pt") as f:
-            return f.get_tensor(key)
+
+def _checked(
+    where: object, kind: str, layout: str, prefix: str, matrices: dict
+) -> dict[str, tuple[int, int]]:
+    """``matrices`` in storage order, after checking the projections fit together."""
+    if kind == MODEL:
+        missing = [p for p in _PROJECTIONS if p not in matrices]
+        if missing:
+            stored = "gate_up" if layout == "transformers" and missing[0] != "down" else missing[0]
+            raise CheckpointError(
+                f"{where}: {prefix} has no {_stored_name(kind, layout, prefix, stored, 0)}; the checkpoint is "
+                "incomplete, download or convert it again"
+            )
+        (inter, hidden), up, down = matrices["gate"], matrices["up"], matrices["down"]
+        if up != (inter, hidden) or down != (hidden, inter):
+            raise CheckpointError(
+                f"{where}: the experts of {prefix} have gate {list(matrices['gate'])}, up {list(up)}, down "
+                f"{list(down)}, not [I, H], [I, H], [H, I]; transposed or interleaved experts (e.g. GPT-OSS) are "
+                "not supported"
+            )
+        return {p: matrices[p] for p in _PROJECTIONS}
+    for item, (rows, cols) in matrices.items():
+        other = item.replace("lora_A", "lora_B") if ".lora_A" in item else item.replace("lora_B", "lora_A")
+        if other not in matrices:
+            raise CheckpointError(
+                f"{where}: {prefix} has {item} but no {other}; the adapter is incomplete, save it again"
+            )
+        rank = cols if ".lora_B" in item else rows
+        other_rank = matrices[other][0] if ".lora_B" in item else matrices[other][1]
+        if rank != other_rank:
+            raise CheckpointError(
+                f"{where}: {prefix}: {item} and {other} have different ranks ({rank}, {other_rank})"
+            )
+    return {item: matrices[item] for item in sorted(matrices, key=lambda item: _item_order(kind, item))}
 
 
-def detect_layout(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    """The expert layout of a checkpoint given its tensor names and shapes; ``None`` when it holds no experts."""
-    # experts.down_proj is shared by transformers and veomni: tell them apart by the gate tensor.
-    for layout, gate in (("per_expert", "gate"), ("transformers", "gate_up"), ("veomni", "gate")):
-        if any((m := _PATTERNS[layout].match(k)) and m["proj"] == gate for k in shapes):
-            return layout
-    # Dense MLPs also have mlp.gate_proj.weight: only 3-D stacks are fused experts.
-    if any(_PATTERNS["qwen3_moe_fused"].match(k) and len(s) == 3 for k, s in shapes.items()):
-        return "qwen3_moe_fused"
-    return None
+def stored_tensors(kind: str, layout: str, block: ExpertBlock) -> list[tuple[str, tuple[int, ...], list]]:
+    """The tensors that store ``block`` in ``layout``: ``(name, shape, [(projection, expert), ...])``, the
+    matrices each holds in byte order."""
+    experts, matrices = range(block.num_experts), block.matrices
+    if layout == "per_expert":
+        return [
+            (_stored_name(kind, layout, block.prefix, item, e), shape, [(item, e)])
+            for e in experts
+            for item, shape in matrices.items()
+        ]
+    if layout == "transformers":
+        if kind != MODEL:
+            raise ValueError("LoRA adapters have no 'transformers' layout; use 'fused'")
+        (inter, hidden), down = matrices["gate"], matrices["down"]
+        return [
+            (
+                _stored_name(kind, layout, block.prefix, "gate_up"),
+                (len(experts), 2 * inter, hidden),
+                [(p, e) for e in experts for p in ("gate", "up")],
+            ),
+            (
+                _stored_name(kind, layout, block.prefix, "down"),
+                (len(experts), *down),
+                [("down", e) for e in experts],
+            ),
+        ]
+    return [
+        (_stored_name(kind, layout, block.prefix, item), (len(experts), *shape), [(item, e) for e in experts])
+        for item, shape in matrices.items()
+    ]
+
+
+@dataclass
+class Planned:
+    """One output tensor of a conversion: its shape, dtype (as the input names it) and the input pieces that
+    make up its data, in order."""
+
+    shape: tuple[int, ...]
+    dtype: object
+    pieces: list[Piece]
+
+    def rows(self, start: int, stop: int) -> Planned:
+        """Rows ``start:stop`` of dimension 0 (e.g. a range of experts): only the pieces, or parts of pieces,
+        that hold them."""
+        row = math.prod(self.shape[1:])
+        first, last = start * row, stop * row
+        pieces, offset = [], 0
+        for piece in self.pieces:
+            size = piece.stop - piece.start
+            a, b = max(first, offset), min(last, offset + size)
+            if a < b:
+                pieces.append(Piece(piece.name, piece.start + a - offset, piece.start + b - offset))
+            offset += size
+        return Planned((stop - start, *self.shape[1:]), self.dtype, pieces)
+
+
+def _merged(pieces: list[Piece]) -> list[Piece]:
+    """Adjacent pieces of one tensor joined, so that e.g. a stack copied whole is one read."""
+    out: list[Piece] = []
+    for piece in pieces:
+        if out and out[-1].name == piece.name and out[-1].stop == piece.start:
+            out[-1] = Piece(piece.name, out[-1].start, piece.stop)
+        else:
+            out.append(piece)
+    return out
+
+
+def plan_conversion(
+    shapes: Mapping[str, tuple[int, ...]],
+    dtypes: Mapping[str, object],
+    kind: str,
+    in_layout: str,
+    out_layout: str,
+    blocks: list[ExpertBlock],
+    where: object,
+) -> dict[str, Planned]:
+    """``{output name: Planned}`` storing every tensor of ``shapes`` with ``blocks`` moved from ``in_layout`` to
+    ``out_layout``: the input's order, each block's tensors where its first tensor was; other tensors as they
+    are."""
+    block_of = {name: block for block in blocks for name in block.names}
+    plan: dict[str, Planned] = {}
+    for name, shape in shapes.items():
+        block = block_of.get(name)
+        if block is None:
+            plan[name] = Planned(tuple(shape), dtypes[name], [Piece(name, 0, math.prod(shape))])
+            continue
+        if name != block.names[0]:
+            continue
+        located: dict[tuple[str, int], Piece] = {}
+        for stored, _, content in stored_tensors(kind, in_layout, block):
+            offset = 0
+            for item, e in content:
+                size = math.prod(block.matrices[item])
+                located[item, e] = Piece(stored, offset, offset + size)
+                offset += size
+        for out_name, out_shape, content in stored_tensors(kind, out_layout, block):
+            if out_name in plan or (out_name in shapes and block_of.get(out_name) is not block):
+                raise CheckpointError(
+                    f"{where}: {out_name} would hold the experts of {block.prefix} in the {out_layout} layout, "
+                    "but that name is taken by another tensor; convert to another layout"
+                )
+            plan[out_name] = Planned(out_shape, dtypes[name], _merged([located[c] for c in content]))
+    return plan
+
+
+def read_planned(ckpt: Checkpoint, planned: Planned) -> torch.Tensor:
+    """The tensor ``planned`` describes, read from ``ckpt``."""
+    out = torch.empty(planned.shape, dtype=SAFETENSORS_DTYPES[planned.dtype])
+    flat, offset = out.view(-1), 0
+    for chunk in ckpt.read_chunks(planned.pieces):
+        flat[offset : offset + chunk.numel()] = chunk
+        offset += chunk.numel()
+    return out
 
 
 class TransformersLayoutView(Mapping):
-    """A read-only ``{name: tensor}`` view of a ``qwen3_moe_fused`` or ``veomni`` checkpoint in Transformers'
-    layout. Tensors are read from disk when asked for, so a model can be loaded from it one tensor at a time."""
+    """A read-only ``{name: tensor}`` view of a model checkpoint in any layout, in Transformers' layout. Tensors
+    are read from disk when asked for, so a model can be loaded from it one tensor at a time."""
 
     def __init__(self, ckpt: Checkpoint, layout: str):
-        if layout not in ("qwen3_moe_fused", "veomni"):
-            raise ValueError(
-                f"TransformersLayoutView reads qwen3_moe_fused or veomni checkpoints, not {layout}"
-            )
+        blocks = find_blocks(ckpt.shapes, ckpt.dtypes, MODEL, layout, ckpt.path)
         self._ckpt = ckpt
-        self._sources: dict[str, tuple[str, ...]] = {}
-        pattern = _PATTERNS[layout]
-        for key, shape in ckpt.shapes.items():
-            m = pattern.match(key)
-            if m is None or len(shape) != 3:
-                self._sources[key] = (key,)
-                continue
-            prefix, proj = m["p"], m["proj"]
-            if proj == "down":
-                self._sources[f"{prefix}.experts.down_proj"] = (key,)
-            else:
-                self._sources[f"{prefix}.experts.gate_up_proj"] = tuple(
-                    f"{prefix}.experts.{p}_proj" if layout == "veomni" else f"{prefix}.{p}_proj.weight"
-                    for p in ("gate", "up")
-                )
-        for target, sources in self._sources.items():
-            missing = [s for s in sources if s not in ckpt.shapes]
-            if missing:
-                raise CheckpointError(f"{ckpt.path}: {target} needs {missing[0]}, which no shard holds")
+        self._plan = plan_conversion(
+            ckpt.shapes, ckpt.dtypes, MODEL, layout, "transformers", blocks, ckpt.path
+        )
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        sources = self._sources[key]
-        if len(sources) == 1:
-            return self._ckpt.tensor(sources[0])
-        return torch.cat([self._ckpt.tensor(s) for s in sources], dim=1)
+        return read_planned(self._ckpt, self._plan[key])
+
+    def read(self, key: str, rows: range | None = None) -> torch.Tensor:
+        """Tensor ``key``, or only rows ``rows`` of its first dimension (e.g. one rank's experts): reads just
+        those bytes from disk."""
+        planned = self._plan[key]
+        return read_planned(self._ckpt, planned if rows is None else planned.rows(rows.start, rows.stop))
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._sources)
+        return iter(self._plan)
 
     def __len__(self) -> int:
-        return len(self._sources)
+        return len(self._plan)

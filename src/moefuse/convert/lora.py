@@ -1,0 +1,129 @@
+"""LoRA adapters on MoE experts, converted losslessly between PEFT's per-expert format and the fused ones.
+
+The layouts are those of :mod:`.layouts` (``per_expert``, ``fused``, ``qwen3_moe_fused``): the fused factors
+are the per-expert ones stacked on a new first dimension (expert ``e`` is ``[e]``), gate, up and down kept
+apart, so every conversion is an exact copy. Other adapter tensors (attention, router, shared experts) are
+copied unchanged.
+
+``adapter_config.json`` is rewritten: ``rank_pattern`` / ``alpha_pattern`` keys naming experts
+(``<...>.experts.3.gate_proj`` per expert, ``<...>.experts.gate_proj`` fused, ``<...>.mlp.gate_proj`` in
+``qwen3_moe_fused``) are renamed for the new layout; ``target_modules`` (``gate_proj``, ``up_proj``,
+``down_proj``) reach the experts in every layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from .checkpoint import Checkpoint, CheckpointError
+from .layouts import LORA, LORA_LAYOUTS, ExpertBlock, detect_lora_layout, find_blocks, plan_conversion
+from .model import read_json, report_left_behind
+from .streaming import check_destination, copy_side_files, staged_output, verify_written, write_shards
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_INDEX = "adapter_model.safetensors.index.json"  # PEFT writes one file; an index never exists
+_PATTERN_KEYS = {
+    "per_expert": re.compile(r"^(?P<head>.*)\.experts\.(?P<e>\d+)\.(?P<proj>(gate|up|down)_proj)$"),
+    "fused": re.compile(r"^(?P<head>.*)\.experts\.(?P<proj>(gate|up|down)_proj)$"),
+    "qwen3_moe_fused": re.compile(r"^(?P<head>(.*\.)?mlp)\.(?P<proj>(gate|up|down)_proj)$"),
+}
+
+
+def is_adapter(path: str | os.PathLike) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).exists()
+
+
+def open_adapter(path: str | os.PathLike) -> tuple[Checkpoint, dict, str, list[ExpertBlock]]:
+    """An adapter folder's tensors, config, LoRA layout and expert blocks, or a one-line error saying why not."""
+    path = Path(path)
+    config = read_json(path / ADAPTER_CONFIG, "a PEFT adapter")
+    ckpt = Checkpoint.open(path, _INDEX)
+    layout = detect_lora_layout(ckpt.shapes, path)
+    if layout is None:
+        raise CheckpointError(
+            f"{path}: an adapter without LoRA on experts (no '<...>.experts.[e.]gate_proj.lora_A.weight'); "
+            "nothing to convert, use it as it is"
+        )
+    return ckpt, config, layout, find_blocks(ckpt.shapes, ckpt.dtypes, LORA, layout, path)
+
+
+def _rewrite_patterns(patterns: dict, in_layout: str, out_layout: str, num_experts: int, where: Path) -> dict:
+    """``rank_pattern`` / ``alpha_pattern`` keys naming expert projections, in ``out_layout``'s naming."""
+    out: dict = {}
+    for key, value in patterns.items():
+        m = _PATTERN_KEYS[in_layout].match(key)
+        if m is None or in_layout == out_layout:
+            out[key] = value
+            continue
+        head = m["head"]  # the block's prefix, without ".experts"
+        if out_layout == "per_expert":
+            keys = [f"{head}.experts.{e}.{m['proj']}" for e in range(num_experts)]
+        elif out_layout == "fused":
+            keys = [f"{head}.experts.{m['proj']}"]
+        else:
+            keys = [f"{head}.{m['proj']}"]
+        for target in keys:
+            if out.setdefault(target, value) != value:
+                raise CheckpointError(
+                    f"{where}: experts of {target} have different values ({out[target]}, {value}) in "
+                    "rank_pattern/alpha_pattern; a fused adapter holds one rank and alpha per projection"
+                )
+    return out
+
+
+def convert_lora(
+    in_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    layout: str,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write the PEFT adapter folder ``in_dir`` to ``out_dir`` with its expert LoRA in ``layout`` (any of
+    :data:`~moefuse.convert.LORA_LAYOUTS`); the input may be in any of them. Returns ``out_dir``."""
+    if layout not in LORA_LAYOUTS:
+        raise ValueError(f"unknown LoRA layout {layout!r}; choose one of {', '.join(LORA_LAYOUTS)}")
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    check_destination(in_dir, out_dir, overwrite)
+    ckpt, config, in_layout, blocks = open_adapter(in_dir)
+    plan = plan_conversion(ckpt.shapes, ckpt.dtypes, LORA, in_layout, layout, blocks, in_dir)
+    num_experts = max(block.num_experts for block in blocks)
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            config[key] = _rewrite_patterns(
+                config[key], in_layout, layout, num_experts, in_dir / ADAPTER_CONFIG
+            )
+    with staged_output(out_dir) as staging:
+        write_shards(
+            plan,
+            ckpt,
+            staging,
+            max_shard_size=2**62,  # one file, as PEFT writes and reads adapters
+            filename_pattern="adapter_model{suffix}.safetensors",
+            index_name=_INDEX,
+            progress=progress,
+        )
+        verify_written(staging, plan, _INDEX)
+        left_behind = copy_side_files(in_dir, staging, rewritten=(ADAPTER_CONFIG,))
+        (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    report_left_behind(in_dir, left_behind)
+    return out_dir
+
+
+def convert_lora_to_fused(
+    in_dir: str | os.PathLike, out_dir: str | os.PathLike, layout: str = "fused", **kwargs
+) -> Path:
+    """:func:`convert_lora` into a fused layout: ``fused`` (default: what moefuse's LoRA loads) or
+    ``qwen3_moe_fused``."""
+    if layout == "per_expert":
+        raise ValueError("'per_expert' is not a fused layout; choose fused or qwen3_moe_fused")
+    return convert_lora(in_dir, out_dir, layout, **kwargs)
+
+
+def convert_lora_to_unfused(in_dir: str | os.PathLike, out_dir: str | os.PathLike, **kwargs) -> Path:
+    """:func:`convert_lora` into PEFT's per-expert adapter layout (per-expert ``nn.Linear`` experts, vLLM)."""
+    return convert_lora(in_dir, out_dir, "per_expert", **kwargs)
