@@ -123,12 +123,14 @@ class MoefuseTrainArguments:
     )
 
 
-# Where moefuse train's defaults differ from TRL's: the same behaviour with TRL 0.24 and 1.x, and bf16 only
-# where the hardware has it (TRL 1.x turns bf16 on everywhere, which TrainingArguments refuses on a CPU).
+# Where moefuse train's defaults differ from TRL's: the same behaviour with TRL 0.24 and 1.x, bf16 only where
+# the hardware has it (TRL 1.x turns bf16 on everywhere, which TrainingArguments refuses on a CPU), and use_cpu
+# on machines without an accelerator (without it, torchrun on CPUs shards the data but leaves out DDP).
 def _moefuse_defaults() -> dict[str, Any]:
     return {
         "gradient_checkpointing": False,
         "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        "use_cpu": not torch.accelerator.is_available(),
         "report_to": "none",
     }
 
@@ -264,7 +266,7 @@ def help_text() -> str:
         "",
         "Every field of TRL's SFTConfig and Transformers' TrainingArguments is a key too, e.g. output_dir,",
         "max_steps, num_train_epochs, per_device_train_batch_size, gradient_accumulation_steps, learning_rate,",
-        "lr_scheduler_type, warmup_ratio, max_length, packing, assistant_only_loss, gradient_checkpointing, bf16,",
+        "lr_scheduler_type, warmup_steps, max_length, packing, assistant_only_loss, gradient_checkpointing, bf16,",
         "optim, logging_steps, save_steps, eval_strategy, eval_steps, resume_from_checkpoint (a checkpoint",
         "folder, or true for the last one in output_dir), report_to, seed.",
         "moefuse train defaults gradient_checkpointing to false, bf16 to true only on GPUs that have it,",
