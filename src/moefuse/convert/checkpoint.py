@@ -149,15 +149,19 @@ class Checkpoint:
                 raise CheckpointError(
                     f"{path / name}: has no {key}, which {index.name} names; download it again"
                 )
-        for key, dtype in ckpt.dtypes.items():
-            if dtype not in SAFETENSORS_DTYPES:
-                raise CheckpointError(
-                    f"{ckpt.files[key]}: {key} has dtype {dtype}, which moefuse does not read"
-                )
         return ckpt
 
     def torch_dtype(self, key: str) -> torch.dtype:
+        if self.dtypes[key] not in SAFETENSORS_DTYPES:
+            raise CheckpointError(
+                f"{self.files[key]}: {key} has dtype {self.dtypes[key]}, which moefuse does not read"
+            )
         return SAFETENSORS_DTYPES[self.dtypes[key]]
+
+    def check_dtypes(self) -> None:
+        """Raise :class:`CheckpointError` for a tensor of a dtype torch has no name for."""
+        for key in self.dtypes:
+            self.torch_dtype(key)
 
     def meta(self, key: str) -> torch.Tensor:
         """An empty tensor on the meta device with ``key``'s shape and dtype (planning without reading data)."""

@@ -42,6 +42,7 @@ def open_adapter(path: str | os.PathLike) -> tuple[Checkpoint, dict, str, list[E
     path = Path(path)
     config = read_json(path / ADAPTER_CONFIG, "a PEFT adapter")
     ckpt = Checkpoint.open(path, _INDEX)
+    ckpt.check_dtypes()
     layout = detect_lora_layout(ckpt.shapes, path)
     if layout is None:
         raise CheckpointError(

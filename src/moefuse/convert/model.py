@@ -52,6 +52,7 @@ def open_model(path: str | os.PathLike) -> tuple[Checkpoint, dict, str, list[Exp
     """A model folder's checkpoint, config, expert layout and MoE blocks, or a one-line error saying why not."""
     path = Path(path)
     ckpt = Checkpoint.open(path)
+    ckpt.check_dtypes()
     config = read_json(path / "config.json", "a model checkpoint")
     family = config.get("model_type", "unknown")
     layout = detect_layout(ckpt.shapes, path)
