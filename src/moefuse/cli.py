@@ -11,6 +11,7 @@ from importlib.resources import files
 
 import torch
 
+from .bench import cli as bench_cli
 from .convert import cli as convert_cli
 from .train import cli as train_cli
 
@@ -132,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     convert_cli.add_parsers(sub)
     train_cli.add_parsers(sub)
+    bench_cli.add_parsers(sub)
     return parser
 
 

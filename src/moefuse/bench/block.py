@@ -1,0 +1,99 @@
+"""Level ``block``: the model's sparse MoE block (router + experts) with each experts implementation."""
+
+from __future__ import annotations
+
+import torch
+
+from .implementations import Implementation, set_experts_implementation
+from .runner import BenchContext, Case
+
+DESCRIPTION = "the model's sparse MoE block (router + experts)"
+FLOPS_FORMULA = (
+    "routed experts' GEMMs only (router, shared experts and elementwise work not counted): "
+    "fwd = 2 * tokens * top_k * P_expert, P_expert = gate_up_rows * hidden + hidden * moe_intermediate "
+    "(= 6 * T * K * H * I for gated experts); fwd+bwd = 3 * fwd (forward, input gradient, weight gradient)"
+)
+MODES = ("fwd", "fwd+bwd")
+
+
+def randomize_(module: torch.nn.Module, seed: int, std: float) -> None:
+    """Deterministic random weights from ``seed``: matrices N(0, std), norm weights 1, biases 0 (as the models
+    initialise them, so activations keep their scale through the layers and routing spreads over experts)."""
+    generator = None
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if generator is None:
+                generator = torch.Generator(param.device).manual_seed(seed)
+            if param.dim() >= 2:
+                param.normal_(0.0, std, generator=generator)
+            else:
+                param.fill_(1.0 if "norm" in name else 0.0)
+
+
+def random_block(ctx: BenchContext) -> torch.nn.Module:
+    """The config's MoE block on the device, in ``ctx.dtype``, with random weights from ``ctx.seed``."""
+    with torch.device(ctx.device):
+        block = ctx.shape.block_class(ctx.config)
+    block.to(ctx.dtype)
+    randomize_(block, ctx.seed, getattr(ctx.config, "initializer_range", 0.02))
+    return block
+
+
+class BlockWorkload:
+    """Forward (with autograd recording, as in training) or forward+backward of the shared block."""
+
+    def __init__(self, block: torch.nn.Module, x: torch.Tensor, grad_out: torch.Tensor, flops_forward: float):
+        self.block, self.x, self.grad_out, self.flops_forward = block, x, grad_out, flops_forward
+
+    def _forward(self) -> torch.Tensor:
+        out = self.block(self.x)
+        return out[0] if isinstance(out, tuple) else out  # some blocks also return the router logits
+
+    def _forward_backward(self) -> torch.Tensor:
+        self.x.grad = None
+        self.block.zero_grad(set_to_none=True)
+        out = self._forward()
+        out.backward(self.grad_out)
+        return out
+
+    def check_tensors(self) -> dict[str, torch.Tensor]:
+        out = self._forward_backward()
+        grads = {f"grad {name}": p.grad for name, p in self.block.named_parameters() if p.grad is not None}
+        tensors = {"output": out.detach(), "grad input": self.x.grad, **grads}
+        self.close()  # the returned tensors are the caller's now; timing starts without gradients held
+        return tensors
+
+    def perturbed_check_tensors(self) -> None:
+        return None  # the router runs before the experts, the same for all: they differ by rounding only
+
+    def run(self, mode: str) -> None:
+        if mode == "fwd":
+            self._forward()
+        else:
+            self._forward_backward()
+
+    def flops(self, mode: str) -> float:
+        return self.flops_forward * (1 if mode == "fwd" else 3)
+
+    def details(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        self.x.grad = None
+        self.block.zero_grad(set_to_none=True)
+
+
+def cases(ctx: BenchContext, tokens: int) -> list[Case]:
+    block = random_block(ctx)
+    generator = torch.Generator(ctx.device).manual_seed(ctx.seed + 1)
+    hidden = ctx.shape.hidden
+    x = torch.randn(1, tokens, hidden, generator=generator, device=ctx.device).to(ctx.dtype).requires_grad_()
+    grad_out = torch.randn(1, tokens, hidden, generator=generator, device=ctx.device).to(ctx.dtype)
+    flops_forward = 2 * tokens * ctx.shape.top_k * ctx.shape.expert_params
+
+    def make(implementation: Implementation) -> BlockWorkload:
+        # One block, one set of weights and inputs: only the experts implementation changes between cases.
+        set_experts_implementation(block, implementation)
+        return BlockWorkload(block, x, grad_out, flops_forward)
+
+    return [Case("", impl, lambda impl=impl: make(impl)) for impl in ctx.implementations]

@@ -1,0 +1,165 @@
+"""Model configs the benchmark runs at: built-in names, a ``config.json`` path, and tiny CPU versions of them."""
+
+from __future__ import annotations
+
+import json
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig
+
+# The published configs of a few MoE models, reduced to the fields that set the shapes (no download needed).
+BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
+    "qwen3-30b-a3b": dict(
+        model_type="qwen3_moe",
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_experts=128,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    ),
+    "qwen3-235b-a22b": dict(
+        model_type="qwen3_moe",
+        hidden_size=4096,
+        intermediate_size=12288,
+        moe_intermediate_size=1536,
+        num_experts=128,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        num_hidden_layers=94,
+        num_attention_heads=64,
+        num_key_value_heads=4,
+        head_dim=128,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    ),
+    "mixtral-8x7b": dict(
+        model_type="mixtral",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
+    "olmoe-1b-7b": dict(
+        model_type="olmoe",
+        hidden_size=2048,
+        intermediate_size=1024,
+        num_experts=64,
+        num_experts_per_tok=8,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=50304,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
+}
+BUILTIN_CONFIGS["tiny"] = json.loads((files("moefuse") / "data" / "tiny-qwen3-moe.json").read_text())
+DEFAULT_CONFIG = "qwen3-30b-a3b"
+
+# Fields that name the experts' count and width differ between families.
+_EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+# What --tiny sets (where the config has the field): every family keeps its structure at toy sizes.
+_TINY_FIELDS = dict(
+    hidden_size=64,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=48,
+    num_attention_heads=4,
+    head_dim=16,
+    vocab_size=512,
+)
+
+
+def _require_moe(config: PretrainedConfig, source: str) -> PretrainedConfig:
+    if getattr(config, "num_experts_per_tok", None):
+        return config
+    raise SystemExit(
+        f"moefuse bench: {source} (model type '{config.model_type}') is not a Mixture-of-Experts config "
+        "(no num_experts_per_tok); give the config of an MoE model"
+    )
+
+
+def load_config(name_or_path: str) -> tuple[str, PretrainedConfig]:
+    """A built-in name, a ``config.json`` file or a directory holding one, or a Hub model id (its config only)
+    → ``(label, config)``."""
+    if name_or_path in BUILTIN_CONFIGS:
+        fields = dict(BUILTIN_CONFIGS[name_or_path])
+        return name_or_path, AutoConfig.for_model(fields.pop("model_type"), **fields)
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        fields = json.loads(path.read_text())
+        if "model_type" not in fields:
+            raise SystemExit(
+                f"moefuse bench: {path} has no 'model_type'; give the config.json of a Transformers model"
+            )
+        return str(path), _require_moe(AutoConfig.for_model(fields.pop("model_type"), **fields), str(path))
+    if name_or_path.count("/") == 1 and not path.exists():
+        try:
+            config = AutoConfig.from_pretrained(name_or_path)
+        except (OSError, ValueError) as error:
+            raise SystemExit(
+                f"moefuse bench: --config {name_or_path!r}: no such file, and the Hub gave no config for it "
+                f"({str(error).splitlines()[0]})"
+            ) from None
+        return name_or_path, _require_moe(config, name_or_path)
+    raise SystemExit(
+        f"moefuse bench: --config {name_or_path!r} is neither a built-in name "
+        f"({', '.join(BUILTIN_CONFIGS)}), a config.json file or a directory holding one, nor a Hub model id"
+    )
+
+
+def with_layers(config: PretrainedConfig, num_layers: int) -> PretrainedConfig:
+    """A copy of ``config`` with its first ``num_layers`` decoder layers."""
+    fields = config.to_dict()
+    fields["num_hidden_layers"] = num_layers
+    if isinstance(fields.get("layer_types"), list):
+        fields["layer_types"] = fields["layer_types"][:num_layers]
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def tiny_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The same family and structure at toy sizes (for CPU runs and CI): at most 8 experts, top-2."""
+    fields = config.to_dict()
+    for key, value in _TINY_FIELDS.items():
+        if key in fields:
+            fields[key] = value
+    heads, kv_heads = fields.get("num_attention_heads"), fields.get("num_key_value_heads")
+    if kv_heads is not None and heads is not None:
+        fields["num_key_value_heads"] = fields["num_attention_heads"] if kv_heads == heads else 2
+    # Where experts are sized by intermediate_size (Mixtral, OLMoE) it is their width; otherwise the dense MLP's.
+    if "intermediate_size" in fields:
+        fields["intermediate_size"] = 32 if "moe_intermediate_size" not in fields else 128
+    for key in _EXPERT_COUNT_FIELDS:
+        if key in fields and fields[key]:
+            fields[key] = min(fields[key], 8)
+    fields["num_experts_per_tok"] = min(fields["num_experts_per_tok"], 2)
+    if isinstance(fields.get("layer_types"), list):
+        fields["layer_types"] = fields["layer_types"][: fields["num_hidden_layers"]]
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)

@@ -1,0 +1,110 @@
+"""The implementations a bench compares, by name: Transformers' experts implementations (``eager``,
+``grouped_mm``, ``batched_mm``, ...) and ``moefuse``, optionally with its kernel backend forced
+(``moefuse:torch``, ``moefuse:triton``)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from ..experts import EXPERTS_IMPLEMENTATION
+
+DEFAULT_IMPLEMENTATIONS = f"{EXPERTS_IMPLEMENTATION},grouped_mm,eager"
+# The module of moefuse that selects the grouped-GEMM backend (use_backend / BACKENDS).
+_BACKEND_MODULE = "moefuse.ops.backend"
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One column of the comparison: ``experts`` is the name Transformers dispatches the experts to;
+    ``backend`` (moefuse only) forces moefuse's grouped-GEMM backend, ``None`` leaves moefuse's own choice."""
+
+    name: str
+    experts: str
+    backend: str | None = None
+
+    @property
+    def is_moefuse(self) -> bool:
+        return self.experts == EXPERTS_IMPLEMENTATION
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Everything this implementation runs inside (the forced backend, if any)."""
+        if self.backend is None:
+            yield
+            return
+        with _backend_module().use_backend(self.backend):
+            yield
+
+    def backend_in_use(self, device: torch.device) -> str | None:
+        """Which grouped-GEMM backend moefuse runs on ``device`` here (``None`` for Transformers' own)."""
+        if not self.is_moefuse:
+            return None
+        try:
+            module = importlib.import_module(_BACKEND_MODULE)
+        except ImportError:  # a moefuse without backend selection has only the PyTorch path
+            return "torch"
+        with self.active():
+            return "triton" if module.use_triton(torch.empty(0, device=device)) else "torch"
+
+
+def _backend_module() -> ModuleType:
+    try:
+        return importlib.import_module(_BACKEND_MODULE)
+    except ImportError:
+        raise SystemExit(
+            f"moefuse bench: this moefuse cannot force a kernel backend ({_BACKEND_MODULE} is missing); "
+            f"use '{EXPERTS_IMPLEMENTATION}' without ':backend'"
+        ) from None
+
+
+def _transformers_names() -> list[str]:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    return ["eager", *ALL_EXPERTS_FUNCTIONS.keys()]
+
+
+def parse_implementations(spec: str) -> list[Implementation]:
+    """``"moefuse,moefuse:torch,grouped_mm,eager"`` → implementations, each name checked (clear error otherwise)."""
+    known = _transformers_names()
+    result: list[Implementation] = []
+    for name in (part.strip() for part in spec.split(",")):
+        if not name:
+            continue
+        experts, _, backend = name.partition(":")
+        if experts not in known:
+            raise SystemExit(
+                f"moefuse bench: unknown implementation '{experts}' in --implementations; "
+                f"choose from {', '.join(known)} (moefuse may take ':backend', e.g. moefuse:torch)"
+            )
+        if backend and experts != EXPERTS_IMPLEMENTATION:
+            raise SystemExit(
+                f"moefuse bench: '{name}': only {EXPERTS_IMPLEMENTATION} takes a ':backend' suffix"
+            )
+        if backend:
+            choices = _backend_module().BACKENDS
+            if backend not in choices:
+                raise SystemExit(
+                    f"moefuse bench: '{name}': unknown moefuse backend '{backend}'; choose from {', '.join(choices)}"
+                )
+        if any(impl.name == name for impl in result):
+            raise SystemExit(f"moefuse bench: '{name}' is listed twice in --implementations")
+        result.append(Implementation(name, experts, backend or None))
+    if not result:
+        raise SystemExit(
+            "moefuse bench: --implementations is empty; e.g. --implementations moefuse,grouped_mm"
+        )
+    return result
+
+
+def set_experts_implementation(module: torch.nn.Module, implementation: Implementation) -> None:
+    """Route every experts module under ``module`` (a model or a bare MoE block) to ``implementation``."""
+    for sub in module.modules():
+        config = getattr(sub, "config", None)
+        if config is not None and hasattr(config, "_experts_implementation"):
+            config._experts_implementation = implementation.experts

@@ -1,0 +1,236 @@
+"""Level ``model``: a causal LM of the config's family at the config's dims with ``--layers`` decoder layers,
+one training step (forward, loss, backward, AdamW step), as full fine-tuning, LoRA, and QLoRA once moefuse
+has 4-bit experts.
+
+One model is built per token count and shared by every case: full fine-tuning restores the same random weights
+before each implementation (the optimizer moves them), LoRA wraps the model with PEFT and unwraps it after.
+LoRA is moefuse's PEFT LoRA (attention + each expert's gate/up/down, see :mod:`moefuse.lora`) for ``moefuse``,
+and PEFT's own ``target_parameters`` LoRA on ``experts.gate_up_proj``/``experts.down_proj`` beside the same
+attention LoRA for Transformers' implementations. Both get the same adapter values (see
+:mod:`moefuse.bench.lora_factors`), so their losses and adapter gradients are compared like any other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from ..lora import ATTENTION_PROJECTIONS, lora_config
+from ..lora.targets import PROJECTIONS
+from .block import randomize_
+from .configs import with_layers
+from .implementations import Implementation, set_experts_implementation
+from .lora_factors import canonical_factors, canonical_grads, random_canonical_values, write_canonical
+from .runner import BenchContext, Case
+
+DESCRIPTION = "a causal LM with N decoder layers at the config's dims: one AdamW training step"
+MODES = ("step",)
+SETUPS = ("full", "lora", "qlora")
+FLOPS_FORMULA = (
+    "per token: L = 2 * (2-D weights outside the embedding: attention, routers, shared/dense MLPs, lm_head) "
+    "+ 2 * top_k * P_expert per MoE layer; S = 2 * seq_len * heads * head_dim per layer (causal attention "
+    "scores); full step = 3 * (L + S); LoRA step = 2 * L (frozen weights get no weight gradient) + 3 * S + "
+    "3 * 2 * r * (in + out) per adapted projection (attention, and each routed expert's gate, up, down)"
+)
+LEARNING_RATE = 1e-5
+# The experts' stacked parameters as PEFT's target_parameters names them in Transformers 5 MoE models.
+EXPERTS_TARGET_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
+
+
+def unsupported_setup(setup: str) -> str | None:
+    """Why ``setup`` cannot run here (``None`` when it can)."""
+    if setup == "qlora":
+        return "moefuse has no 4-bit (QLoRA) experts yet (planned, see the README's status); skipped"
+    return None
+
+
+def build_model(ctx: BenchContext) -> PreTrainedModel:
+    """The config's causal LM with ``ctx.options["layers"]`` layers, on the device in ``ctx.dtype``."""
+    config = with_layers(ctx.config, ctx.options["layers"])
+    config.use_cache = False  # training: no KV cache
+    with torch.device(ctx.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=ctx.dtype, attn_implementation="sdpa")
+    return model.train()
+
+
+def _attention_width(config) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_attention_heads * head_dim
+
+
+def _dense_matmul_params(model: PreTrainedModel) -> int:
+    """Weights every token multiplies by: the 2-D parameters outside the embedding (lm_head counted even when
+    tied to it)."""
+    embedding = model.get_input_embeddings().weight
+    total = sum(p.numel() for p in model.parameters() if p.dim() == 2 and p is not embedding)
+    if model.get_output_embeddings().weight is embedding:
+        total += embedding.numel()
+    return total
+
+
+class StepFlops:
+    """The model level's FLOP formula (see ``FLOPS_FORMULA``) for one step of ``tokens`` tokens."""
+
+    def __init__(self, model: PreTrainedModel, ctx: BenchContext, seq_len: int, tokens: int):
+        shape, config = ctx.shape, model.config
+        moe_layers = sum(1 for m in model.modules() if isinstance(getattr(m, "experts", None), nn.Module))
+        self.tokens = tokens
+        self.linear = 2 * (_dense_matmul_params(model) + moe_layers * shape.top_k * shape.expert_params)
+        self.attention = config.num_hidden_layers * 2 * seq_len * _attention_width(config)
+        attention_linear = sum(
+            m.in_features + m.out_features
+            for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in ATTENTION_PROJECTIONS
+        )
+        experts_per_token = moe_layers * shape.top_k * 3 * (shape.hidden + shape.intermediate)
+        self.lora_per_rank = 2 * (attention_linear + experts_per_token)
+
+    def step(self, setup: str, rank: int) -> float:
+        if setup == "full":
+            return 3 * (self.linear + self.attention) * self.tokens
+        return (2 * self.linear + 3 * self.attention + 3 * rank * self.lora_per_rank) * self.tokens
+
+
+class TrainStep:
+    """Forward with the LM loss, backward, AdamW step, gradients cleared: one training step."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        flops: float,
+        grads: Callable[[], dict[str, torch.Tensor]],
+        on_close: Callable[[], None],
+    ):
+        self.model, self.input_ids, self._flops, self._grads, self._on_close = (
+            model,
+            input_ids,
+            flops,
+            grads,
+            on_close,
+        )
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def _loss_backward(self) -> torch.Tensor:
+        loss = self.model(input_ids=self.input_ids, labels=self.input_ids).loss
+        loss.backward()
+        return loss
+
+    def check_tensors(self) -> dict[str, torch.Tensor]:
+        self.model.zero_grad(set_to_none=True)
+        loss = self._loss_backward()
+        tensors = {"loss": loss.detach().reshape(1), **self._grads()}
+        self.model.zero_grad(set_to_none=True)
+        return tensors
+
+    def perturbed_check_tensors(self) -> dict[str, torch.Tensor]:
+        """From layer 2 on, each implementation's rounding reaches the router and may flip a near-tie routing
+        decision; perturbing every experts output by one unit of rounding (seeded) shows how far that moves
+        each tensor, i.e. how far a correct implementation may be from this one."""
+        generator = torch.Generator(self.input_ids.device).manual_seed(0)
+
+        def perturb(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+            unit = torch.finfo(out.dtype).eps / 2
+            noise = torch.randn(out.shape, generator=generator, device=out.device, dtype=torch.float32)
+            return out + out * (noise * unit).to(out.dtype)
+
+        experts = [
+            m.experts for m in self.model.modules() if isinstance(getattr(m, "experts", None), nn.Module)
+        ]
+        handles = [e.register_forward_hook(perturb) for e in experts]
+        try:
+            return self.check_tensors()
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def run(self, mode: str) -> None:
+        if self.optimizer is None:  # created in the first (warm-up) step, so its states count in the peak
+            fused = self.input_ids.device.type == "cuda"  # what Transformers' Trainer uses on a GPU
+            self.optimizer = torch.optim.AdamW(self.params, lr=LEARNING_RATE, fused=fused or None)
+        self._loss_backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def flops(self, mode: str) -> float:
+        return self._flops
+
+    def details(self) -> dict:
+        return {"trainable_params": sum(p.numel() for p in self.params)}
+
+    def close(self) -> None:
+        self.optimizer = None
+        self.model.zero_grad(set_to_none=True)
+        self._on_close()
+
+
+def _lora_model(model: PreTrainedModel, implementation: Implementation, rank: int) -> PeftModel:
+    attention = list(ATTENTION_PROJECTIONS)
+    if implementation.is_moefuse:
+        experts = [f"experts.{p}" for p in PROJECTIONS]  # the routed experts only, not shared experts
+        return get_peft_model(model, lora_config(rank, target_modules=attention + experts))
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=attention,
+        target_parameters=EXPERTS_TARGET_PARAMETERS,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def cases(ctx: BenchContext, tokens: int) -> list[Case]:
+    seq_len = min(ctx.options["seq_len"], tokens)
+    if tokens % seq_len:
+        raise SystemExit(
+            f"moefuse bench: {tokens} tokens are not a whole number of {seq_len}-token sequences; "
+            "pick --tokens multiple of --seq-len"
+        )
+    model = build_model(ctx)
+    generator = torch.Generator(ctx.device).manual_seed(ctx.seed + 1)
+    input_ids = torch.randint(
+        0, model.config.vocab_size, (tokens // seq_len, seq_len), generator=generator, device=ctx.device
+    )
+    flops = StepFlops(model, ctx, seq_len, tokens)
+    std = getattr(ctx.config, "initializer_range", 0.02)
+    rank = ctx.options["lora_rank"]
+    lora_values: dict[str, torch.Tensor] = {}
+
+    def full(implementation: Implementation) -> TrainStep:
+        randomize_(model, ctx.seed, std)  # the weights every implementation starts from
+        model.requires_grad_(True)
+        set_experts_implementation(model, implementation)
+        named = list(model.named_parameters())
+
+        def grads() -> dict[str, torch.Tensor]:
+            return {f"grad {name}": p.grad for name, p in named if p.grad is not None}
+
+        return TrainStep(model, input_ids, flops.step("full", rank), grads, lambda: None)
+
+    def lora(implementation: Implementation) -> TrainStep:
+        randomize_(model, ctx.seed, std)
+        set_experts_implementation(model, implementation)
+        peft_model = _lora_model(model, implementation, rank)
+        factors = canonical_factors(peft_model)
+        if not lora_values:  # the first implementation draws the adapter values, the others take them
+            lora_values.update(random_canonical_values(factors, ctx.seed + 2, std))
+        write_canonical(factors, lora_values)
+        return TrainStep(
+            peft_model,
+            input_ids,
+            flops.step("lora", rank),
+            lambda: canonical_grads(factors),
+            peft_model.unload,
+        )
+
+    makers = {"full": full, "lora": lora}
+    return [
+        Case(setup, impl, lambda make=makers[setup], impl=impl: make(impl))
+        for setup in ctx.options["setups"]
+        for impl in ctx.implementations
+    ]

@@ -1,0 +1,172 @@
+"""The figures of a run as a terminal table, and the README's markdown tables made from saved runs' JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+README_START = "<!-- moefuse bench report: start (made by `moefuse bench --report`, do not edit by hand) -->"
+README_END = "<!-- moefuse bench report: end -->"
+LEVEL_TITLES = {
+    "op": "one grouped GEMM of the experts and its backward",
+    "block": "the sparse MoE block (router + experts)",
+    "model": "{layers} decoder layers at full dims, one AdamW training step",
+}
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if value >= 1e6:
+        return f"{value / 1e6:.2f}M"
+    if value >= 1e4:
+        return f"{value / 1e3:.1f}k"
+    if value >= 100:
+        return f"{value:.0f}"
+    return f"{value:.{digits}g}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _check(row: dict) -> str:
+    check = row.get("check")
+    if check is None:
+        return ""
+    if check.get("is_reference"):
+        return "reference"
+    verdict = "ok" if check["ok"] else "MISMATCH"
+    return f"{verdict} {check['max_relative_error']:.1e}"
+
+
+def _cells(row: dict) -> dict[str, str]:
+    name = row["implementation"] + (f" [{row['backend']}]" if row.get("backend") else "")
+    cells = {
+        "level": row["level"],
+        "tokens": str(row["tokens"]),
+        "group": row["group"] or "-",
+        "mode": row["mode"],
+        "implementation": name,
+    }
+    if "error" in row:
+        return {**cells, "ms": row["error"]}
+    peak = row.get("fraction_of_dense_peak")
+    return {
+        **cells,
+        "ms": f"{row['median_ms']:.3g}",
+        "tokens/s": _number(row["tokens_per_s"]),
+        "TFLOP/s": _number(row["tflops"]),
+        "% dense": "-" if peak is None else f"{100 * peak:.0f}%",
+        "peak GiB": "-" if row.get("peak_gib") is None else f"{row['peak_gib']:.2f}",
+        "vs grouped_mm": _ratio(row.get("speedup_vs_grouped_mm")),
+        "vs eager": _ratio(row.get("speedup_vs_eager")),
+        "check": _check(row),
+    }
+
+
+TERMINAL_COLUMNS = (
+    "level",
+    "tokens",
+    "group",
+    "mode",
+    "implementation",
+    "ms",
+    "tokens/s",
+    "TFLOP/s",
+    "% dense",
+    "peak GiB",
+    "vs grouped_mm",
+    "vs eager",
+    "check",
+)
+
+
+def terminal_table(rows: list[dict]) -> str:
+    """Aligned plain-text table of every row (an error takes the place of the figures)."""
+    cells = [_cells(row) for row in rows]
+    widths = {
+        c: max([len(c), *(len(r.get(c, "")) for r in cells if "tokens/s" in r)]) for c in TERMINAL_COLUMNS
+    }
+    lines = ["  ".join(c.ljust(widths[c]) for c in TERMINAL_COLUMNS).rstrip()]
+    for r in cells:
+        if "tokens/s" in r:
+            lines.append("  ".join(r[c].ljust(widths[c]) for c in TERMINAL_COLUMNS).rstrip())
+        else:
+            head = "  ".join(r[c].ljust(widths[c]) for c in TERMINAL_COLUMNS[:5])
+            lines.append(f"{head}  {r['ms']}")
+    return "\n".join(lines)
+
+
+def _level_heading(result: dict, level: str, path: str) -> str:
+    env = result["environment"]
+    device = env.get("gpu") or f"CPU ({env.get('cpu', '?')})"
+    dense = result["dense_matmul"]
+    title = LEVEL_TITLES[level].format(layers=result["options"].get("layers"))
+    versions = ", ".join(
+        f"{pkg} {env[pkg]}" for pkg in ("moefuse", "torch", "triton", "transformers", "peft")
+    )
+    return (
+        f"**{level}**: {title}; `{result['config']['name']}` shapes, {result['dtype']}, on **{device}** "
+        f"(dense {dense['dtype']} matmul measured in the same run: {dense['tflops']:.0f} TFLOP/s). "
+        f"{versions}. Source: `{path}`."
+    )
+
+
+MARKDOWN_COLUMNS = ("tokens", "group", "mode", "implementation", "ms", "tokens/s", "TFLOP/s", "peak GiB")
+
+
+def markdown_tables(results: list[tuple[str, dict]]) -> str:
+    """One table per level of each saved run, with speed-ups against ``grouped_mm`` and ``eager``."""
+    parts = []
+    for path, result in results:
+        if not result.get("ok"):
+            raise SystemExit(
+                f"moefuse bench --report: {path} records a failed run ({'; '.join(result.get('failures', []))}); "
+                "a run whose outputs disagree is not a result: rerun it"
+            )
+        for level in result["levels"]:
+            rows = [r for r in result["rows"] if r["level"] == level and "median_ms" in r]
+            if not rows:
+                continue
+            columns = [c for c in MARKDOWN_COLUMNS if c != "group" or any(r["group"] for r in rows)]
+            columns += [
+                c for c in ("vs grouped_mm", "vs eager") if any(r.get(f"speedup_vs_{c[3:]}") for r in rows)
+            ]
+            cells = [_cells(r) for r in rows]
+            align = ["---" if c in ("group", "mode", "implementation") else "---:" for c in columns]
+            lines = [
+                _level_heading(result, level, path),
+                "",
+                "| " + " | ".join(columns) + " |",
+                "|" + "|".join(align) + "|",
+            ]
+            lines += ["| " + " | ".join(c[col] for col in columns) + " |" for c in cells]
+            parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def load_results(paths: list[str]) -> list[tuple[str, dict]]:
+    results = []
+    for path in paths:
+        try:
+            result = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise SystemExit(f"moefuse bench --report: cannot read {path}: {error}") from None
+        if "rows" not in result or "levels" not in result:
+            raise SystemExit(f"moefuse bench --report: {path} is not a JSON written by `moefuse bench`")
+        results.append((path, result))
+    return results
+
+
+def update_readme(readme: Path, tables: str) -> None:
+    """Replace the text between the report markers of ``readme`` with ``tables``."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise SystemExit(
+            f"moefuse bench --readme: {readme} has no report markers; add the lines\n{README_START}\n{README_END}\n"
+            "where the tables go"
+        )
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_START}\n{tables}{README_END}{tail}")

@@ -1,0 +1,74 @@
+"""The experts' shapes of a config, read from the model Transformers builds for it (on the meta device)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from ..experts import stacked_expert_weights
+
+
+@dataclass(frozen=True)
+class MoeShape:
+    """What the FLOP counts need, and the class of the model's sparse MoE block (router + experts)."""
+
+    block_class: type[torch.nn.Module]
+    num_moe_layers: int
+    num_experts: int
+    top_k: int
+    hidden: int
+    intermediate: int
+    gate_up_rows: int  # 2 * intermediate for gated experts, intermediate otherwise
+
+    @property
+    def expert_params(self) -> int:
+        """Weights of one expert's matmuls: one routed token costs ``2 * expert_params`` FLOPs forward."""
+        return self.gate_up_rows * self.hidden + self.hidden * self.intermediate
+
+    def projections(self) -> dict[str, tuple[int, int]]:
+        """``{name: (out_features, in_features)}`` of the experts' two grouped GEMMs."""
+        return {"gate_up": (self.gate_up_rows, self.hidden), "down": (self.hidden, self.intermediate)}
+
+    def as_dict(self) -> dict:
+        return {
+            "block_class": self.block_class.__name__,
+            "moe_layers": self.num_moe_layers,
+            "experts": self.num_experts,
+            "top_k": self.top_k,
+            "hidden": self.hidden,
+            "moe_intermediate": self.intermediate,
+            "gate_up_rows": self.gate_up_rows,
+        }
+
+
+def moe_shape(config: PretrainedConfig) -> MoeShape:
+    """Build ``config``'s model on the meta device (no memory) and read its first MoE block."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    blocks = [m for m in model.modules() if isinstance(getattr(m, "experts", None), torch.nn.Module)]
+    experts = blocks[0].experts if blocks else None
+    if (
+        experts is None
+        or not hasattr(experts, "down_proj")
+        or not isinstance(experts.down_proj, torch.Tensor)
+    ):
+        raise SystemExit(
+            f"moefuse bench: model type '{config.model_type}' has no experts module storing stacked 3-D weights "
+            "(gate_up_proj/down_proj) as Transformers 5 MoE models do; give the config of such a model"
+        )
+    if hasattr(experts, "gate_up_proj"):
+        gate_up, down = stacked_expert_weights(experts)
+    else:  # experts without a gate store up_proj in gate_up_proj's place
+        gate_up, down = experts.up_proj, experts.down_proj
+    num_experts, hidden, intermediate = down.shape
+    return MoeShape(
+        block_class=type(blocks[0]),
+        num_moe_layers=len(blocks),
+        num_experts=num_experts,
+        top_k=config.num_experts_per_tok,
+        hidden=hidden,
+        intermediate=intermediate,
+        gate_up_rows=gate_up.shape[1],
+    )
