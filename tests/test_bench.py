@@ -156,6 +156,11 @@ def test_plots_are_written_or_skipped_with_a_message(tiny_run, tmp_path, monkeyp
         written = write_plots(result, tmp_path / "run.json")
         assert written == [tmp_path / "run_speedup.png"]  # no memory figures on the CPU
         assert written[0].read_bytes().startswith(b"\x89PNG")
+        # From a saved run too (runs made where matplotlib is missing).
+        saved = tmp_path / "saved.json"
+        saved.write_text(json.dumps(result))
+        assert main(["bench", "--report", str(saved), "--plots"]) == 0
+        assert (tmp_path / "saved_speedup.png").read_bytes().startswith(b"\x89PNG")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
     assert "matplotlib is not installed" in write_plots(result, tmp_path / "run.json")
 
@@ -168,8 +173,12 @@ def _wrong_experts(self, hidden_states, top_k_index, top_k_weights):
 def test_disagreement_fails_the_run(tmp_path, monkeypatch, capsys, one_thread):
     monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS, "wrong_for_test", _wrong_experts)
     out = tmp_path / "wrong.json"
-    argv = ["bench", *FAST, "--level", "block", "--tokens", "16", "--implementations", "eager,wrong_for_test"]
-    assert main([*argv, "--modes", "fwd", "--output", str(out)]) == 1
+    argv = ["bench", *FAST, "--tokens", "16", "--implementations", "eager,wrong_for_test"]
+    # The model level's noise floor does not hide it either.
+    assert main([*argv, "--level", "model", "--layers", "2", "--setups", "full", "--output", str(out)]) == 1
+    (failure,) = json.loads(out.read_text())["failures"]
+    assert failure.startswith("model 16 tokens full/wrong_for_test disagrees with eager: ")
+    assert main([*argv, "--level", "block", "--modes", "fwd", "--output", str(out)]) == 1
     result = json.loads(out.read_text())
     assert not result["ok"]
     check = result["rows"][1]["check"]

@@ -194,16 +194,27 @@ def run_bench(args: argparse.Namespace) -> tuple[dict, list[str]]:
     return result, problems
 
 
+def _print_plots(result: dict, json_path: Path) -> None:
+    from .plots import write_plots
+
+    plots = write_plots(result, json_path)
+    print(plots if isinstance(plots, str) else "wrote " + ", ".join(map(str, plots)))
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .report import load_results, markdown_tables, terminal_table, update_readme
 
     if args.report:
-        tables = markdown_tables(load_results(args.report))
+        results = load_results(args.report)
+        tables = markdown_tables(results)
         if args.readme:
             update_readme(Path(args.readme), tables)
             print(f"wrote the tables of {len(args.report)} runs into {args.readme}")
         else:
             print(tables, end="")
+        if args.plots:  # e.g. for runs made on a machine without matplotlib
+            for path, result in results:
+                _print_plots(result, Path(path))
         return 0
     if args.readme:
         print("moefuse bench: --readme goes with --report FILE...", file=sys.stderr)
@@ -217,10 +228,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(terminal_table(result["rows"]))
     print(f"wrote {output}")
     if args.plots:
-        from .plots import write_plots
-
-        plots = write_plots(result, output)
-        print(plots if isinstance(plots, str) else "wrote " + ", ".join(map(str, plots)))
+        _print_plots(result, output)
     for line in problems:
         print(f"moefuse bench: FAILED: {line}", file=sys.stderr)
     return 1 if problems else 0
@@ -330,7 +338,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     out.add_argument(
         "--plots",
         action="store_true",
-        help="also write <output stem>_speedup.png and _memory.png (needs matplotlib: pip install 'moefuse[bench]')",
+        help="also write <output stem>_speedup.png and _memory.png (with --report: beside each JSON); needs "
+        "matplotlib: pip install 'moefuse[bench]'",
     )
     out.add_argument("--quiet", action="store_true", help="no progress bar")
     out.add_argument(
