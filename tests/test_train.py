@@ -133,10 +133,12 @@ def test_full_finetuning_saves_a_per_expert_model(tmp_path):
 
 
 def test_cli_runs_the_default_and_prints_the_summary(tmp_path, capsys):
+    threads = torch.get_num_threads()
     assert cli.main(["train", *FEW_ROWS, "--max_steps", "2", "--output_dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "moefuse train: done" in out and str(tmp_path / "adapter-per-expert") in out
     assert "vllm serve" in out and "PeftModel.from_pretrained" in out
+    assert torch.get_num_threads() == threads  # the default's cpu_threads: 1 lasts for the run only
 
 
 def test_cli_help_lists_the_keys(capsys):

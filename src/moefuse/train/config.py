@@ -117,6 +117,10 @@ class MoefuseTrainArguments:
             "loaded again (default: true for config: models)"
         },
     )
+    cpu_threads: int | None = field(
+        default=None,
+        metadata={"help": "torch threads when training on the CPU (default: torch's choice, one per core)"},
+    )
     peak_tflops: float | None = field(
         default=None,
         metadata={"help": "per-device peak for the MFU figure (default: the GPU's bf16 datasheet value)"},
@@ -260,8 +264,10 @@ def help_text() -> str:
         "moefuse keys:",
     ]
     for f in dataclasses.fields(MoefuseTrainArguments):
-        default = f.default if f.default is not dataclasses.MISSING else None
-        lines.append(f"  --{f.name:<24} {f.metadata.get('help', '')} (default: {default})")
+        text = f.metadata.get("help", "")
+        if f.default is not None and "default:" not in text:
+            text = f"{text} (default: {f.default})".strip()
+        lines.append(f"  --{f.name:<24} {text}")
     lines += [
         "",
         "Every field of TRL's SFTConfig and Transformers' TrainingArguments is a key too, e.g. output_dir,",

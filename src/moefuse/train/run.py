@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
@@ -99,9 +102,27 @@ def _describe(
     )
 
 
+@contextmanager
+def _cpu_threads(args: MoefuseTrainArguments, sft_config: SFTConfig) -> Iterator[None]:
+    """``cpu_threads`` for the run, the process's own setting again afterwards."""
+    before = torch.get_num_threads()
+    if args.cpu_threads and sft_config.device.type == "cpu":
+        torch.set_num_threads(args.cpu_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_train(config_file: str | Path | None = None, overrides: list[str] | None = None) -> TrainResult:
     """Run ``moefuse train [config_file] [overrides...]`` (see :mod:`moefuse.train.config`)."""
     args, sft_config = parse_train_args(config_file, overrides)
+    with _cpu_threads(args, sft_config):
+        return train(args, sft_config)
+
+
+def train(args: MoefuseTrainArguments, sft_config: SFTConfig) -> TrainResult:
+    """Fine-tune as ``args`` and ``sft_config`` say (from :func:`~moefuse.train.config.parse_train_args`)."""
     source = resolve_model(args)
     tokenizer = load_tokenizer(args, source)
     train_dataset, eval_dataset = load_train_dataset(args, sft_config.dataset_text_field, sft_config.seed)
@@ -238,4 +259,4 @@ def summary(result: TrainResult, args: MoefuseTrainArguments, source: ModelSourc
     return "\n".join(lines)
 
 
-__all__ = ["TrainResult", "ThroughputCallback", "run_train", "summary"]
+__all__ = ["TrainResult", "ThroughputCallback", "run_train", "summary", "train"]
