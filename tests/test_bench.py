@@ -156,6 +156,13 @@ def test_plots_are_written_or_skipped_with_a_message(tiny_run, tmp_path, monkeyp
         written = write_plots(result, tmp_path / "run.json")
         assert written == [tmp_path / "run_speedup.png"]  # no memory figures on the CPU
         assert written[0].read_bytes().startswith(b"\x89PNG")
+        # A GPU run has memory figures: they get their own plot.
+        gpu = {**result, "rows": [{**r, "peak_gib": 1.0 + i} for i, r in enumerate(result["rows"])]}
+        assert write_plots(gpu, tmp_path / "gpu.json") == [
+            tmp_path / "gpu_speedup.png",
+            tmp_path / "gpu_memory.png",
+        ]
+        assert (tmp_path / "gpu_memory.png").read_bytes().startswith(b"\x89PNG")
         # From a saved run too (runs made where matplotlib is missing).
         saved = tmp_path / "saved.json"
         saved.write_text(json.dumps(result))

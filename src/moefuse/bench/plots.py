@@ -67,7 +67,10 @@ def write_plots(result: dict, json_path: Path) -> list[Path] | str:
                 if points:
                     ax.plot(*zip(*points, strict=True), marker="o", label=name)
             ax.axhline(1.0, color="grey", linewidth=0.8)
+            tokens = sorted({r["tokens"] for r in rows})
             ax.set_xscale("log", base=2)
+            ax.set_xticks(tokens, [str(t) for t in tokens])
+            ax.minorticks_off()
 
         figure("speedup", speedup, f"speed-up vs {baseline}")
     if any(r.get("peak_gib") is not None for rows in panels.values() for r in rows):
