@@ -145,9 +145,8 @@ def run_bench(args: argparse.Namespace) -> tuple[dict, list[str]]:
         tokens = args.tokens or _int_list((TINY_TOKENS if args.tiny else DEFAULT_TOKENS)[level])
         impls = [i for i in implementations if level != "op" or op.unsupported(i) is None]
         groups = {"op": 2, "block": 1, "model": len(setups)}[level]
-        modes = [m for m in (args.modes or modules[level].MODES) if m in modules[level].MODES] or list(
-            modules[level].MODES
-        )
+        level_modes = list(modules[level].MODES)  # the model level times whole steps, whatever --modes says
+        modes = [m for m in args.modes or level_modes if m in level_modes] or level_modes
         plan.append((level, tokens, impls, modes, groups))
 
     from tqdm.auto import tqdm
@@ -183,6 +182,7 @@ def run_bench(args: argparse.Namespace) -> tuple[dict, list[str]]:
         "options": {**options, "setups_asked": list(args.setups)},
         "timing": timing,
         "tolerance": args.tolerance or TOLERANCES[dtype_name],
+        "descriptions": {level: modules[level].DESCRIPTION for level in args.level},
         "flops_formulas": {level: modules[level].FLOPS_FORMULA for level in args.level},
         "environment": env,
         "dense_matmul": dense,

@@ -224,7 +224,3 @@ def to_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def elapsed_since(start: float) -> float:
-    return round(time.perf_counter() - start, 1)

@@ -27,7 +27,7 @@ from .implementations import Implementation, set_experts_implementation
 from .lora_factors import canonical_factors, canonical_grads, random_canonical_values, write_canonical
 from .runner import BenchContext, Case
 
-DESCRIPTION = "a causal LM with N decoder layers at the config's dims: one AdamW training step"
+DESCRIPTION = "{layers} decoder layers at the config's dims, one AdamW training step"
 MODES = ("step",)
 SETUPS = ("full", "lora", "qlora")
 FLOPS_FORMULA = (

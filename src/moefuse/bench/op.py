@@ -11,7 +11,7 @@ from ..ops import moe_fused_linear, moe_fused_linear_reference
 from .implementations import Implementation
 from .runner import BenchContext, Case
 
-DESCRIPTION = "one grouped GEMM of the experts (gate_up or down projection over the routed rows)"
+DESCRIPTION = "one grouped GEMM of the experts (gate_up or down projection) and its backward"
 FLOPS_FORMULA = (
     "R = tokens * top_k routed rows; fwd = 2 * R * in * out (gate_up: in = hidden, out = 2 * moe_intermediate; "
     "down: in = moe_intermediate, out = hidden); fwd+bwd = 3 * fwd (forward, input gradient, weight gradient)"

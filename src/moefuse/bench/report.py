@@ -7,11 +7,6 @@ from pathlib import Path
 
 README_START = "<!-- moefuse bench report: start (made by `moefuse bench --report`, do not edit by hand) -->"
 README_END = "<!-- moefuse bench report: end -->"
-LEVEL_TITLES = {
-    "op": "one grouped GEMM of the experts and its backward",
-    "block": "the sparse MoE block (router + experts)",
-    "model": "{layers} decoder layers at full dims, one AdamW training step",
-}
 
 
 def _number(value: float | None, digits: int = 3) -> str:
@@ -102,7 +97,7 @@ def _level_heading(result: dict, level: str, path: str) -> str:
     env = result["environment"]
     device = env.get("gpu") or f"CPU ({env.get('cpu', '?')})"
     dense = result["dense_matmul"]
-    title = LEVEL_TITLES[level].format(layers=result["options"].get("layers"))
+    title = result["descriptions"][level].format(layers=result["options"].get("layers"))
     versions = ", ".join(
         f"{pkg} {env[pkg]}" for pkg in ("moefuse", "torch", "triton", "transformers", "peft")
     )
