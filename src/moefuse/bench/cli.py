@@ -136,7 +136,7 @@ def run_bench(args: argparse.Namespace) -> tuple[dict, list[str]]:
     dense = dense_matmul_rate(device, DTYPES[dtype_name], 8192 if device.type == "cuda" else 256)
     print(
         f"moefuse bench: {name}{' (tiny)' if args.tiny else ''} on {env.get('gpu') or 'cpu'}, {dtype_name}; "
-        f"dense matmul {dense['tflops']:.1f} TFLOP/s",
+        f"dense matmul {dense['tflops']:.3g} TFLOP/s",
         file=sys.stderr,
     )
 
