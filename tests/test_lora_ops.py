@@ -1,11 +1,22 @@
-"""fused_experts with LoRA (two thin grouped GEMMs per projection) against the per-expert reference."""
+"""fused_experts with LoRA (two thin grouped GEMMs per projection) against the per-expert reference, on the
+PyTorch path and on the Triton kernels (interpreted on a CPU machine)."""
 
 import pytest
 import torch
 
 import moefuse
 from moefuse.ops import ExpertsLora, LoraWeights
+from moefuse.ops.backend import use_backend
 from moefuse.ops.moe import fused_experts_reference
+
+# On a GPU machine the problems live on the GPU (the Triton path needs it); on a CPU one Triton is interpreted.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True, params=["torch", "triton"])
+def backend(request):
+    with use_backend(request.param), torch.device(DEVICE):
+        yield request.param
 
 
 def _factors(experts, out, inp, rank, scaling, dtype):
@@ -136,3 +147,28 @@ def test_bad_factor_shape_names_projection():
     bad = ExpertsLora(down=LoraWeights(torch.zeros(4, 2, 16), torch.zeros(4, 16, 2)))
     with pytest.raises(ValueError, match=r"down LoRA factors must be lora_A \[E, r, in\] = \[4, r, 8\]"):
         moefuse.fused_experts(x, gate_up, down, index, weights, lora=[bad])
+
+
+def test_dropout_masks_reach_forward_and_backward(monkeypatch, backend):
+    """Every element kept (mask 1 / (1 - p) = 2 at p = 0.5) must equal the reference with x -> 2x on the LoRA
+    inputs: the masks are applied to the gate/up and the down LoRA inputs, forward and backward."""
+    if backend != "triton":
+        pytest.skip("the mask plumbing of the fused Triton path")
+    from moefuse.ops import moe_triton
+
+    monkeypatch.setattr(moe_triton, "_mask", lambda like, p: torch.full_like(like, 1 / (1 - p)))
+    x, gate_up, down, index, weights, lora = _problem(9, 32, 16, 8, 2, ("gate", "up", "down"))
+    ref_lora = _clone_lora(lora)
+    dropped = ExpertsLora(lora.gate, lora.up, lora.down, dropout=torch.nn.Dropout(0.5))
+    doubled = ExpertsLora(ref_lora.gate, ref_lora.up, ref_lora.down, dropout=lambda t: 2 * t)
+    x_ref = x.detach().clone().requires_grad_()
+    out = moefuse.fused_experts(x, gate_up, down, index, weights, lora=[dropped])
+    ref = fused_experts_reference(x_ref, gate_up, down, index, weights, lora=[doubled])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    (out * grad).sum().backward()
+    (ref * grad).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    got, want = _grads(lora), _grads(ref_lora)
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)

@@ -334,3 +334,60 @@ def test_autotuning_leaves_no_stale_partial_sums(monkeypatch):
     gate, up = gate_up.double().chunk(2, dim=-1)
     y = torch.einsum("rn,rkn->rk", F.silu(gate) * up, down.double()[ids])
     assert_close(d_scale, (y * grad_out.double()[token_index]).sum(-1), torch.bfloat16, "d_scale")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [(64, 256, 128, 16, 4, 2), (1000, 2048, 768, 128, 8, 0)])
+@pytest.mark.parametrize("projections", [("gate", "up", "down"), ("down",)])
+def test_fused_lora_bf16_gpu(case, projections):
+    """One LoRA adapter on the fused Triton path (factors in fp32 as PEFT keeps them), base frozen."""
+    from moefuse.ops import ExpertsLora, LoraWeights
+
+    x, gate_up, down, index, weights = experts_problem(*case, dtype=torch.bfloat16)
+    gate_up.requires_grad_(False)
+    down.requires_grad_(False)
+    inter, hidden, experts = down.shape[2], down.shape[1], down.shape[0]
+    shapes = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+    lora = ExpertsLora(
+        **{
+            name: LoraWeights(
+                randn(experts, 16, shapes[name][1], dtype=torch.float32, scale=shapes[name][1] ** -0.5),
+                randn(experts, shapes[name][0], 16, dtype=torch.float32, scale=0.25),
+                scaling=2.0,
+            )
+            for name in projections
+        }
+    )
+    for factors in (lora.gate, lora.up, lora.down):
+        if factors is not None:
+            factors.lora_A.requires_grad_()
+            factors.lora_B.requires_grad_()
+    ref_lora = ExpertsLora(
+        *(
+            None
+            if f is None
+            else LoraWeights(
+                f.lora_A.detach().double().requires_grad_(),
+                f.lora_B.detach().double().requires_grad_(),
+                f.scaling,
+            )
+            for f in (lora.gate, lora.up, lora.down)
+        )
+    )
+    ref_args = [
+        a.detach().double().requires_grad_(a.requires_grad) if a.is_floating_point() else a
+        for a in (x, gate_up, down, index, weights)
+    ]
+    with use_backend("triton"):
+        out = moefuse.fused_experts(x, gate_up, down, index, weights, lora=[lora])
+    ref = fused_experts_reference(*ref_args, lora=[ref_lora])
+    assert_close(out, ref, torch.bfloat16, "output")
+    grad = randn(*out.shape, dtype=torch.bfloat16)
+    out.backward(grad)
+    ref.backward(grad.double())
+    assert_close(x.grad, ref_args[0].grad, torch.bfloat16, "grad x")
+    assert_close(weights.grad, ref_args[4].grad, torch.bfloat16, "grad weights")
+    for name in projections:
+        got, want = getattr(lora, name), getattr(ref_lora, name)
+        assert_close(got.lora_A.grad, want.lora_A.grad, torch.bfloat16, f"{name} lora_A")
+        assert_close(got.lora_B.grad, want.lora_B.grad, torch.bfloat16, f"{name} lora_B")

@@ -32,7 +32,7 @@ def _device_description() -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     import moefuse
-    from moefuse.ops.grouped_gemm import _HAS_GROUPED_MM
+    from moefuse.ops.backend import active_backend_description, get_backend
 
     rows = [
         ("moefuse", moefuse.__version__),
@@ -43,11 +43,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         ),
         ("device", _device_description()),
         ("experts implementation", f"'{moefuse.EXPERTS_IMPLEMENTATION}' registered in transformers"),
-        (
-            "grouped GEMM",
-            "PyTorch: torch.nn.functional.grouped_mm where strides allow, per-expert loop otherwise"
-            if _HAS_GROUPED_MM
-            else "PyTorch: per-expert loop (this torch has no grouped_mm)",
+        ("backend", f"{get_backend()} (MOEFUSE_BACKEND=auto|triton|torch)"),
+        *(
+            (f"experts on {device}", active_backend_description(torch.device(device)))
+            for device in (["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"])
         ),
     ]
     width = max(len(k) for k, _ in rows)

@@ -111,9 +111,16 @@ def _row_offsets(index_ptr, rows, row_mask, GATHER: tl.constexpr):
     return rows.to(tl.int64)
 
 
+@triton.jit
+def _load_tile(ptr, rows, cols, row_mask, col_mask, stride_m, stride_n):
+    """A ``[rows, cols]`` tile of a row-major operand in grouped order, as fp32 (zeros outside the masks)."""
+    ptrs = ptr + rows.to(tl.int64)[:, None] * stride_m + cols[None, :] * stride_n
+    return tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+
+
 @triton.autotune(
     configs=_configs(TILE_CONFIGS),
-    key=["N", "K", "ROWS_PER_EXPERT", "GATHER_A", "SCATTER_C", "ATOMIC_ADD"],
+    key=["N", "K", "ROWS_PER_EXPERT", "GATHER_A", "SCATTER_C", "ATOMIC_ADD", "HAS_ADD"],
     prune_configs_by=_prune("N", "K"),
     restore_value=["c_ptr"],  # tuning runs must not leave their atomic adds in the output
 )
@@ -127,6 +134,7 @@ def grouped_gemm_kernel(
     a_index_ptr,
     c_index_ptr,
     scale_ptr,
+    add_ptr,
     N,
     K,
     num_experts,
@@ -138,10 +146,13 @@ def grouped_gemm_kernel(
     stride_bk,
     stride_cm,
     stride_cn,
+    stride_addm,
+    stride_addn,
     GATHER_A: tl.constexpr,
     SCATTER_C: tl.constexpr,
     SCALE_ROWS: tl.constexpr,
     ATOMIC_ADD: tl.constexpr,
+    HAS_ADD: tl.constexpr,
     PRECISION: tl.constexpr,
     E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -149,7 +160,10 @@ def grouped_gemm_kernel(
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    """``C[c_row(r), n] (+)= scale[r] * sum_k A[a_row(r), k] * B[e(r), n, k]`` over grouped rows ``r``."""
+    """``C[c_row(r), n] (+)= scale[r] * (sum_k A[a_row(r), k] * B[e(r), n, k] + ADD[r, n])`` over grouped rows ``r``.
+
+    ``ADD [rows, N]`` (grouped order) is a term computed elsewhere, e.g. a LoRA delta, joined before the scale.
+    """
     pid = tl.program_id(0)
     expert, row0, row_end, pid_n = _expert_tile(
         pid, m_sizes_ptr, num_experts, (N + BLOCK_N - 1) // BLOCK_N, BLOCK_M, E_POW2
@@ -180,6 +194,8 @@ def grouped_gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
+    if HAS_ADD:
+        acc += _load_tile(add_ptr, rows, offs_n, row_mask, n_mask, stride_addm, stride_addn)
     if SCALE_ROWS:
         acc = acc * tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     c_rows = _row_offsets(c_index_ptr, rows, row_mask, SCATTER_C)
@@ -193,7 +209,7 @@ def grouped_gemm_kernel(
 
 @triton.autotune(
     configs=_configs(TILE_CONFIGS),
-    key=["N", "K", "ROWS_PER_EXPERT", "GATHER_A", "STORE_GATE_UP"],
+    key=["N", "K", "ROWS_PER_EXPERT", "GATHER_A", "STORE_GATE_UP", "HAS_ADD"],
     prune_configs_by=_prune("N", "K"),
 )
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
@@ -205,6 +221,7 @@ def gate_up_swiglu_kernel(
     h_ptr,
     m_sizes_ptr,
     x_index_ptr,
+    add_ptr,
     N,
     K,
     num_experts,
@@ -218,8 +235,11 @@ def gate_up_swiglu_kernel(
     stride_gn,
     stride_hm,
     stride_hn,
+    stride_addm,
+    stride_addn,
     GATHER_A: tl.constexpr,
     STORE_GATE_UP: tl.constexpr,
+    HAS_ADD: tl.constexpr,
     PRECISION: tl.constexpr,
     E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -230,8 +250,8 @@ def gate_up_swiglu_kernel(
     """``h = silu(gate) * up`` with ``gate = X[x_row(r)] @ W[e, :N]ᵀ`` and ``up = X[x_row(r)] @ W[e, N:]ᵀ``.
 
     ``W`` is ``[E, 2N, K]`` (gate rows, then up rows); one program computes a column tile of both halves from
-    the same loaded rows of ``X``. ``gate_up [rows, 2N]`` (the pre-activations, for backward) is written when
-    ``STORE_GATE_UP``.
+    the same loaded rows of ``X``. ``ADD [rows, 2N]`` (e.g. a LoRA delta) joins the pre-activations, and
+    ``gate_up [rows, 2N]`` (the pre-activations, for backward) is written when ``STORE_GATE_UP``.
     """
     pid = tl.program_id(0)
     expert, row0, row_end, pid_n = _expert_tile(
@@ -269,6 +289,9 @@ def gate_up_swiglu_kernel(
         gate_ptrs += BLOCK_K * stride_wk
         up_ptrs += BLOCK_K * stride_wk
 
+    if HAS_ADD:
+        gate += _load_tile(add_ptr, rows, offs_n, row_mask, n_mask, stride_addm, stride_addn)
+        up += _load_tile(add_ptr, rows, N + offs_n, row_mask, n_mask, stride_addm, stride_addn)
     mask = row_mask[:, None] & n_mask[None, :]
     out_type = h_ptr.dtype.element_ty
     if STORE_GATE_UP:
@@ -285,7 +308,7 @@ def gate_up_swiglu_kernel(
 
 @triton.autotune(
     configs=_configs(TILE_CONFIGS),
-    key=["N", "K", "ROWS_PER_EXPERT"],
+    key=["N", "K", "ROWS_PER_EXPERT", "HAS_ADD"],
     prune_configs_by=_prune("N", "K"),
     reset_to_zero=["d_scale_ptr"],  # each tile size writes its own number of partial sums: none may linger
 )
@@ -300,6 +323,7 @@ def swiglu_backward_kernel(
     d_scale_ptr,
     m_sizes_ptr,
     dy_index_ptr,
+    add_ptr,
     N,
     K,
     num_experts,
@@ -314,6 +338,9 @@ def swiglu_backward_kernel(
     stride_dgm,
     stride_dgn,
     stride_dsm,
+    stride_addm,
+    stride_addn,
+    HAS_ADD: tl.constexpr,
     PRECISION: tl.constexpr,
     E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -327,6 +354,7 @@ def swiglu_backward_kernel(
     then per element: ``d_scale += g * h``, ``dh = scale * g``, ``d_up = dh * silu(gate)``,
     ``d_gate = dh * up * silu'(gate)``. Writes ``d_gate_up [rows, 2N]`` and this column tile's share of the
     routing weight's gradient, ``d_scale[r, pid_n]`` (summed over tiles by the caller: no atomics).
+    ``ADD [rows, N]`` joins ``g``: the gradient reaching ``h`` through a LoRA on the down projection.
     """
     pid = tl.program_id(0)
     expert, row0, row_end, pid_n = _expert_tile(
@@ -358,6 +386,8 @@ def swiglu_backward_kernel(
         dy_ptrs += BLOCK_K * stride_dyk
         w_ptrs += BLOCK_K * stride_wk
 
+    if HAS_ADD:
+        g += _load_tile(add_ptr, rows, offs_n, row_mask, n_mask, stride_addm, stride_addn)
     mask = row_mask[:, None] & n_mask[None, :]
     g_ptrs = gate_up_ptr + rows.to(tl.int64)[:, None] * stride_gm + offs_n[None, :] * stride_gn
     gate = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)

@@ -69,14 +69,11 @@ def _thin(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, m_sizes: 
     return moe_fused_linear(moe_fused_linear(x, lora_A, m_sizes), lora_B, m_sizes)
 
 
-def gate_up_lora_delta(
-    x: torch.Tensor, adapter: ExpertsLora, intermediate: int, m_sizes: torch.Tensor
-) -> torch.Tensor | None:
-    """The adapter's term for the ``[rows, 2I]`` gate/up output (gate columns first), ``None`` if neither is adapted.
-
-    Gate and up ``A`` are stacked along the rank so ``x`` is read once; ``B`` becomes block-diagonal
-    ``[E, 2I, r_gate + r_up]`` with the scalings folded in (a small copy of the factors, not of ``W``).
-    """
+def gate_up_factors(adapter: ExpertsLora, intermediate: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The adapter's gate and up factors as one pair for the ``[rows, 2I]`` gate/up output (``None`` if neither
+    is adapted): ``A [E, r_gate + r_up, in]`` stacked along the rank, so ``x`` is read once, and a
+    block-diagonal ``B [E, 2I, r_gate + r_up]`` with the scalings folded in (a small copy of the factors, not of
+    ``W``). Built with differentiable ops: gradients reach each projection's own factors."""
     halves = [adapter.gate, adapter.up]
     if halves == [None, None]:
         return None
@@ -92,13 +89,25 @@ def gate_up_lora_delta(
         scaled = half.lora_B * half.scaling
         blocks.append(torch.nn.functional.pad(scaled, (col, rank - col - r)))
         col += r
-    return _thin(_dropout(adapter, x), lora_A, torch.cat(blocks, dim=1), m_sizes)
+    return lora_A, torch.cat(blocks, dim=1)
+
+
+def down_factors(adapter: ExpertsLora) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The adapter's down factors ``(A [E, r, I], scaling * B [E, H, r])``, ``None`` if down is not adapted."""
+    if adapter.down is None:
+        return None
+    return adapter.down.lora_A, adapter.down.lora_B * adapter.down.scaling
+
+
+def gate_up_lora_delta(
+    x: torch.Tensor, adapter: ExpertsLora, intermediate: int, m_sizes: torch.Tensor
+) -> torch.Tensor | None:
+    """The adapter's term for the ``[rows, 2I]`` gate/up output (gate columns first), ``None`` if neither is adapted."""
+    factors = gate_up_factors(adapter, intermediate)
+    return None if factors is None else _thin(_dropout(adapter, x), *factors, m_sizes)
 
 
 def down_lora_delta(x: torch.Tensor, adapter: ExpertsLora, m_sizes: torch.Tensor) -> torch.Tensor | None:
     """The adapter's term for the down projection's ``[rows, H]`` output, ``None`` if down is not adapted."""
-    if adapter.down is None:
-        return None
-    return _thin(
-        _dropout(adapter, x), adapter.down.lora_A, adapter.down.lora_B * adapter.down.scaling, m_sizes
-    )
+    factors = down_factors(adapter)
+    return None if factors is None else _thin(_dropout(adapter, x), *factors, m_sizes)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .backend import use_triton
 from .grouped_gemm import moe_fused_linear
 from .lora import ExpertsLora, check_lora_weights, down_lora_delta, gate_up_lora_delta
-from .routing import ExpertRouting, check_top_k_index, route
+from .routing import check_top_k_index, route
 
 
 def check_experts_inputs(
@@ -95,96 +95,6 @@ def is_silu(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
     return act_fn is F.silu or isinstance(act_fn, torch.nn.SiLU) or type(act_fn).__name__ == "SiLUActivation"
 
 
-class _FusedSwiGLUExperts(torch.autograd.Function):
-    """The Triton path: gather fused into the gate/up GEMM, SwiGLU into its epilogue, the routing-weight multiply
-    and the combine into the down GEMM's epilogue. Saved for backward: the pre-activations ``[S, 2I]`` and
-    ``h [S, I]`` (the down GEMM's input, for its weight gradient), nothing of size ``[S, H]``."""
-
-    @staticmethod
-    def forward(
-        ctx,
-        hidden_states: torch.Tensor,
-        gate_up_proj: torch.Tensor,
-        down_proj: torch.Tensor,
-        top_k_weights: torch.Tensor,
-        routing: ExpertRouting,
-        deterministic: bool,
-        needs_grad: bool,
-    ) -> torch.Tensor:
-        from . import triton_gemm
-
-        num_tokens, hidden = hidden_states.shape
-        x = hidden_states.to(gate_up_proj.dtype)
-        scale = top_k_weights.reshape(-1)[routing.sorted_slots]
-        h, gate_up = triton_gemm.gate_up_swiglu(
-            x, gate_up_proj, routing.m_sizes, routing.token_index, store_gate_up=needs_grad
-        )
-        out = _combine(
-            lambda **where: triton_gemm.grouped_gemm(h, down_proj, routing.m_sizes, row_scale=scale, **where),
-            routing,
-            num_tokens,
-            hidden,
-            down_proj.dtype,
-            deterministic,
-        )
-        ctx.save_for_backward(x, gate_up_proj, down_proj, gate_up, h, scale)
-        ctx.routing, ctx.deterministic, ctx.weights_dtype = routing, deterministic, top_k_weights.dtype
-        return out.to(hidden_states.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        from . import triton_gemm
-
-        x, gate_up_proj, down_proj, gate_up, h, scale = ctx.saved_tensors
-        routing: ExpertRouting = ctx.routing
-        m_sizes, token_index = routing.m_sizes, routing.token_index
-        grad_out = grad_out.to(down_proj.dtype)
-        d_gate_up, d_scale = triton_gemm.swiglu_backward(
-            grad_out, down_proj, gate_up, scale, m_sizes, token_index
-        )
-        grad_x = grad_gate_up_proj = grad_down_proj = grad_weights = None
-        if ctx.needs_input_grad[0]:
-            weight_t = gate_up_proj.transpose(1, 2)
-            grad_x = _combine(
-                lambda **where: triton_gemm.grouped_gemm(d_gate_up, weight_t, m_sizes, **where),
-                routing,
-                x.shape[0],
-                x.shape[1],
-                x.dtype,
-                ctx.deterministic,
-            )
-        if ctx.needs_input_grad[1]:
-            grad_gate_up_proj = triton_gemm.grouped_weight_grad(d_gate_up, x, m_sizes, b_index=token_index)
-        if ctx.needs_input_grad[2]:
-            grad_down_proj = triton_gemm.grouped_weight_grad(
-                grad_out, h, m_sizes, a_index=token_index, row_scale=scale
-            )
-        if ctx.needs_input_grad[3]:
-            grad_weights = torch.empty_like(d_scale)
-            grad_weights[routing.sorted_slots] = d_scale
-            grad_weights = grad_weights.view(x.shape[0], routing.top_k).to(ctx.weights_dtype)
-        return grad_x, grad_gate_up_proj, grad_down_proj, grad_weights, None, None, None
-
-
-def _combine(
-    gemm: Callable[..., torch.Tensor],
-    routing: ExpertRouting,
-    num_tokens: int,
-    width: int,
-    dtype: torch.dtype,
-    deterministic: bool,
-) -> torch.Tensor:
-    """Sum each token's ``K`` expert rows straight from the GEMM's epilogue: atomic adds into an fp32 ``[T, H]``,
-    or, deterministic, a store of every row at its slot ``t * K + k`` and a sum over ``K``."""
-    if deterministic:
-        slots = torch.empty(num_tokens * routing.top_k, width, device=routing.m_sizes.device, dtype=dtype)
-        gemm(out=slots, out_index=routing.sorted_slots)
-        return slots.view(num_tokens, routing.top_k, width).sum(dim=1)
-    total = torch.zeros(num_tokens, width, device=routing.m_sizes.device, dtype=torch.float32)
-    gemm(out=total, out_index=routing.token_index, accumulate=True)
-    return total.to(dtype)
-
-
 def fused_experts(
     hidden_states: torch.Tensor,
     gate_up_proj: torch.Tensor,
@@ -207,7 +117,8 @@ def fused_experts(
         top_k_weights: ``[T, K]`` routing weights (differentiable: the router learns through them).
         act_fn: activation applied to the gate half (SiLU gives SwiGLU).
         lora: LoRA adapters added to the projections (see :mod:`moefuse.ops.lora`), each as two thin
-            grouped GEMMs on the grouped rows; ``W + B·A`` is never formed.
+            grouped GEMMs on the grouped rows; ``W + B·A`` is never formed. On the Triton path one adapter
+            runs fused (its terms join the base GEMMs' epilogues); several adapters run composed.
         deterministic: on the Triton path, combine the experts' outputs (and the input gradient) without
             atomics, so results repeat bit for bit; default: ``torch.are_deterministic_algorithms_enabled()``.
         check_index_range: check that every id in ``top_k_index`` is an expert (one host sync on CUDA); a
@@ -230,10 +141,14 @@ def fused_experts(
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
 
-    if not lora and is_silu(act_fn) and use_triton(hidden_states):
-        inputs = (hidden_states, gate_up_proj, down_proj, top_k_weights)
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-        return _FusedSwiGLUExperts.apply(*inputs, routing, deterministic, needs_grad)
+    if is_silu(act_fn) and use_triton(hidden_states):
+        from .moe_triton import triton_fused_experts
+
+        out = triton_fused_experts(
+            hidden_states, gate_up_proj, down_proj, top_k_weights, routing, lora, deterministic
+        )
+        if out is not None:
+            return out
 
     # The composed path: a grouped copy of the rows, then grouped GEMMs (Triton or PyTorch) and PyTorch ops.
     x = hidden_states[routing.token_index]

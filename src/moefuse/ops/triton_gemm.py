@@ -45,8 +45,12 @@ def _tile_grid(m_sizes: torch.Tensor, rows: int, n: int):
 
 
 def _index(index: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """The kernels take a pointer for every index; an absent one is never read (its flag is off)."""
+    """The kernels take a pointer for every optional operand; an absent one is never read (its flag is off)."""
     return like if index is None else index
+
+
+def _strides(t: torch.Tensor | None) -> tuple[int, int]:
+    return (0, 0) if t is None else (t.stride(0), t.stride(1))
 
 
 def grouped_gemm(
@@ -59,8 +63,10 @@ def grouped_gemm(
     out_index: torch.Tensor | None = None,
     row_scale: torch.Tensor | None = None,
     accumulate: bool = False,
+    add: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``out[out_row(r)] (+)= row_scale[r] * a[a_row(r)] @ b[e(r)]ᵀ`` over the ``R = m_sizes.sum()`` grouped rows.
+    """``out[out_row(r)] (+)= row_scale[r] * (a[a_row(r)] @ b[e(r)]ᵀ + add[r])`` over the ``R = m_sizes.sum()``
+    grouped rows.
 
     Args:
         a: ``[R, K]`` in grouped order, or any ``[T, K]`` read through ``a_index [R]``.
@@ -70,6 +76,7 @@ def grouped_gemm(
         out: where to write; ``[R, N]`` (new) unless given. With ``out_index``, row ``r`` goes to ``out[out_index[r]]``.
         row_scale: ``[R]`` per-row factor applied in the epilogue.
         accumulate: add into ``out`` atomically (``out`` must be given, ideally fp32) instead of storing.
+        add: ``[R, N]`` in grouped order, added before the scale (a LoRA delta, say).
     """
     num_experts, n, k = b.shape
     rows = a_index.numel() if a_index is not None else a.shape[0]
@@ -85,6 +92,7 @@ def grouped_gemm(
         _index(a_index, m_sizes),
         _index(out_index, m_sizes),
         _index(row_scale, out),
+        _index(add, out),
         n,
         k,
         num_experts,
@@ -96,10 +104,12 @@ def grouped_gemm(
         b.stride(2),
         out.stride(0),
         out.stride(1),
+        *_strides(add),
         GATHER_A=a_index is not None,
         SCATTER_C=out_index is not None,
         SCALE_ROWS=row_scale is not None,
         ATOMIC_ADD=accumulate,
+        HAS_ADD=add is not None,
         PRECISION=_precision(b.dtype),
         E_POW2=_experts_pow2(num_experts),
     )
@@ -113,8 +123,10 @@ def gate_up_swiglu(
     x_index: torch.Tensor,
     *,
     store_gate_up: bool,
+    add: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``h = silu(gate) * up`` for the grouped rows ``x[x_index]``: ``(h [R, I], gate_up [R, 2I] or None)``."""
+    """``h = silu(gate) * up`` for the grouped rows ``x[x_index]``: ``(h [R, I], gate_up [R, 2I] or None)``;
+    ``add [R, 2I]`` joins the pre-activations (a LoRA delta)."""
     num_experts, two_i, hidden = gate_up_proj.shape
     inter = two_i // 2
     rows = x_index.numel()
@@ -129,6 +141,7 @@ def gate_up_swiglu(
         h,
         m_sizes,
         x_index,
+        _index(add, h),
         inter,
         hidden,
         num_experts,
@@ -142,8 +155,10 @@ def gate_up_swiglu(
         0 if gate_up is None else gate_up.stride(1),
         h.stride(0),
         h.stride(1),
+        *_strides(add),
         GATHER_A=True,
         STORE_GATE_UP=store_gate_up,
+        HAS_ADD=add is not None,
         PRECISION=_precision(gate_up_proj.dtype),
         E_POW2=_experts_pow2(num_experts),
     )
@@ -157,10 +172,12 @@ def swiglu_backward(
     row_scale: torch.Tensor,
     m_sizes: torch.Tensor,
     grad_index: torch.Tensor,
+    add: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients through ``scale * down(silu(gate) * up)`` for the grouped rows: ``(d_gate_up [R, 2I], d_scale [R])``.
 
-    ``grad_out [T, H]`` is read through ``grad_index`` (each grouped row's token); ``down_proj [E, H, I]``.
+    ``grad_out [T, H]`` is read through ``grad_index`` (each grouped row's token); ``down_proj [E, H, I]``;
+    ``add [R, I]`` joins the gradient reaching ``silu(gate) * up`` (from a LoRA on the down projection).
     """
     num_experts, hidden, inter = down_proj.shape
     rows = gate_up.shape[0]
@@ -178,6 +195,7 @@ def swiglu_backward(
         partial,
         m_sizes,
         grad_index,
+        _index(add, d_gate_up),
         inter,
         hidden,
         num_experts,
@@ -192,6 +210,8 @@ def swiglu_backward(
         d_gate_up.stride(0),
         d_gate_up.stride(1),
         partial.stride(0),
+        *_strides(add),
+        HAS_ADD=add is not None,
         PRECISION=_precision(down_proj.dtype),
         E_POW2=_experts_pow2(num_experts),
     )

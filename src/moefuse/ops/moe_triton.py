@@ -1,0 +1,232 @@
+"""The experts on the Triton kernels: one autograd function for the whole SwiGLU experts block, LoRA included.
+
+Forward: the gather of token rows is fused into the gate/up GEMM's loads, SwiGLU into its epilogue, and the
+routing-weight multiply and the combine into the down GEMM's epilogue. A LoRA adapter adds, per projection,
+two thin grouped GEMMs (``t = x·Aᵀ`` then ``t·Bᵀ``) whose result joins the base GEMM's epilogue: ``W + B·A`` is
+never formed. Saved for backward: the pre-activations ``[S, 2I]``, ``h [S, I]`` and the thin ``t``s (plus the
+dropout masks when dropout is on); nothing of size ``[S, H]``.
+
+Backward computes only what is asked for: with frozen base weights (LoRA) there is no base ``dW``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import triton_gemm as tg
+from .lora import ExpertsLora, down_factors, gate_up_factors
+from .routing import ExpertRouting
+
+
+def lora_dropout_p(adapter: ExpertsLora) -> float | None:
+    """The dropout probability the fused path applies for ``adapter``, or ``None`` when it cannot (a custom
+    callable: the composed path runs it as given)."""
+    dropout = adapter.dropout
+    if dropout is None or isinstance(dropout, torch.nn.Identity):
+        return 0.0
+    if isinstance(dropout, torch.nn.Dropout):
+        return dropout.p if dropout.training else 0.0
+    return None
+
+
+def _mask(like: torch.Tensor, p: float) -> torch.Tensor:
+    """PEFT-style inverted dropout mask: 0 or ``1 / (1 - p)`` per element."""
+    return F.dropout(torch.ones_like(like), p, training=True)
+
+
+def _combine(
+    gemm: Callable[..., torch.Tensor],
+    routing: ExpertRouting,
+    num_tokens: int,
+    width: int,
+    dtype: torch.dtype,
+    deterministic: bool,
+) -> torch.Tensor:
+    """Sum each token's ``K`` expert rows straight from the GEMM's epilogue: atomic adds into an fp32 ``[T, H]``,
+    or, deterministic, a store of every row at its slot ``t * K + k`` and a sum over ``K``."""
+    if deterministic:
+        slots = torch.empty(num_tokens * routing.top_k, width, device=routing.m_sizes.device, dtype=dtype)
+        gemm(out=slots, out_index=routing.sorted_slots)
+        return slots.view(num_tokens, routing.top_k, width).sum(dim=1)
+    total = torch.zeros(num_tokens, width, device=routing.m_sizes.device, dtype=torch.float32)
+    gemm(out=total, out_index=routing.token_index, accumulate=True)
+    return total.to(dtype)
+
+
+class _TritonExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        hidden_states: torch.Tensor,
+        gate_up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        gate_up_a: torch.Tensor | None,
+        gate_up_b: torch.Tensor | None,
+        down_a: torch.Tensor | None,
+        down_b: torch.Tensor | None,
+        routing: ExpertRouting,
+        deterministic: bool,
+        needs_grad: bool,
+        dropout_p: float,
+    ) -> torch.Tensor:
+        num_tokens, hidden = hidden_states.shape
+        m_sizes, token_index = routing.m_sizes, routing.token_index
+        x = hidden_states.to(gate_up_proj.dtype)
+        scale = top_k_weights.reshape(-1)[routing.sorted_slots]
+
+        gate_up_delta = t = x_mask = None
+        if gate_up_a is not None:
+            if dropout_p > 0:  # each (token, expert) row its own mask, as PEFT's per-expert Linear layers
+                rows = x[token_index]
+                x_mask = _mask(rows, dropout_p)
+                t = tg.grouped_gemm(rows * x_mask, gate_up_a, m_sizes)
+            else:
+                t = tg.grouped_gemm(x, gate_up_a, m_sizes, a_index=token_index)
+            gate_up_delta = tg.grouped_gemm(t, gate_up_b, m_sizes)
+        h, gate_up = tg.gate_up_swiglu(
+            x, gate_up_proj, m_sizes, token_index, store_gate_up=needs_grad, add=gate_up_delta
+        )
+        del gate_up_delta
+
+        down_delta = td = h_mask = None
+        if down_a is not None:
+            h_mask = _mask(h, dropout_p) if dropout_p > 0 else None
+            td = tg.grouped_gemm(h if h_mask is None else h * h_mask, down_a, m_sizes)
+            down_delta = tg.grouped_gemm(td, down_b, m_sizes)
+        out = _combine(
+            lambda **where: tg.grouped_gemm(h, down_proj, m_sizes, row_scale=scale, add=down_delta, **where),
+            routing,
+            num_tokens,
+            hidden,
+            down_proj.dtype,
+            deterministic,
+        )
+        ctx.save_for_backward(
+            x,
+            gate_up_proj,
+            down_proj,
+            gate_up,
+            h,
+            scale,
+            gate_up_a,
+            gate_up_b,
+            t,
+            x_mask,
+            down_a,
+            down_b,
+            td,
+            h_mask,
+        )
+        ctx.routing, ctx.deterministic, ctx.weights_dtype = routing, deterministic, top_k_weights.dtype
+        return out.to(hidden_states.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (
+            x,
+            gate_up_proj,
+            down_proj,
+            gate_up,
+            h,
+            scale,
+            gate_up_a,
+            gate_up_b,
+            t,
+            x_mask,
+            down_a,
+            down_b,
+            td,
+            h_mask,
+        ) = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        routing: ExpertRouting = ctx.routing
+        m_sizes, token_index = routing.m_sizes, routing.token_index
+        grad_out = grad_out.to(down_proj.dtype)
+        grad = [None] * 12
+
+        # Down projection: its LoRA's gradient reaching h joins the SwiGLU backward's epilogue.
+        h_grad_lora = None
+        if down_a is not None:
+            u = tg.grouped_gemm(grad_out, down_b.transpose(1, 2), m_sizes, a_index=token_index)  # dY·B
+            h_grad_lora = tg.grouped_gemm(u, down_a.transpose(1, 2), m_sizes)  # dY·B·A
+            h_lora = h
+            if h_mask is not None:
+                h_grad_lora *= h_mask
+                h_lora = h * h_mask
+            if needs[6]:
+                grad[6] = tg.grouped_weight_grad(u, h_lora, m_sizes, row_scale=scale)
+            if needs[7]:
+                grad[7] = tg.grouped_weight_grad(grad_out, td, m_sizes, a_index=token_index, row_scale=scale)
+        d_gate_up, d_scale = tg.swiglu_backward(
+            grad_out, down_proj, gate_up, scale, m_sizes, token_index, add=h_grad_lora
+        )
+        del h_grad_lora
+        if needs[2]:
+            grad[2] = tg.grouped_weight_grad(grad_out, h, m_sizes, a_index=token_index, row_scale=scale)
+        if needs[3]:
+            weights_grad = torch.empty_like(d_scale)
+            weights_grad[routing.sorted_slots] = d_scale
+            grad[3] = weights_grad.view(x.shape[0], routing.top_k).to(ctx.weights_dtype)
+
+        # Gate/up projection.
+        x_grad_lora = None
+        if gate_up_a is not None:
+            x_rows = x[token_index] * x_mask if x_mask is not None else x
+            x_index = None if x_mask is not None else token_index
+            dt = tg.grouped_gemm(d_gate_up, gate_up_b.transpose(1, 2), m_sizes)  # dG·B
+            if needs[4]:
+                grad[4] = tg.grouped_weight_grad(dt, x_rows, m_sizes, b_index=x_index)
+            if needs[5]:
+                grad[5] = tg.grouped_weight_grad(d_gate_up, t, m_sizes)
+            if needs[0]:
+                x_grad_lora = tg.grouped_gemm(dt, gate_up_a.transpose(1, 2), m_sizes)  # dG·B·A, per row
+                if x_mask is not None:
+                    x_grad_lora *= x_mask
+        if needs[1]:
+            grad[1] = tg.grouped_weight_grad(d_gate_up, x, m_sizes, b_index=token_index)
+        if needs[0]:
+            weight_t = gate_up_proj.transpose(1, 2)
+            grad[0] = _combine(
+                lambda **where: tg.grouped_gemm(d_gate_up, weight_t, m_sizes, add=x_grad_lora, **where),
+                routing,
+                x.shape[0],
+                x.shape[1],
+                x.dtype,
+                ctx.deterministic,
+            )
+        return tuple(grad)
+
+
+def triton_fused_experts(
+    hidden_states: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    routing: ExpertRouting,
+    lora: Sequence[ExpertsLora],
+    deterministic: bool,
+) -> torch.Tensor | None:
+    """SwiGLU experts (with at most one LoRA adapter) on the Triton kernels; ``None`` when this path does not
+    apply (several adapters, or a dropout that is not ``nn.Dropout``) and the caller must compose instead."""
+    if len(lora) > 1:
+        return None
+    dtype = gate_up_proj.dtype
+    factors: list[torch.Tensor | None] = [None] * 4
+    dropout_p = 0.0
+    if lora:
+        adapter = lora[0]
+        p = lora_dropout_p(adapter)
+        if p is None:
+            return None
+        dropout_p = p
+        for i, pair in ((0, gate_up_factors(adapter, down_proj.shape[2])), (2, down_factors(adapter))):
+            if pair is not None:
+                # The GEMMs run in the base weights' dtype (PEFT may keep the factors in fp32).
+                factors[i], factors[i + 1] = (f.to(dtype) for f in pair)
+    inputs = (hidden_states, gate_up_proj, down_proj, top_k_weights, *factors)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    return _TritonExperts.apply(*inputs, routing, deterministic, needs_grad, dropout_p)
