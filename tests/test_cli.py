@@ -13,8 +13,23 @@ def test_help_lists_commands(capsys):
 def test_info_prints_versions_and_kernels(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    for key in ("moefuse", "torch", "transformers", "device", "grouped GEMM", "'moefuse' registered"):
+    for key in (
+        "moefuse",
+        "torch",
+        "transformers",
+        "device",
+        "backend",
+        "experts on cpu",
+        "'moefuse' registered",
+    ):
         assert key in out
+
+
+def test_info_names_the_forced_backend(capsys, monkeypatch):
+    monkeypatch.setenv("MOEFUSE_BACKEND", "torch")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch (MOEFUSE_BACKEND" in out and "PyTorch: torch.nn.functional.grouped_mm" in out
 
 
 def test_demo_agrees_with_eager(capsys):
