@@ -7,11 +7,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 gpu=$(python -c "import torch; print(''.join(c if c.isalnum() else '_' for c in torch.cuda.get_device_name()).strip('_'))")
 out=benchmarks/results
+bench() { PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" python -m moefuse.cli bench "$@"; }  # installed or not
 
 # The MoE block (router + experts), forward and forward+backward, 4096 and 16384 tokens.
-moefuse bench --level block --tokens 4096,16384 --output "$out/block_qwen3-30b-a3b_$gpu.json" --plots
+bench --level block --tokens 4096,16384 --output "$out/block_qwen3-30b-a3b_$gpu.json" --plots
 # One grouped GEMM (gate_up and down projections) and its backward.
-moefuse bench --level op --tokens 4096,16384 --output "$out/op_qwen3-30b-a3b_$gpu.json" --plots
+bench --level op --tokens 4096,16384 --output "$out/op_qwen3-30b-a3b_$gpu.json" --plots
 # 4 decoder layers at full dims, one AdamW step: full fine-tune and LoRA r=16 on attention + experts.
-moefuse bench --level model --layers 4 --tokens 4096 --setups full,lora,qlora --lora-rank 16 \
+bench --level model --layers 4 --tokens 4096 --setups full,lora,qlora --lora-rank 16 \
     --output "$out/model_qwen3-30b-a3b_$gpu.json" --plots

@@ -202,7 +202,7 @@ def _print_plots(result: dict, json_path: Path) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .report import load_results, markdown_tables, terminal_table, update_readme
+    from .report import load_results, markdown_tables, ordered_rows, terminal_table, update_readme
 
     if args.report:
         results = load_results(args.report)
@@ -225,7 +225,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(_json_safe(result), indent=1) + "\n")
-    print(terminal_table(result["rows"]))
+    print(terminal_table(ordered_rows(result["rows"], result)))
     print(f"wrote {output}")
     if args.plots:
         _print_plots(result, output)

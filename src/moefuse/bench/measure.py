@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import torch
 
@@ -116,6 +117,25 @@ def _nvidia_driver() -> str:
         return "unknown"
 
 
+def _git_commit() -> str:
+    """The commit of the moefuse checkout running (``+dirty`` with uncommitted changes), where it is one."""
+    source = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=20, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "."],
+            cwd=source.parent,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
 def environment(device: torch.device) -> dict:
     """Where the figures were measured: device, driver and library versions."""
     import moefuse
@@ -125,6 +145,7 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "moefuse": moefuse.__version__,
+        "moefuse_commit": _git_commit(),
         **{pkg: _version(pkg) for pkg in ("torch", "triton", "transformers", "peft")},
         "cpu_threads": torch.get_num_threads(),
     }

@@ -49,7 +49,7 @@ def _cells(row: dict) -> dict[str, str]:
     peak = row.get("fraction_of_dense_peak")
     return {
         **cells,
-        "ms": f"{row['median_ms']:.3g}",
+        "ms": _number(row["median_ms"]),
         "tokens/s": _number(row["tokens_per_s"]),
         "TFLOP/s": _number(row["tflops"]),
         "% dense": "-" if peak is None else f"{100 * peak:.0f}%",
@@ -77,6 +77,22 @@ TERMINAL_COLUMNS = (
 )
 
 
+def ordered_rows(rows: list[dict], result: dict) -> list[dict]:
+    """By level, token count, group and mode as run, then the implementations in the order asked for."""
+
+    def first_seen(field: str) -> dict:
+        return {value: i for i, value in enumerate(dict.fromkeys(r[field] for r in result["rows"]))}
+
+    levels, groups, modes = first_seen("level"), first_seen("group"), first_seen("mode")
+    implementations = {name: i for i, name in enumerate(result["implementations"])}
+
+    def key(row: dict) -> tuple:
+        where = (levels[row["level"]], row["tokens"], groups[row["group"]], modes[row["mode"]])
+        return (*where, implementations[row["implementation"]])
+
+    return sorted(rows, key=key)
+
+
 def terminal_table(rows: list[dict]) -> str:
     """Aligned plain-text table of every row (an error takes the place of the figures)."""
     cells = [_cells(row) for row in rows]
@@ -98,12 +114,16 @@ def _level_heading(result: dict, level: str, path: str) -> str:
     device = env.get("gpu") or f"CPU ({env.get('cpu', '?')})"
     dense = result["dense_matmul"]
     title = result["descriptions"][level].format(layers=result["options"].get("layers"))
+    commit = env.get("moefuse_commit", "unknown")
+    moefuse = env["moefuse"] + (
+        "" if commit == "unknown" else f" ({commit[:7]}{commit[40:]})"
+    )  # commit+dirty
     versions = ", ".join(
-        f"{pkg} {env[pkg]}" for pkg in ("moefuse", "torch", "triton", "transformers", "peft")
+        [f"moefuse {moefuse}", *(f"{pkg} {env[pkg]}" for pkg in ("torch", "triton", "transformers", "peft"))]
     )
     return (
         f"**{level}**: {title}; `{result['config']['name']}` shapes, {result['dtype']}, on **{device}** "
-        f"(dense {dense['dtype']} matmul measured in the same run: {dense['tflops']:.0f} TFLOP/s). "
+        f"(dense {dense['dtype']} matmul measured in the same run: {_number(dense['tflops'])} TFLOP/s). "
         f"{versions}. Source: `{path}`."
     )
 
@@ -121,7 +141,9 @@ def markdown_tables(results: list[tuple[str, dict]]) -> str:
                 "a run whose outputs disagree is not a result: rerun it"
             )
         for level in result["levels"]:
-            rows = [r for r in result["rows"] if r["level"] == level and "median_ms" in r]
+            rows = ordered_rows(
+                [r for r in result["rows"] if r["level"] == level and "median_ms" in r], result
+            )
             if not rows:
                 continue
             columns = [c for c in MARKDOWN_COLUMNS if c != "group" or any(r["group"] for r in rows)]
