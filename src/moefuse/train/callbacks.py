@@ -32,6 +32,11 @@ GPU_PEAK_TFLOPS = (
 _EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
+def num_experts(config: PretrainedConfig) -> int | None:
+    """The routed experts per MoE layer, whatever the family calls the field."""
+    return next((getattr(config, k) for k in _EXPERT_COUNT_FIELDS if getattr(config, k, None)), None)
+
+
 def device_peak_tflops(device: torch.device) -> float | None:
     """The bf16 datasheet peak of ``device`` if it is a GPU we know, else ``None``."""
     if device.type != "cuda":
@@ -54,7 +59,7 @@ class FlopsModel:
 
     @classmethod
     def of(cls, model: nn.Module, config: PretrainedConfig) -> FlopsModel:
-        experts = next((getattr(config, k) for k in _EXPERT_COUNT_FIELDS if getattr(config, k, None)), None)
+        experts = num_experts(config)
         expert_share = config.num_experts_per_tok / experts if experts else 1.0
         embedding = model.get_input_embeddings().weight
         tied = getattr(config, "tie_word_embeddings", False)

@@ -17,7 +17,7 @@ from trl import SFTConfig, SFTTrainer
 
 from ..convert import convert_lora_to_unfused
 from ..experts import EXPERTS_IMPLEMENTATION
-from .callbacks import ThroughputCallback, add_throughput_callback
+from .callbacks import ThroughputCallback, add_throughput_callback, num_experts
 from .config import MoefuseTrainArguments, TrainConfigError, parse_train_args
 from .data import is_conversational, load_train_dataset
 from .model import (
@@ -83,11 +83,7 @@ def _describe(
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     config = source.config
-    experts = next(
-        getattr(config, k)
-        for k in ("num_experts", "num_local_experts", "n_routed_experts")
-        if hasattr(config, k)
-    )
+    experts = num_experts(config)
     return (
         f"moefuse train: {source.description}\n"
         f"  model      {config.model_type}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
