@@ -42,8 +42,10 @@ def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -
 # factors (N or K = rank, 8-64). Configs wider than the problem are pruned before tuning. The thick ones are
 # the winners of a wider sweep on an H100 at 4k and 16k tokens (README, "Performance").
 TILE_CONFIGS = [
-    _config(128, 256, 64, 8, 4),
-    _config(128, 128, 64, 8, 3),
+    _config(128, 128, 64, 8, 3),  # first: fits every kernel, so it is the one taken without tuning
+    _config(
+        128, 256, 64, 8, 4
+    ),  # too much shared memory for gate/up's two weight tiles: tuning skips it there
     _config(128, 128, 64, 8, 4),
     _config(64, 128, 64, 4, 4),
     _config(64, 64, 64, 4, 4),
@@ -66,13 +68,19 @@ INTERPRET_CONFIGS = [_config(32, 64, 32, 1, 1)]
 
 
 def _prune(n_name: str, k_name: str):
-    """Drop configs whose tile is much wider than the problem (a rank-16 LoRA factor needs no 256-wide tile)."""
+    """Drop configs whose tile is much wider than the problem (a rank-16 LoRA factor needs no 256-wide tile).
+
+    Small problems (under 64 rows per expert, e.g. short batches) take the first fitting config with a short
+    row block instead of being tuned: tuning each new small shape would cost more than it could win.
+    """
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         n_cap = max(16, triton.next_power_of_2(named_args[n_name]))
         k_cap = max(16, triton.next_power_of_2(named_args[k_name]))
         kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap]
         kept = kept or configs[-1:]
+        if named_args["ROWS_PER_EXPERT"] < 64:
+            return [next((c for c in kept if c.kwargs["BLOCK_M"] <= 64), kept[0])]
         return kept if AUTOTUNE else kept[:1]
 
     return {"early_config_prune": prune}
@@ -122,6 +130,7 @@ def _load_tile(ptr, rows, cols, row_mask, col_mask, stride_m, stride_n):
     configs=_configs(TILE_CONFIGS),
     key=["N", "K", "ROWS_PER_EXPERT", "GATHER_A", "SCATTER_C", "ATOMIC_ADD", "HAS_ADD"],
     prune_configs_by=_prune("N", "K"),
+    cache_results=True,  # tuned configs persist in Triton's cache: a second run does not tune again
     restore_value=["c_ptr"],  # tuning runs must not leave their atomic adds in the output
 )
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
@@ -211,6 +220,7 @@ def grouped_gemm_kernel(
     configs=_configs(TILE_CONFIGS),
     key=["N", "K", "ROWS_PER_EXPERT", "GATHER_A", "STORE_GATE_UP", "HAS_ADD"],
     prune_configs_by=_prune("N", "K"),
+    cache_results=True,  # tuned configs persist in Triton's cache: a second run does not tune again
 )
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
@@ -310,6 +320,7 @@ def gate_up_swiglu_kernel(
     configs=_configs(TILE_CONFIGS),
     key=["N", "K", "ROWS_PER_EXPERT", "HAS_ADD"],
     prune_configs_by=_prune("N", "K"),
+    cache_results=True,  # tuned configs persist in Triton's cache: a second run does not tune again
     reset_to_zero=["d_scale_ptr"],  # each tile size writes its own number of partial sums: none may linger
 )
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
@@ -411,6 +422,7 @@ def swiglu_backward_kernel(
     configs=_configs(WEIGHT_GRAD_CONFIGS),
     key=["N", "K", "ROWS_PER_EXPERT", "GATHER_A", "GATHER_B", "SCALE_ROWS"],
     prune_configs_by=_prune("N", "K"),
+    cache_results=True,  # tuned configs persist in Triton's cache: a second run does not tune again
 )
 @triton.jit
 def grouped_weight_grad_kernel(
