@@ -117,3 +117,19 @@ def test_unreadable_checkpoints_fail_clearly(hub_checkpoint, tmp_path):
     shard.write_bytes(shard.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="model-00001-of-00002.safetensors: unreadable"):
         Qwen3MoeFusedForCausalLM.from_pretrained(trunc)
+
+
+@pytest.mark.parametrize("cls", [Qwen3MoeFusedForCausalLM, Qwen3MoeFusedModel])
+def test_switches_experts_implementation(cls):
+    """Constructing with another implementation and switching back and forth both work and agree."""
+    config = tiny_config("qwen3_moe", num_experts=8)
+    config._experts_implementation = "grouped_mm"
+    model = randomize_(cls(config)).eval()
+    assert model.config._experts_implementation == "grouped_mm"
+    ids = torch.randint(0, config.vocab_size, (2, 9))
+    with torch.no_grad():
+        reference = model(input_ids=ids)[0]
+        model.set_experts_implementation("moefuse")
+        torch.testing.assert_close(model(input_ids=ids)[0], reference, rtol=1e-4, atol=1e-5)
+        model.set_experts_implementation("grouped_mm")
+        torch.testing.assert_close(model(input_ids=ids)[0], reference, rtol=1e-4, atol=1e-5)

@@ -56,7 +56,16 @@ def _save_as_qwen3_moe(save_directory: str | os.PathLike, base_class_name: str) 
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-class Qwen3MoeFusedModel(Qwen3MoeModel):
+class _SwitchableExperts:
+    """Transformers allows ``set_experts_implementation`` only when the class's own module source holds
+    ``@use_experts_implementation``; the experts here are Transformers' Qwen3-MoE experts, which do use it."""
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return True
+
+
+class Qwen3MoeFusedModel(_SwitchableExperts, Qwen3MoeModel):
     """``Qwen3MoeModel`` whose experts run through moefuse by default."""
 
     def __init__(self, config: Qwen3MoeConfig):
@@ -72,7 +81,7 @@ class Qwen3MoeFusedModel(Qwen3MoeModel):
         _save_as_qwen3_moe(save_directory, "Qwen3MoeModel")
 
 
-class Qwen3MoeFusedForCausalLM(Qwen3MoeForCausalLM):
+class Qwen3MoeFusedForCausalLM(_SwitchableExperts, Qwen3MoeForCausalLM):
     """``Qwen3MoeForCausalLM`` whose experts run through moefuse by default, loading every known layout."""
 
     def __init__(self, config: Qwen3MoeConfig):
