@@ -131,6 +131,7 @@ def test_report_makes_markdown_tables_and_fills_readme(tiny_run, tmp_path, capsy
         "**block**: the model's sparse MoE block (router + experts); `qwen3-30b-a3b` shapes, fp32" in tables
     )
     assert "**model**: 2 decoder layers at the config's dims, one AdamW training step;" in tables
+    assert "Outputs and gradients checked against `eager`: largest relative error " in tables
     assert (
         "| tokens | group | mode | implementation | ms | tokens/s | TFLOP/s | peak GiB | vs grouped_mm | vs eager |"
         in tables

@@ -109,6 +109,16 @@ def terminal_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _agreement(result: dict, level: str) -> str:
+    checks = [r["check"] for r in result["rows"] if r["level"] == level and "check" in r]
+    compared = [c for c in checks if not c.get("is_reference")]
+    if not compared:
+        return "Nothing compared (one implementation)."
+    references = ", ".join(f"`{name}`" for name in dict.fromkeys(c["reference"] for c in compared))
+    worst = max(c["max_relative_error"] for c in compared)
+    return f"Outputs and gradients checked against {references}: largest relative error {worst:.1e}."
+
+
 def _level_heading(result: dict, level: str, path: str) -> str:
     env = result["environment"]
     device = env.get("gpu") or f"CPU ({env.get('cpu', '?')})"
@@ -124,7 +134,7 @@ def _level_heading(result: dict, level: str, path: str) -> str:
     return (
         f"**{level}**: {title}; `{result['config']['name']}` shapes, {result['dtype']}, on **{device}** "
         f"(dense {dense['dtype']} matmul measured in the same run: {_number(dense['tflops'])} TFLOP/s). "
-        f"{versions}. Source: `{path}`."
+        f"{versions}. {_agreement(result, level)} Source: `{path}`."
     )
 
 
