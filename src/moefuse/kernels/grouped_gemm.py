@@ -120,6 +120,44 @@ def _row_offsets(index_ptr, rows, row_mask, GATHER: tl.constexpr):
 
 
 @triton.jit
+def _matmul_tile(
+    a_ptr,
+    a_rows,
+    row_mask,
+    stride_am,
+    stride_ak,
+    b_ptr,
+    offs_n,
+    n_mask,
+    stride_bn,
+    stride_bk,
+    K,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """``sum_k A[a_rows, k] * B[offs_n, k]`` as an fp32 ``[BLOCK_M, BLOCK_N]`` tile (``b_ptr``: this expert's ``B``)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
+        else:
+            k_mask = offs_k < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
 def _load_tile(ptr, rows, cols, row_mask, col_mask, stride_m, stride_n):
     """A ``[rows, cols]`` tile of a row-major operand in grouped order, as fp32 (zeros outside the masks)."""
     ptrs = ptr + rows.to(tl.int64)[:, None] * stride_m + cols[None, :] * stride_n
@@ -183,25 +221,25 @@ def grouped_gemm_kernel(
     row_mask = rows < row_end
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
     a_rows = _row_offsets(a_index_ptr, rows, row_mask, GATHER_A)
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = (
-        b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    acc = _matmul_tile(
+        a_ptr,
+        a_rows,
+        row_mask,
+        stride_am,
+        stride_ak,
+        b_ptr + expert.to(tl.int64) * stride_be,
+        offs_n,
+        n_mask,
+        stride_bn,
+        stride_bk,
+        K,
+        PRECISION,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        EVEN_K,
     )
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
-        else:
-            k_mask = offs_k < K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
 
     if HAS_ADD:
         acc += _load_tile(add_ptr, rows, offs_n, row_mask, n_mask, stride_addm, stride_addn)
@@ -377,25 +415,25 @@ def swiglu_backward_kernel(
     row_mask = rows < row_end
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
     dy_rows = _row_offsets(dy_index_ptr, rows, row_mask, True)
-    dy_ptrs = dy_ptr + dy_rows[:, None] * stride_dym + offs_k[None, :] * stride_dyk
-    w_ptrs = (
-        w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    g = _matmul_tile(
+        dy_ptr,
+        dy_rows,
+        row_mask,
+        stride_dym,
+        stride_dyk,
+        w_ptr + expert.to(tl.int64) * stride_we,
+        offs_n,
+        n_mask,
+        stride_wn,
+        stride_wk,
+        K,
+        PRECISION,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        EVEN_K,
     )
-
-    g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
-        if EVEN_K:
-            dy = tl.load(dy_ptrs, mask=row_mask[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
-        else:
-            k_mask = offs_k < K - k * BLOCK_K
-            dy = tl.load(dy_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        g = tl.dot(dy, w, g, input_precision=PRECISION)
-        dy_ptrs += BLOCK_K * stride_dyk
-        w_ptrs += BLOCK_K * stride_wk
 
     if HAS_ADD:
         g += _load_tile(add_ptr, rows, offs_n, row_mask, n_mask, stride_addm, stride_addn)
