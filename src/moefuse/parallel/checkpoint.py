@@ -1,8 +1,8 @@
 """Checkpoints of expert-parallel models: each rank reads only its experts; saving gathers a normal checkpoint.
 
-Loading reads the expert stacks of any layout in :mod:`moefuse.convert.layouts` through safetensors'
-``get_slice``, so a rank touches ``1 / ep_size`` of the expert bytes; the dense tensors are read whole by every
-rank. Saving gathers the experts over the EP group and writes what ``save_pretrained`` writes for the
+Loading reads the expert stacks of any layout in :mod:`moefuse.convert.layouts` through its Transformers-layout
+view, row ranges only, so a rank touches ``1 / ep_size`` of the expert bytes; the dense tensors are read whole by
+every rank. Saving gathers the experts over the EP group and writes what ``save_pretrained`` writes for the
 unsharded model (the per-expert Hub layout), from the first rank.
 """
 
@@ -13,48 +13,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from transformers import AutoConfig
 
-from ..convert.layouts import Checkpoint, CheckpointError, detect_layout
+from ..convert.layouts import Checkpoint, CheckpointError, TransformersLayoutView, detect_layout
 from .expert_parallel import ExpertParallelShard, apply_expert_parallel, experts_modules
-
-
-def _read(ckpt: Checkpoint, key: str, rows: range | None = None) -> torch.Tensor:
-    if key not in ckpt.files:
-        raise CheckpointError(f"{ckpt.path}: no shard holds {key}; is this a checkpoint of the same model?")
-    with safe_open(ckpt.files[key], framework="pt") as f:
-        if rows is None:
-            return f.get_tensor(key)
-        return f.get_slice(key)[rows.start : rows.stop]
-
-
-def _read_local_experts(
-    ckpt: Checkpoint, layout: str, module_name: str, rows: range
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``gate_up_proj [L, 2I, H]`` and ``down_proj [L, H, I]`` of experts ``rows`` of one experts module."""
-    if layout == "transformers":
-        return _read(ckpt, f"{module_name}.gate_up_proj", rows), _read(ckpt, f"{module_name}.down_proj", rows)
-    if not module_name.endswith(".experts"):
-        raise CheckpointError(
-            f"{ckpt.path}: a {layout} checkpoint names experts '<...>.mlp.experts', the model's are '{module_name}'"
-        )
-    prefix = module_name.removesuffix(".experts")
-    if layout == "per_expert":
-        per_expert = [
-            [_read(ckpt, f"{module_name}.{e}.{p}_proj.weight") for e in rows] for p in ("gate", "up", "down")
-        ]
-        gate, up, down = (torch.stack(tensors) for tensors in per_expert)
-        return torch.cat([gate, up], dim=1), down
-    names = (
-        {p: f"{prefix}.experts.{p}_proj" for p in ("gate", "up", "down")}
-        if layout == "veomni"
-        else {p: f"{prefix}.{p}_proj.weight" for p in ("gate", "up", "down")}
-    )
-    gate_up = torch.cat([_read(ckpt, names["gate"], rows), _read(ckpt, names["up"], rows)], dim=1)
-    return gate_up, _read(ckpt, names["down"], rows)
 
 
 def load_expert_parallel_checkpoint(
@@ -67,6 +31,9 @@ def load_expert_parallel_checkpoint(
     are, the CPU for meta parameters)."""
     ckpt = Checkpoint.open(path)
     layout = detect_layout(ckpt.shapes)
+    if layout is None:
+        raise CheckpointError(f"{ckpt.path}: holds no expert tensors in a layout moefuse reads")
+    view = TransformersLayoutView(ckpt, layout)
     state = model.state_dict()
     loaded: dict[str, torch.Tensor] = {}
     for name, module in experts_modules(model):
@@ -75,13 +42,16 @@ def load_expert_parallel_checkpoint(
             raise ValueError(f"{name} is not expert-parallel; call apply_expert_parallel before loading")
         if getattr(module, "is_transposed", False):
             raise CheckpointError(f"{ckpt.path}: transposed expert storage ({name}) cannot be loaded sharded")
-        if layout is None:
-            raise CheckpointError(f"{ckpt.path}: holds no expert tensors in a layout moefuse reads")
-        gate_up, down = _read_local_experts(ckpt, layout, name, shard.expert_range)
-        loaded[f"{name}.gate_up_proj"], loaded[f"{name}.down_proj"] = gate_up, down
+        for projection in ("gate_up_proj", "down_proj"):
+            key = f"{name}.{projection}"
+            if key not in view:
+                raise CheckpointError(
+                    f"{ckpt.path}: no experts for {name} ({layout} layout); is this a checkpoint of the same model?"
+                )
+            loaded[key] = view.read(key, shard.expert_range)
     for key in state:
-        if key not in loaded and key in ckpt.files:
-            loaded[key] = _read(ckpt, key)
+        if key not in loaded and key in view:
+            loaded[key] = view[key]
     # Tied parameters (e.g. lm_head and the embeddings) are saved once: the others are re-tied below.
     aliases: dict[int, list[str]] = {}
     for key, param in model.named_parameters(remove_duplicate=False):
