@@ -391,3 +391,42 @@ def test_fused_lora_bf16_gpu(case, projections):
         got, want = getattr(lora, name), getattr(ref_lora, name)
         assert_close(got.lora_A.grad, want.lora_A.grad, torch.bfloat16, f"{name} lora_A")
         assert_close(got.lora_B.grad, want.lora_B.grad, torch.bfloat16, f"{name} lora_B")
+
+
+class _FakeCudaTensor:
+    """What the config pruning reads of a kernel's operand: is it on a GPU, which one, its element size."""
+
+    is_cuda = True
+    device = torch.device("cuda", 0)
+
+    def element_size(self) -> int:
+        return 2  # bf16
+
+
+@pytest.mark.parametrize("limit,gpu", [(232448, "H100"), (166912, "A100"), (101376, "RTX 4090 / L40 (sm89)")])
+@pytest.mark.parametrize("autotune", [True, False])
+def test_configs_fit_the_gpus_shared_memory(monkeypatch, limit, gpu, autotune):
+    from moefuse.kernels import grouped_gemm as kernels
+
+    # The count reproduces the one config an H100 refused during tuning (gate/up loads two weight tiles).
+    assert kernels.shared_memory(kernels._config(128, 256, 64, 8, 3), 2, 2, False) == 245760
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    monkeypatch.setattr(kernels, "AUTOTUNE", autotune)
+    monkeypatch.setattr(kernels, "shared_memory_limit", lambda index: limit)
+    cases = [  # (operand, weight tiles, weight grad, configs, N, K): Qwen3-30B-A3B's GEMMs
+        ("b_ptr", 1, False, kernels.TILE_CONFIGS, 2048, 768),
+        ("w_ptr", 2, False, kernels.TILE_CONFIGS, 768, 2048),
+        ("w_ptr", 1, False, kernels.TILE_CONFIGS, 768, 2048),
+        ("a_ptr", 1, True, kernels.WEIGHT_GRAD_CONFIGS, 1536, 2048),
+    ]
+    for operand, tiles, weight_grad, configs, n, k in cases:
+        prune = kernels._prune("N", "K", operand, weight_tiles=tiles, weight_grad=weight_grad)[
+            "early_config_prune"
+        ]
+        for rows_per_expert in (16, 256, 1024):
+            args = {"N": n, "K": k, "ROWS_PER_EXPERT": rows_per_expert, operand: _FakeCudaTensor()}
+            kept = prune(configs, args)
+            assert kept, (gpu, operand)
+            assert all(kernels.shared_memory(c, 2, tiles, weight_grad) <= limit for c in kept), (gpu, operand)
+            if not autotune or rows_per_expert < 64:
+                assert len(kept) == 1

@@ -20,6 +20,7 @@ The launchers and the autograd live in :mod:`moefuse.ops.triton_gemm`.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import triton
@@ -67,11 +68,32 @@ WEIGHT_GRAD_CONFIGS = [
 INTERPRET_CONFIGS = [_config(32, 64, 32, 1, 1)]
 
 
-def _prune(n_name: str, k_name: str):
-    """Drop configs whose tile is much wider than the problem (a rank-16 LoRA factor needs no 256-wide tile).
+@functools.cache
+def shared_memory_limit(device_index: int) -> int:
+    """Bytes of shared memory one program may use on this GPU (what Triton checks configs against)."""
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
-    Small problems (under 64 rows per expert, e.g. short batches) take the first fitting config with a short
-    row block instead of being tuned: tuning each new small shape would cost more than it could win.
+
+def shared_memory(config: triton.Config, element_size: int, weight_tiles: int, weight_grad: bool) -> int:
+    """Shared memory a config's software pipeline holds: ``num_stages`` copies of the tiles loaded per step.
+
+    Row kernels load ``BLOCK_M x BLOCK_K`` of the activations and ``weight_tiles`` ``BLOCK_K x BLOCK_N`` weight
+    tiles (gate/up loads two); the weight-gradient kernel loads ``BLOCK_M x BLOCK_N`` and ``BLOCK_M x BLOCK_K``.
+    (On an H100 this matched Triton's own count for the config it refused: 245,760 bytes.)
+    """
+    m, n, k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    per_step = m * n + m * k if weight_grad else m * k + weight_tiles * k * n
+    return config.num_stages * per_step * element_size
+
+
+def _prune(n_name: str, k_name: str, operand: str, weight_tiles: int = 1, weight_grad: bool = False):
+    """Keep the configs that suit the problem and the GPU.
+
+    - Tiles much wider than the problem go (a rank-16 LoRA factor needs no 256-wide tile).
+    - Configs needing more shared memory than this GPU has go (an sm89 card has 99 KiB, an H100 227 KiB), so
+      the first config left, the one taken without tuning, always runs.
+    - Small problems (under 64 rows per expert, e.g. short batches) take the first config with a short row
+      block instead of being tuned: tuning each new small shape would cost more than it could win.
     """
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -79,6 +101,14 @@ def _prune(n_name: str, k_name: str):
         k_cap = max(16, triton.next_power_of_2(named_args[k_name]))
         kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap]
         kept = kept or configs[-1:]
+        tensor = named_args[operand]
+        if not INTERPRET and tensor.is_cuda:
+
+            def needs(c: triton.Config) -> int:
+                return shared_memory(c, tensor.element_size(), weight_tiles, weight_grad)
+
+            limit = shared_memory_limit(tensor.device.index)
+            kept = [c for c in kept if needs(c) <= limit] or [min(kept, key=needs)]
         if named_args["ROWS_PER_EXPERT"] < 64:
             return [next((c for c in kept if c.kwargs["BLOCK_M"] <= 64), kept[0])]
         return kept if AUTOTUNE else kept[:1]
@@ -167,7 +197,7 @@ def _load_tile(ptr, rows, cols, row_mask, col_mask, stride_m, stride_n):
 @triton.autotune(
     configs=_configs(TILE_CONFIGS),
     key=["N", "K", "ROWS_PER_EXPERT", "GATHER_A", "SCATTER_C", "ATOMIC_ADD", "HAS_ADD"],
-    prune_configs_by=_prune("N", "K"),
+    prune_configs_by=_prune("N", "K", "b_ptr"),
     cache_results=True,  # tuned configs persist in Triton's cache: a second run does not tune again
     restore_value=["c_ptr"],  # tuning runs must not leave their atomic adds in the output
 )
@@ -257,7 +287,7 @@ def grouped_gemm_kernel(
 @triton.autotune(
     configs=_configs(TILE_CONFIGS),
     key=["N", "K", "ROWS_PER_EXPERT", "GATHER_A", "STORE_GATE_UP", "HAS_ADD"],
-    prune_configs_by=_prune("N", "K"),
+    prune_configs_by=_prune("N", "K", "w_ptr", weight_tiles=2),
     cache_results=True,  # tuned configs persist in Triton's cache: a second run does not tune again
 )
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
@@ -357,7 +387,7 @@ def gate_up_swiglu_kernel(
 @triton.autotune(
     configs=_configs(TILE_CONFIGS),
     key=["N", "K", "ROWS_PER_EXPERT", "HAS_ADD"],
-    prune_configs_by=_prune("N", "K"),
+    prune_configs_by=_prune("N", "K", "w_ptr"),
     cache_results=True,  # tuned configs persist in Triton's cache: a second run does not tune again
     reset_to_zero=["d_scale_ptr"],  # each tile size writes its own number of partial sums: none may linger
 )
@@ -459,7 +489,7 @@ def swiglu_backward_kernel(
 @triton.autotune(
     configs=_configs(WEIGHT_GRAD_CONFIGS),
     key=["N", "K", "ROWS_PER_EXPERT", "GATHER_A", "GATHER_B", "SCALE_ROWS"],
-    prune_configs_by=_prune("N", "K"),
+    prune_configs_by=_prune("N", "K", "a_ptr", weight_grad=True),
     cache_results=True,  # tuned configs persist in Triton's cache: a second run does not tune again
 )
 @triton.jit
