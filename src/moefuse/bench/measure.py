@@ -51,7 +51,11 @@ def time_call(
 ) -> Timing:
     """Run ``fn`` ``warmup`` times, then time up to ``iters`` calls: CUDA events on a GPU, ``perf_counter`` on the
     CPU. ``max_seconds`` caps the whole (warm-up included) once 1 warm-up and 3 timed calls are in, so a slow
-    baseline costs a few calls, not minutes. Peak memory covers the warm-up and the timed calls."""
+    baseline costs a few calls, not minutes. Peak memory covers the warm-up and the timed calls.
+
+    On a GPU the timed calls are queued back to back, with no sync between them, as a training loop runs them:
+    where the GPU work of a call outlasts the host's work of launching the next, each figure is the GPU's time
+    for one call; where it does not, the launch overhead shows."""
     free_memory(device)
     start_bytes = None
     if device.type == "cuda":
@@ -64,20 +68,22 @@ def time_call(
         if time.perf_counter() > deadline:
             break
     times: list[float] = []
+    events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
     for _ in range(max(iters, 3)):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
             end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+            events.append((start, end))
         else:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-        if len(times) >= 3 and time.perf_counter() > deadline:
+        if len(times) + len(events) >= 3 and time.perf_counter() > deadline:
             break
+    synchronize(device)
+    times += [start.elapsed_time(end) for start, end in events]
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return Timing(times, peak, start_bytes)
 
