@@ -1,0 +1,153 @@
+"""4-bit expert stacks: bitsandbytes' blockwise format per expert, bit for bit, and the tensor that holds them.
+
+bitsandbytes rounds a little differently on the CPU and in its CUDA kernels; each device's result is compared
+with bitsandbytes' own function on that device (the CPU cases run everywhere, the CUDA ones on a GPU).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moefuse.quant import ExpertWeights4bit, formats
+
+bnb_functional = pytest.importorskip("bitsandbytes.functional")
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+# (E, out, in): blocks that fit rows exactly, a short last block and an odd count of values, several nested
+# blocks of 256 with a short one (300 x 257 / 64 = 1205 blocks).
+SHAPES = [(3, 48, 64), (2, 7, 9), (2, 300, 257)]
+
+
+def _stack(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
+    weight = torch.randn(*shape, dtype=torch.float32) * 0.05
+    weight[0, 0, :5] = 0.0  # exact zeros and a tiny value: the cases where FP4's two zero codes differ
+    weight[0, 0, 5] = 1e-5
+    return weight.to(device, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_each_expert_equals_bitsandbytes_quantize_4bit(device, shape, quant_type, dtype):
+    weight = _stack(shape, dtype, device)
+    plain = ExpertWeights4bit.quantize(weight, quant_type, 64, compress_statistics=False)
+    nested = ExpertWeights4bit.quantize(weight, quant_type, 64, compress_statistics=True)
+    dense = nested.dequantize()
+    for e in range(shape[0]):
+        packed, state = bnb_functional.quantize_4bit(weight[e], blocksize=64, quant_type=quant_type)
+        packed_n, state_n = bnb_functional.quantize_4bit(
+            weight[e], blocksize=64, quant_type=quant_type, compress_statistics=True
+        )
+        assert torch.equal(plain.packed[e], packed.flatten()) and torch.equal(
+            nested.packed[e], packed.flatten()
+        )
+        assert torch.equal(plain.absmax[e], state.absmax)
+        assert torch.equal(nested.absmax[e], state_n.absmax)  # uint8 nested codes
+        assert torch.equal(nested.nested_absmax[e], state_n.state2.absmax)
+        assert torch.equal(nested.offset[e], state_n.offset)
+        assert torch.equal(nested.code, state_n.code) and torch.equal(nested.nested_code, state_n.state2.code)
+        assert torch.equal(dense[e], bnb_functional.dequantize_4bit(packed_n, state_n))
+        assert torch.equal(plain.dequantize()[e], bnb_functional.dequantize_4bit(packed, state))
+
+
+def test_dynamic_code_is_bitsandbytes():
+    assert torch.equal(formats.dynamic_code(), bnb_functional.create_dynamic_map())
+
+
+def test_cuda_rounding_of_nested_absmax_is_nearest_code():
+    """The CUDA kernel's binary search, as emulated, is the nearest code value (ties aside), including ±1 ends."""
+    code = formats.dynamic_code()
+    values = torch.cat([torch.rand(20000) * 2 - 1, torch.randn(5000) * 1e-3, torch.tensor([-1.0, 1.0, 0.0])])
+    search = formats._quantize_8bit_dynamic(values, cuda=True).long()
+    nearest = torch.bucketize(values, (code[:-1] + code[1:]) / 2)
+    assert torch.equal(search, nearest)
+    midpoints = (code[:-1] + code[1:]) / 2  # at an exact midpoint either neighbour is nearest
+    tie = formats._quantize_8bit_dynamic(midpoints, cuda=True).long()
+    assert bool(((tie == torch.arange(255)) | (tie == torch.arange(1, 256))).all())
+
+
+@pytest.mark.parametrize("rounding", ["cuda", "cpu"])
+def test_roundings_decode_alike(rounding):
+    """Both roundings give codes whose values are within one code step; NF4 without nesting is identical."""
+    weight = _stack((2, 32, 64), torch.float32, "cpu")
+    other = {"cuda": "cpu", "cpu": "cuda"}[rounding]
+    a = ExpertWeights4bit.quantize(weight, "nf4", 64, False, rounding=rounding)
+    b = ExpertWeights4bit.quantize(weight, "nf4", 64, False, rounding=other)
+    assert torch.equal(a.packed, b.packed)
+    a = ExpertWeights4bit.quantize(weight, "fp4", 64, True, rounding=rounding)
+    b = ExpertWeights4bit.quantize(weight, "fp4", 64, True, rounding=other)
+    assert (a.dequantize() - b.dequantize()).abs().max() < 0.01
+    with pytest.raises(ValueError, match="rounding"):
+        ExpertWeights4bit.quantize(weight, rounding="gpu")
+
+
+def test_from_quant_states_and_back():
+    weight = _stack((3, 16, 64), torch.bfloat16, "cpu")
+    outputs = [bnb_functional.quantize_4bit(w, quant_type="nf4", compress_statistics=True) for w in weight]
+    stacked = ExpertWeights4bit.from_quant_states([p for p, _ in outputs], [s for _, s in outputs])
+    assert torch.equal(stacked.dequantize(), ExpertWeights4bit.quantize(weight).dequantize())
+    for e, (packed, state) in enumerate(outputs):
+        packed_e, state_e = stacked.quant_state(e)
+        assert torch.equal(packed_e, packed)
+        assert torch.equal(
+            bnb_functional.dequantize_4bit(packed_e, state_e), bnb_functional.dequantize_4bit(packed, state)
+        )
+
+
+def test_tensor_in_a_module():
+    weight = _stack((3, 10, 20), torch.bfloat16, "cpu")
+    q = ExpertWeights4bit.quantize(weight, "fp4", 64)
+    dense = q.dequantize()
+    module = torch.nn.Module()
+    module.w = torch.nn.Parameter(q, requires_grad=False)
+    assert isinstance(module.w, torch.nn.Parameter) and isinstance(module.w, ExpertWeights4bit)
+    assert module.w.shape == (3, 10, 20) and module.w.dtype == torch.bfloat16 and not module.w.requires_grad
+    module.to("cpu")  # no move: still a fresh tensor swapped in
+    module.float()  # the compute dtype changes, the data stays 4-bit
+    assert isinstance(module.w, ExpertWeights4bit) and module.w.dtype == torch.float32
+    assert torch.equal(module.w.packed, q.packed)
+    module.to(torch.bfloat16)
+    t = module.w.transpose(1, 2)
+    assert t.shape == (3, 20, 10) and t.transposed and torch.equal(t.dequantize(), dense.transpose(1, 2))
+    assert torch.equal(t.transpose(1, 2).dequantize(), dense)
+    assert torch.equal(module.w[1], dense[1])  # one expert, dequantized alone
+    x = torch.randn(4, 20, dtype=torch.bfloat16)
+    assert torch.equal(torch.nn.functional.linear(x, module.w[0]), torch.nn.functional.linear(x, dense[0]))
+    assert torch.equal(module.w * 2, dense * 2)  # any other op sees the dense tensor
+    with pytest.raises(NotImplementedError, match="frozen"):
+        module.w.mul_(2)
+
+
+def test_copy_requantizes_and_components_round_trip():
+    weight = _stack((2, 8, 64), torch.bfloat16, "cpu")
+    q = ExpertWeights4bit.quantize(weight)
+    components = q.components("experts.gate_up_proj")
+    assert set(components) == {
+        "experts.gate_up_proj",
+        "experts.gate_up_proj.absmax",
+        "experts.gate_up_proj.quant_map",
+        "experts.gate_up_proj.nested_absmax",
+        "experts.gate_up_proj.nested_quant_map",
+        "experts.gate_up_proj.nested_offset",
+        "experts.gate_up_proj.quant_state.moefuse__nf4",
+    }
+    assert all(ExpertWeights4bit.is_component(k, "experts.gate_up_proj") for k in components)
+    assert not ExpertWeights4bit.is_component("experts.gate_up_proj_bias", "experts.gate_up_proj")
+    again = ExpertWeights4bit.from_components(components, "experts.gate_up_proj")
+    assert torch.equal(again.dequantize(), q.dequantize()) and again.dtype == torch.bfloat16
+    target = ExpertWeights4bit.quantize(torch.zeros_like(weight))
+    target.copy_(weight)  # a dense tensor is requantized in the target's format
+    assert torch.equal(target.packed, q.packed) and torch.equal(target.dequantize(), q.dequantize())
+    with pytest.raises(KeyError, match="no 4-bit expert weight"):
+        ExpertWeights4bit.from_components({}, "x")
+
+
+def test_quantize_refuses_bad_arguments():
+    with pytest.raises(ValueError, match=r"\[E, out, in\]"):
+        ExpertWeights4bit.quantize(torch.randn(4, 4))
+    with pytest.raises(ValueError, match="quant_type"):
+        ExpertWeights4bit.quantize(torch.randn(1, 4, 4), "int4")
+    with pytest.raises(ValueError, match="blocksize"):
+        ExpertWeights4bit.quantize(torch.randn(1, 4, 4), blocksize=48)
