@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from .backend import use_triton
-from .grouped_gemm import moe_fused_linear
 from .lora import ExpertsLora, check_lora_weights, down_lora_delta, gate_up_lora_delta
+from .moe_4bit import check_frozen, grouped_linear
 from .routing import check_top_k_index, route
 
 
@@ -112,7 +112,7 @@ def fused_experts(
     Args:
         hidden_states: ``[T, H]`` tokens.
         gate_up_proj: ``[E, 2I, H]`` gate rows then up rows of every expert.
-        down_proj: ``[E, H, I]``.
+        down_proj: ``[E, H, I]``. Either may be frozen 4-bit weights (:class:`moefuse.quant.ExpertWeights4bit`).
         top_k_index: ``[T, K]`` chosen expert ids.
         top_k_weights: ``[T, K]`` routing weights (differentiable: the router learns through them).
         act_fn: activation applied to the gate half (SiLU gives SwiGLU).
@@ -136,6 +136,8 @@ def fused_experts(
         check_index_range=check_index_range,
     )
     check_experts_lora(lora, gate_up_proj, down_proj)
+    check_frozen("gate_up_proj", gate_up_proj)
+    check_frozen("down_proj", down_proj)
     num_tokens, hidden = hidden_states.shape
     routing = route(top_k_index, gate_up_proj.shape[0])
     if deterministic is None:
@@ -152,13 +154,13 @@ def fused_experts(
 
     # The composed path: a grouped copy of the rows, then grouped GEMMs (Triton or PyTorch) and PyTorch ops.
     x = hidden_states[routing.token_index]
-    gate_up = moe_fused_linear(x, gate_up_proj, routing.m_sizes)
+    gate_up = grouped_linear(x, gate_up_proj, routing.m_sizes)
     for adapter in lora:
         delta = gate_up_lora_delta(x, adapter, down_proj.shape[2], routing.m_sizes)
         gate_up = gate_up if delta is None else gate_up + delta.to(gate_up.dtype)
     gate, up = gate_up.chunk(2, dim=-1)
     h = act_fn(gate) * up
-    y = moe_fused_linear(h, down_proj, routing.m_sizes)
+    y = grouped_linear(h, down_proj, routing.m_sizes)
     for adapter in lora:
         delta = down_lora_delta(h, adapter, routing.m_sizes)
         y = y if delta is None else y + delta.to(y.dtype)

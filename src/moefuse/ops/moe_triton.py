@@ -6,7 +6,8 @@ two thin grouped GEMMs (``t = x·Aᵀ`` then ``t·Bᵀ``) whose result joins the
 never formed. Saved for backward: the pre-activations ``[S, 2I]``, ``h [S, I]`` and the thin ``t``s (plus the
 dropout masks when dropout is on); nothing of size ``[S, H]``.
 
-Backward computes only what is asked for: with frozen base weights (LoRA) there is no base ``dW``.
+Backward computes only what is asked for: with frozen base weights (LoRA) there is no base ``dW``. 4-bit base
+weights (:mod:`moefuse.quant`) run the same way on their own launchers (:func:`~moefuse.ops.moe_4bit.gemms_for`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from . import triton_gemm as tg
 from .lora import ExpertsLora, down_factors, gate_up_factors
+from .moe_4bit import gemms_for
 from .routing import ExpertRouting
 
 
@@ -87,7 +89,7 @@ class _TritonExperts(torch.autograd.Function):
             else:
                 t = tg.grouped_gemm(x, gate_up_a, m_sizes, a_index=token_index)
             gate_up_delta = tg.grouped_gemm(t, gate_up_b, m_sizes)
-        h, gate_up = tg.gate_up_swiglu(
+        h, gate_up = gemms_for(gate_up_proj).gate_up_swiglu(
             x, gate_up_proj, m_sizes, token_index, store_gate_up=needs_grad, add=gate_up_delta
         )
         del gate_up_delta
@@ -98,7 +100,9 @@ class _TritonExperts(torch.autograd.Function):
             td = tg.grouped_gemm(h if h_mask is None else h * h_mask, down_a, m_sizes)
             down_delta = tg.grouped_gemm(td, down_b, m_sizes)
         out = _combine(
-            lambda **where: tg.grouped_gemm(h, down_proj, m_sizes, row_scale=scale, add=down_delta, **where),
+            lambda **where: gemms_for(down_proj).grouped_gemm(
+                h, down_proj, m_sizes, row_scale=scale, add=down_delta, **where
+            ),
             routing,
             num_tokens,
             hidden,
@@ -161,7 +165,7 @@ class _TritonExperts(torch.autograd.Function):
                 grad[6] = tg.grouped_weight_grad(u, h_lora, m_sizes, row_scale=scale)
             if needs[7]:
                 grad[7] = tg.grouped_weight_grad(grad_out, td, m_sizes, a_index=token_index, row_scale=scale)
-        d_gate_up, d_scale = tg.swiglu_backward(
+        d_gate_up, d_scale = gemms_for(down_proj).swiglu_backward(
             grad_out, down_proj, gate_up, scale, m_sizes, token_index, add=h_grad_lora
         )
         del h_grad_lora
@@ -191,7 +195,9 @@ class _TritonExperts(torch.autograd.Function):
         if needs[0]:
             weight_t = gate_up_proj.transpose(1, 2)
             grad[0] = _combine(
-                lambda **where: tg.grouped_gemm(d_gate_up, weight_t, m_sizes, add=x_grad_lora, **where),
+                lambda **where: gemms_for(weight_t).grouped_gemm(
+                    d_gate_up, weight_t, m_sizes, add=x_grad_lora, **where
+                ),
                 routing,
                 x.shape[0],
                 x.shape[1],
