@@ -84,7 +84,7 @@ def _dynamic_code_cpu() -> torch.Tensor:
 
 def dynamic_code(device: torch.device | str | None = None) -> torch.Tensor:
     """bitsandbytes' signed 8-bit dynamic code (``create_dynamic_map()``): 256 sorted fp32 values in [-1, 1]."""
-    return _dynamic_code_cpu().to(device)
+    return _dynamic_code_cpu().to(device, copy=True)
 
 
 ROUNDINGS = ("cuda", "cpu")
