@@ -193,3 +193,44 @@ def test_from_pretrained_with_bitsandbytes_then_save_and_reload(tmp_path):
     peft_model = moefuse.lora.get_peft_model(reloaded, r=4)
     peft_model(ids, labels=ids).loss.backward()
     assert all(p.grad is not None for p in peft_model.parameters() if p.requires_grad)
+
+
+def test_from_config_builds_random_4bit_model(tmp_path):
+    """Random weights at a config's dims, 4-bit experts and bitsandbytes linears, trainable with LoRA, and it
+    round-trips through save/reload; quantize_linears matches what Transformers' integration loads."""
+    import bitsandbytes as bnb
+
+    from moefuse.quant.model import from_config, quantize_linears
+
+    config = tiny_config("qwen3_moe", num_experts=8, top_k=2)
+    model = from_config(config, NF4, device="cpu", dtype=torch.bfloat16)
+    layer = model.model.layers[1]
+    assert isinstance(layer.self_attn.o_proj, bnb.nn.Linear4bit) and isinstance(
+        model.lm_head, torch.nn.Linear
+    )
+    assert isinstance(layer.mlp.experts.down_proj, ExpertWeights4bit)
+    assert not any(p.device.type == "meta" for p in model.parameters())
+    std = layer.mlp.experts.down_proj.dequantize().float().std().item()
+    assert 0.5 * config.initializer_range < std < 1.5 * config.initializer_range
+    ids = _tokens()
+    save_pretrained(model, tmp_path / "random")
+    reloaded = from_pretrained(tmp_path / "random", device="cpu")
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    peft_model = moefuse.lora.get_peft_model(model, r=4)
+    loss = peft_model(ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="PEFT adapter layers"):
+        save_pretrained(model, tmp_path / "with-lora")
+
+    # In memory, the same bitsandbytes layers as loading with the config gives.
+    dense = _model(torch.bfloat16)
+    dense.save_pretrained(tmp_path / "bf16")
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "bf16", quantization_config=NF4, device_map="cpu"
+    )
+    quantize_linears(dense, NF4)
+    assert torch.equal(
+        dense.model.layers[0].self_attn.q_proj.weight, loaded.model.layers[0].self_attn.q_proj.weight
+    )

@@ -127,19 +127,17 @@ def quantize_experts(
             # Replaced, not copied into: the dense stack is freed as soon as nothing else holds it.
             setattr(experts, name, nn.Parameter(quantized, requires_grad=False))
             del weight
-    config = _config_of(model)
-    if config is not None and targets:
-        setattr(
-            config,
-            CONFIG_KEY,
-            {
-                "experts": "bitsandbytes-4bit",
-                "quant_type": settings["quant_type"],
-                "blocksize": settings["blocksize"],
-                "compress_statistics": settings["compress_statistics"],
-            },
-        )
+    if targets:
+        _record_format(model, settings)
     return model
+
+
+def _record_format(model: nn.Module, settings: dict[str, Any]) -> None:
+    """``config.moefuse_quantization``: how the experts are stored (read back by :func:`from_pretrained`)."""
+    config = _config_of(model)
+    if config is not None:
+        fields = {k: settings[k] for k in ("quant_type", "blocksize", "compress_statistics")}
+        setattr(config, CONFIG_KEY, {"experts": "bitsandbytes-4bit", **fields})
 
 
 def _default_device() -> torch.device:
@@ -184,6 +182,117 @@ def from_pretrained(
     return model.to(device)
 
 
+def quantize_linears(
+    model: nn.Module, quantization_config: Any, *, device: torch.device | str | None = None
+) -> nn.Module:
+    """Replace the ``nn.Linear`` layers of ``model`` (not its output embedding, nor those whose key contains an
+    entry of ``llm_int8_skip_modules``) by bitsandbytes ``Linear4bit`` layers quantized from their weights, as
+    Transformers' bitsandbytes integration does at load time; for models built in memory (random weights)."""
+    import bitsandbytes as bnb
+
+    settings = _settings(quantization_config)
+    config = (
+        quantization_config.to_dict()
+        if hasattr(quantization_config, "to_dict")
+        else dict(quantization_config)
+    )
+    compute_dtype = _dtype(config.get("bnb_4bit_compute_dtype")) or torch.float32
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for key, module in list(model.named_modules()):
+        if (
+            type(module) is not nn.Linear
+            or module is output
+            or any(p in key for p in settings["skip_modules"])
+        ):
+            continue
+        target = torch.device(device) if device is not None else module.weight.device
+        layer = bnb.nn.Linear4bit(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            compute_dtype=compute_dtype,
+            compress_statistics=settings["compress_statistics"],
+            quant_type=settings["quant_type"],
+            device="meta",
+        )
+        layer.weight = bnb.nn.Params4bit(
+            module.weight.data,
+            requires_grad=False,
+            compress_statistics=settings["compress_statistics"],
+            quant_type=settings["quant_type"],
+            module=layer,
+        ).to(target)
+        if module.bias is not None:
+            layer.bias = nn.Parameter(module.bias.data.to(target), requires_grad=module.bias.requires_grad)
+        parent_key, _, child = key.rpartition(".")
+        setattr(model.get_submodule(parent_key) if parent_key else model, child, layer)
+    if hasattr(model, "config"):
+        model.config.quantization_config = config
+    return model
+
+
+def from_config(
+    config: Any,
+    quantization_config: Any = None,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    model_class: Any = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> nn.Module:
+    """A model of ``config`` with random weights, 4-bit experts and (given a ``BitsAndBytesConfig``)
+    bitsandbytes 4-bit linear layers, built on ``device`` without ever holding more than one expert stack in
+    ``dtype``: for benchmarks and tests at real dimensions (Qwen3-30B-A3B fits a 24 GB card this way).
+
+    Weights are drawn from ``N(0, initializer_range)`` (norm weights 1, biases 0), as Transformers initialises
+    these models."""
+    from accelerate import init_empty_weights
+
+    device = torch.device(device) if device is not None else _default_device()
+    if model_class is None:
+        from transformers import AutoModelForCausalLM
+
+        model_class = AutoModelForCausalLM
+    config._experts_implementation = "moefuse"
+    with init_empty_weights():  # parameters on the meta device; buffers (rotary tables) computed for real
+        model = model_class.from_config(config, dtype=dtype)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    std = getattr(config, "initializer_range", 0.02)
+
+    def random(shape: torch.Size) -> torch.Tensor:
+        return torch.randn(shape, device=device, dtype=dtype, generator=generator).mul_(std)
+
+    settings = _settings(quantization_config)
+    for _, experts in tqdm(list(experts_modules(model)), desc="Random 4-bit experts", disable=not progress):
+        for name in PROJECTIONS:
+            quantized = ExpertWeights4bit.quantize(
+                random(getattr(experts, name).shape),
+                settings["quant_type"],
+                settings["blocksize"],
+                settings["compress_statistics"],
+            )
+            setattr(experts, name, nn.Parameter(quantized, requires_grad=False))
+    for key, param in list(model.named_parameters()):
+        if param.device.type != "meta":
+            continue
+        module_key, _, name = key.rpartition(".")
+        module = model.get_submodule(module_key)
+        if param.dim() >= 2:
+            value = random(param.shape)
+        elif "norm" in key.lower():
+            value = torch.ones(param.shape, device=device, dtype=dtype)
+        else:
+            value = torch.zeros(param.shape, device=device, dtype=dtype)
+        module._parameters[name] = nn.Parameter(value, requires_grad=param.requires_grad)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    _record_format(model, settings)
+    if quantization_config is not None:
+        quantize_linears(model, quantization_config, device=device)
+    return model.to(device)
+
+
 # ---- save and reload ------------------------------------------------------------------------------------------
 
 
@@ -216,7 +325,13 @@ def save_pretrained(
     were the dense ones. A PEFT adapter is saved as usual, alone (``peft_model.save_pretrained``).
     """
     from huggingface_hub import save_torch_state_dict
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
+    if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        raise ValueError(
+            "this model holds PEFT adapter layers: save the adapter with peft_model.save_pretrained(...) and the "
+            "4-bit base model before get_peft_model (or after peft_model.unload())"
+        )
     config = _config_of(model)
     if config is None or getattr(config, CONFIG_KEY, None) is None:
         raise ValueError(
@@ -348,15 +463,16 @@ def load_quantized(
     return model.to(device).eval()
 
 
+def _dtype(value: Any) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    return getattr(torch, str(value).removeprefix("torch."))
+
+
 def _bnb_compute_dtype(config: Any, default: torch.dtype) -> torch.dtype:
     quantization = getattr(config, "quantization_config", None)
     if quantization is None:
         return default
-    value = (
-        quantization.get("bnb_4bit_compute_dtype")
-        if isinstance(quantization, dict)
-        else getattr(quantization, "bnb_4bit_compute_dtype", None)
-    )
-    if value is None:
-        return default
-    return getattr(torch, str(value).removeprefix("torch.")) if not isinstance(value, torch.dtype) else value
+    if not isinstance(quantization, dict):
+        quantization = quantization.to_dict()
+    return _dtype(quantization.get("bnb_4bit_compute_dtype")) or default
