@@ -1,0 +1,188 @@
+"""QLoRA of a whole MoE model at real dimensions: peak GPU memory and tokens/s of training steps.
+
+    python benchmarks/qlora.py                  # Qwen3-30B-A3B, all 48 layers, random weights, QLoRA r16
+    python benchmarks/qlora.py --mode lora      # the same LoRA on bf16 weights (about 70 GB: an 80 GB GPU)
+    python benchmarks/qlora.py --device cpu --tiny --steps 2      # toy sizes on the CPU (CI)
+
+``qlora``: experts in 4-bit (:mod:`moefuse.quant`, NF4 with nested absmax), the other linear layers in
+bitsandbytes NF4 (``Linear4bit``, bf16 compute), embeddings and norms in bf16; ``lora``: everything in bf16.
+Both: LoRA (PEFT through moefuse) of rank ``--rank`` on the attention projections and every expert's gate, up and
+down projections, adapters in ``--adapter-dtype``, gradient checkpointing, one random sequence of ``--seq``
+tokens per step (batch ``--batch``), bitsandbytes' paged 8-bit AdamW. The model is built on the GPU one expert
+stack at a time (:func:`moefuse.quant.model.from_config`), never in bf16 whole.
+
+Reported (and written to ``--out``, default ``benchmarks/results/qlora_<config>_<mode>_<gpu>.json``): GPU memory
+held by the weights, by the adapters, ``torch.cuda.max_memory_allocated`` over the timed steps (what the
+target of at most 20 GB for Qwen3-30B-A3B is about; bitsandbytes' paged optimizer states live in CUDA managed
+memory, outside PyTorch's allocator, and are reported apart as the device's used memory), step times, tokens/s
+and the losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+import moefuse  # noqa: F401  (registers the "moefuse" experts implementation)
+from moefuse.bench.configs import DEFAULT_CONFIG, load_config, tiny_config, with_layers
+from moefuse.bench.measure import environment
+from moefuse.lora import lora_config
+from moefuse.quant import ExpertWeights4bit
+from moefuse.quant.model import from_config
+
+GIB = 2**30
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--config", default=DEFAULT_CONFIG, help="built-in name, config.json, or Hub id (config only)"
+    )
+    p.add_argument("--layers", type=int, default=None, help="first N decoder layers (default: all)")
+    p.add_argument("--mode", choices=("qlora", "lora"), default="qlora")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--adapter-dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=6, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="steps before timing (Triton tuning happens here)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument(
+        "--optim",
+        choices=("paged_adamw_8bit", "adamw_8bit", "adamw"),
+        default=None,
+        help="default: paged_adamw_8bit on a GPU, adamw on the CPU",
+    )
+    p.add_argument("--no-checkpointing", action="store_true", help="keep every layer's activations")
+    p.add_argument("--tiny", action="store_true", help="the config's family at toy sizes")
+    p.add_argument(
+        "--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.optim is None:
+        args.optim = "paged_adamw_8bit" if args.device == "cuda" else "adamw"
+    return args
+
+
+def build_model(args: argparse.Namespace, config, device: torch.device) -> torch.nn.Module:
+    config.use_cache = False
+    if args.mode == "qlora":
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        return from_config(config, bnb, device=device, dtype=torch.bfloat16)
+    config._experts_implementation = "moefuse"
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+
+
+def make_optimizer(name: str, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    import bitsandbytes as bnb
+
+    return (bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit)(params, lr=lr)
+
+
+def allocated(device: torch.device) -> float | None:
+    return torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    label, config = load_config(args.config)
+    if args.tiny:
+        config = tiny_config(config)
+    if args.layers is not None:
+        config = with_layers(config, args.layers)
+    memory: dict[str, float | None] = {}
+
+    start = time.perf_counter()
+    model = build_model(args, config, device)
+    build_s = time.perf_counter() - start
+    memory["weights_gib"] = allocated(device)
+    experts_4bit = sum(p.nbytes_4bit() for p in model.parameters() if isinstance(p, ExpertWeights4bit))
+    if not args.no_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(
+        model, lora_config(args.rank), autocast_adapter_dtype=args.adapter_dtype == "fp32"
+    ).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    memory["adapters_gib"] = (
+        (allocated(device) or 0) - (memory["weights_gib"] or 0) if device.type == "cuda" else None
+    )
+    optimizer = make_optimizer(args.optim, params, args.lr)
+
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=g).to(device)
+    losses, times = [], []
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup and device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+        print(f"step {step}: loss {losses[-1]:.4f}, {time.perf_counter() - t0:.2f} s", flush=True)
+    if device.type == "cuda":
+        memory["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+        memory["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB
+        free, total = torch.cuda.mem_get_info(device)
+        memory["device_used_gib_after"] = (total - free) / GIB  # CUDA context, caches, paged optimizer pages
+    step_s = statistics.median(times)
+    tokens = args.batch * args.seq
+    report = {
+        "benchmark": "QLoRA/LoRA training steps of a whole model at the config's dims",
+        "config": label if not args.tiny else f"{label} (tiny)",
+        "layers": config.num_hidden_layers,
+        "mode": args.mode,
+        "rank": args.rank,
+        "adapter_dtype": args.adapter_dtype,
+        "optimizer": args.optim,
+        "gradient_checkpointing": not args.no_checkpointing,
+        "seq": args.seq,
+        "batch": args.batch,
+        "trainable_params": sum(p.numel() for p in params),
+        "experts_4bit_gib": experts_4bit / GIB,
+        "memory": memory,
+        "build_s": build_s,
+        "step_s": times,
+        "median_step_s": step_s,
+        "tokens_per_s": tokens / step_s,
+        "losses": losses,
+        "env": environment(device),
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+    }
+    print(json.dumps({k: report[k] for k in ("memory", "tokens_per_s", "median_step_s")}, indent=2))
+    out = args.out
+    if out is None:
+        gpu = "".join(c if c.isalnum() else "_" for c in report["env"].get("gpu", "cpu")).strip("_")
+        out = Path(__file__).resolve().parent / "results" / f"qlora_{label}_{args.mode}_{gpu}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
