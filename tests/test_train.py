@@ -168,7 +168,10 @@ def _bad_dataset(tmp_path) -> str:
         (["--dataset", "{bad_dataset}"], "expected 'messages'"),
         (["--model_name_or_path", "{llama}"], "not a Mixture-of-Experts model"),
         (["--model_name_or_path", "config:no-such-model"], "neither a built-in config"),
-        (["--finetuning_type", "qlora"], "issue 7"),
+        (
+            ["--finetuning_type", "qlora", "--experts_implementation", "grouped_mm"],
+            "qlora needs experts_implementation",
+        ),
         (["--finetuning_type", "prefix"], "not one of lora, full, qlora"),
         (["--ep_size", "2"], "expert parallelism is not wired into moefuse train"),
         (["--resume_from_checkpoint", "true"], "holds no checkpoint"),
@@ -211,7 +214,16 @@ def test_yaml_values_and_command_line_overrides(tmp_path):
 
 
 def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):
-    assert cli.main(["train", "--finetuning_type", "qlora", "--output_dir", str(tmp_path / "o")]) == 2
+    args = [
+        "train",
+        "--finetuning_type",
+        "qlora",
+        "--experts_implementation",
+        "eager",
+        "--output_dir",
+        str(tmp_path / "o"),
+    ]
+    assert cli.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("moefuse train: finetuning_type: qlora") and "\n" not in err
 

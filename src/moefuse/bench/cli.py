@@ -289,7 +289,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         type=_choices(("full", "lora", "qlora")),
         default=["full", "lora", "qlora"],
         help="model level: full fine-tune, LoRA on attention + experts (moefuse's PEFT LoRA vs PEFT "
-        "target_parameters), QLoRA (skipped until moefuse has 4-bit experts); default full,lora,qlora",
+        "target_parameters), QLoRA (skipped: benchmarks/qlora.py measures it); default full,lora,qlora",
     )
     what.add_argument(
         "--lora-rank", type=int, default=16, help="model level: LoRA rank, lora_alpha = 2 * rank (default 16)"

@@ -1,6 +1,6 @@
 """Level ``model``: a causal LM of the config's family at the config's dims with ``--layers`` decoder layers,
-one training step (forward, loss, backward, AdamW step), as full fine-tuning, LoRA, and QLoRA once moefuse
-has 4-bit experts.
+one training step (forward, loss, backward, AdamW step), as full fine-tuning and LoRA (QLoRA: skipped here;
+``benchmarks/qlora.py`` measures it).
 
 One model is built per token count and shared by every case: full fine-tuning restores the same random weights
 before each implementation (the optimizer moves them), LoRA wraps the model with PEFT and unwraps it after.
@@ -44,7 +44,10 @@ EXPERTS_TARGET_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
 def unsupported_setup(setup: str) -> str | None:
     """Why ``setup`` cannot run here (``None`` when it can)."""
     if setup == "qlora":
-        return "moefuse has no 4-bit (QLoRA) experts yet (planned, see the README's status); skipped"
+        return (
+            "moefuse bench does not compare QLoRA steps yet (benchmarks/qlora.py measures moefuse's, 4-bit "
+            "experts and bitsandbytes linears); skipped"
+        )
     return None
 
 

@@ -140,6 +140,13 @@ def _record_format(model: nn.Module, settings: dict[str, Any]) -> None:
         setattr(config, CONFIG_KEY, {"experts": "bitsandbytes-4bit", **fields})
 
 
+def _build(model_class: Any, config: Any, dtype: torch.dtype) -> nn.Module:
+    """``model_class`` built from ``config``: an Auto class (``from_config``) or a model class."""
+    if hasattr(model_class, "from_config"):
+        return model_class.from_config(config, dtype=dtype)
+    return model_class._from_config(config, dtype=dtype)
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -256,7 +263,7 @@ def from_config(
         model_class = AutoModelForCausalLM
     config._experts_implementation = "moefuse"
     with init_empty_weights():  # parameters on the meta device; buffers (rotary tables) computed for real
-        model = model_class.from_config(config, dtype=dtype)
+        model = _build(model_class, config, dtype)
     generator = torch.Generator(device=device).manual_seed(seed)
     std = getattr(config, "initializer_range", 0.02)
 
@@ -422,11 +429,7 @@ def load_quantized(
     dtype = getattr(config, "dtype", None) or torch.bfloat16
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with init_empty_weights():  # parameters on the meta device; buffers (rotary tables) computed for real
-        model = (
-            model_class.from_config(config, dtype=dtype)
-            if hasattr(model_class, "from_config")
-            else model_class(config)
-        )
+        model = _build(model_class, config, dtype)
     tensors = _Tensors(path, device)
     keys = set(tensors.keys())
     compute_dtype = _bnb_compute_dtype(config, dtype)

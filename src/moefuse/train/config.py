@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,8 @@ from trl import SFTConfig
 
 from .builtin import DEFAULT_CONFIG
 
-QLORA_ISSUE = 7  # 4-bit experts (QLoRA)
 FINETUNING_TYPES = ("lora", "full", "qlora")
+LORA_TYPES = ("lora", "qlora")  # the types that train a LoRA adapter (qlora: on 4-bit base weights)
 
 
 class TrainConfigError(ValueError):
@@ -83,7 +84,11 @@ class MoefuseTrainArguments:
         metadata={"help": "fraction (< 1) or number of rows held out for evaluation (set eval_strategy too)"},
     )
     finetuning_type: str = field(
-        default="lora", metadata={"help": "lora, full, or qlora (not available yet)"}
+        default="lora",
+        metadata={
+            "help": "lora, full, or qlora (LoRA on NF4 weights: bitsandbytes for the linear layers, moefuse's "
+            "4-bit experts)"
+        },
     )
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank of attention (and experts by default)"})
     lora_alpha: float | None = field(default=None, metadata={"help": "default: 2 * lora_rank"})
@@ -210,10 +215,15 @@ def parse_train_args(
 def check_train_args(args: MoefuseTrainArguments, sft_config: SFTConfig) -> None:
     """Refuse what moefuse train cannot do, before anything is loaded."""
     if args.finetuning_type == "qlora":
-        raise TrainConfigError(
-            f"finetuning_type: qlora needs 4-bit experts, which moefuse does not have yet (issue {QLORA_ISSUE}); "
-            "use lora (bf16 experts) or full"
-        )
+        if args.experts_implementation != "moefuse":
+            raise TrainConfigError(
+                f"finetuning_type: qlora needs experts_implementation: moefuse (4-bit experts run on moefuse's "
+                f"kernels), not '{args.experts_implementation}'"
+            )
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise TrainConfigError(
+                "finetuning_type: qlora needs bitsandbytes for the 4-bit linear layers: pip install 'moefuse[qlora]'"
+            )
     if args.finetuning_type not in FINETUNING_TYPES:
         raise TrainConfigError(
             f"finetuning_type: '{args.finetuning_type}' is not one of {', '.join(FINETUNING_TYPES)}"
@@ -248,7 +258,7 @@ def check_train_args(args: MoefuseTrainArguments, sft_config: SFTConfig) -> None
             f"eval_strategy: {sft_config.eval_strategy.value} needs an evaluation set; set val_size "
             "(e.g. 0.1) or eval_strategy: no"
         )
-    if args.finetuning_type == "lora" and args.lora_rank < 1:
+    if args.finetuning_type in LORA_TYPES and args.lora_rank < 1:
         raise TrainConfigError(f"lora_rank: {args.lora_rank} must be at least 1")
 
 

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from ..experts import EXPERTS_IMPLEMENTATION, SUPPORTED_FAMILIES, check_supported
@@ -126,9 +133,27 @@ def load_tokenizer(args: MoefuseTrainArguments, source: ModelSource) -> Tokenize
     return tokenizer
 
 
-def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
+def qlora_quantization(dtype: torch.dtype) -> BitsAndBytesConfig:
+    """QLoRA's 4-bit settings (NF4, nested statistics), computing in ``dtype``: bitsandbytes applies them to the
+    linear layers, :mod:`moefuse.quant` to the experts."""
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def load_model(
+    source: ModelSource,
+    dtype: torch.dtype,
+    device: torch.device,
+    quantization: BitsAndBytesConfig | None = None,
+) -> PreTrainedModel:
     """The model with its experts on ``config._experts_implementation``; random weights are made on ``device``
-    (building a large model on the CPU first would cost minutes)."""
+    (building a large model on the CPU first would cost minutes). With ``quantization`` (QLoRA) the experts are
+    4-bit (:mod:`moefuse.quant`) and the linear layers bitsandbytes', the bf16 expert stacks never all on the
+    device: random weights are made one stack at a time, checkpoints load on the CPU first."""
     on_moefuse = source.config._experts_implementation == EXPERTS_IMPLEMENTATION
     # Qwen3MoeFusedForCausalLM also reads the fused checkpoint layouts; Transformers' own class is the
     # baseline for its experts implementations.
@@ -137,7 +162,23 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device) ->
         if source.config.model_type == "qwen3_moe" and on_moefuse
         else AutoModelForCausalLM
     )
-    if source.random_init:
+    if quantization is not None:
+        from ..quant import from_pretrained as load_4bit
+        from ..quant.model import from_config as random_4bit
+
+        if source.random_init:
+            model = random_4bit(source.config, quantization, device=device, dtype=dtype, model_class=cls)
+        else:
+            model = load_4bit(
+                source.path,
+                quantization,
+                device=device,
+                model_class=cls,
+                config=source.config,
+                dtype=dtype,
+                attn_implementation=source.config._attn_implementation,
+            )
+    elif source.random_init:
         with torch.device(device):
             if cls is AutoModelForCausalLM:
                 model = cls.from_config(source.config, dtype=dtype)

@@ -18,7 +18,7 @@ from trl import SFTConfig, SFTTrainer
 from ..convert import convert_lora_to_unfused
 from ..experts import EXPERTS_IMPLEMENTATION
 from .callbacks import ThroughputCallback, add_throughput_callback, num_experts
-from .config import MoefuseTrainArguments, TrainConfigError, parse_train_args
+from .config import LORA_TYPES, MoefuseTrainArguments, TrainConfigError, parse_train_args
 from .data import is_conversational, load_train_dataset
 from .model import (
     ModelSource,
@@ -26,6 +26,7 @@ from .model import (
     has_fused_expert_lora,
     load_model,
     load_tokenizer,
+    qlora_quantization,
     resolve_dtype,
     resolve_model,
 )
@@ -139,15 +140,22 @@ def train(args: MoefuseTrainArguments, sft_config: SFTConfig) -> TrainResult:
     base_dir = _base_model_dir(source, sft_config, resume)
     if source.random_init and resume and base_dir.is_dir():
         source.path = str(base_dir)
-    model = load_model(source, resolve_dtype(args, sft_config.bf16, sft_config.fp16), sft_config.device)
+    dtype = resolve_dtype(args, sft_config.bf16, sft_config.fp16)
+    quantization = qlora_quantization(dtype) if args.finetuning_type == "qlora" else None
+    model = load_model(source, dtype, sft_config.device, quantization)
     save_base = args.save_base_model if args.save_base_model is not None else source.random_init
     if source.random_init and save_base and is_main:
-        model.save_pretrained(base_dir)
+        if quantization is not None:  # the 4-bit weights the adapter was trained on
+            from ..quant import save_pretrained as save_4bit
+
+            save_4bit(model, base_dir)
+        else:
+            model.save_pretrained(base_dir)
         tokenizer.save_pretrained(base_dir)
     base_model = str(base_dir) if source.random_init else source.path
     model.config._name_or_path = base_model or ""  # recorded as the adapter's base_model_name_or_path
     model.name_or_path = model.config._name_or_path
-    if args.finetuning_type == "lora":
+    if args.finetuning_type in LORA_TYPES:
         model = apply_lora(model, args)
 
     trainer = SFTTrainer(
@@ -162,11 +170,11 @@ def train(args: MoefuseTrainArguments, sft_config: SFTConfig) -> TrainResult:
         print(_describe(model, args, source, len(train_dataset), sft_config), flush=True)
     trainer.train(resume_from_checkpoint=resume)
 
-    final_dir = output_dir / (ADAPTER_DIR if args.finetuning_type == "lora" else MODEL_DIR)
+    final_dir = output_dir / (ADAPTER_DIR if args.finetuning_type in LORA_TYPES else MODEL_DIR)
     trainer.save_model(str(final_dir))
     trainer.save_state()
     per_expert = None
-    if args.finetuning_type == "lora" and has_fused_expert_lora(args) and trainer.is_world_process_zero():
+    if args.finetuning_type in LORA_TYPES and has_fused_expert_lora(args) and trainer.is_world_process_zero():
         per_expert = convert_lora_to_unfused(
             final_dir, output_dir / PER_EXPERT_ADAPTER_DIR, overwrite=True, progress=False
         )
@@ -220,7 +228,18 @@ def summary(result: TrainResult, args: MoefuseTrainArguments, source: ModelSourc
     else:
         imports = "import moefuse; from transformers import AutoModelForCausalLM"
         cls, load_kwargs = "AutoModelForCausalLM", f', experts_implementation="{args.experts_implementation}"'
-    if args.finetuning_type == "lora":
+    bf16_base = f'{cls}.from_pretrained("{result.base_model}"{load_kwargs})'
+    base, base_imports = bf16_base, imports
+    if args.finetuning_type == "qlora":
+        # The same 4-bit weights again: a saved 4-bit base reloads as it is, a checkpoint is quantized alike.
+        settings = (
+            ""
+            if source.random_init
+            else ', BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)'
+        )
+        base = f'moefuse.quant.from_pretrained("{result.base_model}"{settings})'
+        base_imports = "import moefuse.quant; from transformers import BitsAndBytesConfig"
+    if args.finetuning_type in LORA_TYPES:
         lines.append(f"  adapter    {result.final_dir}  (PEFT LoRA)")
         if result.per_expert_adapter:
             lines.append(
@@ -230,14 +249,28 @@ def summary(result: TrainResult, args: MoefuseTrainArguments, source: ModelSourc
             f"  base model {result.base_model}",
             "",
             "Load it:",
-            f"  {imports}",
+            f"  {base_imports}",
             "  from peft import PeftModel",
-            f'  model = PeftModel.from_pretrained({cls}.from_pretrained("{result.base_model}"{load_kwargs}),',
+            f"  model = PeftModel.from_pretrained({base},",
             f'                                    "{result.final_dir}")',
-            "Serve it with vLLM / SGLang: merge it into the base model, saved in the per-expert Hub layout:",
-            f'  model.merge_and_unload().save_pretrained("{result.output_dir / "merged"}")',
-            f"  vllm serve {result.output_dir / 'merged'}",
         ]
+        merged = result.output_dir / "merged"
+        if args.finetuning_type == "lora":
+            lines += [
+                "Serve it with vLLM / SGLang: merge it into the base model, saved in the per-expert Hub layout:",
+                f'  model.merge_and_unload().save_pretrained("{merged}")',
+                f"  vllm serve {merged}",
+            ]
+        elif source.random_init:
+            lines.append("(the base is 4-bit random weights: there is no bf16 model to merge into and serve)")
+        else:
+            lines += [
+                "Serve it with vLLM / SGLang: merge it into the bf16 base model, saved in the per-expert Hub layout:",
+                f"  {imports}",
+                f'  model = PeftModel.from_pretrained({bf16_base}, "{result.final_dir}")',
+                f'  model.merge_and_unload().save_pretrained("{merged}")',
+                f"  vllm serve {merged}",
+            ]
         if result.per_expert_adapter:
             lines.append(
                 f"or give {result.per_expert_adapter} to an engine that loads per-expert MoE LoRA adapters."
