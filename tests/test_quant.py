@@ -151,3 +151,21 @@ def test_quantize_refuses_bad_arguments():
         ExpertWeights4bit.quantize(torch.randn(1, 4, 4), "int4")
     with pytest.raises(ValueError, match="blocksize"):
         ExpertWeights4bit.quantize(torch.randn(1, 4, 4), blocksize=48)
+
+
+@pytest.mark.gpu
+def test_a_stack_on_the_cpu_goes_to_the_gpu_in_slices():
+    """Quantizing a CPU stack onto the GPU never holds the bf16 stack there: peak well under its size."""
+    weight = torch.randn(
+        64, 1536, 2048, dtype=torch.bfloat16
+    )  # one Qwen3-30B-A3B gate_up stack's half, 403 MB
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    quantized = ExpertWeights4bit.quantize(weight, device="cuda")
+    peak = torch.cuda.max_memory_allocated() - before
+    assert quantized.packed.is_cuda and peak < weight.numel() * weight.element_size() / 2, peak
+    expected = ExpertWeights4bit.quantize(weight[:2].cuda())
+    assert torch.equal(quantized.packed[:2], expected.packed) and torch.equal(
+        quantized.absmax[:2], expected.absmax
+    )

@@ -27,7 +27,7 @@ COMPONENTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "neste
 QUANT_STATE_KEY = (
     "quant_state.moefuse__"  # + quant type: a uint8 tensor holding the JSON of the non-tensor fields
 )
-_DEFAULT_STEP_ELEMENTS = 1 << 24  # values quantized per step: a few hundred MB of temporaries
+_DEFAULT_STEP_ELEMENTS = 1 << 22  # values quantized per step (at least one expert): ~100 MB of temporaries
 
 
 class ExpertWeights4bit(torch.Tensor):
