@@ -194,6 +194,127 @@ def _load_tile(ptr, rows, cols, row_mask, col_mask, stride_m, stride_n):
     return tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
 
 
+@triton.jit
+def _rows_epilogue(
+    acc,
+    c_ptr,
+    c_index_ptr,
+    scale_ptr,
+    add_ptr,
+    rows,
+    offs_n,
+    row_mask,
+    n_mask,
+    stride_cm,
+    stride_cn,
+    stride_addm,
+    stride_addn,
+    SCATTER_C: tl.constexpr,
+    SCALE_ROWS: tl.constexpr,
+    ATOMIC_ADD: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+):
+    """``C[c_row(r), n] (+)= scale[r] * (acc + ADD[r, n])``: the grouped GEMM's epilogue."""
+    if HAS_ADD:
+        acc += _load_tile(add_ptr, rows, offs_n, row_mask, n_mask, stride_addm, stride_addn)
+    if SCALE_ROWS:
+        acc = acc * tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    c_rows = _row_offsets(c_index_ptr, rows, row_mask, SCATTER_C)
+    c_ptrs = c_ptr + c_rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    mask = row_mask[:, None] & n_mask[None, :]
+    if ATOMIC_ADD:
+        tl.atomic_add(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask, sem="relaxed")
+    else:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_epilogue(
+    gate,
+    up,
+    gate_up_ptr,
+    h_ptr,
+    add_ptr,
+    rows,
+    offs_n,
+    row_mask,
+    n_mask,
+    N,
+    stride_gm,
+    stride_gn,
+    stride_hm,
+    stride_hn,
+    stride_addm,
+    stride_addn,
+    STORE_GATE_UP: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+):
+    """``h = silu(gate) * up`` from the two accumulators: the gate/up kernels' epilogue. ``ADD [rows, 2N]``
+    joins the pre-activations, which are written to ``gate_up [rows, 2N]`` when ``STORE_GATE_UP``."""
+    if HAS_ADD:
+        gate += _load_tile(add_ptr, rows, offs_n, row_mask, n_mask, stride_addm, stride_addn)
+        up += _load_tile(add_ptr, rows, N + offs_n, row_mask, n_mask, stride_addm, stride_addn)
+    mask = row_mask[:, None] & n_mask[None, :]
+    out_type = h_ptr.dtype.element_ty
+    if STORE_GATE_UP:
+        g_ptrs = gate_up_ptr + rows.to(tl.int64)[:, None] * stride_gm + offs_n[None, :] * stride_gn
+        tl.store(g_ptrs, gate.to(out_type), mask=mask)
+        tl.store(g_ptrs + N * stride_gn, up.to(out_type), mask=mask)
+    # SiLU on the values backward will read back (rounded to the storage dtype), so forward and backward agree.
+    gate = gate.to(out_type).to(tl.float32)
+    up = up.to(out_type).to(tl.float32)
+    h = gate * tl.sigmoid(gate) * up
+    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + offs_n[None, :] * stride_hn
+    tl.store(h_ptrs, h.to(out_type), mask=mask)
+
+
+@triton.jit
+def _swiglu_backward_epilogue(
+    g,
+    gate_up_ptr,
+    scale_ptr,
+    d_gate_up_ptr,
+    d_scale_ptr,
+    add_ptr,
+    rows,
+    offs_n,
+    row_mask,
+    n_mask,
+    pid_n,
+    N,
+    stride_gm,
+    stride_gn,
+    stride_dgm,
+    stride_dgn,
+    stride_dsm,
+    stride_addm,
+    stride_addn,
+    HAS_ADD: tl.constexpr,
+):
+    """SwiGLU's backward from ``g``, the gradient reaching ``h`` (unscaled): ``d_scale += g * h`` (this column
+    tile's share, ``d_scale[r, pid_n]``), ``dh = scale * g``, ``d_up = dh * silu(gate)``,
+    ``d_gate = dh * up * silu'(gate)`` into ``d_gate_up [rows, 2N]``. ``ADD [rows, N]`` joins ``g``."""
+    if HAS_ADD:
+        g += _load_tile(add_ptr, rows, offs_n, row_mask, n_mask, stride_addm, stride_addn)
+    mask = row_mask[:, None] & n_mask[None, :]
+    g_ptrs = gate_up_ptr + rows.to(tl.int64)[:, None] * stride_gm + offs_n[None, :] * stride_gn
+    gate = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(g_ptrs + N * stride_gn, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(gate)
+    silu = gate * sig
+    tl.store(
+        d_scale_ptr + rows.to(tl.int64) * stride_dsm + pid_n, tl.sum(g * silu * up, axis=1), mask=row_mask
+    )
+    dh = g * scale[:, None]
+    d_up = dh * silu
+    d_gate = dh * up * sig * (1.0 + gate * (1.0 - sig))
+    out_type = d_gate_up_ptr.dtype.element_ty
+    d_ptrs = d_gate_up_ptr + rows.to(tl.int64)[:, None] * stride_dgm + offs_n[None, :] * stride_dgn
+    tl.store(d_ptrs, d_gate.to(out_type), mask=mask)
+    tl.store(d_ptrs + N * stride_dgn, d_up.to(out_type), mask=mask)
+
+
 @triton.autotune(
     configs=_configs(TILE_CONFIGS),
     key=["N", "K", "ROWS_PER_EXPERT", "GATHER_A", "SCATTER_C", "ATOMIC_ADD", "HAS_ADD"],
@@ -271,17 +392,25 @@ def grouped_gemm_kernel(
         EVEN_K,
     )
 
-    if HAS_ADD:
-        acc += _load_tile(add_ptr, rows, offs_n, row_mask, n_mask, stride_addm, stride_addn)
-    if SCALE_ROWS:
-        acc = acc * tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
-    c_rows = _row_offsets(c_index_ptr, rows, row_mask, SCATTER_C)
-    c_ptrs = c_ptr + c_rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    mask = row_mask[:, None] & n_mask[None, :]
-    if ATOMIC_ADD:
-        tl.atomic_add(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask, sem="relaxed")
-    else:
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    _rows_epilogue(
+        acc,
+        c_ptr,
+        c_index_ptr,
+        scale_ptr,
+        add_ptr,
+        rows,
+        offs_n,
+        row_mask,
+        n_mask,
+        stride_cm,
+        stride_cn,
+        stride_addm,
+        stride_addn,
+        SCATTER_C,
+        SCALE_ROWS,
+        ATOMIC_ADD,
+        HAS_ADD,
+    )
 
 
 @triton.autotune(
@@ -367,21 +496,26 @@ def gate_up_swiglu_kernel(
         gate_ptrs += BLOCK_K * stride_wk
         up_ptrs += BLOCK_K * stride_wk
 
-    if HAS_ADD:
-        gate += _load_tile(add_ptr, rows, offs_n, row_mask, n_mask, stride_addm, stride_addn)
-        up += _load_tile(add_ptr, rows, N + offs_n, row_mask, n_mask, stride_addm, stride_addn)
-    mask = row_mask[:, None] & n_mask[None, :]
-    out_type = h_ptr.dtype.element_ty
-    if STORE_GATE_UP:
-        g_ptrs = gate_up_ptr + rows.to(tl.int64)[:, None] * stride_gm + offs_n[None, :] * stride_gn
-        tl.store(g_ptrs, gate.to(out_type), mask=mask)
-        tl.store(g_ptrs + N * stride_gn, up.to(out_type), mask=mask)
-    # SiLU on the values backward will read back (rounded to the storage dtype), so forward and backward agree.
-    gate = gate.to(out_type).to(tl.float32)
-    up = up.to(out_type).to(tl.float32)
-    h = gate * tl.sigmoid(gate) * up
-    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + offs_n[None, :] * stride_hn
-    tl.store(h_ptrs, h.to(out_type), mask=mask)
+    _swiglu_epilogue(
+        gate,
+        up,
+        gate_up_ptr,
+        h_ptr,
+        add_ptr,
+        rows,
+        offs_n,
+        row_mask,
+        n_mask,
+        N,
+        stride_gm,
+        stride_gn,
+        stride_hm,
+        stride_hn,
+        stride_addm,
+        stride_addn,
+        STORE_GATE_UP,
+        HAS_ADD,
+    )
 
 
 @triton.autotune(
@@ -465,25 +599,28 @@ def swiglu_backward_kernel(
         EVEN_K,
     )
 
-    if HAS_ADD:
-        g += _load_tile(add_ptr, rows, offs_n, row_mask, n_mask, stride_addm, stride_addn)
-    mask = row_mask[:, None] & n_mask[None, :]
-    g_ptrs = gate_up_ptr + rows.to(tl.int64)[:, None] * stride_gm + offs_n[None, :] * stride_gn
-    gate = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(g_ptrs + N * stride_gn, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(gate)
-    silu = gate * sig
-    tl.store(
-        d_scale_ptr + rows.to(tl.int64) * stride_dsm + pid_n, tl.sum(g * silu * up, axis=1), mask=row_mask
+    _swiglu_backward_epilogue(
+        g,
+        gate_up_ptr,
+        scale_ptr,
+        d_gate_up_ptr,
+        d_scale_ptr,
+        add_ptr,
+        rows,
+        offs_n,
+        row_mask,
+        n_mask,
+        pid_n,
+        N,
+        stride_gm,
+        stride_gn,
+        stride_dgm,
+        stride_dgn,
+        stride_dsm,
+        stride_addm,
+        stride_addn,
+        HAS_ADD,
     )
-    dh = g * scale[:, None]
-    d_up = dh * silu
-    d_gate = dh * up * sig * (1.0 + gate * (1.0 - sig))
-    out_type = d_gate_up_ptr.dtype.element_ty
-    d_ptrs = d_gate_up_ptr + rows.to(tl.int64)[:, None] * stride_dgm + offs_n[None, :] * stride_dgn
-    tl.store(d_ptrs, d_gate.to(out_type), mask=mask)
-    tl.store(d_ptrs + N * stride_dgn, d_up.to(out_type), mask=mask)
 
 
 @triton.autotune(

@@ -21,7 +21,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .grouped_gemm import TILE_CONFIGS, _configs, _expert_tile, _load_tile, _prune, _row_offsets
+from .grouped_gemm import (
+    TILE_CONFIGS,
+    _configs,
+    _expert_tile,
+    _prune,
+    _row_offsets,
+    _rows_epilogue,
+    _swiglu_backward_epilogue,
+    _swiglu_epilogue,
+)
 
 
 @triton.jit
@@ -213,17 +222,25 @@ def grouped_gemm_4bit_kernel(
         BLOCK_K,
     )
 
-    if HAS_ADD:
-        acc += _load_tile(add_ptr, rows, offs_n, row_mask, n_mask, stride_addm, stride_addn)
-    if SCALE_ROWS:
-        acc = acc * tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
-    c_rows = _row_offsets(c_index_ptr, rows, row_mask, SCATTER_C)
-    c_ptrs = c_ptr + c_rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    mask = row_mask[:, None] & n_mask[None, :]
-    if ATOMIC_ADD:
-        tl.atomic_add(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask, sem="relaxed")
-    else:
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    _rows_epilogue(
+        acc,
+        c_ptr,
+        c_index_ptr,
+        scale_ptr,
+        add_ptr,
+        rows,
+        offs_n,
+        row_mask,
+        n_mask,
+        stride_cm,
+        stride_cn,
+        stride_addm,
+        stride_addn,
+        SCATTER_C,
+        SCALE_ROWS,
+        ATOMIC_ADD,
+        HAS_ADD,
+    )
 
 
 @triton.autotune(
@@ -329,21 +346,26 @@ def gate_up_swiglu_4bit_kernel(
         up = tl.dot(x, w_up.to(x_ptr.dtype.element_ty), up, input_precision=PRECISION)
         x_ptrs += BLOCK_K * stride_xk
 
-    if HAS_ADD:
-        gate += _load_tile(add_ptr, rows, offs_n, row_mask, n_mask, stride_addm, stride_addn)
-        up += _load_tile(add_ptr, rows, N + offs_n, row_mask, n_mask, stride_addm, stride_addn)
-    mask = row_mask[:, None] & n_mask[None, :]
-    out_type = h_ptr.dtype.element_ty
-    if STORE_GATE_UP:
-        g_ptrs = gate_up_ptr + rows.to(tl.int64)[:, None] * stride_gm + offs_n[None, :] * stride_gn
-        tl.store(g_ptrs, gate.to(out_type), mask=mask)
-        tl.store(g_ptrs + N * stride_gn, up.to(out_type), mask=mask)
-    # SiLU on the values backward will read back (rounded to the storage dtype), as the dense kernel does.
-    gate = gate.to(out_type).to(tl.float32)
-    up = up.to(out_type).to(tl.float32)
-    h = gate * tl.sigmoid(gate) * up
-    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + offs_n[None, :] * stride_hn
-    tl.store(h_ptrs, h.to(out_type), mask=mask)
+    _swiglu_epilogue(
+        gate,
+        up,
+        gate_up_ptr,
+        h_ptr,
+        add_ptr,
+        rows,
+        offs_n,
+        row_mask,
+        n_mask,
+        N,
+        stride_gm,
+        stride_gn,
+        stride_hm,
+        stride_hn,
+        stride_addm,
+        stride_addn,
+        STORE_GATE_UP,
+        HAS_ADD,
+    )
 
 
 @triton.autotune(
@@ -434,25 +456,28 @@ def swiglu_backward_4bit_kernel(
         BLOCK_K,
     )
 
-    if HAS_ADD:
-        g += _load_tile(add_ptr, rows, offs_n, row_mask, n_mask, stride_addm, stride_addn)
-    mask = row_mask[:, None] & n_mask[None, :]
-    g_ptrs = gate_up_ptr + rows.to(tl.int64)[:, None] * stride_gm + offs_n[None, :] * stride_gn
-    gate = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(g_ptrs + N * stride_gn, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(gate)
-    silu = gate * sig
-    tl.store(
-        d_scale_ptr + rows.to(tl.int64) * stride_dsm + pid_n, tl.sum(g * silu * up, axis=1), mask=row_mask
+    _swiglu_backward_epilogue(
+        g,
+        gate_up_ptr,
+        scale_ptr,
+        d_gate_up_ptr,
+        d_scale_ptr,
+        add_ptr,
+        rows,
+        offs_n,
+        row_mask,
+        n_mask,
+        pid_n,
+        N,
+        stride_gm,
+        stride_gn,
+        stride_dgm,
+        stride_dgn,
+        stride_dsm,
+        stride_addm,
+        stride_addn,
+        HAS_ADD,
     )
-    dh = g * scale[:, None]
-    d_up = dh * silu
-    d_gate = dh * up * sig * (1.0 + gate * (1.0 - sig))
-    out_type = d_gate_up_ptr.dtype.element_ty
-    d_ptrs = d_gate_up_ptr + rows.to(tl.int64)[:, None] * stride_dgm + offs_n[None, :] * stride_dgn
-    tl.store(d_ptrs, d_gate.to(out_type), mask=mask)
-    tl.store(d_ptrs + N * stride_dgn, d_up.to(out_type), mask=mask)
 
 
 @triton.jit
