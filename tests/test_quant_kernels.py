@@ -20,12 +20,15 @@ from moefuse.ops.lora import ExpertsLora, LoraWeights
 from moefuse.ops.moe import fused_experts_reference
 from moefuse.ops.moe_4bit import moe_fused_linear_4bit
 from moefuse.quant import ExpertWeights4bit
+from test_triton_kernels import (  # the dense kernels' checks
+    CPU_DTYPES,
+    DEVICE,
+    M_SIZES,
+    assert_close,
+    randn,
+)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
-CPU_DTYPES = [torch.float32, torch.float16]
 FORMATS = [("nf4", True), ("fp4", False)]  # (quant_type, nested statistics)
-M_SIZES = [[3, 0, 5, 1], [1], [17, 33, 2], [0, 0, 0]]
 CASES = [(m, dtype, fmt) for m in M_SIZES for dtype in CPU_DTYPES for fmt in FORMATS[:1]] + [
     pytest.param([5, 1, 0], torch.float16, FORMATS[1], id="fp4-plain"),
     pytest.param([2] * 128, torch.float32, FORMATS[0], id="E128-fp32"),
@@ -37,23 +40,6 @@ def gemm_mode(request):
     q4.set_gemm_mode(request.param)
     yield request.param
     q4.set_gemm_mode(None)
-
-
-def rel_err(value: torch.Tensor, ref: torch.Tensor) -> float:
-    value, ref = value.double(), ref.double()
-    assert torch.isfinite(value).all()
-    scale = ref.norm().item()
-    return (value - ref).norm().item() / (scale if scale > 0 else 1.0)
-
-
-def assert_close(value: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, name: str = "") -> None:
-    assert value.shape == ref.shape, (name, value.shape, ref.shape)
-    err = rel_err(value, ref)
-    assert err <= TOLERANCE[dtype], f"{name}: relative error {err:.2e} > {TOLERANCE[dtype]:.0e}"
-
-
-def randn(*shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
-    return (torch.randn(*shape, dtype=torch.float64) * scale).to(DEVICE, dtype)
 
 
 def quantized(*shape: int, dtype: torch.dtype, fmt=FORMATS[0], scale: float = 0.2) -> ExpertWeights4bit:
