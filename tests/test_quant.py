@@ -169,3 +169,18 @@ def test_a_stack_on_the_cpu_goes_to_the_gpu_in_slices():
     assert torch.equal(quantized.packed[:2], expected.packed) and torch.equal(
         quantized.absmax[:2], expected.absmax
     )
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_quantizing_in_pieces_gives_the_whole_stacks_bytes(monkeypatch, quant_type):
+    """Steps of a few experts, or of block-aligned pieces of one expert (odd last value included), change
+    nothing: blocks are quantized independently."""
+    from moefuse.quant import tensor
+
+    weight = _stack((3, 37, 129), torch.float32, "cpu")  # 4773 values per expert: odd, short last block
+    whole = ExpertWeights4bit.quantize(weight, quant_type, compress_statistics=True)
+    for step in (2 * 4773, 1000, 64):  # two experts per step; pieces of 960 and of one block
+        monkeypatch.setattr(tensor, "_DEFAULT_STEP_ELEMENTS", step)
+        pieces = ExpertWeights4bit.quantize(weight, quant_type, compress_statistics=True)
+        assert torch.equal(pieces.packed, whole.packed) and torch.equal(pieces.absmax, whole.absmax)
+        assert torch.equal(pieces.nested_absmax, whole.nested_absmax)

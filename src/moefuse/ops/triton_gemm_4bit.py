@@ -9,8 +9,9 @@ to run them, chosen by :func:`gemm_mode` (``MOEFUSE_4BIT_GEMM=fused|dequantize|a
 - ``dequantize``: the stack is dequantised into a temporary dense copy (one Triton kernel), the dense kernel runs
   on it and the copy is freed (one projection's stack at a time, never kept for backward).
 
-``auto`` takes ``fused`` (the speed crossover between the two against the batch size is measured with
-``benchmarks/quant_gemm.py`` on a GPU).
+``auto`` takes ``dequantize``: on an H100 (``benchmarks/quant_gemm.py``, 1024 tokens at Qwen3-30B-A3B dims) the
+fused kernels ran 13-16x slower than dequantise-then-GEMM, their per-value gathers of codes and absmax costing
+more than the tensor-core work they feed.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def gemm_mode() -> str:
     mode = _forced or os.environ.get(_ENV, "auto").strip().lower() or "auto"
     if mode not in GEMM_MODES:
         raise ValueError(f"{_ENV}={mode!r} is not a 4-bit GEMM mode: choose one of {', '.join(GEMM_MODES)}")
-    return "fused" if mode == "auto" else mode
+    return "dequantize" if mode == "auto" else mode
 
 
 def _fused() -> bool:

@@ -27,7 +27,7 @@ COMPONENTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "neste
 QUANT_STATE_KEY = (
     "quant_state.moefuse__"  # + quant type: a uint8 tensor holding the JSON of the non-tensor fields
 )
-_DEFAULT_STEP_ELEMENTS = 1 << 22  # values quantized per step (at least one expert): ~100 MB of temporaries
+_DEFAULT_STEP_ELEMENTS = 1 << 20  # values quantized per step: ~70 MB of temporaries on the GPU
 
 
 class ExpertWeights4bit(torch.Tensor):
@@ -113,15 +113,23 @@ class ExpertWeights4bit(torch.Tensor):
         device = torch.device(device) if device is not None else weight.device
         experts = weight.shape[0]
         n = weight.shape[1] * weight.shape[2]
+        # A step is a few experts, or a piece of one expert cut at a block boundary (blocks are quantized
+        # independently, so the pieces give the bytes the whole expert would).
         step = max(1, _DEFAULT_STEP_ELEMENTS // max(1, n))
+        piece = n if n <= _DEFAULT_STEP_ELEMENTS else _DEFAULT_STEP_ELEMENTS // blocksize * blocksize
         packed = torch.empty(experts, (n + 1) // 2, dtype=torch.uint8, device=device)
         absmax = torch.empty(experts, math.ceil(n / blocksize), dtype=torch.float32, device=device)
         for start in range(0, experts, step):
-            chunk = weight[start : start + step].detach().to(device).reshape(-1, n)
-            packed[start : start + step], absmax[start : start + step] = formats.quantize_rows_4bit(
-                chunk, quant_type, blocksize, rounding
-            )
-            del chunk
+            rows = slice(start, start + step)
+            flat = weight[rows].detach().reshape(-1, n)  # a view where the stack is contiguous
+            for col in range(0, n, piece):
+                chunk = flat[:, col : col + piece].to(device)
+                packed_cols = slice(col // 2, (col + piece + 1) // 2)
+                absmax_cols = slice(col // blocksize, math.ceil((col + piece) / blocksize))
+                packed[rows, packed_cols], absmax[rows, absmax_cols] = formats.quantize_rows_4bit(
+                    chunk, quant_type, blocksize, rounding
+                )
+                del chunk
         nested = None
         if compress_statistics:
             qabsmax, nested_absmax, offset = formats.quantize_absmax_nested(absmax, rounding)
