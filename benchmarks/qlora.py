@@ -2,12 +2,14 @@
 
     python benchmarks/qlora.py                  # Qwen3-30B-A3B, all 48 layers, random weights, QLoRA r16
     python benchmarks/qlora.py --mode lora      # the same LoRA on bf16 weights (about 70 GB: an 80 GB GPU)
+    python benchmarks/qlora.py --mode lora --experts-implementation grouped_mm   # Transformers' experts + PEFT
+    python benchmarks/qlora.py --expert-rank 4  # rank 16 on attention, 4 on the experts
     python benchmarks/qlora.py --device cpu --tiny --steps 2      # toy sizes on the CPU (CI)
 
 ``qlora``: experts in 4-bit (:mod:`moefuse.quant`, NF4 with nested absmax), the other linear layers in
 bitsandbytes NF4 (``Linear4bit``, bf16 compute), embeddings and norms in bf16; ``lora``: everything in bf16.
 Both: LoRA (PEFT through moefuse) of rank ``--rank`` on the attention projections and every expert's gate, up and
-down projections, adapters in ``--adapter-dtype``, gradient checkpointing, one random sequence of ``--seq``
+down projections (``--expert-rank`` on the experts where given), adapters in ``--adapter-dtype``, gradient checkpointing, one random sequence of ``--seq``
 tokens per step (batch ``--batch``), bitsandbytes' paged 8-bit AdamW. The model is built on the GPU one expert
 stack at a time (:func:`moefuse.quant.model.from_config`), never in bf16 whole.
 
@@ -28,13 +30,15 @@ import time
 from pathlib import Path
 
 import torch
-from peft import get_peft_model
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import moefuse  # noqa: F401  (registers the "moefuse" experts implementation)
 from moefuse.bench.configs import DEFAULT_CONFIG, load_config, tiny_config, with_layers
 from moefuse.bench.measure import environment
+from moefuse.bench.model import lora_config_for
 from moefuse.lora import lora_config
+from moefuse.lora.targets import PROJECTIONS
 from moefuse.quant import ExpertWeights4bit
 from moefuse.quant.model import from_config
 
@@ -49,6 +53,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=None, help="first N decoder layers (default: all)")
     p.add_argument("--mode", choices=("qlora", "lora"), default="qlora")
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument(
+        "--expert-rank", type=int, default=None, help="rank of the experts' adapters (default --rank)"
+    )
+    p.add_argument(
+        "--experts-implementation",
+        default="moefuse",
+        help="lora mode: a Transformers experts implementation (e.g. grouped_mm) runs the baseline, PEFT's "
+        "target_parameters LoRA on the stacked expert weights",
+    )
     p.add_argument("--adapter-dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, default=1)
@@ -68,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.experts_implementation != "moefuse" and (args.mode == "qlora" or args.expert_rank is not None):
+        p.error("--experts-implementation other than moefuse runs --mode lora at one --rank only")
     if args.optim is None:
         args.optim = "paged_adamw_8bit" if args.device == "cuda" else "adamw"
     return args
@@ -83,9 +98,22 @@ def build_model(args: argparse.Namespace, config, device: torch.device) -> torch
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
         return from_config(config, bnb, device=device, dtype=torch.bfloat16)
-    config._experts_implementation = "moefuse"
+    config._experts_implementation = args.experts_implementation
     with torch.device(device):
         return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+
+
+def adapter_config(args: argparse.Namespace) -> LoraConfig:
+    """LoRA ``--rank`` on attention and the experts, the experts at ``--expert-rank`` (alpha 2 x rank each)."""
+    if args.experts_implementation != "moefuse":
+        return lora_config_for(args.rank, moefuse=False)
+    expert_rank = args.expert_rank or args.rank
+    experts = [f"experts.{p}" for p in PROJECTIONS]
+    return lora_config(
+        args.rank,
+        rank_pattern={t: expert_rank for t in experts if expert_rank != args.rank},
+        alpha_pattern={t: 2 * expert_rank for t in experts if expert_rank != args.rank},
+    )
 
 
 def make_optimizer(name: str, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
@@ -118,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(
-        model, lora_config(args.rank), autocast_adapter_dtype=args.adapter_dtype == "fp32"
+        model, adapter_config(args), autocast_adapter_dtype=args.adapter_dtype == "fp32"
     ).train()
     params = [p for p in model.parameters() if p.requires_grad]
     memory["adapters_gib"] = (
@@ -129,27 +157,32 @@ def main(argv: list[str] | None = None) -> dict:
     g = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=g).to(device)
     losses, times = [], []
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup and device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
-        print(f"step {step}: loss {losses[-1]:.4f}, {time.perf_counter() - t0:.2f} s", flush=True)
+    out_of_memory = None
+    try:
+        for step in range(args.warmup + args.steps):
+            if step == args.warmup and device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            loss = model(input_ids=input_ids, labels=input_ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if step >= args.warmup:
+                times.append(time.perf_counter() - t0)
+            losses.append(loss.item())
+            print(f"step {step}: loss {losses[-1]:.4f}, {time.perf_counter() - t0:.2f} s", flush=True)
+    except torch.OutOfMemoryError as error:  # an answer too ("does it fit?"): reported, not raised
+        out_of_memory = f"step {len(losses)}: {str(error).splitlines()[0]}"
+        print(f"out of memory at {out_of_memory}", flush=True)
     if device.type == "cuda":
         memory["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / GIB
         memory["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB
         free, total = torch.cuda.mem_get_info(device)
         memory["device_used_gib_after"] = (total - free) / GIB  # CUDA context, caches, paged optimizer pages
-    step_s = statistics.median(times)
+    step_s = statistics.median(times) if times else None
     tokens = args.batch * args.seq
     report = {
         "benchmark": "QLoRA/LoRA training steps of a whole model at the config's dims",
@@ -157,6 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
         "layers": config.num_hidden_layers,
         "mode": args.mode,
         "rank": args.rank,
+        "expert_rank": args.expert_rank or args.rank,
+        "experts_implementation": args.experts_implementation,
         "adapter_dtype": args.adapter_dtype,
         "optimizer": args.optim,
         "gradient_checkpointing": not args.no_checkpointing,
@@ -168,7 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
         "build_s": build_s,
         "step_s": times,
         "median_step_s": step_s,
-        "tokens_per_s": tokens / step_s,
+        "tokens_per_s": tokens / step_s if step_s else None,
+        "out_of_memory": out_of_memory,
         "losses": losses,
         "env": environment(device),
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
@@ -177,7 +213,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out
     if out is None:
         gpu = "".join(c if c.isalnum() else "_" for c in report["env"].get("gpu", "cpu")).strip("_")
-        out = Path(__file__).resolve().parent / "results" / f"qlora_{label}_{args.mode}_{gpu}.json"
+        suffix = "" if args.experts_implementation == "moefuse" else f"_{args.experts_implementation}"
+        suffix += f"_experts-r{args.expert_rank}" if args.expert_rank else ""
+        out = Path(__file__).resolve().parent / "results" / f"qlora_{label}_{args.mode}{suffix}_{gpu}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
@@ -172,19 +172,20 @@ class TrainStep:
         self._on_close()
 
 
-def _lora_model(model: PreTrainedModel, implementation: Implementation, rank: int) -> PeftModel:
+def lora_config_for(rank: int, moefuse: bool) -> LoraConfig:
+    """LoRA ``rank`` on attention + the routed experts: moefuse's per-expert gate/up/down adapters, or PEFT's
+    ``target_parameters`` on the stacked weights for Transformers' experts implementations."""
     attention = list(ATTENTION_PROJECTIONS)
-    if implementation.is_moefuse:
+    if moefuse:
         experts = [f"experts.{p}" for p in PROJECTIONS]  # the routed experts only, not shared experts
-        return get_peft_model(model, lora_config(rank, target_modules=attention + experts))
-    config = LoraConfig(
+        return lora_config(rank, target_modules=attention + experts)
+    return LoraConfig(
         r=rank,
         lora_alpha=2 * rank,
         target_modules=attention,
         target_parameters=EXPERTS_TARGET_PARAMETERS,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
 
 
 def cases(ctx: BenchContext, tokens: int) -> list[Case]:
@@ -218,7 +219,7 @@ def cases(ctx: BenchContext, tokens: int) -> list[Case]:
     def lora(implementation: Implementation) -> TrainStep:
         randomize_(model, ctx.seed, std)
         set_experts_implementation(model, implementation)
-        peft_model = _lora_model(model, implementation, rank)
+        peft_model = get_peft_model(model, lora_config_for(rank, implementation.is_moefuse))
         factors = canonical_factors(peft_model)
         if not lora_values:  # the first implementation draws the adapter values, the others take them
             lora_values.update(random_canonical_values(factors, ctx.seed + 2, std))
