@@ -26,16 +26,11 @@ def _stack(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Ten
     return weight.to(device, dtype)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_each_expert_equals_bitsandbytes_quantize_4bit(device, shape, quant_type, dtype):
-    weight = _stack(shape, dtype, device)
+def _assert_each_expert_equals_bitsandbytes(weight: torch.Tensor, quant_type: str) -> None:
     plain = ExpertWeights4bit.quantize(weight, quant_type, 64, compress_statistics=False)
     nested = ExpertWeights4bit.quantize(weight, quant_type, 64, compress_statistics=True)
     dense = nested.dequantize()
-    for e in range(shape[0]):
+    for e in range(weight.shape[0]):
         packed, state = bnb_functional.quantize_4bit(weight[e], blocksize=64, quant_type=quant_type)
         packed_n, state_n = bnb_functional.quantize_4bit(
             weight[e], blocksize=64, quant_type=quant_type, compress_statistics=True
@@ -50,6 +45,100 @@ def test_each_expert_equals_bitsandbytes_quantize_4bit(device, shape, quant_type
         assert torch.equal(nested.code, state_n.code) and torch.equal(nested.nested_code, state_n.state2.code)
         assert torch.equal(dense[e], bnb_functional.dequantize_4bit(packed_n, state_n))
         assert torch.equal(plain.dequantize()[e], bnb_functional.dequantize_4bit(packed, state))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_each_expert_equals_bitsandbytes_quantize_4bit(device, shape, quant_type, dtype):
+    _assert_each_expert_equals_bitsandbytes(_stack(shape, dtype, device), quant_type)
+
+
+# FP4's decision thresholds: the midpoints of its code values (÷ 12) 0, 0.0625, 2, 3, 4, 6, 8, 12.
+FP4_MIDPOINTS = (1 / 384, 11 / 128, 5 / 24, 7 / 24, 5 / 12, 7 / 12, 5 / 6)
+
+
+def _threshold_ties(dtype: torch.dtype) -> torch.Tensor:
+    """``[1, M, 64]``: one block per mantissa a 16-bit absmax can have (bf16: 128, fp16: 1024; fp32 gets the
+    fp16 values): the absmax ``a``, then for each FP4 threshold ``t`` the ``dtype`` value nearest ``a * t`` and
+    its two neighbours, both signs; zeros after. Most of these ratios are exactly on a threshold or an fp32 ulp
+    from it, where the last bit of the kernel's reciprocal ``1 / a`` picks the code."""
+    bits = 7 if dtype == torch.bfloat16 else 10
+    absmax = (1 + torch.arange(2**bits, dtype=torch.float64) / 2**bits) * 2**-3
+    storage = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+    near = (absmax[:, None] * torch.tensor(FP4_MIDPOINTS, dtype=torch.float64)).to(storage)
+    ties = torch.cat(
+        [torch.nextafter(near, torch.zeros_like(near)), near, torch.nextafter(near, torch.ones_like(near))], 1
+    )
+    rows = torch.cat([absmax.to(storage)[:, None], ties, -ties], 1)
+    return torch.nn.functional.pad(rows, (0, 64 - rows.shape[1]))[None].to(dtype)
+
+
+def _subnormal_cases() -> torch.Tensor:
+    """``[1, 193]`` bf16, blocks of 64: (1, -2**-130 (subnormal), zeros); (1024, -2**-120 (its ratio is
+    subnormal), zeros); (2**-130, -2**-131: only subnormals, zeros); a last block of one zero (odd count)."""
+    row = torch.zeros(193)
+    row[[0, 1, 64, 65, 128, 129]] = torch.tensor(
+        [1.0, -(2.0**-130), 1024.0, -(2.0**-120), 2.0**-130, -(2.0**-131)]
+    )
+    return row[None].to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("quant_type", ["fp4", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_threshold_ties_and_subnormals_equal_bitsandbytes(device, dtype, quant_type):
+    """Values whose ratio to their block's absmax sits on an FP4 threshold, for every 16-bit absmax mantissa,
+    and subnormal values and ratios: bitsandbytes' CUDA kernel decides these through its approximate reciprocal
+    and flush-to-zero arithmetic, its CPU backend by dividing and clamping."""
+    _assert_each_expert_equals_bitsandbytes(_threshold_ties(dtype).to(device), quant_type)
+    _assert_each_expert_equals_bitsandbytes(
+        _subnormal_cases().reshape(1, 1, 193).to(device, dtype), quant_type
+    )
+
+
+def _nibbles(packed: torch.Tensor) -> list[int]:
+    return torch.stack([packed >> 4, packed & 0xF], -1).flatten().tolist()
+
+
+@pytest.mark.parametrize(
+    "quant_type, zero, one", [("fp4", 0b0000, 0b0011), ("nf4", 0b0111, 0b1111)], ids=["fp4", "nf4"]
+)
+def test_cuda_rounding_flushes_subnormals_as_the_kernel(quant_type, zero, one):
+    """bitsandbytes' CUDA kernels are built with --use_fast_math, so fp32 subnormals count as zero: in the
+    absmax (FMNMX.FTZ), as the value read and as the ratio (FMUL.FTZ). Derived from the kernel, code by code:
+    block 0: 1 → x = 1 → FP4 0b0011 / NF4 0b1111; -2**-130 is read as -0: FP4's sign test ``x < 0`` is false
+    (code 0b0000, not the negative zero 0b1000), NF4's zero 0b0111. Block 1: -2**-120 * 2**-10 = -2**-130 is
+    flushed, the same codes. Block 2 holds only subnormals: absmax 0, ``1.0f / 0`` = inf, every ratio 0 * inf =
+    NaN, for which every comparison of both decision trees is false: code 0b0000. Block 3: its zero and the
+    zero padding the odd count are NaN likewise (0b0000, where NF4 codes a plain zero 0b0111)."""
+    packed, absmax = formats.quantize_rows_4bit(_subnormal_cases(), quant_type, 64, rounding="cuda")
+    assert absmax.tolist() == [[1.0, 1024.0, 0.0, 0.0]]
+    expected = [one, zero] + [zero] * 62 + [one, zero] + [zero] * 62 + [0] * 64 + [0, 0]
+    assert _nibbles(packed) == expected
+
+
+def test_cuda_rounding_of_a_threshold_tie_follows_the_kernels_reciprocal(monkeypatch):
+    """The kernel computes ``x = v * (1.0f / a)`` in fp32 and compares ``|x| > t`` with fp32 constants; for bf16
+    v = 0.01953125 = 5 * 2**-8 in a block with a = 0.09375 = 3 * 2**-5, v / a = 5/24 exactly, the threshold
+    between 2/12 and 3/12, whose constant 0.20833333f is 0x3E555555 (5/24 rounded). The correctly rounded
+    reciprocal 0x412AAAAB gives x = 0x3E555556 > t: code 0b0111 (3/12), 0b1111 for -v. The GPU's approximate
+    reciprocal may be an ulp lower, 0x412AAAAA: x = 0x3E555554 < t, code 0b0110 (0b1110). Dividing would give
+    x = t exactly, not above: 0b0110. So the reciprocal's last bit decides, and ``rounding="cuda"`` must take
+    the kernel's reciprocal (on the GPU its instruction) and multiply."""
+    row = torch.zeros(1, 64, dtype=torch.bfloat16)
+    row[0, :3] = torch.tensor([0.09375, 0.01953125, -0.01953125])
+    packed, _ = formats.quantize_rows_4bit(row, "fp4", 64, rounding="cuda")
+    assert _nibbles(packed)[:3] == [0b0011, 0b0111, 0b1111]
+    correctly_rounded = formats._kernel_reciprocal
+    monkeypatch.setattr(
+        formats,
+        "_kernel_reciprocal",
+        lambda absmax: torch.nextafter(correctly_rounded(absmax), torch.zeros_like(absmax)),
+    )
+    packed, _ = formats.quantize_rows_4bit(row, "fp4", 64, rounding="cuda")
+    assert _nibbles(packed)[:3] == [0b0011, 0b0110, 0b1110]
 
 
 def test_dynamic_code_is_bitsandbytes():

@@ -14,11 +14,20 @@ slightly differently on the CPU than in its CUDA kernels (FP4: which of its two 
 thresholds an ulp apart; the nested 8-bit absmax goes through a 65536-entry lookup table on the CPU and a binary
 search on CUDA). Dequantized values agree; the bits follow the device: tensors quantized on a CUDA device
 match bitsandbytes' CUDA kernels, elsewhere its CPU backend.
+
+Its CUDA kernels are built with ``--use_fast_math``: ``value / absmax`` is ``value * (1.0f / absmax)`` where the
+reciprocal is the GPU's approximate one (``rcp.approx.ftz.f32``, one MUFU.RCP instruction), at times an ulp
+from the correctly rounded reciprocal, and fp32 subnormals read and written as zero. The ulp matters for 16-bit
+weights: their ratios often sit exactly on an FP4 threshold, and the reciprocal's last bit picks the side. On an
+NVIDIA GPU the same instruction is run (through Triton); ``rounding="cuda"`` elsewhere has no such instruction
+and takes the correctly rounded reciprocal, so its FP4 bytes of fp16/bf16 weights may differ from the GPU's
+where a value sits on a threshold. (The CPU backend divides instead, and clamps absmax at 1e-38.)
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -123,20 +132,76 @@ def _blocks(values: torch.Tensor, blocksize: int) -> torch.Tensor:
     return torch.nn.functional.pad(values, (0, pad)).view(values.shape[0], -1, blocksize)
 
 
+_FP32_TINY = torch.finfo(torch.float32).tiny  # the smallest normal fp32, 2**-126
+
+
+def _flush_subnormals(values: torch.Tensor) -> torch.Tensor:
+    """fp32 subnormals as zero, as bitsandbytes' CUDA kernels (``--use_fast_math``, hence ``-ftz``) read and
+    write them; the sign of a flushed value is dropped too (FP4's sign test ``x < 0`` is false for -0)."""
+    return values.masked_fill(values.abs() < _FP32_TINY, 0.0)
+
+
+@functools.cache
+def _gpu_reciprocal_kernel():  # Triton is imported only on this path: the CPU needs none
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def reciprocal_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        x = tl.load(x_ptr + offsets, mask=mask, other=1.0)
+        # The instruction bitsandbytes' ``1.0f / local_abs_max`` compiles to under --use_fast_math (MUFU.RCP).
+        r = tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+        tl.store(out_ptr + offsets, r, mask=mask)
+
+    return reciprocal_kernel
+
+
+def _kernel_reciprocal(absmax: torch.Tensor) -> torch.Tensor:
+    """``1.0f / absmax`` as bitsandbytes' CUDA kernels compute it: on an NVIDIA GPU the GPU's approximate
+    reciprocal instruction itself; elsewhere (or without Triton) the correctly rounded reciprocal, flushed as the
+    instruction flushes (``1 / 0 = inf``, a subnormal reciprocal of an absmax over 2**126 gives 0)."""
+    if absmax.is_cuda and torch.version.hip is None:
+        try:
+            kernel = _gpu_reciprocal_kernel()
+        except ImportError:
+            warnings.warn(
+                "moefuse.quant: Triton is missing, so FP4 bytes may differ from bitsandbytes' CUDA kernels where a "
+                "value sits on a threshold; fix: pip install triton",
+                stacklevel=3,
+            )
+        else:
+            flat = absmax.contiguous().view(-1)
+            out = torch.empty_like(flat)
+            block = 1024
+            with torch.cuda.device(flat.device):
+                kernel[(-(-flat.numel() // block),)](flat, out, flat.numel(), BLOCK=block)
+            return out.view(absmax.shape)
+    return _flush_subnormals(1.0 / absmax)
+
+
 def _scale_blocks(values: torch.Tensor, blocksize: int, cuda: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row blockwise absmax ``[rows, blocks]`` of ``values [rows, n]`` (fp32) and ``values / absmax`` as
-    bitsandbytes computes it: times ``1 / absmax`` (CUDA: 0 gives inf, hence NaN for an all-zero block); the
-    CPU backend clamps absmax at 1e-38 and divides a short last block instead of multiplying."""
+    """Per-row blockwise absmax ``[rows, blocks]`` of ``values [rows, n]`` (fp32) and ``value / absmax`` as
+    bitsandbytes computes it, ``[rows, blocks * blocksize]`` (the padding after ``n`` scaled zeros, as the
+    kernels load them). CUDA: subnormals flushed, times the kernel's reciprocal (an all-zero block: 0 * inf, NaN);
+    the CPU backend clamps absmax at 1e-38 and divides a short last block instead of multiplying."""
     n = values.shape[1]
+    if cuda:
+        values = _flush_subnormals(values)
     blocks = _blocks(values, blocksize)
     absmax = blocks.abs().amax(dim=2)
     if cuda:
-        return absmax, (blocks * (1.0 / absmax)[..., None]).view(values.shape[0], -1)[:, :n].contiguous()
+        return absmax, _flush_subnormals(blocks * _kernel_reciprocal(absmax)[..., None]).view(
+            values.shape[0], -1
+        )
     clamped = absmax.clamp(min=1e-38)
     scaled = blocks * (1.0 / clamped)[..., None]
     if n % blocksize:
         scaled[:, -1] = blocks[:, -1] / clamped[:, -1, None]
-    return absmax, scaled.view(values.shape[0], -1)[:, :n].contiguous()
+    return absmax, scaled.view(values.shape[0], -1)
 
 
 def _quantize_8bit_dynamic(scaled: torch.Tensor, cuda: bool) -> torch.Tensor:
@@ -176,12 +241,12 @@ def quantize_rows_4bit(
     """Quantize each row of ``values [rows, n]`` as bitsandbytes' ``quantize_4bit`` quantizes a tensor of ``n``
     values: ``(packed uint8 [rows, ceil(n / 2)], absmax fp32 [rows, ceil(n / blocksize)])``."""
     cuda = _cuda_rounding(values.device, rounding)
+    n = values.shape[1]
     absmax, scaled = _scale_blocks(values.float(), blocksize, cuda)
-    index = _code_indices_4bit(scaled, quant_type, cuda).to(torch.uint8)
-    if index.shape[1] % 2:
-        # The odd last value pairs with a zero, which the CPU backend codes as 0.0 would be.
-        zero = _code_indices_4bit(scaled.new_zeros(1), quant_type, cuda).to(torch.uint8)
-        index = torch.cat([index, zero.expand(index.shape[0], 1)], dim=1)
+    if not cuda and n % blocksize:
+        absmax[:, -1] = absmax[:, -1].clamp(min=1e-38)  # the CPU backend keeps a short last block's clamped
+    # An odd last value pairs with the block's padding: a zero scaled like the block's values.
+    index = _code_indices_4bit(scaled[:, : n + n % 2].contiguous(), quant_type, cuda).to(torch.uint8)
     return (index[:, 0::2] << 4) | index[:, 1::2], absmax
 
 
@@ -195,7 +260,7 @@ def quantize_absmax_nested(
     # (Cloned: a row view's alignment can change how the reduction is vectorised, hence its rounding.)
     offset = torch.stack([row.clone().mean() for row in absmax])
     nested_absmax, scaled = _scale_blocks(absmax - offset[:, None], NESTED_BLOCKSIZE, cuda)
-    qabsmax = _quantize_8bit_dynamic(scaled, cuda)
+    qabsmax = _quantize_8bit_dynamic(scaled[:, : absmax.shape[1]].contiguous(), cuda)
     # A block of equal absmax values has no scale: code 0 on both backends (the CPU one skips it, and on CUDA
     # the binary search over NaN ends there).
     empty = (nested_absmax == 0).repeat_interleave(NESTED_BLOCKSIZE, dim=1)[:, : absmax.shape[1]]
