@@ -42,6 +42,11 @@ def test_default_run_loss_falls_and_writes_everything(default_run):
     assert len(result.losses) == 4
     assert result.losses[-1] < result.losses[0] - 1.0, result.losses
     assert result.throughput["tokens"] > 0 and result.throughput["tokens_per_second"] > 0
+    steady = result.throughput["after_first_log"]  # 4 logs: the last 3 intervals' tokens
+    assert (
+        0 < steady["tokens"] < result.throughput["tokens"]
+        and steady["seconds"] < result.throughput["seconds"]
+    )
     summary = json.loads((result.output_dir / SUMMARY_FILE).read_text())
     assert summary["global_step"] == 20 and summary["losses"] == result.losses
     # tokens/s is in every training log, also in the saved history

@@ -102,7 +102,9 @@ def _batch_shape(args: tuple, kwargs: dict) -> tuple[int, int] | None:
 
 class ThroughputCallback(TrainerCallback):
     """Adds ``tokens_per_second`` and (when the device's peak is known) ``mfu`` to each training log, measured
-    on this process since the previous log; :attr:`totals` holds the whole run's figures.
+    on this process since the previous log; :attr:`totals` holds the whole run's figures, and under
+    ``"after_first_log"`` those from the first log to the end (the steady state: Triton compiles and tunes its
+    kernels in the first steps).
 
     Attach it with :func:`add_throughput_callback` so that the reporting integrations (TensorBoard, W&B) see
     its figures too, or pass it in ``callbacks=[...]`` (then only the console and ``log_history`` do).
@@ -118,7 +120,8 @@ class ThroughputCallback(TrainerCallback):
         self._run_start = 0.0
         self._run_tokens = 0
         self._run_flops = 0.0
-        self.totals: dict[str, float] = {}
+        self._first_log: tuple[float, int, float] | None = None  # (time, tokens, flops) at the first log
+        self.totals: dict = {}
 
     def _count(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not module.training:
@@ -163,6 +166,8 @@ class ThroughputCallback(TrainerCallback):
         self._run_tokens += self._tokens
         self._run_flops += self._flops
         self._tokens, self._flops, self._since = 0, 0.0, now
+        if self._first_log is None:
+            self._first_log = (now, self._run_tokens, self._run_flops)
 
     def on_train_end(self, args: TrainingArguments, state, control, **kwargs):
         if self._hook is not None:
@@ -170,9 +175,18 @@ class ThroughputCallback(TrainerCallback):
             self._hook = None
         self._sync(args)
         tokens, flops = self._run_tokens + self._tokens, self._run_flops + self._flops
-        seconds = time.perf_counter() - self._run_start
+        now = time.perf_counter()
+        seconds = now - self._run_start
         if tokens:
             self.totals = {"tokens": tokens, "seconds": seconds, **self._figures(tokens, flops, seconds)}
+        if self._first_log is not None and tokens > self._first_log[1]:
+            since, tokens0, flops0 = self._first_log
+            steady = tokens - tokens0, now - since
+            self.totals["after_first_log"] = {
+                "tokens": steady[0],
+                "seconds": steady[1],
+                **self._figures(steady[0], flops - flops0, steady[1]),
+            }
 
 
 def add_throughput_callback(trainer, peak_tflops: float | None = None) -> ThroughputCallback:

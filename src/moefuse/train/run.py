@@ -222,6 +222,13 @@ def summary(result: TrainResult, args: MoefuseTrainArguments, source: ModelSourc
         lines.append(
             f"  throughput {t['tokens_per_second']:.0f} tokens/s on this device{mfu} ({t['tokens']} tokens)"
         )
+        if "after_first_log" in t:
+            steady = t["after_first_log"]
+            mfu = f", MFU {steady['mfu']:.1%}" if "mfu" in steady else ""
+            lines.append(
+                f"             {steady['tokens_per_second']:.0f} tokens/s after the first log{mfu} (the steady state: "
+                "kernels compile and tune in the first steps)"
+            )
     on_moefuse = args.experts_implementation == EXPERTS_IMPLEMENTATION
     if source.config.model_type == "qwen3_moe" and on_moefuse:
         imports, cls, load_kwargs = "import moefuse", "moefuse.Qwen3MoeFusedForCausalLM", ""
