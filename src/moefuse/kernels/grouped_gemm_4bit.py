@@ -34,6 +34,19 @@ from .grouped_gemm import (
 
 
 @triton.jit
+def _absmax(absmax_ptr, nested_absmax_ptr, offset, nested_code_ptr, block, mask, NESTED: tl.constexpr):
+    """fp32 absmax of the blocks ``block`` (any shape; pointers at this expert), zero outside ``mask`` (the
+    ``offset`` when ``NESTED``): ``absmax[b] = nested_code[q[b]] * nested_absmax[b // 256] + offset``."""
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(nested_code_ptr + q) * tl.load(nested_absmax_ptr + block // 256, mask=mask, other=0.0)
+        scale += offset
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return scale
+
+
+@triton.jit
 def _dequantize(
     packed_ptr,
     absmax_ptr,
@@ -47,19 +60,94 @@ def _dequantize(
     NESTED: tl.constexpr,
 ):
     """fp32 values at the int64 flat indices ``flat`` of one expert's matrix (pointers already at that expert),
-    zero outside ``mask``: ``code[nibble] * absmax[block]``, with ``absmax[b] = nested_code[q[b]] *
-    nested_absmax[b // 256] + offset`` when ``NESTED``."""
+    zero outside ``mask``: ``code[nibble] * absmax[block]``, every value gathered on its own (the dense
+    dequantisation, and the GEMM tiles' fallback for odd ``in``)."""
     byte = tl.load(packed_ptr + flat // 2, mask=mask, other=0).to(tl.int32)
     nibble = (byte >> (4 - 4 * (flat % 2)).to(tl.int32)) & 0xF
     value = tl.load(code_ptr + nibble)
-    block = flat // BLOCKSIZE
-    if NESTED:
-        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(nested_code_ptr + q) * tl.load(nested_absmax_ptr + block // 256, mask=mask, other=0.0)
-        scale += offset
-    else:
-        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    scale = _absmax(absmax_ptr, nested_absmax_ptr, offset, nested_code_ptr, flat // BLOCKSIZE, mask, NESTED)
     return tl.where(mask, value * scale, 0.0)
+
+
+@triton.jit
+def _weight_tile(
+    packed_ptr,
+    absmax_ptr,
+    nested_absmax_ptr,
+    offset,
+    code_ptr,
+    nested_code_ptr,
+    rows,
+    row_mask,
+    col0,
+    in_features,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+    EVEN_IN: tl.constexpr,
+    ROW_BLOCKS: tl.constexpr,
+):
+    """fp32 ``W[rows, col0 : col0 + COLS]`` of one expert's ``W [out, in]`` (pointers at that expert): the
+    columns are the contiguous direction of the packed data; ``col0`` is a multiple of ``COLS``. Values in
+    masked rows (``row_mask``) or columns (``>= in``) are finite but not zero: the GEMM's other operand is zero
+    there (masked ``k``) or their output is not stored (masked ``n``).
+
+    ``EVEN_IN`` (``in`` even): every row starts on a byte, so the tile is ``COLS / 2`` contiguous bytes per
+    row, loaded as vectors; each byte's two codes are looked up and interleaved (high nibble first).
+    ``ROW_BLOCKS`` (``in`` a multiple of ``BLOCKSIZE``): every row starts a block, and as ``BLOCKSIZE`` and
+    ``COLS`` are powers of two the tile's columns lie in one block (``BLOCKSIZE >= COLS``) or in
+    ``COLS / BLOCKSIZE`` whole blocks, so the absmax is read once per row and block, not per value.
+    Otherwise the fallback reads each value's byte or absmax on its own (:func:`_dequantize`'s way).
+    """
+    cols = col0 + tl.arange(0, COLS)
+    rows = rows.to(tl.int64)
+    if EVEN_IN:
+        pairs = col0 // 2 + tl.arange(0, COLS // 2)
+        byte_mask = row_mask[:, None] & (pairs < in_features // 2)[None, :]
+        byte_ptrs = packed_ptr + rows[:, None] * (in_features // 2) + pairs[None, :]
+        byte = tl.load(byte_ptrs, mask=byte_mask, other=0).to(tl.int32)
+        # One lookup per value in the 16-entry code, 64 bytes: every lane of a warp reads the same L1 line, so
+        # each lookup is one L1 wavefront (a 256-entry byte -> pair table, one lookup per byte, spreads a
+        # warp's reads over 2 KiB, about 14 lines, and costs more L1 time than it saves in instructions).
+        values = tl.interleave(tl.load(code_ptr + (byte >> 4)), tl.load(code_ptr + (byte & 0xF)))
+    else:
+        flat = rows[:, None] * in_features + cols[None, :]
+        byte = tl.load(
+            packed_ptr + flat // 2, mask=row_mask[:, None] & (cols < in_features)[None, :], other=0
+        )
+        values = tl.load(code_ptr + ((byte.to(tl.int32) >> (4 - 4 * (flat % 2)).to(tl.int32)) & 0xF))
+    if ROW_BLOCKS:
+        first_block = rows * (in_features // BLOCKSIZE) + col0 // BLOCKSIZE
+        if BLOCKSIZE >= COLS:
+            scale = _absmax(
+                absmax_ptr, nested_absmax_ptr, offset, nested_code_ptr, first_block, row_mask, NESTED
+            )
+            values = values * scale[:, None]
+        else:
+            blocks = first_block[:, None] + tl.arange(0, COLS // BLOCKSIZE)[None, :]
+            scale = _absmax(
+                absmax_ptr, nested_absmax_ptr, offset, nested_code_ptr, blocks, row_mask[:, None], NESTED
+            )
+            values = tl.reshape(values, (ROWS, COLS // BLOCKSIZE, BLOCKSIZE)) * scale[:, :, None]
+            values = tl.reshape(values, (ROWS, COLS))
+    else:
+        flat = rows[:, None] * in_features + cols[None, :]
+        mask = row_mask[:, None] & (cols < in_features)[None, :]
+        values = values * _absmax(
+            absmax_ptr, nested_absmax_ptr, offset, nested_code_ptr, flat // BLOCKSIZE, mask, NESTED
+        )
+    return values
+
+
+def _tile_layout(in_name: str):
+    """The ``EVEN_IN`` / ``ROW_BLOCKS`` paths of :func:`_weight_tile` for the kernel argument holding ``in``."""
+    return triton.heuristics(
+        {
+            "EVEN_IN": lambda args: args[in_name] % 2 == 0,
+            "ROW_BLOCKS": lambda args: args[in_name] % args["BLOCKSIZE"] == 0,
+        }
+    )
 
 
 @triton.jit
@@ -83,42 +171,69 @@ def _matmul_tile_4bit(
     code_ptr,
     nested_code_ptr,
     in_features,
-    offs_n,
-    n_mask,
+    n0,
+    N,
     K,
     TRANSPOSED: tl.constexpr,
     BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,
+    EVEN_IN: tl.constexpr,
+    ROW_BLOCKS: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """``sum_k A[a_rows, k] * B[offs_n, k]`` as an fp32 ``[BLOCK_M, BLOCK_N]`` tile, ``B`` this expert's 4-bit
-    weight read forward (``W[n, k]``) or ``TRANSPOSED`` (``W[k, n]``)."""
+    weight read forward (``W[n, k]``) or ``TRANSPOSED`` (``W[k, n]``), columns ``n0 + [0, BLOCK_N)``."""
     offs_k = tl.arange(0, BLOCK_K)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
         ks = k * BLOCK_K + offs_k
         k_mask = ks < K
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        if TRANSPOSED:
-            flat = ks.to(tl.int64)[:, None] * in_features + offs_n[None, :]
-        else:
-            flat = offs_n.to(tl.int64)[None, :] * in_features + ks[:, None]
-        b = _dequantize(
-            packed_ptr,
-            absmax_ptr,
-            nested_absmax_ptr,
-            offset,
-            code_ptr,
-            nested_code_ptr,
-            flat,
-            k_mask[:, None] & n_mask[None, :],
-            BLOCKSIZE,
-            NESTED,
-        )
+        if TRANSPOSED:  # rows k, contiguous columns n
+            b = _weight_tile(
+                packed_ptr,
+                absmax_ptr,
+                nested_absmax_ptr,
+                offset,
+                code_ptr,
+                nested_code_ptr,
+                ks,
+                k_mask,
+                n0,
+                in_features,
+                BLOCK_K,
+                BLOCK_N,
+                BLOCKSIZE,
+                NESTED,
+                EVEN_IN,
+                ROW_BLOCKS,
+            )
+        else:  # rows n, contiguous columns k
+            b = tl.trans(
+                _weight_tile(
+                    packed_ptr,
+                    absmax_ptr,
+                    nested_absmax_ptr,
+                    offset,
+                    code_ptr,
+                    nested_code_ptr,
+                    offs_n,
+                    offs_n < N,
+                    k * BLOCK_K,
+                    in_features,
+                    BLOCK_N,
+                    BLOCK_K,
+                    BLOCKSIZE,
+                    NESTED,
+                    EVEN_IN,
+                    ROW_BLOCKS,
+                )
+            )
         acc = tl.dot(a, b.to(a_ptr.dtype.element_ty), acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
     return acc
@@ -135,12 +250,14 @@ def _matmul_tile_4bit(
         "ATOMIC_ADD",
         "HAS_ADD",
         "TRANSPOSED",
+        "BLOCKSIZE",
         "NESTED",
     ],
-    prune_configs_by=_prune("N", "K", "a_ptr"),
+    prune_configs_by=_prune("N", "K", "a_ptr", four_bit=True),
     cache_results=True,
     restore_value=["c_ptr"],  # tuning runs must not leave their atomic adds in the output
 )
+@_tile_layout("in_features")
 @triton.jit
 def grouped_gemm_4bit_kernel(
     a_ptr,
@@ -183,6 +300,8 @@ def grouped_gemm_4bit_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EVEN_IN: tl.constexpr,
+    ROW_BLOCKS: tl.constexpr,
 ):
     """``C[c_row(r), n] (+)= scale[r] * (sum_k A[a_row(r), k] * B[e(r), n, k] + ADD[r, n])``, ``B`` 4-bit."""
     pid = tl.program_id(0)
@@ -210,12 +329,14 @@ def grouped_gemm_4bit_kernel(
         code_ptr,
         nested_code_ptr,
         in_features,
-        offs_n,
-        n_mask,
+        pid_n * BLOCK_N,
+        N,
         K,
         TRANSPOSED,
         BLOCKSIZE,
         NESTED,
+        EVEN_IN,
+        ROW_BLOCKS,
         PRECISION,
         BLOCK_M,
         BLOCK_N,
@@ -245,10 +366,11 @@ def grouped_gemm_4bit_kernel(
 
 @triton.autotune(
     configs=_configs(TILE_CONFIGS),
-    key=["N", "K", "ROWS_PER_EXPERT", "STORE_GATE_UP", "HAS_ADD", "NESTED"],
-    prune_configs_by=_prune("N", "K", "x_ptr", weight_tiles=2),
+    key=["N", "K", "ROWS_PER_EXPERT", "STORE_GATE_UP", "HAS_ADD", "BLOCKSIZE", "NESTED"],
+    prune_configs_by=_prune("N", "K", "x_ptr", weight_tiles=2, four_bit=True),
     cache_results=True,
 )
+@_tile_layout("K")
 @triton.jit
 def gate_up_swiglu_4bit_kernel(
     x_ptr,
@@ -287,6 +409,8 @@ def gate_up_swiglu_4bit_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EVEN_IN: tl.constexpr,
+    ROW_BLOCKS: tl.constexpr,
 ):
     """``h = silu(gate) * up`` for gathered rows ``X[x_row(r)]``, with the 4-bit ``W [E, 2N, K]`` (gate rows,
     then up rows): one program computes a column tile of both halves from the same loaded rows of ``X``.
@@ -316,31 +440,45 @@ def gate_up_swiglu_4bit_kernel(
         ks = k * BLOCK_K + offs_k
         k_mask = ks < K
         x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w_mask = k_mask[:, None] & n_mask[None, :]
-        gate_flat = offs_n.to(tl.int64)[None, :] * K + ks[:, None]
-        w_gate = _dequantize(
-            packed_ptr,
-            absmax_ptr,
-            nested_absmax_ptr,
-            offset,
-            code_ptr,
-            nested_code_ptr,
-            gate_flat,
-            w_mask,
-            BLOCKSIZE,
-            NESTED,
+        w_gate = tl.trans(
+            _weight_tile(
+                packed_ptr,
+                absmax_ptr,
+                nested_absmax_ptr,
+                offset,
+                code_ptr,
+                nested_code_ptr,
+                offs_n,
+                n_mask,
+                k * BLOCK_K,
+                K,
+                BLOCK_N,
+                BLOCK_K,
+                BLOCKSIZE,
+                NESTED,
+                EVEN_IN,
+                ROW_BLOCKS,
+            )
         )
-        w_up = _dequantize(
-            packed_ptr,
-            absmax_ptr,
-            nested_absmax_ptr,
-            offset,
-            code_ptr,
-            nested_code_ptr,
-            gate_flat + N * K,  # the up rows follow the N gate rows
-            w_mask,
-            BLOCKSIZE,
-            NESTED,
+        w_up = tl.trans(  # the up rows follow the N gate rows
+            _weight_tile(
+                packed_ptr,
+                absmax_ptr,
+                nested_absmax_ptr,
+                offset,
+                code_ptr,
+                nested_code_ptr,
+                offs_n + N,
+                n_mask,
+                k * BLOCK_K,
+                K,
+                BLOCK_N,
+                BLOCK_K,
+                BLOCKSIZE,
+                NESTED,
+                EVEN_IN,
+                ROW_BLOCKS,
+            )
         )
         gate = tl.dot(x, w_gate.to(x_ptr.dtype.element_ty), gate, input_precision=PRECISION)
         up = tl.dot(x, w_up.to(x_ptr.dtype.element_ty), up, input_precision=PRECISION)
@@ -370,11 +508,12 @@ def gate_up_swiglu_4bit_kernel(
 
 @triton.autotune(
     configs=_configs(TILE_CONFIGS),
-    key=["N", "K", "ROWS_PER_EXPERT", "HAS_ADD", "NESTED"],
-    prune_configs_by=_prune("N", "K", "dy_ptr"),
+    key=["N", "K", "ROWS_PER_EXPERT", "HAS_ADD", "BLOCKSIZE", "NESTED"],
+    prune_configs_by=_prune("N", "K", "dy_ptr", four_bit=True),
     cache_results=True,
     reset_to_zero=["d_scale_ptr"],  # each tile size writes its own number of partial sums: none may linger
 )
+@_tile_layout("N")
 @triton.jit
 def swiglu_backward_4bit_kernel(
     dy_ptr,
@@ -415,6 +554,8 @@ def swiglu_backward_4bit_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EVEN_IN: tl.constexpr,
+    ROW_BLOCKS: tl.constexpr,
 ):
     """Backward of ``y = scale * down(silu(gate) * up)`` through the 4-bit down projection ``W [E, K, N]``
     (``K`` = hidden, ``N`` = intermediate) and SwiGLU: ``g = dY[dy_row(r)] @ W[e]``, then as the dense kernel,
@@ -444,12 +585,14 @@ def swiglu_backward_4bit_kernel(
         code_ptr,
         nested_code_ptr,
         N,
-        offs_n,
-        n_mask,
+        pid_n * BLOCK_N,
+        N,
         K,
         True,
         BLOCKSIZE,
         NESTED,
+        EVEN_IN,
+        ROW_BLOCKS,
         PRECISION,
         BLOCK_M,
         BLOCK_N,
