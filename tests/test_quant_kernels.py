@@ -4,7 +4,9 @@ dequantised weights.
 On a CPU machine the kernels run in Triton's interpreter (fp32/fp16, shapes of one or two tiles so the whole
 file stays within seconds); the ``gpu`` tests repeat them in bf16 at larger shapes on a CUDA GPU. Weight shapes
 are chosen so quantisation blocks straddle rows and rows start on odd nibbles (``out * in`` no multiple of 64,
-odd ``in``).
+odd ``in``: the kernels' per-value fallback), and, in :func:`test_weight_tile_paths` and the even-width cases,
+so every path of the tile read runs: even ``in`` (packed bytes read as vectors), rows a whole number of blocks
+(one absmax per row and block, a tile inside one block or spanning several) or not, nested statistics or not.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from test_triton_kernels import (  # the dense kernels' checks
     CPU_DTYPES,
     DEVICE,
     M_SIZES,
+    _FakeCudaTensor,
     assert_close,
     randn,
 )
@@ -42,10 +45,12 @@ def gemm_mode(request):
     q4.set_gemm_mode(None)
 
 
-def quantized(*shape: int, dtype: torch.dtype, fmt=FORMATS[0], scale: float = 0.2) -> ExpertWeights4bit:
+def quantized(
+    *shape: int, dtype: torch.dtype, fmt=FORMATS[0], scale: float = 0.2, blocksize: int = 64
+) -> ExpertWeights4bit:
     quant_type, nested = fmt
     return ExpertWeights4bit.quantize(
-        randn(*shape, dtype=torch.float32, scale=scale), quant_type, 64, nested, dtype=dtype
+        randn(*shape, dtype=torch.float32, scale=scale), quant_type, blocksize, nested, dtype=dtype
     )
 
 
@@ -84,6 +89,39 @@ def test_grouped_gemm_forward_and_input_gradient_orientation(m_sizes, dtype, fmt
     assert_close(q4.grouped_gemm(dy, w.transpose(1, 2), _m(m_sizes)), ref_t, dtype, "input gradient dY·W")
 
 
+# (blocksize, nested, in): with the interpreter's 32 x 64 x 32 tiles, forward tiles are 32 columns of W and
+# transposed ones 64. in=256: rows of whole blocks, a tile inside one block or (blocksize 32, transposed) two;
+# in=96 / 48: even rows that are no whole number of blocks, so tiles cross block boundaries (per-value absmax).
+TILE_PATHS = [
+    (32, True, 256),
+    (64, False, 256),
+    (128, True, 256),
+    (256, False, 256),
+    (64, True, 96),
+    (32, False, 48),
+    (256, True, 48),
+]
+
+
+@pytest.mark.parametrize("blocksize,nested,in_features", TILE_PATHS)
+def test_weight_tile_paths(blocksize, nested, in_features):
+    """The fused kernels' weight-tile reads, forward and transposed, for each blocksize/nesting/width path."""
+    q4.set_gemm_mode("fused")
+    try:
+        m_sizes = [5, 0, 9]
+        ids = group_ids(m_sizes)
+        w = quantized(3, 40, in_features, dtype=torch.float32, fmt=("nf4", nested), blocksize=blocksize)
+        dense = w.dequantize().double()
+        a = randn(sum(m_sizes), in_features, dtype=torch.float32)
+        ref = torch.einsum("rk,rnk->rn", a.double(), dense[ids])
+        assert_close(q4.grouped_gemm(a, w, _m(m_sizes)), ref, torch.float32, "forward x·Wᵀ")
+        dy = randn(sum(m_sizes), 40, dtype=torch.float32)
+        ref_t = torch.einsum("rn,rnk->rk", dy.double(), dense[ids])
+        assert_close(q4.grouped_gemm(dy, w.transpose(1, 2), _m(m_sizes)), ref_t, torch.float32, "dY·W")
+    finally:
+        q4.set_gemm_mode(None)
+
+
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("atomic", [False, True])
 def test_grouped_gemm_gather_scale_scatter_and_add(dtype, atomic, gemm_mode):
@@ -112,8 +150,9 @@ def test_grouped_gemm_gather_scale_scatter_and_add(dtype, atomic, gemm_mode):
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("m_sizes", [[3, 0, 5, 1], [17, 33, 2]])
-def test_gate_up_swiglu(m_sizes, dtype, gemm_mode):
-    tokens, inter, hidden = 7, 20, 25
+@pytest.mark.parametrize("hidden", [25, 128])  # odd: per-value reads; 128: vector reads, rows of whole blocks
+def test_gate_up_swiglu(m_sizes, dtype, hidden, gemm_mode):
+    tokens, inter = 7, 20
     ids = group_ids(m_sizes)
     token_index = torch.randint(0, tokens, (sum(m_sizes),), device=DEVICE)
     x = randn(tokens, hidden, dtype=dtype)
@@ -132,8 +171,9 @@ def test_gate_up_swiglu(m_sizes, dtype, gemm_mode):
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("m_sizes", [[3, 0, 5, 1], [17, 33, 2]])
-def test_swiglu_backward(m_sizes, dtype, gemm_mode):
-    tokens, inter, hidden = 6, 21, 24
+@pytest.mark.parametrize("inter", [21, 64])  # the transposed read's rows: odd, or whole blocks
+def test_swiglu_backward(m_sizes, dtype, inter, gemm_mode):
+    tokens, hidden = 6, 24
     ids = group_ids(m_sizes)
     token_index = torch.randint(0, tokens, (sum(m_sizes),), device=DEVICE)
     gate_up = randn(sum(m_sizes), 2 * inter, dtype=dtype)
@@ -264,6 +304,63 @@ def test_gemm_mode_setting(monkeypatch):
         q4.gemm_mode()
     with pytest.raises(ValueError, match="4-bit GEMM mode"):
         q4.set_gemm_mode("fast")
+
+
+# Shared memory Triton allocated for the 4-bit kernels (bf16, compiled for sm90; Triton 3.6 and 3.9 alike), per
+# tile config (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): (largest of the one-weight-tile kernels, gate/up).
+TRITON_SHARED_MEMORY = {
+    (128, 128, 64, 8, 3): (87040, 124928),
+    (128, 256, 64, 8, 4): (141312, 217088),
+    (128, 128, 64, 8, 4): (87040, 124928),
+    (64, 128, 64, 4, 4): (70656, 108544),
+    (64, 64, 64, 4, 4): (43520, 62464),
+    (128, 64, 64, 4, 4): (59904, 78848),
+    (64, 32, 64, 4, 4): (30208, 39424),
+    (64, 16, 128, 4, 4): (47104, 55808),
+}
+
+
+def _key(config) -> tuple[int, ...]:
+    return (
+        *(config.kwargs[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
+        config.num_warps,
+        config.num_stages,
+    )
+
+
+@pytest.mark.parametrize("limit,gpu", [(232448, "H100"), (166912, "A100"), (101376, "RTX 4090 / L40 (sm89)")])
+@pytest.mark.parametrize("autotune", [True, False])
+def test_4bit_configs_fit_the_gpus_shared_memory(monkeypatch, limit, gpu, autotune):
+    """The 4-bit kernels' pruning keeps only configs whose estimate fits the GPU, and the estimate bounds what
+    Triton allocated: without tuning, the first config kept runs (it did not, with the dense kernels' count)."""
+    from moefuse.kernels import grouped_gemm as dense_kernels
+    from moefuse.kernels import grouped_gemm_4bit as kernels
+
+    def needs(config, tiles: int) -> int:
+        return dense_kernels.shared_memory(config, 2, tiles, False, four_bit=True)
+
+    assert {_key(c) for c in dense_kernels.TILE_CONFIGS} == set(TRITON_SHARED_MEMORY)
+    for config in dense_kernels.TILE_CONFIGS:
+        one_tile, gate_up = TRITON_SHARED_MEMORY[_key(config)]
+        assert needs(config, 1) >= one_tile and needs(config, 2) >= gate_up, _key(config)
+    monkeypatch.setattr(dense_kernels, "INTERPRET", False)
+    monkeypatch.setattr(dense_kernels, "AUTOTUNE", autotune)
+    monkeypatch.setattr(dense_kernels, "shared_memory_limit", lambda index: limit)
+    cases = [  # (kernel, operand, weight tiles, N, K): Qwen3-30B-A3B's 4-bit GEMMs
+        (kernels.gate_up_swiglu_4bit_kernel, "x_ptr", 2, 768, 2048),
+        (kernels.grouped_gemm_4bit_kernel, "a_ptr", 1, 2048, 768),  # down
+        (kernels.grouped_gemm_4bit_kernel, "a_ptr", 1, 2048, 1536),  # gate/up's input gradient
+        (kernels.swiglu_backward_4bit_kernel, "dy_ptr", 1, 768, 2048),
+    ]
+    for kernel, operand, tiles, n, k in cases:
+        for rows_per_expert in (16, 256, 1024):
+            args = {"N": n, "K": k, "ROWS_PER_EXPERT": rows_per_expert, operand: _FakeCudaTensor()}
+            kept = kernel.early_config_prune(dense_kernels.TILE_CONFIGS, args)
+            assert kept, (gpu, operand)
+            assert all(needs(c, tiles) <= limit for c in kept), (gpu, operand)
+            assert TRITON_SHARED_MEMORY[_key(kept[0])][tiles - 1] <= limit, (gpu, operand)
+            if not autotune or rows_per_expert < 64:
+                assert len(kept) == 1
 
 
 @pytest.mark.gpu
