@@ -9,7 +9,8 @@
 ``qlora``: experts in 4-bit (:mod:`moefuse.quant`, NF4 with nested absmax), the other linear layers in
 bitsandbytes NF4 (``Linear4bit``, bf16 compute), embeddings and norms in bf16; ``lora``: everything in bf16.
 Both: LoRA (PEFT through moefuse) of rank ``--rank`` on the attention projections and every expert's gate, up and
-down projections (``--expert-rank`` on the experts where given), adapters in ``--adapter-dtype``, gradient checkpointing, one random sequence of ``--seq``
+down projections (``--expert-rank`` on the experts where given), adapters in ``--adapter-dtype``, the loss
+without fp32 copies of the logits (``--loss``), gradient checkpointing, one random sequence of ``--seq``
 tokens per step (batch ``--batch``), bitsandbytes' paged 8-bit AdamW. The model is built on the GPU one expert
 stack at a time (:func:`moefuse.quant.model.from_config`), never in bf16 whole.
 
@@ -39,6 +40,7 @@ from moefuse.bench.measure import environment
 from moefuse.bench.model import lora_config_for
 from moefuse.lora import lora_config
 from moefuse.lora.targets import PROJECTIONS
+from moefuse.ops.cross_entropy import use_chunked_loss
 from moefuse.quant import ExpertWeights4bit
 from moefuse.quant.model import from_config
 
@@ -75,6 +77,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="default: paged_adamw_8bit on a GPU, adamw on the CPU",
     )
     p.add_argument("--no-checkpointing", action="store_true", help="keep every layer's activations")
+    p.add_argument(
+        "--loss",
+        choices=("chunked", "transformers"),
+        default="chunked",
+        help="chunked: moefuse.ops.cross_entropy (no fp32 copies of the logits), for every implementation; "
+        "transformers: its ForCausalLMLoss",
+    )
     p.add_argument("--tiny", action="store_true", help="the config's family at toy sizes")
     p.add_argument(
         "--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu"
@@ -143,6 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
     build_s = time.perf_counter() - start
     memory["weights_gib"] = allocated(device)
     experts_4bit = sum(p.nbytes_4bit() for p in model.parameters() if isinstance(p, ExpertWeights4bit))
+    if args.loss == "chunked":
+        use_chunked_loss(model)
     if not args.no_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(
@@ -195,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
         "adapter_dtype": args.adapter_dtype,
         "optimizer": args.optim,
         "gradient_checkpointing": not args.no_checkpointing,
+        "loss": args.loss,
         "seq": args.seq,
         "batch": args.batch,
         "trainable_params": sum(p.numel() for p in params),

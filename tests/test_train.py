@@ -12,6 +12,7 @@ from transformers import LlamaConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 import moefuse
 from moefuse import cli
+from moefuse.ops.cross_entropy import causal_lm_loss
 from moefuse.train import TrainConfigError, run_train
 from moefuse.train.builtin import DATASET, TOKENIZER_DIR, build_dataset, build_tokenizer
 from moefuse.train.callbacks import FlopsModel, _batch_shape
@@ -42,6 +43,8 @@ def test_default_run_loss_falls_and_writes_everything(default_run):
     assert len(result.losses) == 4
     assert result.losses[-1] < result.losses[0] - 1.0, result.losses
     assert result.throughput["tokens"] > 0 and result.throughput["tokens_per_second"] > 0
+    base = result.model.get_base_model() if hasattr(result.model, "get_base_model") else result.model
+    assert base.loss_function is causal_lm_loss  # chunked_loss is on by default
     steady = result.throughput["after_first_log"]  # 4 logs: the last 3 intervals' tokens
     assert (
         0 < steady["tokens"] < result.throughput["tokens"]

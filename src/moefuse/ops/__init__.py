@@ -1,5 +1,6 @@
 """Operations with autograd, each beside the PyTorch reference it is tested against."""
 
+from .cross_entropy import causal_lm_loss, cross_entropy_rows, use_chunked_loss
 from .grouped_gemm import moe_fused_linear, moe_fused_linear_reference
 from .lora import ExpertsLora, LoraWeights
 from .moe import fused_experts, fused_experts_reference
@@ -9,10 +10,13 @@ __all__ = [
     "ExpertRouting",
     "ExpertsLora",
     "LoraWeights",
+    "causal_lm_loss",
+    "cross_entropy_rows",
     "fused_experts",
     "fused_experts_reference",
     "moe_fused_linear",
     "moe_fused_linear_reference",
     "route",
     "route_reference",
+    "use_chunked_loss",
 ]

@@ -62,6 +62,13 @@ class MoefuseTrainArguments:
         metadata={"help": "moefuse, or a Transformers one (grouped_mm, eager) to compare against"},
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager, flash_attention_2, ..."})
+    chunked_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "causal-LM loss a chunk of tokens at a time, without fp32 copies of the logits "
+            "(moefuse.ops.cross_entropy; same values as Transformers' loss); false: Transformers' own"
+        },
+    )
     dtype: str = field(
         default="auto",
         metadata={

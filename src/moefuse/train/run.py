@@ -17,6 +17,7 @@ from trl import SFTConfig, SFTTrainer
 
 from ..convert import convert_lora_to_unfused
 from ..experts import EXPERTS_IMPLEMENTATION
+from ..ops.cross_entropy import use_chunked_loss
 from .callbacks import ThroughputCallback, add_throughput_callback, num_experts
 from .config import LORA_TYPES, MoefuseTrainArguments, TrainConfigError, parse_train_args
 from .data import is_conversational, load_train_dataset
@@ -143,6 +144,8 @@ def train(args: MoefuseTrainArguments, sft_config: SFTConfig) -> TrainResult:
     dtype = resolve_dtype(args, sft_config.bf16, sft_config.fp16)
     quantization = qlora_quantization(dtype) if args.finetuning_type == "qlora" else None
     model = load_model(source, dtype, sft_config.device, quantization)
+    if args.chunked_loss:
+        use_chunked_loss(model)
     save_base = args.save_base_model if args.save_base_model is not None else source.random_init
     if source.random_init and save_base and is_main:
         if quantization is not None:  # the 4-bit weights the adapter was trained on
