@@ -8,7 +8,9 @@ and autotune configs are those of the dense kernels. Weights are frozen here: th
 
 Each expert's matrix ``W [out, in]`` is stored flat (``out * in`` values, row-major, two per byte, high nibble
 first) in blocks of ``BLOCKSIZE`` values; a GEMM reads it either as ``B[n, k] = W[n, k]`` (forward, ``x·Wᵀ``)
-or, ``TRANSPOSED``, as ``B[n, k] = W[k, n]`` (input gradient, ``dY·W``).
+or, ``TRANSPOSED``, as ``B[n, k] = W[k, n]`` (input gradient, ``dY·W``). :func:`_weight_tile` reads a tile along
+``W``'s rows in both: packed bytes as vectors when ``in`` is even, one absmax per row and block when rows are
+whole blocks (Qwen3, Mixtral, OLMoE widths at bitsandbytes' blocksize 64), each value on its own otherwise.
 
 - :func:`grouped_gemm_4bit_kernel`: ``C[c_row(r)] (+)= scale[r] * A[a_row(r)] @ B[e]ᵀ``.
 - :func:`gate_up_swiglu_4bit_kernel`: the gate/up projection with SwiGLU in its epilogue.
