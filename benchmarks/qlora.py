@@ -78,6 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-checkpointing", action="store_true", help="keep every layer's activations")
     p.add_argument(
+        "--step-in-backward",
+        action="store_true",
+        help="one optimizer per adapter tensor, stepped as soon as its gradient is complete (a hook), so the "
+        "adapters' gradients are never all held at once",
+    )
+    p.add_argument(
         "--loss",
         choices=("chunked", "transformers"),
         default="chunked",
@@ -133,6 +139,19 @@ def make_optimizer(name: str, params: list[torch.Tensor], lr: float) -> torch.op
     return (bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit)(params, lr=lr)
 
 
+def step_in_backward(name: str, params: list[torch.Tensor], lr: float) -> list[torch.optim.Optimizer]:
+    """An optimizer per tensor, stepped (and its gradient freed) by a hook when backward has accumulated it."""
+    optimizers = {p: make_optimizer(name, [p], lr) for p in params}
+
+    def step(param: torch.Tensor) -> None:
+        optimizers[param].step()
+        optimizers[param].zero_grad(set_to_none=True)
+
+    for p in params:
+        p.register_post_accumulate_grad_hook(step)
+    return list(optimizers.values())
+
+
 def allocated(device: torch.device) -> float | None:
     return torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else None
 
@@ -163,7 +182,10 @@ def main(argv: list[str] | None = None) -> dict:
     memory["adapters_gib"] = (
         (allocated(device) or 0) - (memory["weights_gib"] or 0) if device.type == "cuda" else None
     )
-    optimizer = make_optimizer(args.optim, params, args.lr)
+    if args.step_in_backward:
+        optimizers = step_in_backward(args.optim, params, args.lr)
+    else:
+        optimizers = [make_optimizer(args.optim, params, args.lr)]
 
     g = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=g).to(device)
@@ -177,8 +199,9 @@ def main(argv: list[str] | None = None) -> dict:
             t0 = time.perf_counter()
             loss = model(input_ids=input_ids, labels=input_ids).loss
             loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if not args.step_in_backward:
+                optimizers[0].step()
+                optimizers[0].zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if step >= args.warmup:
@@ -206,6 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
         "adapter_dtype": args.adapter_dtype,
         "optimizer": args.optim,
         "gradient_checkpointing": not args.no_checkpointing,
+        "step_in_backward": args.step_in_backward,
         "loss": args.loss,
         "seq": args.seq,
         "batch": args.batch,
@@ -227,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
         gpu = "".join(c if c.isalnum() else "_" for c in report["env"].get("gpu", "cpu")).strip("_")
         suffix = "" if args.experts_implementation == "moefuse" else f"_{args.experts_implementation}"
         suffix += f"_experts-r{args.expert_rank}" if args.expert_rank else ""
+        suffix += "_step-in-backward" if args.step_in_backward else ""
         out = Path(__file__).resolve().parent / "results" / f"qlora_{label}_{args.mode}{suffix}_{gpu}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
