@@ -85,10 +85,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--loss",
-        choices=("chunked", "transformers"),
-        default="chunked",
-        help="chunked: moefuse.ops.cross_entropy (no fp32 copies of the logits), for every implementation; "
-        "transformers: its ForCausalLMLoss",
+        choices=("trl-fused", "chunked", "transformers"),
+        default=None,
+        help="trl-fused: TRL's fused LM head (what moefuse train gets from SFTTrainer: the logits are never "
+        "built whole); chunked: moefuse.ops.cross_entropy (the whole logits, no fp32 copies); transformers: its "
+        "ForCausalLMLoss. Default: trl-fused where TRL has it, else chunked",
     )
     p.add_argument("--tiny", action="store_true", help="the config's family at toy sizes")
     p.add_argument(
@@ -98,9 +99,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.experts_implementation != "moefuse" and (args.mode == "qlora" or args.expert_rank is not None):
         p.error("--experts-implementation other than moefuse runs --mode lora at one --rank only")
+    if args.loss is None:
+        args.loss = "trl-fused" if _trl_fused_lm_head() is not None else "chunked"
     if args.optim is None:
         args.optim = "paged_adamw_8bit" if args.device == "cuda" else "adamw"
     return args
+
+
+def _trl_fused_lm_head():
+    """TRL's ``add_fused_lm_head`` (TRL >= 1.0), or ``None``."""
+    try:
+        from trl.trainer.utils import add_fused_lm_head
+    except ImportError:
+        return None
+    return add_fused_lm_head
 
 
 def build_model(args: argparse.Namespace, config, device: torch.device) -> torch.nn.Module:
@@ -173,6 +185,12 @@ def main(argv: list[str] | None = None) -> dict:
     experts_4bit = sum(p.nbytes_4bit() for p in model.parameters() if isinstance(p, ExpertWeights4bit))
     if args.loss == "chunked":
         use_chunked_loss(model)
+    elif args.loss == "trl-fused":
+        add_fused_lm_head = _trl_fused_lm_head()
+        if add_fused_lm_head is None:
+            raise SystemExit("--loss trl-fused needs TRL >= 1.0 (trl.trainer.utils.add_fused_lm_head)")
+        add_fused_lm_head(model)  # before PEFT wraps the model, as TRL asks
+    loss_kwargs = {"fused_lm_head": True} if args.loss == "trl-fused" else {}
     if not args.no_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(
@@ -197,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
-            loss = model(input_ids=input_ids, labels=input_ids).loss
+            loss = model(input_ids=input_ids, labels=input_ids, **loss_kwargs).loss
             loss.backward()
             if not args.step_in_backward:
                 optimizers[0].step()

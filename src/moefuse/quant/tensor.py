@@ -132,7 +132,13 @@ class ExpertWeights4bit(torch.Tensor):
                 del chunk
         nested = None
         if compress_statistics:
-            qabsmax, nested_absmax, offset = formats.quantize_absmax_nested(absmax, rounding)
+            # Experts a few at a time too: the nested 8-bit search holds ~64 bytes of temporaries per absmax.
+            rows = max(1, _DEFAULT_STEP_ELEMENTS // 4 // absmax.shape[1])
+            parts = [
+                formats.quantize_absmax_nested(absmax[r : r + rows], rounding)
+                for r in range(0, experts, rows)
+            ]
+            qabsmax, nested_absmax, offset = (torch.cat(p) for p in zip(*parts, strict=True))
             absmax, nested = qabsmax, (nested_absmax, offset, formats.dynamic_code(device))
         return cls(
             packed,
