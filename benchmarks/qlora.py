@@ -28,10 +28,12 @@ import json
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
+from torch.autograd.graph import save_on_cpu
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import moefuse  # noqa: F401  (registers the "moefuse" experts implementation)
@@ -77,6 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="default: paged_adamw_8bit on a GPU, adamw on the CPU",
     )
     p.add_argument("--no-checkpointing", action="store_true", help="keep every layer's activations")
+    p.add_argument(
+        "--offload-activations",
+        action="store_true",
+        help="tensors saved in the forward (with checkpointing: each layer's input) wait in pinned CPU memory "
+        "for the backward (torch.autograd.graph.save_on_cpu)",
+    )
     p.add_argument(
         "--step-in-backward",
         action="store_true",
@@ -191,6 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit("--loss trl-fused needs TRL >= 1.0 (trl.trainer.utils.add_fused_lm_head)")
         add_fused_lm_head(model)  # before PEFT wraps the model, as TRL asks
     loss_kwargs = {"fused_lm_head": True} if args.loss == "trl-fused" else {}
+    pin = device.type == "cuda"
+    offload = (lambda: save_on_cpu(pin_memory=pin)) if args.offload_activations else nullcontext
     if not args.no_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(
@@ -215,7 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
-            loss = model(input_ids=input_ids, labels=input_ids, **loss_kwargs).loss
+            with offload():
+                loss = model(input_ids=input_ids, labels=input_ids, **loss_kwargs).loss
             loss.backward()
             if not args.step_in_backward:
                 optimizers[0].step()
@@ -248,6 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
         "optimizer": args.optim,
         "gradient_checkpointing": not args.no_checkpointing,
         "step_in_backward": args.step_in_backward,
+        "offload_activations": args.offload_activations,
         "loss": args.loss,
         "seq": args.seq,
         "batch": args.batch,
@@ -270,6 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
         suffix = "" if args.experts_implementation == "moefuse" else f"_{args.experts_implementation}"
         suffix += f"_experts-r{args.expert_rank}" if args.expert_rank else ""
         suffix += "_step-in-backward" if args.step_in_backward else ""
+        suffix += "_offload" if args.offload_activations else ""
         out = Path(__file__).resolve().parent / "results" / f"qlora_{label}_{args.mode}{suffix}_{gpu}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
