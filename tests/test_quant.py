@@ -273,3 +273,14 @@ def test_quantizing_in_pieces_gives_the_whole_stacks_bytes(monkeypatch, quant_ty
         pieces = ExpertWeights4bit.quantize(weight, quant_type, compress_statistics=True)
         assert torch.equal(pieces.packed, whole.packed) and torch.equal(pieces.absmax, whole.absmax)
         assert torch.equal(pieces.nested_absmax, whole.nested_absmax)
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_tensor_flatten_round_trip(nested):
+    """__tensor_flatten__ / __tensor_unflatten__ (torch.compile, FSDP) give back the same view of the same data."""
+    weight = ExpertWeights4bit.quantize(_stack((2, 8, 64), torch.float32, "cpu"), compress_statistics=nested)
+    view = weight.transpose(1, 2)
+    names, meta = view.__tensor_flatten__()
+    assert ("nested_absmax" in names) == nested
+    back = ExpertWeights4bit.__tensor_unflatten__({n: getattr(view, n) for n in names}, meta, None, None)
+    assert back.shape == view.shape and back.transposed and torch.equal(back.dequantize(), view.dequantize())

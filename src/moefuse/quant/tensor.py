@@ -202,17 +202,31 @@ class ExpertWeights4bit(torch.Tensor):
             "nested_code": self.nested_code,
         }
 
-    def _rebuild(self, transform=None, *, transposed: bool | None = None, dtype: torch.dtype | None = None):
-        """A new tensor over ``transform(inner)`` for each inner tensor (default: the same ones)."""
-        inner = {k: (v if transform is None or v is None else transform(v)) for k, v in self._inner().items()}
+    @classmethod
+    def _from_inner(
+        cls, inner: dict, *, shape, quant_type, blocksize, dtype, transposed
+    ) -> ExpertWeights4bit:
+        """A tensor over the inner tensors named as :meth:`_inner` names them (nested ones absent or ``None``)."""
         nested = None
-        if inner["nested_absmax"] is not None:
+        if inner.get("nested_absmax") is not None:
             nested = (inner["nested_absmax"], inner["offset"], inner["nested_code"])
-        return ExpertWeights4bit(
+        return cls(
             inner["packed"],
             inner["absmax"],
             inner["code"],
             nested,
+            shape=shape,
+            quant_type=quant_type,
+            blocksize=blocksize,
+            dtype=dtype,
+            transposed=transposed,
+        )
+
+    def _rebuild(self, transform=None, *, transposed: bool | None = None, dtype: torch.dtype | None = None):
+        """A new tensor over ``transform(inner)`` for each inner tensor (default: the same ones)."""
+        inner = {k: (v if transform is None or v is None else transform(v)) for k, v in self._inner().items()}
+        return ExpertWeights4bit._from_inner(
+            inner,
             shape=self.stored_shape,
             quant_type=self.quant_type,
             blocksize=self.blocksize,
@@ -358,19 +372,8 @@ class ExpertWeights4bit(torch.Tensor):
     @staticmethod
     def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
         shape, quant_type, blocksize, dtype, transposed = meta
-        nested = None
-        if "nested_absmax" in inner:
-            nested = (inner["nested_absmax"], inner["offset"], inner["nested_code"])
-        return ExpertWeights4bit(
-            inner["packed"],
-            inner["absmax"],
-            inner["code"],
-            nested,
-            shape=shape,
-            quant_type=quant_type,
-            blocksize=blocksize,
-            dtype=dtype,
-            transposed=transposed,
+        return ExpertWeights4bit._from_inner(
+            inner, shape=shape, quant_type=quant_type, blocksize=blocksize, dtype=dtype, transposed=transposed
         )
 
     def to(self, *args: Any, **kwargs: Any) -> ExpertWeights4bit:
