@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
+from conftest import load_benchmark
 from test_expert_parallel import run_ranks
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ep_scaling.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("ep_scaling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run(rank: int, world_size: int, out: str) -> None:
     tiny = "--device cpu --dtype fp32 --hidden 32 --experts 8 --top-k 2 --intermediate 16 --tokens 24"
-    _load_script().main([*tiny.split(), "--check-tokens", "9", "--iters", "2", "--warmup", "1", "--out", out])
+    load_benchmark("ep_scaling").main(
+        [*tiny.split(), "--check-tokens", "9", "--iters", "2", "--warmup", "1", "--out", out]
+    )
 
 
 def test_ep_scaling_runs_on_cpu(tmp_path):

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def test_quant_gemm_benchmark_runs_on_cpu(tmp_path):
     out = tmp_path / "quant_gemm.json"
     args = "--device cpu --tiny --tokens 8 --kernels down --iters 1 --warmup 1 --max-seconds 0"
-    _load("quant_gemm").main([*args.split(), "--out", str(out)])
+    load_benchmark("quant_gemm").main([*args.split(), "--out", str(out)])
     report = json.loads(out.read_text())
     assert not report["failures"]
     assert [(r["tokens"], r["kernel"]) for r in report["results"]] == [(8, "down")]
@@ -36,7 +27,7 @@ def test_qlora_benchmark_runs_on_cpu(tmp_path, mode):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "qlora.json"
     args = f"--device cpu --tiny --layers 2 --mode {mode} --steps 2 --warmup 1 --seq 16"
-    _load("qlora").main([*args.split(), "--out", str(out)])
+    load_benchmark("qlora").main([*args.split(), "--out", str(out)])
     report = json.loads(out.read_text())
     assert report["mode"] == mode and report["layers"] == 2 and report["gradient_checkpointing"]
     assert len(report["losses"]) == 3 and all(math.isfinite(loss) for loss in report["losses"])

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_profile.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("step_profile", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 @pytest.mark.parametrize("setup", ["lora", "full"])
 def test_step_profile_on_cpu(capsys, setup):
     args = f"--device cpu --tiny --layers 1 --tokens 16 --steps 1 --rows 5 --setup {setup} --report host,syncs,gpu"
-    result = _load().main(args.split())
+    result = load_benchmark("step_profile").main(args.split())
     assert result["host_ms"] > 0 and result["wall_ms"] >= result["host_ms"]
     out = capsys.readouterr().out
     assert "Ordered by: internal time" in out  # the cProfile table
@@ -30,4 +20,4 @@ def test_step_profile_on_cpu(capsys, setup):
 
 def test_step_profile_refuses_unknown_reports():
     with pytest.raises(SystemExit):
-        _load().parse_args(["--report", "host,memory"])
+        load_benchmark("step_profile").parse_args(["--report", "host,memory"])
