@@ -15,20 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _tile(pid, m_sizes_ptr, E, n_tiles, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
-    experts = tl.arange(0, E_POW2)
-    m = tl.load(m_sizes_ptr + experts, mask=experts < E, other=0).to(tl.int32)
-    ends = tl.cumsum((m + BLOCK_M - 1) // BLOCK_M * n_tiles, 0)
-    done = ends <= pid
-    e = tl.sum(done.to(tl.int32), 0)
-    start = tl.max(tl.where(done, ends, 0), 0)
-    row_start = tl.sum(tl.where(experts < e, m, 0), 0)
-    rows = tl.load(m_sizes_ptr + e, mask=e < E, other=0).to(tl.int32)
-    m_tiles = tl.maximum((rows + BLOCK_M - 1) // BLOCK_M, 1)
-    local = pid - start
-    return e, row_start + (local % m_tiles) * BLOCK_M, row_start + rows, local // m_tiles
+from moefuse.kernels.grouped_gemm import _expert_tile  # the moefuse kernels' tile schedule
 
 
 @triton.jit
@@ -46,7 +33,9 @@ def gemm_ptr(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    e, row0, row_end, pid_n = _tile(tl.program_id(0), m_sizes_ptr, E, tl.cdiv(N, BLOCK_N), BLOCK_M, E_POW2)
+    e, row0, row_end, pid_n = _expert_tile(
+        tl.program_id(0), m_sizes_ptr, E, tl.cdiv(N, BLOCK_N), BLOCK_M, E_POW2
+    )
     if e >= E:
         return
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -81,7 +70,9 @@ def gemm_tma(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    e, row0, row_end, pid_n = _tile(tl.program_id(0), m_sizes_ptr, E, tl.cdiv(N, BLOCK_N), BLOCK_M, E_POW2)
+    e, row0, row_end, pid_n = _expert_tile(
+        tl.program_id(0), m_sizes_ptr, E, tl.cdiv(N, BLOCK_N), BLOCK_M, E_POW2
+    )
     if e >= E:
         return
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[S, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
