@@ -109,6 +109,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--experts-implementation other than moefuse runs --mode lora at one --rank only")
     if args.loss is None:
         args.loss = "trl-fused" if _trl_fused_lm_head() is not None else "chunked"
+    elif args.loss == "trl-fused" and _trl_fused_lm_head() is None:
+        p.error(
+            "--loss trl-fused needs TRL >= 1.0 (trl.trainer.utils.add_fused_lm_head): pip install 'trl>=1.0'"
+        )
     if args.optim is None:
         args.optim = "paged_adamw_8bit" if args.device == "cuda" else "adamw"
     return args
@@ -194,10 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.loss == "chunked":
         use_chunked_loss(model)
     elif args.loss == "trl-fused":
-        add_fused_lm_head = _trl_fused_lm_head()
-        if add_fused_lm_head is None:
-            raise SystemExit("--loss trl-fused needs TRL >= 1.0 (trl.trainer.utils.add_fused_lm_head)")
-        add_fused_lm_head(model)  # before PEFT wraps the model, as TRL asks
+        _trl_fused_lm_head()(model)  # before PEFT wraps the model, as TRL asks
     loss_kwargs = {"fused_lm_head": True} if args.loss == "trl-fused" else {}
     pin = device.type == "cuda"
     offload = (lambda: save_on_cpu(pin_memory=pin)) if args.offload_activations else nullcontext

@@ -33,3 +33,15 @@ def test_qlora_benchmark_runs_on_cpu(tmp_path, mode):
     assert len(report["losses"]) == 3 and all(math.isfinite(loss) for loss in report["losses"])
     assert report["tokens_per_s"] > 0 and report["trainable_params"] > 0
     assert (report["experts_4bit_gib"] > 0) == (mode == "qlora")
+
+
+def test_qlora_benchmark_refuses_bad_arguments_before_building(monkeypatch, capsys):
+    qlora = load_benchmark("qlora")
+    with pytest.raises(SystemExit):
+        qlora.parse_args(["--mode", "qlora", "--experts-implementation", "grouped_mm"])
+    assert "--experts-implementation other than moefuse" in capsys.readouterr().err
+    monkeypatch.setattr(qlora, "_trl_fused_lm_head", lambda: None)  # a TRL without the fused LM head
+    with pytest.raises(SystemExit):
+        qlora.parse_args(["--loss", "trl-fused"])
+    assert "needs TRL >= 1.0" in capsys.readouterr().err
+    assert qlora.parse_args([]).loss == "chunked"  # the default falls back
