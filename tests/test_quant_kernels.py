@@ -28,6 +28,7 @@ from test_triton_kernels import (  # the dense kernels' checks
     M_SIZES,
     _FakeCudaTensor,
     assert_close,
+    lora_term,
     randn,
 )
 
@@ -124,7 +125,7 @@ def test_weight_tile_paths(blocksize, nested, in_features):
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("atomic", [False, True])
-def test_grouped_gemm_gather_scale_scatter_and_add(dtype, atomic, gemm_mode):
+def test_grouped_gemm_gather_scale_scatter_and_lora(dtype, atomic, gemm_mode):
     m_sizes, tokens, top_k = [5, 0, 9, 1, 7], 11, 2
     ids = group_ids(m_sizes)
     rows = sum(m_sizes)
@@ -132,10 +133,10 @@ def test_grouped_gemm_gather_scale_scatter_and_add(dtype, atomic, gemm_mode):
     x = randn(tokens, 3 * 21, dtype=dtype)[:, ::3]  # non-contiguous rows
     w = quantized(len(m_sizes), 36, 21, dtype=dtype)
     scale = torch.rand(rows, device=DEVICE)
-    add = randn(rows, 36, dtype=dtype)
-    grouped = torch.einsum("rk,rnk->rn", x.double()[token_index], w.dequantize().double()[ids]) + add.double()
+    lora, lora_value = lora_term(ids, len(m_sizes), 36, dtype, masked=atomic)
+    grouped = torch.einsum("rk,rnk->rn", x.double()[token_index], w.dequantize().double()[ids]) + lora_value
     grouped = grouped * scale.double()[:, None]
-    where = dict(a_index=token_index, row_scale=scale, add=add)
+    where = dict(a_index=token_index, row_scale=scale, lora=lora)
     if atomic:
         out = torch.zeros(tokens, 36, device=DEVICE)
         q4.grouped_gemm(x, w, _m(m_sizes), out=out, out_index=token_index, accumulate=True, **where)
@@ -157,15 +158,15 @@ def test_gate_up_swiglu(m_sizes, dtype, hidden, gemm_mode):
     token_index = torch.randint(0, tokens, (sum(m_sizes),), device=DEVICE)
     x = randn(tokens, hidden, dtype=dtype)
     w = quantized(len(m_sizes), 2 * inter, hidden, dtype=dtype)
-    add = randn(sum(m_sizes), 2 * inter, dtype=dtype, scale=0.1)
+    lora, lora_value = lora_term(ids, len(m_sizes), 2 * inter, dtype)
     gate_up_ref = (
-        torch.einsum("rk,rnk->rn", x.double()[token_index], w.dequantize().double()[ids]) + add.double()
+        torch.einsum("rk,rnk->rn", x.double()[token_index], w.dequantize().double()[ids]) + lora_value
     )
     gate, up = gate_up_ref.chunk(2, dim=-1)
-    h, gate_up = q4.gate_up_swiglu(x, w, _m(m_sizes), token_index, store_gate_up=True, add=add)
+    h, gate_up = q4.gate_up_swiglu(x, w, _m(m_sizes), token_index, store_gate_up=True, lora=lora)
     assert_close(gate_up, gate_up_ref, dtype, "gate_up")
     assert_close(h, F.silu(gate) * up, dtype, "h")
-    h_only, none = q4.gate_up_swiglu(x, w, _m(m_sizes), token_index, store_gate_up=False, add=add)
+    h_only, none = q4.gate_up_swiglu(x, w, _m(m_sizes), token_index, store_gate_up=False, lora=lora)
     assert none is None and torch.equal(h_only, h)
 
 
@@ -180,16 +181,18 @@ def test_swiglu_backward(m_sizes, dtype, inter, gemm_mode):
     down = quantized(len(m_sizes), hidden, inter, dtype=dtype, fmt=FORMATS[1])
     scale = torch.rand(sum(m_sizes), device=DEVICE)
     grad_out = randn(tokens, hidden, dtype=dtype)
-    add = randn(sum(m_sizes), inter, dtype=dtype, scale=0.1)
+    lora, lora_value = lora_term(ids, len(m_sizes), inter, dtype, masked=True)
 
     g64 = gate_up.double().requires_grad_()
     s64 = scale.double().requires_grad_()
     gate, up = g64.chunk(2, dim=-1)
     h = F.silu(gate) * up
     y = torch.einsum("rn,rkn->rk", h, down.dequantize().double()[ids]) * s64[:, None]
-    ((y * grad_out.double()[token_index]).sum() + (h * add.double() * s64[:, None]).sum()).backward()
+    ((y * grad_out.double()[token_index]).sum() + (h * lora_value * s64[:, None]).sum()).backward()
 
-    d_gate_up, d_scale = q4.swiglu_backward(grad_out, down, gate_up, scale, _m(m_sizes), token_index, add=add)
+    d_gate_up, d_scale = q4.swiglu_backward(
+        grad_out, down, gate_up, scale, _m(m_sizes), token_index, lora=lora
+    )
     assert_close(d_gate_up, g64.grad, dtype, "d_gate_up")
     assert_close(d_scale, s64.grad, dtype, "d_scale")
 

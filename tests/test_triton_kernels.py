@@ -58,6 +58,16 @@ def _m(m_sizes: list[int]) -> torch.Tensor:
     return torch.tensor(m_sizes, dtype=torch.int64, device=DEVICE)
 
 
+def lora_term(ids: torch.Tensor, num_experts: int, n: int, dtype: torch.dtype, masked: bool = False):
+    """A rank-5 LoRA term for grouped rows of experts ``ids`` (``b`` a transposed view, as the kernels get
+    ``Aᵀ`` in backward) and its float64 value."""
+    t = randn(ids.numel(), 5, dtype=dtype, scale=0.3)
+    b = randn(num_experts, 5, n, dtype=dtype, scale=0.3).transpose(1, 2)
+    mask = (torch.rand(ids.numel(), n, device=DEVICE) > 0.3).to(dtype) * 1.5 if masked else None
+    value = torch.einsum("rk,rnk->rn", t.double(), b.double()[ids.to(b.device)])
+    return triton_gemm.LoraTerm(t, b, mask), value if mask is None else value * mask.double()
+
+
 @pytest.mark.parametrize("m_sizes,dtype", CASES)
 def test_grouped_gemm_plain_and_transposed_weight(m_sizes, dtype):
     rows, experts = sum(m_sizes), len(m_sizes)
@@ -74,14 +84,20 @@ def test_grouped_gemm_plain_and_transposed_weight(m_sizes, dtype):
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("atomic", [False, True])
-def test_grouped_gemm_gather_scale_and_scatter(dtype, atomic):
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_grouped_gemm_gather_scale_and_scatter(dtype, atomic, with_lora):
     m_sizes, tokens, top_k = [5, 0, 9, 1, 7], 11, 2
     ids = group_ids(m_sizes).to(DEVICE)
     token_index = torch.randint(0, tokens, (sum(m_sizes),), device=DEVICE)
     x = randn(tokens, 3 * 20, dtype=dtype)[:, ::3]  # non-contiguous rows
     w = randn(len(m_sizes), 36, 20, dtype=dtype, scale=0.3)
     scale = torch.rand(sum(m_sizes), device=DEVICE)
-    rows = torch.einsum("rk,rnk->rn", x.double()[token_index], w.double()[ids]) * scale.double()[:, None]
+    rows = torch.einsum("rk,rnk->rn", x.double()[token_index], w.double()[ids])
+    lora = None
+    if with_lora:  # masked when atomic: both kinds of term, without doubling the cases
+        lora, lora_value = lora_term(ids, len(m_sizes), 36, dtype, masked=atomic)
+        rows = rows + lora_value
+    rows = rows * scale.double()[:, None]
     if atomic:
         out = torch.zeros(tokens, 36, device=DEVICE)
         triton_gemm.grouped_gemm(
@@ -93,43 +109,45 @@ def test_grouped_gemm_gather_scale_and_scatter(dtype, atomic):
             out_index=token_index,
             row_scale=scale,
             accumulate=True,
+            lora=lora,
         )
         ref = torch.zeros(tokens, 36, dtype=torch.float64, device=DEVICE).index_add_(0, token_index, rows)
     else:
         slots = torch.randperm(tokens * top_k, device=DEVICE)[: sum(m_sizes)]
         out = torch.full((tokens * top_k, 36), float("nan"), device=DEVICE, dtype=dtype)
         triton_gemm.grouped_gemm(
-            x, w, _m(m_sizes), a_index=token_index, out=out, out_index=slots, row_scale=scale
+            x, w, _m(m_sizes), a_index=token_index, out=out, out_index=slots, row_scale=scale, lora=lora
         )
         out, ref = out[slots], rows  # only the scattered rows were written
     assert_close(out, ref, dtype, "scattered")
 
 
-def swiglu_reference(x, gate_up_proj, ids, token_index):
-    gate_up = torch.einsum("rk,rnk->rn", x[token_index], gate_up_proj[ids])
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up, gate_up
-
-
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("m_sizes", M_SIZES)
-def test_gate_up_swiglu(m_sizes, dtype):
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_gate_up_swiglu(m_sizes, dtype, with_lora):
     tokens, inter, hidden = 7, 24, 40
     ids = group_ids(m_sizes).to(DEVICE)
     token_index = torch.randint(0, tokens, (sum(m_sizes),), device=DEVICE)
     x = randn(tokens, hidden, dtype=dtype)
     w = randn(len(m_sizes), 2 * inter, hidden, dtype=dtype, scale=0.2)
-    h, gate_up = triton_gemm.gate_up_swiglu(x, w, _m(m_sizes), token_index, store_gate_up=True)
-    h_ref, gate_up_ref = swiglu_reference(x.double(), w.double(), ids, token_index)
+    lora = None
+    gate_up_ref = torch.einsum("rk,rnk->rn", x.double()[token_index], w.double()[ids])
+    if with_lora:
+        lora, lora_value = lora_term(ids, len(m_sizes), 2 * inter, dtype)
+        gate_up_ref = gate_up_ref + lora_value
+    gate, up = gate_up_ref.chunk(2, dim=-1)
+    h, gate_up = triton_gemm.gate_up_swiglu(x, w, _m(m_sizes), token_index, store_gate_up=True, lora=lora)
     assert_close(gate_up, gate_up_ref, dtype, "gate_up")
-    assert_close(h, h_ref, dtype, "h")
-    h_only, none = triton_gemm.gate_up_swiglu(x, w, _m(m_sizes), token_index, store_gate_up=False)
+    assert_close(h, F.silu(gate) * up, dtype, "h")
+    h_only, none = triton_gemm.gate_up_swiglu(x, w, _m(m_sizes), token_index, store_gate_up=False, lora=lora)
     assert none is None and torch.equal(h_only, h)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("m_sizes", M_SIZES)
-def test_swiglu_backward(m_sizes, dtype):
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_swiglu_backward(m_sizes, dtype, with_lora):
     tokens, inter, hidden = 6, 40, 24
     ids = group_ids(m_sizes).to(DEVICE)
     token_index = torch.randint(0, tokens, (sum(m_sizes),), device=DEVICE)
@@ -141,10 +159,18 @@ def test_swiglu_backward(m_sizes, dtype):
     g64 = gate_up.double().requires_grad_()
     s64 = scale.double().requires_grad_()
     gate, up = g64.chunk(2, dim=-1)
-    y = torch.einsum("rn,rkn->rk", F.silu(gate) * up, down.double()[ids]) * s64[:, None]
-    (y * grad_out.double()[token_index]).sum().backward()
+    h = F.silu(gate) * up
+    y = torch.einsum("rn,rkn->rk", h, down.double()[ids]) * s64[:, None]
+    loss = (y * grad_out.double()[token_index]).sum()
+    lora = None
+    if with_lora:  # the gradient reaching h through a LoRA on the down projection, masked as under dropout
+        lora, lora_value = lora_term(ids, len(m_sizes), inter, dtype, masked=True)
+        loss = loss + (h * lora_value * s64[:, None]).sum()
+    loss.backward()
 
-    d_gate_up, d_scale = triton_gemm.swiglu_backward(grad_out, down, gate_up, scale, _m(m_sizes), token_index)
+    d_gate_up, d_scale = triton_gemm.swiglu_backward(
+        grad_out, down, gate_up, scale, _m(m_sizes), token_index, lora=lora
+    )
     assert_close(d_gate_up, g64.grad, dtype, "d_gate_up")
     assert_close(d_scale, s64.grad, dtype, "d_scale")
 

@@ -94,6 +94,14 @@ def shared_memory(
     return config.num_stages * per_step * element_size
 
 
+def _fit(config: triton.Config, n_cap: int, k_cap: int) -> triton.Config:
+    """``config`` with ``BLOCK_N`` / ``BLOCK_K`` no wider than the problem's (power-of-two) width."""
+    m, n, k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    if n <= n_cap and k <= k_cap:
+        return config
+    return _config(m, min(n, n_cap), min(k, k_cap), config.num_warps, config.num_stages)
+
+
 def _prune(
     n_name: str,
     k_name: str,
@@ -104,7 +112,8 @@ def _prune(
 ):
     """Keep the configs that suit the problem and the GPU.
 
-    - Tiles much wider than the problem go (a rank-16 LoRA factor needs no 256-wide tile).
+    - Tiles wider than the problem shrink to it (a rank-16 LoRA factor gets 16-wide tiles, not 128: a
+      ``[rows, 16] @ [16, N]`` expand keeps its 128-row, 128-column tiles with ``BLOCK_K = 16``).
     - Configs needing more shared memory than this GPU has go (an sm89 card has 99 KiB, an H100 227 KiB), so
       the first config left, the one taken without tuning, always runs.
     - Small problems (under 64 rows per expert, e.g. short batches) take the first config with a short row
@@ -114,8 +123,7 @@ def _prune(
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         n_cap = max(16, triton.next_power_of_2(named_args[n_name]))
         k_cap = max(16, triton.next_power_of_2(named_args[k_name]))
-        kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap]
-        kept = kept or configs[-1:]
+        kept = list({_fit(c, n_cap, k_cap): None for c in configs})  # in order, without the duplicates
         tensor = named_args[operand]
         if not INTERPRET and tensor.is_cuda:
 
@@ -210,28 +218,56 @@ def _load_tile(ptr, rows, cols, row_mask, col_mask, stride_m, stride_n):
 
 
 @triton.jit
+def _lora_term(
+    acc,
+    t_ptr,
+    b_ptr,
+    mask_ptr,
+    rows,
+    offs_n,
+    row_mask,
+    n_mask,
+    rank,
+    stride_tm,
+    stride_bn,
+    stride_br,
+    stride_maskm,
+    LORA_MASK: tl.constexpr,
+    LORA_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``acc + T[rows] @ B[offs_n]ᵀ`` (times ``MASK[rows, offs_n]`` when ``LORA_MASK``): a LoRA adapter's term,
+    ``T [rows, rank]`` (grouped order) by this expert's ``B [N, rank]``, added in the epilogue so the
+    ``[rows, N]`` term is never written to memory. ``T`` and ``MASK`` have unit column stride."""
+    offs_r = tl.arange(0, LORA_R)
+    r_mask = offs_r < rank
+    t_ptrs = t_ptr + rows.to(tl.int64)[:, None] * stride_tm + offs_r[None, :]
+    t = tl.load(t_ptrs, mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+    b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
+    b = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+    if LORA_MASK:
+        mask = _load_tile(mask_ptr, rows, offs_n, row_mask, n_mask, stride_maskm, 1)
+        return acc + tl.dot(t, b, input_precision=PRECISION) * mask
+    return tl.dot(t, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _rows_epilogue(
     acc,
     c_ptr,
     c_index_ptr,
     scale_ptr,
-    add_ptr,
     rows,
     offs_n,
     row_mask,
     n_mask,
     stride_cm,
     stride_cn,
-    stride_addm,
-    stride_addn,
     SCATTER_C: tl.constexpr,
     SCALE_ROWS: tl.constexpr,
     ATOMIC_ADD: tl.constexpr,
-    HAS_ADD: tl.constexpr,
 ):
-    """``C[c_row(r), n] (+)= scale[r] * (acc + ADD[r, n])``: the grouped GEMM's epilogue."""
-    if HAS_ADD:
-        acc += _load_tile(add_ptr, rows, offs_n, row_mask, n_mask, stride_addm, stride_addn)
+    """``C[c_row(r), n] (+)= scale[r] * acc``: the grouped GEMM's epilogue."""
     if SCALE_ROWS:
         acc = acc * tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     c_rows = _row_offsets(c_index_ptr, rows, row_mask, SCATTER_C)
@@ -249,7 +285,6 @@ def _swiglu_epilogue(
     up,
     gate_up_ptr,
     h_ptr,
-    add_ptr,
     rows,
     offs_n,
     row_mask,
@@ -259,16 +294,10 @@ def _swiglu_epilogue(
     stride_gn,
     stride_hm,
     stride_hn,
-    stride_addm,
-    stride_addn,
     STORE_GATE_UP: tl.constexpr,
-    HAS_ADD: tl.constexpr,
 ):
-    """``h = silu(gate) * up`` from the two accumulators: the gate/up kernels' epilogue. ``ADD [rows, 2N]``
-    joins the pre-activations, which are written to ``gate_up [rows, 2N]`` when ``STORE_GATE_UP``."""
-    if HAS_ADD:
-        gate += _load_tile(add_ptr, rows, offs_n, row_mask, n_mask, stride_addm, stride_addn)
-        up += _load_tile(add_ptr, rows, N + offs_n, row_mask, n_mask, stride_addm, stride_addn)
+    """``h = silu(gate) * up`` from the two accumulators: the gate/up kernels' epilogue. The pre-activations
+    are written to ``gate_up [rows, 2N]`` when ``STORE_GATE_UP``."""
     mask = row_mask[:, None] & n_mask[None, :]
     out_type = h_ptr.dtype.element_ty
     if STORE_GATE_UP:
@@ -290,7 +319,6 @@ def _swiglu_backward_epilogue(
     scale_ptr,
     d_gate_up_ptr,
     d_scale_ptr,
-    add_ptr,
     rows,
     offs_n,
     row_mask,
@@ -302,15 +330,10 @@ def _swiglu_backward_epilogue(
     stride_dgm,
     stride_dgn,
     stride_dsm,
-    stride_addm,
-    stride_addn,
-    HAS_ADD: tl.constexpr,
 ):
     """SwiGLU's backward from ``g``, the gradient reaching ``h`` (unscaled): ``d_scale += g * h`` (this column
     tile's share, ``d_scale[r, pid_n]``), ``dh = scale * g``, ``d_up = dh * silu(gate)``,
-    ``d_gate = dh * up * silu'(gate)`` into ``d_gate_up [rows, 2N]``. ``ADD [rows, N]`` joins ``g``."""
-    if HAS_ADD:
-        g += _load_tile(add_ptr, rows, offs_n, row_mask, n_mask, stride_addm, stride_addn)
+    ``d_gate = dh * up * silu'(gate)`` into ``d_gate_up [rows, 2N]``."""
     mask = row_mask[:, None] & n_mask[None, :]
     g_ptrs = gate_up_ptr + rows.to(tl.int64)[:, None] * stride_gm + offs_n[None, :] * stride_gn
     gate = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -332,7 +355,7 @@ def _swiglu_backward_epilogue(
 
 @triton.autotune(
     configs=_configs(TILE_CONFIGS),
-    key=["N", "K", "ROWS_PER_EXPERT", "GATHER_A", "SCATTER_C", "ATOMIC_ADD", "HAS_ADD"],
+    key=["N", "K", "ROWS_PER_EXPERT", "GATHER_A", "SCATTER_C", "ATOMIC_ADD", "HAS_LORA"],
     prune_configs_by=_prune("N", "K", "b_ptr"),
     cache_results=True,  # tuned configs persist in Triton's cache: a second run does not tune again
     restore_value=["c_ptr"],  # tuning runs must not leave their atomic adds in the output
@@ -347,11 +370,14 @@ def grouped_gemm_kernel(
     a_index_ptr,
     c_index_ptr,
     scale_ptr,
-    add_ptr,
+    lora_t_ptr,
+    lora_b_ptr,
+    lora_mask_ptr,
     N,
     K,
     num_experts,
     ROWS_PER_EXPERT,
+    lora_rank,
     stride_am,
     stride_ak,
     stride_be,
@@ -359,13 +385,18 @@ def grouped_gemm_kernel(
     stride_bk,
     stride_cm,
     stride_cn,
-    stride_addm,
-    stride_addn,
+    stride_ltm,
+    stride_lbe,
+    stride_lbn,
+    stride_lbr,
+    stride_lmm,
     GATHER_A: tl.constexpr,
     SCATTER_C: tl.constexpr,
     SCALE_ROWS: tl.constexpr,
     ATOMIC_ADD: tl.constexpr,
-    HAS_ADD: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    LORA_MASK: tl.constexpr,
+    LORA_R: tl.constexpr,
     PRECISION: tl.constexpr,
     E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -373,9 +404,8 @@ def grouped_gemm_kernel(
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    """``C[c_row(r), n] (+)= scale[r] * (sum_k A[a_row(r), k] * B[e(r), n, k] + ADD[r, n])`` over grouped rows ``r``.
-
-    ``ADD [rows, N]`` (grouped order) is a term computed elsewhere, e.g. a LoRA delta, joined before the scale.
+    """``C[c_row(r), n] (+)= scale[r] * (sum_k A[a_row(r), k] * B[e(r), n, k] + LoRA[r, n])`` over grouped rows
+    ``r``; the LoRA term (``HAS_LORA``, see :func:`_lora_term`) is ``T[r] @ LB[e(r), n]ᵀ`` (times a mask).
     """
     pid = tl.program_id(0)
     expert, row0, row_end, pid_n = _expert_tile(
@@ -406,31 +436,45 @@ def grouped_gemm_kernel(
         BLOCK_K,
         EVEN_K,
     )
-
+    if HAS_LORA:
+        acc = _lora_term(
+            acc,
+            lora_t_ptr,
+            lora_b_ptr + expert.to(tl.int64) * stride_lbe,
+            lora_mask_ptr,
+            rows,
+            offs_n,
+            row_mask,
+            n_mask,
+            lora_rank,
+            stride_ltm,
+            stride_lbn,
+            stride_lbr,
+            stride_lmm,
+            LORA_MASK,
+            LORA_R,
+            PRECISION,
+        )
     _rows_epilogue(
         acc,
         c_ptr,
         c_index_ptr,
         scale_ptr,
-        add_ptr,
         rows,
         offs_n,
         row_mask,
         n_mask,
         stride_cm,
         stride_cn,
-        stride_addm,
-        stride_addn,
         SCATTER_C,
         SCALE_ROWS,
         ATOMIC_ADD,
-        HAS_ADD,
     )
 
 
 @triton.autotune(
     configs=_configs(TILE_CONFIGS),
-    key=["N", "K", "ROWS_PER_EXPERT", "GATHER_A", "STORE_GATE_UP", "HAS_ADD"],
+    key=["N", "K", "ROWS_PER_EXPERT", "GATHER_A", "STORE_GATE_UP", "HAS_LORA"],
     prune_configs_by=_prune("N", "K", "w_ptr", weight_tiles=2),
     cache_results=True,  # tuned configs persist in Triton's cache: a second run does not tune again
 )
@@ -443,11 +487,14 @@ def gate_up_swiglu_kernel(
     h_ptr,
     m_sizes_ptr,
     x_index_ptr,
-    add_ptr,
+    lora_t_ptr,
+    lora_b_ptr,
+    lora_mask_ptr,
     N,
     K,
     num_experts,
     ROWS_PER_EXPERT,
+    lora_rank,
     stride_xm,
     stride_xk,
     stride_we,
@@ -457,11 +504,16 @@ def gate_up_swiglu_kernel(
     stride_gn,
     stride_hm,
     stride_hn,
-    stride_addm,
-    stride_addn,
+    stride_ltm,
+    stride_lbe,
+    stride_lbn,
+    stride_lbr,
+    stride_lmm,
     GATHER_A: tl.constexpr,
     STORE_GATE_UP: tl.constexpr,
-    HAS_ADD: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    LORA_MASK: tl.constexpr,
+    LORA_R: tl.constexpr,
     PRECISION: tl.constexpr,
     E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -472,8 +524,9 @@ def gate_up_swiglu_kernel(
     """``h = silu(gate) * up`` with ``gate = X[x_row(r)] @ W[e, :N]ᵀ`` and ``up = X[x_row(r)] @ W[e, N:]ᵀ``.
 
     ``W`` is ``[E, 2N, K]`` (gate rows, then up rows); one program computes a column tile of both halves from
-    the same loaded rows of ``X``. ``ADD [rows, 2N]`` (e.g. a LoRA delta) joins the pre-activations, and
-    ``gate_up [rows, 2N]`` (the pre-activations, for backward) is written when ``STORE_GATE_UP``.
+    the same loaded rows of ``X``. A LoRA term (``HAS_LORA``: ``T [rows, r]`` by ``LB [E, 2N, r]``, gate rows then
+    up rows) joins the pre-activations, and ``gate_up [rows, 2N]`` (the pre-activations, for backward) is
+    written when ``STORE_GATE_UP``.
     """
     pid = tl.program_id(0)
     expert, row0, row_end, pid_n = _expert_tile(
@@ -510,13 +563,49 @@ def gate_up_swiglu_kernel(
         x_ptrs += BLOCK_K * stride_xk
         gate_ptrs += BLOCK_K * stride_wk
         up_ptrs += BLOCK_K * stride_wk
-
+    if HAS_LORA:
+        gate = _lora_term(
+            gate,
+            lora_t_ptr,
+            lora_b_ptr + expert.to(tl.int64) * stride_lbe,
+            lora_mask_ptr,
+            rows,
+            offs_n,
+            row_mask,
+            n_mask,
+            lora_rank,
+            stride_ltm,
+            stride_lbn,
+            stride_lbr,
+            stride_lmm,
+            LORA_MASK,
+            LORA_R,
+            PRECISION,
+        )
+    if HAS_LORA:
+        up = _lora_term(
+            up,
+            lora_t_ptr,
+            lora_b_ptr + expert.to(tl.int64) * stride_lbe + N * stride_lbn,
+            lora_mask_ptr,
+            rows,
+            offs_n,
+            row_mask,
+            n_mask,
+            lora_rank,
+            stride_ltm,
+            stride_lbn,
+            stride_lbr,
+            stride_lmm,
+            LORA_MASK,
+            LORA_R,
+            PRECISION,
+        )
     _swiglu_epilogue(
         gate,
         up,
         gate_up_ptr,
         h_ptr,
-        add_ptr,
         rows,
         offs_n,
         row_mask,
@@ -526,16 +615,13 @@ def gate_up_swiglu_kernel(
         stride_gn,
         stride_hm,
         stride_hn,
-        stride_addm,
-        stride_addn,
         STORE_GATE_UP,
-        HAS_ADD,
     )
 
 
 @triton.autotune(
     configs=_configs(TILE_CONFIGS),
-    key=["N", "K", "ROWS_PER_EXPERT", "HAS_ADD"],
+    key=["N", "K", "ROWS_PER_EXPERT", "HAS_LORA"],
     prune_configs_by=_prune("N", "K", "w_ptr"),
     cache_results=True,  # tuned configs persist in Triton's cache: a second run does not tune again
     reset_to_zero=["d_scale_ptr"],  # each tile size writes its own number of partial sums: none may linger
@@ -551,11 +637,14 @@ def swiglu_backward_kernel(
     d_scale_ptr,
     m_sizes_ptr,
     dy_index_ptr,
-    add_ptr,
+    lora_t_ptr,
+    lora_b_ptr,
+    lora_mask_ptr,
     N,
     K,
     num_experts,
     ROWS_PER_EXPERT,
+    lora_rank,
     stride_dym,
     stride_dyk,
     stride_we,
@@ -566,9 +655,14 @@ def swiglu_backward_kernel(
     stride_dgm,
     stride_dgn,
     stride_dsm,
-    stride_addm,
-    stride_addn,
-    HAS_ADD: tl.constexpr,
+    stride_ltm,
+    stride_lbe,
+    stride_lbn,
+    stride_lbr,
+    stride_lmm,
+    HAS_LORA: tl.constexpr,
+    LORA_MASK: tl.constexpr,
+    LORA_R: tl.constexpr,
     PRECISION: tl.constexpr,
     E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -582,7 +676,7 @@ def swiglu_backward_kernel(
     then per element: ``d_scale += g * h``, ``dh = scale * g``, ``d_up = dh * silu(gate)``,
     ``d_gate = dh * up * silu'(gate)``. Writes ``d_gate_up [rows, 2N]`` and this column tile's share of the
     routing weight's gradient, ``d_scale[r, pid_n]`` (summed over tiles by the caller: no atomics).
-    ``ADD [rows, N]`` joins ``g``: the gradient reaching ``h`` through a LoRA on the down projection.
+    A LoRA term (``HAS_LORA``) joins ``g``: the gradient reaching ``h`` through a LoRA on the down projection.
     """
     pid = tl.program_id(0)
     expert, row0, row_end, pid_n = _expert_tile(
@@ -613,14 +707,31 @@ def swiglu_backward_kernel(
         BLOCK_K,
         EVEN_K,
     )
-
+    if HAS_LORA:
+        g = _lora_term(
+            g,
+            lora_t_ptr,
+            lora_b_ptr + expert.to(tl.int64) * stride_lbe,
+            lora_mask_ptr,
+            rows,
+            offs_n,
+            row_mask,
+            n_mask,
+            lora_rank,
+            stride_ltm,
+            stride_lbn,
+            stride_lbr,
+            stride_lmm,
+            LORA_MASK,
+            LORA_R,
+            PRECISION,
+        )
     _swiglu_backward_epilogue(
         g,
         gate_up_ptr,
         scale_ptr,
         d_gate_up_ptr,
         d_scale_ptr,
-        add_ptr,
         rows,
         offs_n,
         row_mask,
@@ -632,9 +743,6 @@ def swiglu_backward_kernel(
         stride_dgm,
         stride_dgn,
         stride_dsm,
-        stride_addm,
-        stride_addn,
-        HAS_ADD,
     )
 
 

@@ -27,6 +27,7 @@ from .grouped_gemm import (
     TILE_CONFIGS,
     _configs,
     _expert_tile,
+    _lora_term,
     _prune,
     _row_offsets,
     _rows_epilogue,
@@ -250,7 +251,7 @@ def _matmul_tile_4bit(
         "GATHER_A",
         "SCATTER_C",
         "ATOMIC_ADD",
-        "HAS_ADD",
+        "HAS_LORA",
         "TRANSPOSED",
         "BLOCKSIZE",
         "NESTED",
@@ -274,12 +275,15 @@ def grouped_gemm_4bit_kernel(
     a_index_ptr,
     c_index_ptr,
     scale_ptr,
-    add_ptr,
+    lora_t_ptr,
+    lora_b_ptr,
+    lora_mask_ptr,
     N,
     K,
     in_features,
     num_experts,
     ROWS_PER_EXPERT,
+    lora_rank,
     stride_am,
     stride_ak,
     stride_pe,
@@ -287,8 +291,11 @@ def grouped_gemm_4bit_kernel(
     stride_ne,
     stride_cm,
     stride_cn,
-    stride_addm,
-    stride_addn,
+    stride_ltm,
+    stride_lbe,
+    stride_lbn,
+    stride_lbr,
+    stride_lmm,
     TRANSPOSED: tl.constexpr,
     BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,
@@ -296,7 +303,9 @@ def grouped_gemm_4bit_kernel(
     SCATTER_C: tl.constexpr,
     SCALE_ROWS: tl.constexpr,
     ATOMIC_ADD: tl.constexpr,
-    HAS_ADD: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    LORA_MASK: tl.constexpr,
+    LORA_R: tl.constexpr,
     PRECISION: tl.constexpr,
     E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -305,7 +314,8 @@ def grouped_gemm_4bit_kernel(
     EVEN_IN: tl.constexpr,
     ROW_BLOCKS: tl.constexpr,
 ):
-    """``C[c_row(r), n] (+)= scale[r] * (sum_k A[a_row(r), k] * B[e(r), n, k] + ADD[r, n])``, ``B`` 4-bit."""
+    """``C[c_row(r), n] (+)= scale[r] * (sum_k A[a_row(r), k] * B[e(r), n, k] + LoRA[r, n])``, ``B`` 4-bit (the
+    LoRA term as in the dense kernel)."""
     pid = tl.program_id(0)
     expert, row0, row_end, pid_n = _expert_tile(
         pid, m_sizes_ptr, num_experts, (N + BLOCK_N - 1) // BLOCK_N, BLOCK_M, E_POW2
@@ -345,30 +355,45 @@ def grouped_gemm_4bit_kernel(
         BLOCK_K,
     )
 
+    if HAS_LORA:
+        acc = _lora_term(
+            acc,
+            lora_t_ptr,
+            lora_b_ptr + expert.to(tl.int64) * stride_lbe,
+            lora_mask_ptr,
+            rows,
+            offs_n,
+            row_mask,
+            n_mask,
+            lora_rank,
+            stride_ltm,
+            stride_lbn,
+            stride_lbr,
+            stride_lmm,
+            LORA_MASK,
+            LORA_R,
+            PRECISION,
+        )
     _rows_epilogue(
         acc,
         c_ptr,
         c_index_ptr,
         scale_ptr,
-        add_ptr,
         rows,
         offs_n,
         row_mask,
         n_mask,
         stride_cm,
         stride_cn,
-        stride_addm,
-        stride_addn,
         SCATTER_C,
         SCALE_ROWS,
         ATOMIC_ADD,
-        HAS_ADD,
     )
 
 
 @triton.autotune(
     configs=_configs(TILE_CONFIGS),
-    key=["N", "K", "ROWS_PER_EXPERT", "STORE_GATE_UP", "HAS_ADD", "BLOCKSIZE", "NESTED"],
+    key=["N", "K", "ROWS_PER_EXPERT", "STORE_GATE_UP", "HAS_LORA", "BLOCKSIZE", "NESTED"],
     prune_configs_by=_prune("N", "K", "x_ptr", weight_tiles=2, four_bit=True),
     cache_results=True,
 )
@@ -386,11 +411,14 @@ def gate_up_swiglu_4bit_kernel(
     h_ptr,
     m_sizes_ptr,
     x_index_ptr,
-    add_ptr,
+    lora_t_ptr,
+    lora_b_ptr,
+    lora_mask_ptr,
     N,
     K,
     num_experts,
     ROWS_PER_EXPERT,
+    lora_rank,
     stride_xm,
     stride_xk,
     stride_pe,
@@ -400,12 +428,17 @@ def gate_up_swiglu_4bit_kernel(
     stride_gn,
     stride_hm,
     stride_hn,
-    stride_addm,
-    stride_addn,
+    stride_ltm,
+    stride_lbe,
+    stride_lbn,
+    stride_lbr,
+    stride_lmm,
     BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,
     STORE_GATE_UP: tl.constexpr,
-    HAS_ADD: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    LORA_MASK: tl.constexpr,
+    LORA_R: tl.constexpr,
     PRECISION: tl.constexpr,
     E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -416,7 +449,7 @@ def gate_up_swiglu_4bit_kernel(
 ):
     """``h = silu(gate) * up`` for gathered rows ``X[x_row(r)]``, with the 4-bit ``W [E, 2N, K]`` (gate rows,
     then up rows): one program computes a column tile of both halves from the same loaded rows of ``X``.
-    ``ADD [rows, 2N]`` joins the pre-activations; ``gate_up [rows, 2N]`` is written when ``STORE_GATE_UP``."""
+    A LoRA term (``HAS_LORA``) joins the pre-activations; ``gate_up [rows, 2N]`` is written when ``STORE_GATE_UP``."""
     pid = tl.program_id(0)
     expert, row0, row_end, pid_n = _expert_tile(
         pid, m_sizes_ptr, num_experts, (N + BLOCK_N - 1) // BLOCK_N, BLOCK_M, E_POW2
@@ -486,12 +519,49 @@ def gate_up_swiglu_4bit_kernel(
         up = tl.dot(x, w_up.to(x_ptr.dtype.element_ty), up, input_precision=PRECISION)
         x_ptrs += BLOCK_K * stride_xk
 
+    if HAS_LORA:
+        gate = _lora_term(
+            gate,
+            lora_t_ptr,
+            lora_b_ptr + expert.to(tl.int64) * stride_lbe,
+            lora_mask_ptr,
+            rows,
+            offs_n,
+            row_mask,
+            n_mask,
+            lora_rank,
+            stride_ltm,
+            stride_lbn,
+            stride_lbr,
+            stride_lmm,
+            LORA_MASK,
+            LORA_R,
+            PRECISION,
+        )
+    if HAS_LORA:
+        up = _lora_term(
+            up,
+            lora_t_ptr,
+            lora_b_ptr + expert.to(tl.int64) * stride_lbe + N * stride_lbn,
+            lora_mask_ptr,
+            rows,
+            offs_n,
+            row_mask,
+            n_mask,
+            lora_rank,
+            stride_ltm,
+            stride_lbn,
+            stride_lbr,
+            stride_lmm,
+            LORA_MASK,
+            LORA_R,
+            PRECISION,
+        )
     _swiglu_epilogue(
         gate,
         up,
         gate_up_ptr,
         h_ptr,
-        add_ptr,
         rows,
         offs_n,
         row_mask,
@@ -501,16 +571,13 @@ def gate_up_swiglu_4bit_kernel(
         stride_gn,
         stride_hm,
         stride_hn,
-        stride_addm,
-        stride_addn,
         STORE_GATE_UP,
-        HAS_ADD,
     )
 
 
 @triton.autotune(
     configs=_configs(TILE_CONFIGS),
-    key=["N", "K", "ROWS_PER_EXPERT", "HAS_ADD", "BLOCKSIZE", "NESTED"],
+    key=["N", "K", "ROWS_PER_EXPERT", "HAS_LORA", "BLOCKSIZE", "NESTED"],
     prune_configs_by=_prune("N", "K", "dy_ptr", four_bit=True),
     cache_results=True,
     reset_to_zero=["d_scale_ptr"],  # each tile size writes its own number of partial sums: none may linger
@@ -531,11 +598,14 @@ def swiglu_backward_4bit_kernel(
     d_scale_ptr,
     m_sizes_ptr,
     dy_index_ptr,
-    add_ptr,
+    lora_t_ptr,
+    lora_b_ptr,
+    lora_mask_ptr,
     N,
     K,
     num_experts,
     ROWS_PER_EXPERT,
+    lora_rank,
     stride_dym,
     stride_dyk,
     stride_pe,
@@ -546,11 +616,16 @@ def swiglu_backward_4bit_kernel(
     stride_dgm,
     stride_dgn,
     stride_dsm,
-    stride_addm,
-    stride_addn,
+    stride_ltm,
+    stride_lbe,
+    stride_lbn,
+    stride_lbr,
+    stride_lmm,
     BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,
-    HAS_ADD: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    LORA_MASK: tl.constexpr,
+    LORA_R: tl.constexpr,
     PRECISION: tl.constexpr,
     E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -561,7 +636,8 @@ def swiglu_backward_4bit_kernel(
 ):
     """Backward of ``y = scale * down(silu(gate) * up)`` through the 4-bit down projection ``W [E, K, N]``
     (``K`` = hidden, ``N`` = intermediate) and SwiGLU: ``g = dY[dy_row(r)] @ W[e]``, then as the dense kernel,
-    ``d_scale[r, pid_n]`` (this column tile's share), ``d_gate_up [rows, 2N]``; ``ADD [rows, N]`` joins ``g``."""
+    ``d_scale[r, pid_n]`` (this column tile's share), ``d_gate_up [rows, 2N]``; a LoRA term (``HAS_LORA``) joins
+    ``g``."""
     pid = tl.program_id(0)
     expert, row0, row_end, pid_n = _expert_tile(
         pid, m_sizes_ptr, num_experts, (N + BLOCK_N - 1) // BLOCK_N, BLOCK_M, E_POW2
@@ -601,13 +677,31 @@ def swiglu_backward_4bit_kernel(
         BLOCK_K,
     )
 
+    if HAS_LORA:
+        g = _lora_term(
+            g,
+            lora_t_ptr,
+            lora_b_ptr + expert.to(tl.int64) * stride_lbe,
+            lora_mask_ptr,
+            rows,
+            offs_n,
+            row_mask,
+            n_mask,
+            lora_rank,
+            stride_ltm,
+            stride_lbn,
+            stride_lbr,
+            stride_lmm,
+            LORA_MASK,
+            LORA_R,
+            PRECISION,
+        )
     _swiglu_backward_epilogue(
         g,
         gate_up_ptr,
         scale_ptr,
         d_gate_up_ptr,
         d_scale_ptr,
-        add_ptr,
         rows,
         offs_n,
         row_mask,
@@ -619,9 +713,6 @@ def swiglu_backward_4bit_kernel(
         stride_dgm,
         stride_dgn,
         stride_dsm,
-        stride_addm,
-        stride_addn,
-        HAS_ADD,
     )
 
 

@@ -2,8 +2,8 @@
 
 Forward: the gather of token rows is fused into the gate/up GEMM's loads, SwiGLU into its epilogue, and the
 routing-weight multiply and the combine into the down GEMM's epilogue. A LoRA adapter adds, per projection,
-two thin grouped GEMMs (``t = x·Aᵀ`` then ``t·Bᵀ``) whose result joins the base GEMM's epilogue: ``W + B·A`` is
-never formed. Saved for backward: the pre-activations ``[S, 2I]``, ``h [S, I]`` and the thin ``t``s (plus the
+one thin grouped GEMM ``t = x·Aᵀ``; ``t·Bᵀ`` is computed in the base GEMM's epilogue (a rank-deep ``tl.dot``
+per tile), so neither ``W + B·A`` nor the ``[rows, out]`` LoRA term is ever written to memory. Saved for backward: the pre-activations ``[S, 2I]``, ``h [S, I]`` and the thin ``t``s (plus the
 dropout masks when dropout is on); nothing of size ``[S, H]``.
 
 Backward computes only what is asked for: with frozen base weights (LoRA) there is no base ``dW``. 4-bit base
@@ -80,7 +80,7 @@ class _TritonExperts(torch.autograd.Function):
         x = hidden_states.to(gate_up_proj.dtype)
         scale = top_k_weights.reshape(-1)[routing.sorted_slots]
 
-        gate_up_delta = t = x_mask = None
+        gate_up_lora = t = x_mask = None
         if gate_up_a is not None:
             if dropout_p > 0:  # each (token, expert) row its own mask, as PEFT's per-expert Linear layers
                 rows = x[token_index]
@@ -88,20 +88,19 @@ class _TritonExperts(torch.autograd.Function):
                 t = tg.grouped_gemm(rows * x_mask, gate_up_a, m_sizes)
             else:
                 t = tg.grouped_gemm(x, gate_up_a, m_sizes, a_index=token_index)
-            gate_up_delta = tg.grouped_gemm(t, gate_up_b, m_sizes)
+            gate_up_lora = tg.LoraTerm(t, gate_up_b)
         h, gate_up = gemms_for(gate_up_proj).gate_up_swiglu(
-            x, gate_up_proj, m_sizes, token_index, store_gate_up=needs_grad, add=gate_up_delta
+            x, gate_up_proj, m_sizes, token_index, store_gate_up=needs_grad, lora=gate_up_lora
         )
-        del gate_up_delta
 
-        down_delta = td = h_mask = None
+        down_lora = td = h_mask = None
         if down_a is not None:
             h_mask = _mask(h, dropout_p) if dropout_p > 0 else None
             td = tg.grouped_gemm(h if h_mask is None else h * h_mask, down_a, m_sizes)
-            down_delta = tg.grouped_gemm(td, down_b, m_sizes)
+            down_lora = tg.LoraTerm(td, down_b)
         out = _combine(
             lambda **where: gemms_for(down_proj).grouped_gemm(
-                h, down_proj, m_sizes, row_scale=scale, add=down_delta, **where
+                h, down_proj, m_sizes, row_scale=scale, lora=down_lora, **where
             ),
             routing,
             num_tokens,
@@ -152,23 +151,19 @@ class _TritonExperts(torch.autograd.Function):
         grad_out = grad_out.to(down_proj.dtype)
         grad = [None] * 12
 
-        # Down projection: its LoRA's gradient reaching h joins the SwiGLU backward's epilogue.
-        h_grad_lora = None
+        # Down projection: its LoRA's gradient reaching h, (dY·B)·A, joins the SwiGLU backward's epilogue.
+        h_lora_grad = None
         if down_a is not None:
             u = tg.grouped_gemm(grad_out, down_b.transpose(1, 2), m_sizes, a_index=token_index)  # dY·B
-            h_grad_lora = tg.grouped_gemm(u, down_a.transpose(1, 2), m_sizes)  # dY·B·A
-            h_lora = h
-            if h_mask is not None:
-                h_grad_lora *= h_mask
-                h_lora = h * h_mask
+            h_lora_grad = tg.LoraTerm(u, down_a.transpose(1, 2), h_mask)
+            h_lora = h if h_mask is None else h * h_mask
             if needs[6]:
                 grad[6] = tg.grouped_weight_grad(u, h_lora, m_sizes, row_scale=scale)
             if needs[7]:
                 grad[7] = tg.grouped_weight_grad(grad_out, td, m_sizes, a_index=token_index, row_scale=scale)
         d_gate_up, d_scale = gemms_for(down_proj).swiglu_backward(
-            grad_out, down_proj, gate_up, scale, m_sizes, token_index, add=h_grad_lora
+            grad_out, down_proj, gate_up, scale, m_sizes, token_index, lora=h_lora_grad
         )
-        del h_grad_lora
         if needs[2]:
             grad[2] = tg.grouped_weight_grad(grad_out, h, m_sizes, a_index=token_index, row_scale=scale)
         if needs[3]:
@@ -177,7 +172,7 @@ class _TritonExperts(torch.autograd.Function):
             grad[3] = weights_grad.view(x.shape[0], routing.top_k).to(ctx.weights_dtype)
 
         # Gate/up projection.
-        x_grad_lora = None
+        x_lora_grad = None
         if gate_up_a is not None:
             x_rows = x[token_index] * x_mask if x_mask is not None else x
             x_index = None if x_mask is not None else token_index
@@ -186,17 +181,15 @@ class _TritonExperts(torch.autograd.Function):
                 grad[4] = tg.grouped_weight_grad(dt, x_rows, m_sizes, b_index=x_index)
             if needs[5]:
                 grad[5] = tg.grouped_weight_grad(d_gate_up, t, m_sizes)
-            if needs[0]:
-                x_grad_lora = tg.grouped_gemm(dt, gate_up_a.transpose(1, 2), m_sizes)  # dG·B·A, per row
-                if x_mask is not None:
-                    x_grad_lora *= x_mask
+            if needs[0]:  # (dG·B)·A joins the input gradient's epilogue
+                x_lora_grad = tg.LoraTerm(dt, gate_up_a.transpose(1, 2), x_mask)
         if needs[1]:
             grad[1] = tg.grouped_weight_grad(d_gate_up, x, m_sizes, b_index=token_index)
         if needs[0]:
             weight_t = gate_up_proj.transpose(1, 2)
             grad[0] = _combine(
                 lambda **where: gemms_for(weight_t).grouped_gemm(
-                    d_gate_up, weight_t, m_sizes, add=x_grad_lora, **where
+                    d_gate_up, weight_t, m_sizes, lora=x_lora_grad, **where
                 ),
                 routing,
                 x.shape[0],

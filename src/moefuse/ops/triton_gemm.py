@@ -6,10 +6,13 @@ grid is an upper bound on the tiles, and the kernels find their own tile (see :m
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 
 from ..kernels import grouped_gemm as kernels
+from .launch import launch
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -49,8 +52,39 @@ def _index(index: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return like if index is None else index
 
 
-def _strides(t: torch.Tensor | None) -> tuple[int, int]:
-    return (0, 0) if t is None else (t.stride(0), t.stride(1))
+class LoraTerm(NamedTuple):
+    """A LoRA adapter's term joining a GEMM's result in the kernel's epilogue: ``t[r] @ b[e(r)]ᵀ`` for each grouped
+    row ``r`` (times ``mask[r]``), never written out as ``[rows, N]``."""
+
+    t: torch.Tensor  # [R, rank], grouped order
+    b: torch.Tensor  # [E, N, rank], any strides (a transposed view of a factor reads the other orientation)
+    mask: torch.Tensor | None = None  # [R, N]: a dropout mask on the term (backward of a dropped-out input)
+
+
+class _LoraOperands:
+    """The kernels' LoRA arguments: pointers (``t``, ``b``, ``mask``), the rank, strides, and flags."""
+
+    def __init__(self, lora: LoraTerm | None, like: torch.Tensor):
+        if lora is None:
+            self.pointers, self.rank, self.strides = (like, like, like), 0, (0, 0, 0, 0, 0)
+            self.flags = dict(HAS_LORA=False, LORA_MASK=False, LORA_R=16)
+            return
+        t, b, mask = lora
+        t = t if t.stride(1) == 1 else t.contiguous()
+        if mask is not None and mask.stride(1) != 1:
+            mask = mask.contiguous()
+        self.pointers = (t, b, t if mask is None else mask)
+        self.rank = t.shape[1]
+        self.strides = (
+            t.stride(0),
+            b.stride(0),
+            b.stride(1),
+            b.stride(2),
+            0 if mask is None else mask.stride(0),
+        )
+        self.flags = dict(
+            HAS_LORA=True, LORA_MASK=mask is not None, LORA_R=max(16, triton.next_power_of_2(self.rank))
+        )
 
 
 def grouped_gemm(
@@ -63,9 +97,9 @@ def grouped_gemm(
     out_index: torch.Tensor | None = None,
     row_scale: torch.Tensor | None = None,
     accumulate: bool = False,
-    add: torch.Tensor | None = None,
+    lora: LoraTerm | None = None,
 ) -> torch.Tensor:
-    """``out[out_row(r)] (+)= row_scale[r] * (a[a_row(r)] @ b[e(r)]ᵀ + add[r])`` over the ``R = m_sizes.sum()``
+    """``out[out_row(r)] (+)= row_scale[r] * (a[a_row(r)] @ b[e(r)]ᵀ + lora[r])`` over the ``R = m_sizes.sum()``
     grouped rows.
 
     Args:
@@ -76,7 +110,7 @@ def grouped_gemm(
         out: where to write; ``[R, N]`` (new) unless given. With ``out_index``, row ``r`` goes to ``out[out_index[r]]``.
         row_scale: ``[R]`` per-row factor applied in the epilogue.
         accumulate: add into ``out`` atomically (``out`` must be given, ideally fp32) instead of storing.
-        add: ``[R, N]`` in grouped order, added before the scale (a LoRA delta, say).
+        lora: a LoRA term added in the epilogue, before the scale (:class:`LoraTerm`).
     """
     num_experts, n, k = b.shape
     rows = a_index.numel() if a_index is not None else a.shape[0]
@@ -84,7 +118,10 @@ def grouped_gemm(
         out = a.new_empty(rows, n, dtype=b.dtype)
     if rows == 0:
         return out
-    kernels.grouped_gemm_kernel[_tile_grid(m_sizes, rows, n)](
+    lora_ops = _LoraOperands(lora, out)
+    launch(
+        kernels.grouped_gemm_kernel,
+        _tile_grid(m_sizes, rows, n),
         a,
         b,
         out,
@@ -92,11 +129,12 @@ def grouped_gemm(
         _index(a_index, m_sizes),
         _index(out_index, m_sizes),
         _index(row_scale, out),
-        _index(add, out),
+        *lora_ops.pointers,
         n,
         k,
         num_experts,
         _rows_per_expert(rows, num_experts),
+        lora_ops.rank,
         a.stride(0),
         a.stride(1),
         b.stride(0),
@@ -104,12 +142,12 @@ def grouped_gemm(
         b.stride(2),
         out.stride(0),
         out.stride(1),
-        *_strides(add),
+        *lora_ops.strides,
         GATHER_A=a_index is not None,
         SCATTER_C=out_index is not None,
         SCALE_ROWS=row_scale is not None,
         ATOMIC_ADD=accumulate,
-        HAS_ADD=add is not None,
+        **lora_ops.flags,
         PRECISION=_precision(b.dtype),
         E_POW2=_experts_pow2(num_experts),
     )
@@ -123,10 +161,10 @@ def gate_up_swiglu(
     x_index: torch.Tensor,
     *,
     store_gate_up: bool,
-    add: torch.Tensor | None = None,
+    lora: LoraTerm | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``h = silu(gate) * up`` for the grouped rows ``x[x_index]``: ``(h [R, I], gate_up [R, 2I] or None)``;
-    ``add [R, 2I]`` joins the pre-activations (a LoRA delta)."""
+    ``lora`` (its ``b`` ``[E, 2I, rank]``) joins the pre-activations."""
     num_experts, two_i, hidden = gate_up_proj.shape
     inter = two_i // 2
     rows = x_index.numel()
@@ -134,18 +172,22 @@ def gate_up_swiglu(
     gate_up = x.new_empty(rows, two_i, dtype=gate_up_proj.dtype) if store_gate_up else None
     if rows == 0:
         return h, gate_up
-    kernels.gate_up_swiglu_kernel[_tile_grid(m_sizes, rows, inter)](
+    lora_ops = _LoraOperands(lora, h)
+    launch(
+        kernels.gate_up_swiglu_kernel,
+        _tile_grid(m_sizes, rows, inter),
         x,
         gate_up_proj,
         h if gate_up is None else gate_up,
         h,
         m_sizes,
         x_index,
-        _index(add, h),
+        *lora_ops.pointers,
         inter,
         hidden,
         num_experts,
         _rows_per_expert(rows, num_experts),
+        lora_ops.rank,
         x.stride(0),
         x.stride(1),
         gate_up_proj.stride(0),
@@ -155,10 +197,10 @@ def gate_up_swiglu(
         0 if gate_up is None else gate_up.stride(1),
         h.stride(0),
         h.stride(1),
-        *_strides(add),
+        *lora_ops.strides,
         GATHER_A=True,
         STORE_GATE_UP=store_gate_up,
-        HAS_ADD=add is not None,
+        **lora_ops.flags,
         PRECISION=_precision(gate_up_proj.dtype),
         E_POW2=_experts_pow2(num_experts),
     )
@@ -172,12 +214,13 @@ def swiglu_backward(
     row_scale: torch.Tensor,
     m_sizes: torch.Tensor,
     grad_index: torch.Tensor,
-    add: torch.Tensor | None = None,
+    lora: LoraTerm | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients through ``scale * down(silu(gate) * up)`` for the grouped rows: ``(d_gate_up [R, 2I], d_scale [R])``.
 
     ``grad_out [T, H]`` is read through ``grad_index`` (each grouped row's token); ``down_proj [E, H, I]``;
-    ``add [R, I]`` joins the gradient reaching ``silu(gate) * up`` (from a LoRA on the down projection).
+    ``lora`` (its ``b`` ``[E, I, rank]``) joins the gradient reaching ``silu(gate) * up`` (from a LoRA on the
+    down projection).
     """
     num_experts, hidden, inter = down_proj.shape
     rows = gate_up.shape[0]
@@ -186,7 +229,10 @@ def swiglu_backward(
     partial = torch.zeros(rows, triton.cdiv(inter, 16), device=gate_up.device, dtype=torch.float32)
     if rows == 0:
         return d_gate_up, partial.sum(1)
-    kernels.swiglu_backward_kernel[_tile_grid(m_sizes, rows, inter)](
+    lora_ops = _LoraOperands(lora, d_gate_up)
+    launch(
+        kernels.swiglu_backward_kernel,
+        _tile_grid(m_sizes, rows, inter),
         grad_out,
         down_proj,
         gate_up,
@@ -195,11 +241,12 @@ def swiglu_backward(
         partial,
         m_sizes,
         grad_index,
-        _index(add, d_gate_up),
+        *lora_ops.pointers,
         inter,
         hidden,
         num_experts,
         _rows_per_expert(rows, num_experts),
+        lora_ops.rank,
         grad_out.stride(0),
         grad_out.stride(1),
         down_proj.stride(0),
@@ -210,8 +257,8 @@ def swiglu_backward(
         d_gate_up.stride(0),
         d_gate_up.stride(1),
         partial.stride(0),
-        *_strides(add),
-        HAS_ADD=add is not None,
+        *lora_ops.strides,
+        **lora_ops.flags,
         PRECISION=_precision(down_proj.dtype),
         E_POW2=_experts_pow2(num_experts),
     )
@@ -242,7 +289,9 @@ def grouped_weight_grad(
     tiles = lambda meta: (  # noqa: E731
         num_experts * triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]),
     )
-    kernels.grouped_weight_grad_kernel[tiles](
+    launch(
+        kernels.grouped_weight_grad_kernel,
+        tiles,
         a,
         b,
         out,

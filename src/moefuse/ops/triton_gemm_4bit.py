@@ -26,7 +26,16 @@ import triton
 from ..kernels import grouped_gemm_4bit as kernels
 from ..quant.tensor import ExpertWeights4bit
 from . import triton_gemm as dense
-from .triton_gemm import _experts_pow2, _index, _precision, _rows_per_expert, _strides, _tile_grid
+from .launch import launch
+from .triton_gemm import (
+    LoraTerm,
+    _experts_pow2,
+    _index,
+    _LoraOperands,
+    _precision,
+    _rows_per_expert,
+    _tile_grid,
+)
 
 GEMM_MODES = ("auto", "fused", "dequantize")
 _ENV = "MOEFUSE_4BIT_GEMM"
@@ -100,11 +109,11 @@ def grouped_gemm(
     out_index: torch.Tensor | None = None,
     row_scale: torch.Tensor | None = None,
     accumulate: bool = False,
-    add: torch.Tensor | None = None,
+    lora: LoraTerm | None = None,
 ) -> torch.Tensor:
     """:func:`moefuse.ops.triton_gemm.grouped_gemm` with the 4-bit weight ``b`` (logical ``[E, N, K]``)."""
     where = dict(
-        a_index=a_index, out=out, out_index=out_index, row_scale=row_scale, accumulate=accumulate, add=add
+        a_index=a_index, out=out, out_index=out_index, row_scale=row_scale, accumulate=accumulate, lora=lora
     )
     if not _fused():
         return dense.grouped_gemm(a, dequantize(b), m_sizes, **where)
@@ -114,7 +123,10 @@ def grouped_gemm(
         out = a.new_empty(rows, n, dtype=b.dtype)
     if rows == 0:
         return out
-    kernels.grouped_gemm_4bit_kernel[_tile_grid(m_sizes, rows, n)](
+    lora_ops = _LoraOperands(lora, out)
+    launch(
+        kernels.grouped_gemm_4bit_kernel,
+        _tile_grid(m_sizes, rows, n),
         a,
         *_quant_args(b),
         out,
@@ -122,18 +134,19 @@ def grouped_gemm(
         _index(a_index, m_sizes),
         _index(out_index, m_sizes),
         _index(row_scale, out),
-        _index(add, out),
+        *lora_ops.pointers,
         n,
         k,
         b.stored_shape[2],
         num_experts,
         _rows_per_expert(rows, num_experts),
+        lora_ops.rank,
         a.stride(0),
         a.stride(1),
         *_quant_strides(b),
         out.stride(0),
         out.stride(1),
-        *_strides(add),
+        *lora_ops.strides,
         TRANSPOSED=b.transposed,
         BLOCKSIZE=b.blocksize,
         NESTED=b.nested,
@@ -141,7 +154,7 @@ def grouped_gemm(
         SCATTER_C=out_index is not None,
         SCALE_ROWS=row_scale is not None,
         ATOMIC_ADD=accumulate,
-        HAS_ADD=add is not None,
+        **lora_ops.flags,
         PRECISION=_precision(b.dtype),
         E_POW2=_experts_pow2(num_experts),
     )
@@ -155,12 +168,12 @@ def gate_up_swiglu(
     x_index: torch.Tensor,
     *,
     store_gate_up: bool,
-    add: torch.Tensor | None = None,
+    lora: LoraTerm | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`moefuse.ops.triton_gemm.gate_up_swiglu` with the 4-bit ``gate_up_proj [E, 2I, H]``."""
     if not _fused() or gate_up_proj.transposed:
         return dense.gate_up_swiglu(
-            x, dequantize(gate_up_proj), m_sizes, x_index, store_gate_up=store_gate_up, add=add
+            x, dequantize(gate_up_proj), m_sizes, x_index, store_gate_up=store_gate_up, lora=lora
         )
     num_experts, two_i, hidden = gate_up_proj.shape
     inter = two_i // 2
@@ -169,18 +182,22 @@ def gate_up_swiglu(
     gate_up = x.new_empty(rows, two_i, dtype=gate_up_proj.dtype) if store_gate_up else None
     if rows == 0:
         return h, gate_up
-    kernels.gate_up_swiglu_4bit_kernel[_tile_grid(m_sizes, rows, inter)](
+    lora_ops = _LoraOperands(lora, h)
+    launch(
+        kernels.gate_up_swiglu_4bit_kernel,
+        _tile_grid(m_sizes, rows, inter),
         x,
         *_quant_args(gate_up_proj),
         h if gate_up is None else gate_up,
         h,
         m_sizes,
         x_index,
-        _index(add, h),
+        *lora_ops.pointers,
         inter,
         hidden,
         num_experts,
         _rows_per_expert(rows, num_experts),
+        lora_ops.rank,
         x.stride(0),
         x.stride(1),
         *_quant_strides(gate_up_proj),
@@ -188,11 +205,11 @@ def gate_up_swiglu(
         0 if gate_up is None else gate_up.stride(1),
         h.stride(0),
         h.stride(1),
-        *_strides(add),
+        *lora_ops.strides,
         BLOCKSIZE=gate_up_proj.blocksize,
         NESTED=gate_up_proj.nested,
         STORE_GATE_UP=store_gate_up,
-        HAS_ADD=add is not None,
+        **lora_ops.flags,
         PRECISION=_precision(gate_up_proj.dtype),
         E_POW2=_experts_pow2(num_experts),
     )
@@ -206,12 +223,12 @@ def swiglu_backward(
     row_scale: torch.Tensor,
     m_sizes: torch.Tensor,
     grad_index: torch.Tensor,
-    add: torch.Tensor | None = None,
+    lora: LoraTerm | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`moefuse.ops.triton_gemm.swiglu_backward` with the 4-bit ``down_proj [E, H, I]``."""
     if not _fused() or down_proj.transposed:
         return dense.swiglu_backward(
-            grad_out, dequantize(down_proj), gate_up, row_scale, m_sizes, grad_index, add=add
+            grad_out, dequantize(down_proj), gate_up, row_scale, m_sizes, grad_index, lora=lora
         )
     num_experts, hidden, inter = down_proj.shape
     rows = gate_up.shape[0]
@@ -219,7 +236,10 @@ def swiglu_backward(
     partial = torch.zeros(rows, triton.cdiv(inter, 16), device=gate_up.device, dtype=torch.float32)
     if rows == 0:
         return d_gate_up, partial.sum(1)
-    kernels.swiglu_backward_4bit_kernel[_tile_grid(m_sizes, rows, inter)](
+    lora_ops = _LoraOperands(lora, d_gate_up)
+    launch(
+        kernels.swiglu_backward_4bit_kernel,
+        _tile_grid(m_sizes, rows, inter),
         grad_out,
         *_quant_args(down_proj),
         gate_up,
@@ -228,11 +248,12 @@ def swiglu_backward(
         partial,
         m_sizes,
         grad_index,
-        _index(add, d_gate_up),
+        *lora_ops.pointers,
         inter,
         hidden,
         num_experts,
         _rows_per_expert(rows, num_experts),
+        lora_ops.rank,
         grad_out.stride(0),
         grad_out.stride(1),
         *_quant_strides(down_proj),
@@ -241,10 +262,10 @@ def swiglu_backward(
         d_gate_up.stride(0),
         d_gate_up.stride(1),
         partial.stride(0),
-        *_strides(add),
+        *lora_ops.strides,
         BLOCKSIZE=down_proj.blocksize,
         NESTED=down_proj.nested,
-        HAS_ADD=add is not None,
+        **lora_ops.flags,
         PRECISION=_precision(down_proj.dtype),
         E_POW2=_experts_pow2(num_experts),
     )

@@ -1,0 +1,58 @@
+"""moefuse.ops.launch: an autotuned kernel is asked for its config once per key, then launched directly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moefuse  # noqa: F401
+from moefuse.kernels import grouped_gemm as kernels
+from moefuse.ops import launch as launch_module
+from moefuse.ops import triton_gemm
+from moefuse.ops.backend import use_backend
+from test_triton_kernels import DEVICE, _m, assert_close, group_ids, randn
+
+
+@pytest.fixture
+def autotuner_calls(monkeypatch):
+    """Counts the calls that go through the grouped GEMM's Triton ``Autotuner``; fresh launch caches."""
+    monkeypatch.setattr(launch_module, "_launchers", {})
+    calls = []
+    run = kernels.grouped_gemm_kernel.run
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(kernels.grouped_gemm_kernel, "run", counted)
+    return calls
+
+
+def _gemm(m_sizes: list[int], n: int, k: int, dtype=torch.float32):
+    a = randn(sum(m_sizes), k, dtype=dtype)
+    w = randn(len(m_sizes), n, k, dtype=dtype, scale=0.3)
+    ref = torch.einsum("rk,rnk->rn", a.double(), w.double()[group_ids(m_sizes).to(DEVICE)])
+    with use_backend("triton"):
+        out = triton_gemm.grouped_gemm(a, w, _m(m_sizes))
+    return out, ref
+
+
+def test_autotuner_is_asked_once_per_key(autotuner_calls):
+    for _ in range(3):
+        out, ref = _gemm([3, 0, 5], 24, 16)
+        assert_close(out, ref, torch.float32, "same key")
+    assert len(autotuner_calls) == 1
+    out, ref = _gemm([3, 0, 5], 40, 16)  # another N: another key, the autotuner decides again
+    assert_close(out, ref, torch.float32, "new key")
+    assert len(autotuner_calls) == 2
+    out, ref = _gemm([3, 0, 5], 24, 16, torch.float16)  # another dtype: another key
+    assert_close(out, ref, torch.float16, "new dtype")
+    assert len(autotuner_calls) == 3
+
+
+def test_fast_launch_off_goes_through_the_autotuner(autotuner_calls, monkeypatch):
+    monkeypatch.setattr(launch_module, "FAST_LAUNCH", False)
+    for _ in range(2):
+        out, ref = _gemm([2, 4], 24, 16)
+        assert_close(out, ref, torch.float32)
+    assert len(autotuner_calls) == 2
