@@ -56,3 +56,26 @@ def test_fast_launch_off_goes_through_the_autotuner(autotuner_calls, monkeypatch
         out, ref = _gemm([2, 4], 24, 16)
         assert_close(out, ref, torch.float32)
     assert len(autotuner_calls) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled kernels)")
+def test_compiled_kernel_per_specialization(autotuner_calls):
+    """Launched directly, a kernel compiled for 16-byte-aligned operands must not serve a misaligned one (nor a
+    stride of 1 one compiled for another stride): each gets its own compiled kernel, and every result is right."""
+    m_sizes, n, k = [40, 0, 17], 48, 32
+    ids = group_ids(m_sizes).to(DEVICE)
+    w = randn(len(m_sizes), n, k, dtype=torch.bfloat16, scale=0.3)
+    flat = randn(sum(m_sizes) * k + 1, dtype=torch.bfloat16)
+    operands = {
+        "aligned": flat[: sum(m_sizes) * k].view(-1, k),
+        "misaligned": flat[1:].view(-1, k),  # 2 bytes past a 16-byte boundary
+        "aligned again": flat[: sum(m_sizes) * k].view(-1, k).clone(),
+    }
+    for name, a in operands.items():
+        for _ in range(2):  # the second call is the direct launch
+            out = triton_gemm.grouped_gemm(a, w, _m(m_sizes))
+            ref = torch.einsum("rk,rnk->rn", a.double(), w.double()[ids])
+            assert_close(out, ref, torch.bfloat16, name)
+    compiled = launch_module._launchers[id(kernels.grouped_gemm_kernel)].compiled
+    assert len(compiled) == 2, "aligned and misaligned operands share a compiled kernel"

@@ -1,12 +1,16 @@
 """Launch an autotuned Triton kernel with less host work per call.
 
 Through ``kernel[grid](...)``, every call of an autotuned kernel passes Triton's ``Autotuner`` (a key built from
-dicts of all arguments, configs looked up, hooks) and ``Heuristics`` before the compiled kernel's own launcher: on
-an H100 that is ~140 us of CPU per launch against ~47 us for the JIT function alone, and a training step of a
-MoE model issues dozens of launches per layer, so the host, not the GPU, sets the pace of short steps.
-:func:`launch` asks the autotuner once per key (it tunes, or takes its cached choice) and from then on calls the
-JIT function with the chosen config directly. Set ``MOEFUSE_FAST_LAUNCH=0`` to go through the autotuner on
-every call (for comparison).
+dicts of all arguments, configs looked up, hooks), ``Heuristics`` and the JIT function's binder (each argument's
+specialisation, a cache key with the compile options as a string) before the compiled kernel's own launcher: on
+an H100 ~140 us of CPU per launch, ~47 us of it in the JIT function. A training step of a MoE model issues
+dozens of launches per layer, so the host, not the GPU, sets the pace of short steps.
+
+:func:`launch` asks the autotuner once per key (it tunes, or takes its cached choice), and the JIT function once
+per specialisation (it compiles, or takes its cached kernel); from then on it calls the compiled kernel directly.
+The specialisation key is a superset of what Triton specialises non-constexpr arguments on (a tensor's dtype
+and 16-byte alignment; an integer's being 1, its divisibility by 16 and its width), so a launch never reaches a
+kernel compiled for other arguments. Set ``MOEFUSE_FAST_LAUNCH=0`` to go through Triton's path on every call.
 """
 
 from __future__ import annotations
@@ -15,11 +19,32 @@ import os
 from collections.abc import Callable
 
 import torch
+from triton import knobs
 from triton.runtime.autotuner import Autotuner, Heuristics
+from triton.runtime.driver import driver
 
 FAST_LAUNCH = os.environ.get("MOEFUSE_FAST_LAUNCH", "1") not in ("", "0")
+# Under TRITON_INTERPRET=1 the JIT function is Triton's interpreter, which returns no compiled kernel.
+_COMPILED = os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+_INT32 = range(-(2**31), 2**31)
+
+
+def _specialization(arg: object) -> object:
+    """What Triton may specialise a non-constexpr argument on (or more)."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if isinstance(arg, int):
+        return arg == 1, arg % 16 == 0, arg in _INT32
+    return arg
+
 
 Grid = Callable[[dict], tuple[int, ...]]
+
+
+def _launch_hooks() -> bool:
+    """Whether launch hooks are installed (a profiler's): they need Triton's own launch path."""
+    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    return any(hook is not None and getattr(hook, "calls", True) for hook in hooks)
 
 
 class _Launcher:
@@ -37,6 +62,7 @@ class _Launcher:
             fn = fn.fn
         self.jit = fn
         self.chosen: dict[tuple, dict] = {}
+        self.compiled: dict[tuple, object] = {}
 
     def key(self, args: tuple, constexprs: dict) -> tuple:
         """What the autotuner keys on (key arguments, every tensor's dtype), plus the device: its shared memory
@@ -58,7 +84,31 @@ class _Launcher:
             named = dict(zip(self.arg_names, args, strict=False), **meta)  # arg_names also lists constexprs
             for name, heuristic in self.heuristics:
                 meta[name] = named[name] = heuristic(named)
-        self.jit[grid(meta)](*args, **meta)
+        grid_size = grid(meta)
+        if not _COMPILED or _launch_hooks():
+            self.jit[grid_size](*args, **meta)
+            return
+        device = driver.active.get_current_device()
+        signature = (device, key, *meta.values(), *map(_specialization, args))
+        compiled = self.compiled.get(signature)
+        if compiled is None:  # Triton's own path compiles (or finds) the kernel for these arguments
+            self.compiled[signature] = self.jit[grid_size](*args, **meta)
+            return
+        # The compiled kernel takes every parameter in order, constexprs included (its launcher skips them).
+        constants = [meta[name] for name in self.arg_names[len(args) :]]
+        compiled.run(
+            grid_size[0],
+            grid_size[1] if len(grid_size) > 1 else 1,
+            grid_size[2] if len(grid_size) > 2 else 1,
+            driver.active.get_current_stream(device),
+            compiled.function,
+            compiled.packed_metadata,
+            None,  # launch metadata: only for launch hooks, and there are none
+            None,
+            None,
+            *args,
+            *constants,
+        )
 
 
 _launchers: dict[int, _Launcher] = {}
