@@ -6,11 +6,11 @@ specialisation, a cache key with the compile options as a string) before the com
 an H100 ~140 us of CPU per launch, ~47 us of it in the JIT function. A training step of a MoE model issues
 dozens of launches per layer, so the host, not the GPU, sets the pace of short steps.
 
-:func:`launch` asks the autotuner once per key (it tunes, or takes its cached choice), and the JIT function once
-per specialisation (it compiles, or takes its cached kernel); from then on it calls the compiled kernel directly.
-The specialisation key is a superset of what Triton specialises non-constexpr arguments on (a tensor's dtype
-and 16-byte alignment; an integer's being 1, its divisibility by 16 and its width), so a launch never reaches a
-kernel compiled for other arguments. Set ``MOEFUSE_FAST_LAUNCH=0`` to go through Triton's path on every call.
+:func:`launch` asks the autotuner once per key (it tunes, or takes its cached choice) and the JIT function once
+per set of arguments (it compiles, or takes its cached kernel); from then on a call with the same arguments up
+to their values (tensors: dtype and 16-byte alignment; integers: exact values; the constexprs) launches the
+compiled kernel directly. That key is finer than what Triton specialises on, so a launch never reaches a kernel
+compiled for other arguments. Set ``MOEFUSE_FAST_LAUNCH=0`` to go through Triton's path on every call.
 """
 
 from __future__ import annotations
@@ -26,17 +26,9 @@ from triton.runtime.driver import driver
 FAST_LAUNCH = os.environ.get("MOEFUSE_FAST_LAUNCH", "1") not in ("", "0")
 # Under TRITON_INTERPRET=1 the JIT function is Triton's interpreter, which returns no compiled kernel.
 _COMPILED = os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-_INT32 = range(-(2**31), 2**31)
-
-
-def _specialization(arg: object) -> object:
-    """What Triton may specialise a non-constexpr argument on (or more)."""
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    if isinstance(arg, int):
-        return arg == 1, arg % 16 == 0, arg in _INT32
-    return arg
-
+# Integer arguments are dims and strides (a handful of values per model); a bound keeps a caller that passes
+# ever-new values from growing the cache without end.
+_MAX_COMPILED = 4096
 
 Grid = Callable[[dict], tuple[int, ...]]
 
@@ -48,7 +40,8 @@ def _launch_hooks() -> bool:
 
 
 class _Launcher:
-    """One autotuned kernel: its key's positions, its heuristics, and the config chosen for each key seen."""
+    """One autotuned kernel: its key's positions, its heuristics, the config chosen for each autotuning key and
+    the compiled kernel for each set of arguments seen."""
 
     def __init__(self, autotuner: Autotuner):
         self.autotuner = autotuner
@@ -62,9 +55,10 @@ class _Launcher:
             fn = fn.fn
         self.jit = fn
         self.chosen: dict[tuple, dict] = {}
-        self.compiled: dict[tuple, object] = {}
+        # arguments' key -> (compiled kernel, meta-parameters, constexpr values in parameter order)
+        self.compiled: dict[tuple, tuple[object, dict, list]] = {}
 
-    def key(self, args: tuple, constexprs: dict) -> tuple:
+    def autotuning_key(self, args: tuple, constexprs: dict) -> tuple:
         """What the autotuner keys on (key arguments, every tensor's dtype), plus the device: its shared memory
         decides which configs are kept."""
         positional = [args[i] for i in self.key_positions if i < len(args)]
@@ -72,30 +66,46 @@ class _Launcher:
         dtypes = [a.dtype for a in args if isinstance(a, torch.Tensor)]
         return (args[0].device, *positional, *named, *dtypes)
 
-    def __call__(self, grid: Grid, args: tuple, constexprs: dict) -> None:
-        key = self.key(args, constexprs)
+    def meta(self, grid: Grid, args: tuple, constexprs: dict) -> dict | None:
+        """The launch's meta-parameters (constexprs, the chosen config, heuristics), or ``None`` when this call
+        went to the autotuner (which launched it)."""
+        key = self.autotuning_key(args, constexprs)
         chosen = self.chosen.get(key)
         if chosen is None:
             self.autotuner[grid](*args, **constexprs)  # tunes on the first call of this key
             self.chosen[key] = self.autotuner.best_config.all_kwargs()
-            return
+            return None
         meta = {**constexprs, **chosen}
         if self.heuristics:
             named = dict(zip(self.arg_names, args, strict=False), **meta)  # arg_names also lists constexprs
             for name, heuristic in self.heuristics:
                 meta[name] = named[name] = heuristic(named)
-        grid_size = grid(meta)
+        return meta
+
+    def __call__(self, grid: Grid, args: tuple, constexprs: dict) -> None:
         if not _COMPILED or _launch_hooks():
-            self.jit[grid_size](*args, **meta)
+            meta = self.meta(grid, args, constexprs)
+            if meta is not None:
+                self.jit[grid(meta)](*args, **meta)
             return
         device = driver.active.get_current_device()
-        signature = (device, key, *meta.values(), *map(_specialization, args))
-        compiled = self.compiled.get(signature)
-        if compiled is None:  # Triton's own path compiles (or finds) the kernel for these arguments
-            self.compiled[signature] = self.jit[grid_size](*args, **meta)
+        key = (
+            device,
+            *constexprs.values(),
+            *[a if type(a) is int else (a.dtype, a.data_ptr() % 16 == 0) for a in args],
+        )
+        entry = self.compiled.get(key)
+        if entry is None:  # Triton's own path: compiles, or finds its kernel for these arguments
+            meta = self.meta(grid, args, constexprs)
+            if meta is not None:
+                compiled = self.jit[grid(meta)](*args, **meta)
+                if len(self.compiled) >= _MAX_COMPILED:
+                    self.compiled.clear()
+                self.compiled[key] = (compiled, meta, [meta[n] for n in self.arg_names[len(args) :]])
             return
+        compiled, meta, constants = entry
+        grid_size = grid(meta)
         # The compiled kernel takes every parameter in order, constexprs included (its launcher skips them).
-        constants = [meta[name] for name in self.arg_names[len(args) :]]
         compiled.run(
             grid_size[0],
             grid_size[1] if len(grid_size) > 1 else 1,
@@ -115,9 +125,9 @@ _launchers: dict[int, _Launcher] = {}
 
 
 def launch(kernel: Autotuner, grid: Grid, *args: object, **constexprs: object) -> None:
-    """``kernel[grid](*args, **constexprs)`` for an autotuned kernel, skipping the autotuner once its choice for
-    this key is known. ``args`` are the kernel's non-constexpr arguments, in order; ``grid`` maps the launch's
-    meta-parameters (``BLOCK_M``, ...) to the grid."""
+    """``kernel[grid](*args, **constexprs)`` for an autotuned kernel, skipping the autotuner and the JIT function's
+    binder once their choices for these arguments are known. ``args`` are the kernel's non-constexpr arguments, in
+    order (tensors and integers); ``grid`` maps the launch's meta-parameters (``BLOCK_M``, ...) to the grid."""
     if not FAST_LAUNCH:
         kernel[grid](*args, **constexprs)
         return

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import triton
 
 from ..kernels import grouped_gemm as kernels
 from .launch import launch
@@ -23,8 +22,13 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _next_power_of_2(n: int) -> int:
-    """``triton.next_power_of_2`` in plain Python: Triton's is a JIT function, ~6 us a call on the host."""
+    """``triton.next_power_of_2`` in plain Python: Triton's helpers are JIT functions, ~6 us a call on the host,
+    and the launchers run on every call."""
     return 1 << max(0, n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _experts_pow2(num_experts: int) -> int:
@@ -43,11 +47,11 @@ def _tile_grid(m_sizes: torch.Tensor, rows: int, n: int):
 
     def grid(meta: dict) -> tuple[int]:
         block_m = meta["BLOCK_M"]
-        if m_sizes.device.type == "cpu":
+        if m_sizes.is_cpu:
             m_tiles = int(((m_sizes + block_m - 1) // block_m).sum())
         else:
-            m_tiles = triton.cdiv(rows, block_m) + min(m_sizes.numel(), rows)
-        return (m_tiles * triton.cdiv(n, meta["BLOCK_N"]),)
+            m_tiles = _cdiv(rows, block_m) + min(m_sizes.numel(), rows)
+        return (m_tiles * _cdiv(n, meta["BLOCK_N"]),)
 
     return grid
 
@@ -231,7 +235,7 @@ def swiglu_backward(
     rows = gate_up.shape[0]
     d_gate_up = torch.empty_like(gate_up)
     # One partial sum of d_scale per column tile (at most I / 16 of them), reduced below: deterministic.
-    partial = torch.zeros(rows, triton.cdiv(inter, 16), device=gate_up.device, dtype=torch.float32)
+    partial = torch.zeros(rows, _cdiv(inter, 16), device=gate_up.device, dtype=torch.float32)
     if rows == 0:
         return d_gate_up, partial.sum(1)
     lora_ops = _LoraOperands(lora, d_gate_up)
@@ -292,7 +296,7 @@ def grouped_weight_grad(
     if num_experts == 0:
         return out
     tiles = lambda meta: (  # noqa: E731
-        num_experts * triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]),
+        num_experts * _cdiv(n, meta["BLOCK_N"]) * _cdiv(k, meta["BLOCK_K"]),
     )
     launch(
         kernels.grouped_weight_grad_kernel,

@@ -29,6 +29,7 @@ from . import triton_gemm as dense
 from .launch import launch
 from .triton_gemm import (
     LoraTerm,
+    _cdiv,
     _experts_pow2,
     _index,
     _LoraOperands,
@@ -233,7 +234,7 @@ def swiglu_backward(
     num_experts, hidden, inter = down_proj.shape
     rows = gate_up.shape[0]
     d_gate_up = torch.empty_like(gate_up)
-    partial = torch.zeros(rows, triton.cdiv(inter, 16), device=gate_up.device, dtype=torch.float32)
+    partial = torch.zeros(rows, _cdiv(inter, 16), device=gate_up.device, dtype=torch.float32)
     if rows == 0:
         return d_gate_up, partial.sum(1)
     lora_ops = _LoraOperands(lora, d_gate_up)
