@@ -163,10 +163,15 @@ def test_gate_up_swiglu(m_sizes, dtype, hidden, gemm_mode):
         torch.einsum("rk,rnk->rn", x.double()[token_index], w.dequantize().double()[ids]) + lora_value
     )
     gate, up = gate_up_ref.chunk(2, dim=-1)
-    h, gate_up = q4.gate_up_swiglu(x, w, _m(m_sizes), token_index, store_gate_up=True, lora=lora)
+    scale = torch.rand(sum(m_sizes), device=DEVICE)
+    h, gate_up = q4.gate_up_swiglu(
+        x, w, _m(m_sizes), token_index, store_gate_up=True, lora=lora, row_scale=scale
+    )
     assert_close(gate_up, gate_up_ref, dtype, "gate_up")
-    assert_close(h, F.silu(gate) * up, dtype, "h")
-    h_only, none = q4.gate_up_swiglu(x, w, _m(m_sizes), token_index, store_gate_up=False, lora=lora)
+    assert_close(h, F.silu(gate) * up * scale.double()[:, None], dtype, "h")
+    h_only, none = q4.gate_up_swiglu(
+        x, w, _m(m_sizes), token_index, store_gate_up=False, lora=lora, row_scale=scale
+    )
     assert none is None and torch.equal(h_only, h)
 
 

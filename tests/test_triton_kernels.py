@@ -124,8 +124,8 @@ def test_grouped_gemm_gather_scale_and_scatter(dtype, atomic, with_lora):
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("m_sizes", M_SIZES)
-@pytest.mark.parametrize("with_lora", [False, True])
-def test_gate_up_swiglu(m_sizes, dtype, with_lora):
+@pytest.mark.parametrize("with_lora,scaled", [(False, False), (True, False), (False, True)])
+def test_gate_up_swiglu(m_sizes, dtype, with_lora, scaled):
     tokens, inter, hidden = 7, 24, 40
     ids = group_ids(m_sizes).to(DEVICE)
     token_index = torch.randint(0, tokens, (sum(m_sizes),), device=DEVICE)
@@ -137,10 +137,15 @@ def test_gate_up_swiglu(m_sizes, dtype, with_lora):
         lora, lora_value = lora_term(ids, len(m_sizes), 2 * inter, dtype)
         gate_up_ref = gate_up_ref + lora_value
     gate, up = gate_up_ref.chunk(2, dim=-1)
-    h, gate_up = triton_gemm.gate_up_swiglu(x, w, _m(m_sizes), token_index, store_gate_up=True, lora=lora)
+    h_ref = F.silu(gate) * up
+    where = dict(lora=lora)
+    if scaled:  # h times each row's routing weight
+        where["row_scale"] = torch.rand(ids.numel(), device=DEVICE)
+        h_ref = h_ref * where["row_scale"].double()[:, None]
+    h, gate_up = triton_gemm.gate_up_swiglu(x, w, _m(m_sizes), token_index, store_gate_up=True, **where)
     assert_close(gate_up, gate_up_ref, dtype, "gate_up")
-    assert_close(h, F.silu(gate) * up, dtype, "h")
-    h_only, none = triton_gemm.gate_up_swiglu(x, w, _m(m_sizes), token_index, store_gate_up=False, lora=lora)
+    assert_close(h, h_ref, dtype, "h")
+    h_only, none = triton_gemm.gate_up_swiglu(x, w, _m(m_sizes), token_index, store_gate_up=False, **where)
     assert none is None and torch.equal(h_only, h)
 
 

@@ -285,6 +285,7 @@ def _swiglu_epilogue(
     up,
     gate_up_ptr,
     h_ptr,
+    scale_ptr,
     rows,
     offs_n,
     row_mask,
@@ -295,9 +296,10 @@ def _swiglu_epilogue(
     stride_hm,
     stride_hn,
     STORE_GATE_UP: tl.constexpr,
+    SCALE_H: tl.constexpr,
 ):
-    """``h = silu(gate) * up`` from the two accumulators: the gate/up kernels' epilogue. The pre-activations
-    are written to ``gate_up [rows, 2N]`` when ``STORE_GATE_UP``."""
+    """``h = silu(gate) * up`` from the two accumulators (times ``scale[r]`` when ``SCALE_H``): the gate/up
+    kernels' epilogue. The pre-activations are written to ``gate_up [rows, 2N]`` when ``STORE_GATE_UP``."""
     mask = row_mask[:, None] & n_mask[None, :]
     out_type = h_ptr.dtype.element_ty
     if STORE_GATE_UP:
@@ -308,6 +310,8 @@ def _swiglu_epilogue(
     gate = gate.to(out_type).to(tl.float32)
     up = up.to(out_type).to(tl.float32)
     h = gate * tl.sigmoid(gate) * up
+    if SCALE_H:
+        h = h * tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + offs_n[None, :] * stride_hn
     tl.store(h_ptrs, h.to(out_type), mask=mask)
 
@@ -485,6 +489,7 @@ def gate_up_swiglu_kernel(
     w_ptr,
     gate_up_ptr,
     h_ptr,
+    scale_ptr,
     m_sizes_ptr,
     x_index_ptr,
     lora_t_ptr,
@@ -511,6 +516,7 @@ def gate_up_swiglu_kernel(
     stride_lmm,
     GATHER_A: tl.constexpr,
     STORE_GATE_UP: tl.constexpr,
+    SCALE_H: tl.constexpr,
     HAS_LORA: tl.constexpr,
     LORA_MASK: tl.constexpr,
     LORA_R: tl.constexpr,
@@ -606,6 +612,7 @@ def gate_up_swiglu_kernel(
         up,
         gate_up_ptr,
         h_ptr,
+        scale_ptr,
         rows,
         offs_n,
         row_mask,
@@ -616,6 +623,7 @@ def gate_up_swiglu_kernel(
         stride_hm,
         stride_hn,
         STORE_GATE_UP,
+        SCALE_H,
     )
 
 

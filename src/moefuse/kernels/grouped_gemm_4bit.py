@@ -409,6 +409,7 @@ def gate_up_swiglu_4bit_kernel(
     nested_code_ptr,
     gate_up_ptr,
     h_ptr,
+    scale_ptr,
     m_sizes_ptr,
     x_index_ptr,
     lora_t_ptr,
@@ -436,6 +437,7 @@ def gate_up_swiglu_4bit_kernel(
     BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,
     STORE_GATE_UP: tl.constexpr,
+    SCALE_H: tl.constexpr,
     HAS_LORA: tl.constexpr,
     LORA_MASK: tl.constexpr,
     LORA_R: tl.constexpr,
@@ -562,6 +564,7 @@ def gate_up_swiglu_4bit_kernel(
         up,
         gate_up_ptr,
         h_ptr,
+        scale_ptr,
         rows,
         offs_n,
         row_mask,
@@ -572,6 +575,7 @@ def gate_up_swiglu_4bit_kernel(
         stride_hm,
         stride_hn,
         STORE_GATE_UP,
+        SCALE_H,
     )
 
 

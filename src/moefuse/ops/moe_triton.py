@@ -3,8 +3,10 @@
 Forward: the gather of token rows is fused into the gate/up GEMM's loads, SwiGLU into its epilogue, and the
 routing-weight multiply and the combine into the down GEMM's epilogue. A LoRA adapter adds, per projection,
 one thin grouped GEMM ``t = x·Aᵀ``; ``t·Bᵀ`` is computed in the base GEMM's epilogue (a rank-deep ``tl.dot``
-per tile), so neither ``W + B·A`` nor the ``[rows, out]`` LoRA term is ever written to memory. Saved for backward: the pre-activations ``[S, 2I]``, ``h [S, I]`` and the thin ``t``s (plus the
-dropout masks when dropout is on); nothing of size ``[S, H]``.
+per tile), so neither ``W + B·A`` nor the ``[rows, out]`` LoRA term is ever written to memory. Saved for
+backward: the pre-activations ``[S, 2I]``, ``h [S, I]`` (already times the routing weight when the down weight
+is trained: its gradient then reads it as is) and the thin ``t``s (plus the dropout masks when dropout is on);
+nothing of size ``[S, H]``.
 
 Backward computes only what is asked for: with frozen base weights (LoRA) there is no base ``dW``. 4-bit base
 weights (:mod:`moefuse.quant`) run the same way on their own launchers (:func:`~moefuse.ops.moe_4bit.gemms_for`).
@@ -89,8 +91,17 @@ class _TritonExperts(torch.autograd.Function):
             else:
                 t = tg.grouped_gemm(x, gate_up_a, m_sizes, a_index=token_index)
             gate_up_lora = tg.LoraTerm(t, gate_up_b)
+        # When the down weight's gradient will be taken (and no LoRA reads h), h is stored already multiplied by
+        # the routing weight: the down GEMM then needs no row scale, nor does its weight gradient's operand.
+        prescaled = down_proj.requires_grad and down_a is None
         h, gate_up = gemms_for(gate_up_proj).gate_up_swiglu(
-            x, gate_up_proj, m_sizes, token_index, store_gate_up=needs_grad, lora=gate_up_lora
+            x,
+            gate_up_proj,
+            m_sizes,
+            token_index,
+            store_gate_up=needs_grad,
+            lora=gate_up_lora,
+            row_scale=scale if prescaled else None,
         )
 
         down_lora = td = h_mask = None
@@ -100,7 +111,7 @@ class _TritonExperts(torch.autograd.Function):
             down_lora = tg.LoraTerm(td, down_b)
         out = _combine(
             lambda **where: gemms_for(down_proj).grouped_gemm(
-                h, down_proj, m_sizes, row_scale=scale, lora=down_lora, **where
+                h, down_proj, m_sizes, row_scale=None if prescaled else scale, lora=down_lora, **where
             ),
             routing,
             num_tokens,
@@ -125,6 +136,7 @@ class _TritonExperts(torch.autograd.Function):
             h_mask,
         )
         ctx.routing, ctx.deterministic, ctx.weights_dtype = routing, deterministic, top_k_weights.dtype
+        ctx.prescaled = prescaled
         return out.to(hidden_states.dtype)
 
     @staticmethod
@@ -165,7 +177,9 @@ class _TritonExperts(torch.autograd.Function):
             grad_out, down_proj, gate_up, scale, m_sizes, token_index, lora=h_lora_grad
         )
         if needs[2]:
-            grad[2] = tg.grouped_weight_grad(grad_out, h, m_sizes, a_index=token_index, row_scale=scale)
+            grad[2] = tg.grouped_weight_grad(
+                grad_out, h, m_sizes, a_index=token_index, row_scale=None if ctx.prescaled else scale
+            )
         if needs[3]:
             weights_grad = torch.empty_like(d_scale)
             weights_grad[routing.sorted_slots] = d_scale

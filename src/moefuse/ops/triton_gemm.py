@@ -171,9 +171,11 @@ def gate_up_swiglu(
     *,
     store_gate_up: bool,
     lora: LoraTerm | None = None,
+    row_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``h = silu(gate) * up`` for the grouped rows ``x[x_index]``: ``(h [R, I], gate_up [R, 2I] or None)``;
-    ``lora`` (its ``b`` ``[E, 2I, rank]``) joins the pre-activations."""
+    ``lora`` (its ``b`` ``[E, 2I, rank]``) joins the pre-activations; ``h`` is multiplied by ``row_scale [R]``
+    when given."""
     num_experts, two_i, hidden = gate_up_proj.shape
     inter = two_i // 2
     rows = x_index.numel()
@@ -189,6 +191,7 @@ def gate_up_swiglu(
         gate_up_proj,
         h if gate_up is None else gate_up,
         h,
+        _index(row_scale, h),
         m_sizes,
         x_index,
         *lora_ops.pointers,
@@ -209,6 +212,7 @@ def gate_up_swiglu(
         *lora_ops.strides,
         GATHER_A=True,
         STORE_GATE_UP=store_gate_up,
+        SCALE_H=row_scale is not None,
         **lora_ops.flags,
         PRECISION=_precision(gate_up_proj.dtype),
         E_POW2=_experts_pow2(num_experts),

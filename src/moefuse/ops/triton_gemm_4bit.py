@@ -170,11 +170,18 @@ def gate_up_swiglu(
     *,
     store_gate_up: bool,
     lora: LoraTerm | None = None,
+    row_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`moefuse.ops.triton_gemm.gate_up_swiglu` with the 4-bit ``gate_up_proj [E, 2I, H]``."""
     if not _fused() or gate_up_proj.transposed:
         return dense.gate_up_swiglu(
-            x, dequantize(gate_up_proj), m_sizes, x_index, store_gate_up=store_gate_up, lora=lora
+            x,
+            dequantize(gate_up_proj),
+            m_sizes,
+            x_index,
+            store_gate_up=store_gate_up,
+            lora=lora,
+            row_scale=row_scale,
         )
     num_experts, two_i, hidden = gate_up_proj.shape
     inter = two_i // 2
@@ -191,6 +198,7 @@ def gate_up_swiglu(
         *_quant_args(gate_up_proj),
         h if gate_up is None else gate_up,
         h,
+        _index(row_scale, h),
         m_sizes,
         x_index,
         *lora_ops.pointers,
@@ -210,6 +218,7 @@ def gate_up_swiglu(
         BLOCKSIZE=gate_up_proj.blocksize,
         NESTED=gate_up_proj.nested,
         STORE_GATE_UP=store_gate_up,
+        SCALE_H=row_scale is not None,
         **lora_ops.flags,
         PRECISION=_precision(gate_up_proj.dtype),
         E_POW2=_experts_pow2(num_experts),
