@@ -358,7 +358,7 @@ def test_4bit_configs_fit_the_gpus_shared_memory(monkeypatch, limit, gpu, autotu
         (kernels.gate_up_swiglu_4bit_kernel, "x_ptr", 2, 768, 2048),
         (kernels.grouped_gemm_4bit_kernel, "a_ptr", 1, 2048, 768),  # down
         (kernels.grouped_gemm_4bit_kernel, "a_ptr", 1, 2048, 1536),  # gate/up's input gradient
-        (kernels.swiglu_backward_4bit_kernel, "dy_ptr", 1, 768, 2048),
+        (kernels.grouped_gemm_4bit_kernel, "a_ptr", 1, 768, 2048),  # down's input gradient
     ]
     for kernel, operand, tiles, n, k in cases:
         for rows_per_expert in (16, 256, 1024):

@@ -11,8 +11,8 @@ another, so the permuted copy of the hidden states is never materialised.
 
 - :func:`grouped_gemm_kernel`: ``C[c_row(r)] (+)= scale[r] * A[a_row(r)] @ B[e]ᵀ``.
 - :func:`gate_up_swiglu_kernel`: the gate/up projection with SwiGLU in its epilogue.
-- :func:`swiglu_backward_kernel`: the down projection's input gradient with SwiGLU's backward and the routing
-  weights' gradient in its epilogue.
+- :func:`swiglu_backward_rows_kernel`: SwiGLU's backward and the routing weights' gradient, row by row, from the
+  down projection's input gradient (a plain grouped GEMM).
 - :func:`grouped_weight_grad_kernel`: ``dW[e] = (scale * A[a_row(rows of e)])ᵀ @ B[b_row(rows of e)]``.
 
 The launchers and the autograd live in :mod:`moefuse.ops.triton_gemm`.
@@ -316,47 +316,6 @@ def _swiglu_epilogue(
     tl.store(h_ptrs, h.to(out_type), mask=mask)
 
 
-@triton.jit
-def _swiglu_backward_epilogue(
-    g,
-    gate_up_ptr,
-    scale_ptr,
-    d_gate_up_ptr,
-    d_scale_ptr,
-    rows,
-    offs_n,
-    row_mask,
-    n_mask,
-    pid_n,
-    N,
-    stride_gm,
-    stride_gn,
-    stride_dgm,
-    stride_dgn,
-    stride_dsm,
-):
-    """SwiGLU's backward from ``g``, the gradient reaching ``h`` (unscaled): ``d_scale += g * h`` (this column
-    tile's share, ``d_scale[r, pid_n]``), ``dh = scale * g``, ``d_up = dh * silu(gate)``,
-    ``d_gate = dh * up * silu'(gate)`` into ``d_gate_up [rows, 2N]``."""
-    mask = row_mask[:, None] & n_mask[None, :]
-    g_ptrs = gate_up_ptr + rows.to(tl.int64)[:, None] * stride_gm + offs_n[None, :] * stride_gn
-    gate = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(g_ptrs + N * stride_gn, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(gate)
-    silu = gate * sig
-    tl.store(
-        d_scale_ptr + rows.to(tl.int64) * stride_dsm + pid_n, tl.sum(g * silu * up, axis=1), mask=row_mask
-    )
-    dh = g * scale[:, None]
-    d_up = dh * silu
-    d_gate = dh * up * sig * (1.0 + gate * (1.0 - sig))
-    out_type = d_gate_up_ptr.dtype.element_ty
-    d_ptrs = d_gate_up_ptr + rows.to(tl.int64)[:, None] * stride_dgm + offs_n[None, :] * stride_dgn
-    tl.store(d_ptrs, d_gate.to(out_type), mask=mask)
-    tl.store(d_ptrs + N * stride_dgn, d_up.to(out_type), mask=mask)
-
-
 @triton.autotune(
     configs=_configs(TILE_CONFIGS),
     key=["N", "K", "ROWS_PER_EXPERT", "GATHER_A", "SCATTER_C", "ATOMIC_ADD", "HAS_LORA"],
@@ -628,133 +587,6 @@ def gate_up_swiglu_kernel(
 
 
 @triton.autotune(
-    configs=_configs(TILE_CONFIGS),
-    key=["N", "K", "ROWS_PER_EXPERT", "HAS_LORA"],
-    prune_configs_by=_prune("N", "K", "w_ptr"),
-    cache_results=True,  # tuned configs persist in Triton's cache: a second run does not tune again
-    reset_to_zero=["d_scale_ptr"],  # each tile size writes its own number of partial sums: none may linger
-)
-@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
-@triton.jit
-def swiglu_backward_kernel(
-    dy_ptr,
-    w_ptr,
-    gate_up_ptr,
-    scale_ptr,
-    d_gate_up_ptr,
-    d_scale_ptr,
-    m_sizes_ptr,
-    dy_index_ptr,
-    lora_t_ptr,
-    lora_b_ptr,
-    lora_mask_ptr,
-    N,
-    K,
-    num_experts,
-    ROWS_PER_EXPERT,
-    lora_rank,
-    stride_dym,
-    stride_dyk,
-    stride_we,
-    stride_wk,
-    stride_wn,
-    stride_gm,
-    stride_gn,
-    stride_dgm,
-    stride_dgn,
-    stride_dsm,
-    stride_ltm,
-    stride_lbe,
-    stride_lbn,
-    stride_lbr,
-    stride_lmm,
-    HAS_LORA: tl.constexpr,
-    LORA_MASK: tl.constexpr,
-    LORA_R: tl.constexpr,
-    PRECISION: tl.constexpr,
-    E_POW2: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr,
-):
-    """Backward of ``y = scale * down(silu(gate) * up)`` through the down projection and SwiGLU.
-
-    ``g = dY[dy_row(r)] @ W[e]`` with the down weight ``W [E, K, N]`` (``K`` = hidden, ``N`` = intermediate),
-    then per element: ``d_scale += g * h``, ``dh = scale * g``, ``d_up = dh * silu(gate)``,
-    ``d_gate = dh * up * silu'(gate)``. Writes ``d_gate_up [rows, 2N]`` and this column tile's share of the
-    routing weight's gradient, ``d_scale[r, pid_n]`` (summed over tiles by the caller: no atomics).
-    A LoRA term (``HAS_LORA``) joins ``g``: the gradient reaching ``h`` through a LoRA on the down projection.
-    """
-    pid = tl.program_id(0)
-    expert, row0, row_end, pid_n = _expert_tile(
-        pid, m_sizes_ptr, num_experts, (N + BLOCK_N - 1) // BLOCK_N, BLOCK_M, E_POW2
-    )
-    if expert >= num_experts:
-        return
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    dy_rows = _row_offsets(dy_index_ptr, rows, row_mask, True)
-    g = _matmul_tile(
-        dy_ptr,
-        dy_rows,
-        row_mask,
-        stride_dym,
-        stride_dyk,
-        w_ptr + expert.to(tl.int64) * stride_we,
-        offs_n,
-        n_mask,
-        stride_wn,
-        stride_wk,
-        K,
-        PRECISION,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_K,
-        EVEN_K,
-    )
-    if HAS_LORA:
-        g = _lora_term(
-            g,
-            lora_t_ptr,
-            lora_b_ptr + expert.to(tl.int64) * stride_lbe,
-            lora_mask_ptr,
-            rows,
-            offs_n,
-            row_mask,
-            n_mask,
-            lora_rank,
-            stride_ltm,
-            stride_lbn,
-            stride_lbr,
-            stride_lmm,
-            LORA_MASK,
-            LORA_R,
-            PRECISION,
-        )
-    _swiglu_backward_epilogue(
-        g,
-        gate_up_ptr,
-        scale_ptr,
-        d_gate_up_ptr,
-        d_scale_ptr,
-        rows,
-        offs_n,
-        row_mask,
-        n_mask,
-        pid_n,
-        N,
-        stride_gm,
-        stride_gn,
-        stride_dgm,
-        stride_dgn,
-        stride_dsm,
-    )
-
-
-@triton.autotune(
     configs=_configs(WEIGHT_GRAD_CONFIGS),
     key=["N", "K", "ROWS_PER_EXPERT", "GATHER_A", "GATHER_B", "SCALE_ROWS"],
     prune_configs_by=_prune("N", "K", "a_ptr", weight_grad=True),
@@ -836,3 +668,47 @@ def grouped_weight_grad_kernel(
         dw_ptr + expert.to(tl.int64) * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
     )
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
+
+
+@triton.jit
+def swiglu_backward_rows_kernel(
+    g_ptr,
+    gate_up_ptr,
+    scale_ptr,
+    d_gate_up_ptr,
+    d_scale_ptr,
+    rows,
+    N,
+    stride_gm,
+    stride_gum,
+    stride_dgm,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """SwiGLU's backward for ``BLOCK_R`` rows from ``g [rows, N]``, the gradient reaching ``h`` (unscaled):
+    ``d_scale = sum_n g * silu(gate) * up``, ``dh = scale * g``, ``d_up = dh * silu(gate)``,
+    ``d_gate = dh * up * silu'(gate)`` into ``d_gate_up [rows, 2N]`` (unit column strides), ``BLOCK_C`` columns
+    at a time. Each row's ``d_scale`` is summed in one program: no atomics."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = offs_r < rows
+    offs_r64 = offs_r.to(tl.int64)
+    scale = tl.load(scale_ptr + offs_r, mask=row_mask, other=0.0).to(tl.float32)
+    d_scale = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for c0 in range(0, N, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = row_mask[:, None] & (cols < N)[None, :]
+        g = tl.load(g_ptr + offs_r64[:, None] * stride_gm + cols[None, :], mask=mask, other=0.0).to(
+            tl.float32
+        )
+        gu_ptrs = gate_up_ptr + offs_r64[:, None] * stride_gum + cols[None, :]
+        gate = tl.load(gu_ptrs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(gu_ptrs + N, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(gate)
+        silu = gate * sig
+        d_scale += tl.sum(g * silu * up, axis=1)
+        dh = g * scale[:, None]
+        out_type = d_gate_up_ptr.dtype.element_ty
+        d_ptrs = d_gate_up_ptr + offs_r64[:, None] * stride_dgm + cols[None, :]
+        tl.store(d_ptrs, (dh * up * sig * (1.0 + gate * (1.0 - sig))).to(out_type), mask=mask)
+        tl.store(d_ptrs + N, (dh * silu).to(out_type), mask=mask)
+    tl.store(d_scale_ptr + offs_r, d_scale, mask=row_mask)

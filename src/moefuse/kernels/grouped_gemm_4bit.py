@@ -14,7 +14,6 @@ whole blocks (Qwen3, Mixtral, OLMoE widths at bitsandbytes' blocksize 64), each 
 
 - :func:`grouped_gemm_4bit_kernel`: ``C[c_row(r)] (+)= scale[r] * A[a_row(r)] @ B[e]ᵀ``.
 - :func:`gate_up_swiglu_4bit_kernel`: the gate/up projection with SwiGLU in its epilogue.
-- :func:`swiglu_backward_4bit_kernel`: the down projection's input gradient with SwiGLU's backward.
 - :func:`dequantize_4bit_kernel`: the dense stack, for the dequantise-then-GEMM path.
 """
 
@@ -31,7 +30,6 @@ from .grouped_gemm import (
     _prune,
     _row_offsets,
     _rows_epilogue,
-    _swiglu_backward_epilogue,
     _swiglu_epilogue,
 )
 
@@ -576,147 +574,6 @@ def gate_up_swiglu_4bit_kernel(
         stride_hn,
         STORE_GATE_UP,
         SCALE_H,
-    )
-
-
-@triton.autotune(
-    configs=_configs(TILE_CONFIGS),
-    key=["N", "K", "ROWS_PER_EXPERT", "HAS_LORA", "BLOCKSIZE", "NESTED"],
-    prune_configs_by=_prune("N", "K", "dy_ptr", four_bit=True),
-    cache_results=True,
-    reset_to_zero=["d_scale_ptr"],  # each tile size writes its own number of partial sums: none may linger
-)
-@_tile_layout("N")
-@triton.jit
-def swiglu_backward_4bit_kernel(
-    dy_ptr,
-    packed_ptr,
-    absmax_ptr,
-    nested_absmax_ptr,
-    offset_ptr,
-    code_ptr,
-    nested_code_ptr,
-    gate_up_ptr,
-    scale_ptr,
-    d_gate_up_ptr,
-    d_scale_ptr,
-    m_sizes_ptr,
-    dy_index_ptr,
-    lora_t_ptr,
-    lora_b_ptr,
-    lora_mask_ptr,
-    N,
-    K,
-    num_experts,
-    ROWS_PER_EXPERT,
-    lora_rank,
-    stride_dym,
-    stride_dyk,
-    stride_pe,
-    stride_ae,
-    stride_ne,
-    stride_gm,
-    stride_gn,
-    stride_dgm,
-    stride_dgn,
-    stride_dsm,
-    stride_ltm,
-    stride_lbe,
-    stride_lbn,
-    stride_lbr,
-    stride_lmm,
-    BLOCKSIZE: tl.constexpr,
-    NESTED: tl.constexpr,
-    HAS_LORA: tl.constexpr,
-    LORA_MASK: tl.constexpr,
-    LORA_R: tl.constexpr,
-    PRECISION: tl.constexpr,
-    E_POW2: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    EVEN_IN: tl.constexpr,
-    ROW_BLOCKS: tl.constexpr,
-):
-    """Backward of ``y = scale * down(silu(gate) * up)`` through the 4-bit down projection ``W [E, K, N]``
-    (``K`` = hidden, ``N`` = intermediate) and SwiGLU: ``g = dY[dy_row(r)] @ W[e]``, then as the dense kernel,
-    ``d_scale[r, pid_n]`` (this column tile's share), ``d_gate_up [rows, 2N]``; a LoRA term (``HAS_LORA``) joins
-    ``g``."""
-    pid = tl.program_id(0)
-    expert, row0, row_end, pid_n = _expert_tile(
-        pid, m_sizes_ptr, num_experts, (N + BLOCK_N - 1) // BLOCK_N, BLOCK_M, E_POW2
-    )
-    if expert >= num_experts:
-        return
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    dy_rows = _row_offsets(dy_index_ptr, rows, row_mask, True)
-    e = expert.to(tl.int64)
-    g = _matmul_tile_4bit(
-        dy_ptr,
-        dy_rows,
-        row_mask,
-        stride_dym,
-        stride_dyk,
-        packed_ptr + e * stride_pe,
-        absmax_ptr + e * stride_ae,
-        nested_absmax_ptr + e * stride_ne,
-        _expert_offset(offset_ptr, e, NESTED),
-        code_ptr,
-        nested_code_ptr,
-        N,
-        pid_n * BLOCK_N,
-        N,
-        K,
-        True,
-        BLOCKSIZE,
-        NESTED,
-        EVEN_IN,
-        ROW_BLOCKS,
-        PRECISION,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_K,
-    )
-
-    if HAS_LORA:
-        g = _lora_term(
-            g,
-            lora_t_ptr,
-            lora_b_ptr + expert.to(tl.int64) * stride_lbe,
-            lora_mask_ptr,
-            rows,
-            offs_n,
-            row_mask,
-            n_mask,
-            lora_rank,
-            stride_ltm,
-            stride_lbn,
-            stride_lbr,
-            stride_lmm,
-            LORA_MASK,
-            LORA_R,
-            PRECISION,
-        )
-    _swiglu_backward_epilogue(
-        g,
-        gate_up_ptr,
-        scale_ptr,
-        d_gate_up_ptr,
-        d_scale_ptr,
-        rows,
-        offs_n,
-        row_mask,
-        n_mask,
-        pid_n,
-        N,
-        stride_gm,
-        stride_gn,
-        stride_dgm,
-        stride_dgn,
-        stride_dsm,
     )
 
 

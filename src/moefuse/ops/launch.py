@@ -22,6 +22,7 @@ import torch
 from triton import knobs
 from triton.runtime.autotuner import Autotuner, Heuristics
 from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction
 
 FAST_LAUNCH = os.environ.get("MOEFUSE_FAST_LAUNCH", "1") not in ("", "0")
 # Under TRITON_INTERPRET=1 the JIT function is Triton's interpreter, which returns no compiled kernel.
@@ -40,16 +41,17 @@ def _launch_hooks() -> bool:
 
 
 class _Launcher:
-    """One autotuned kernel: its key's positions, its heuristics, the config chosen for each autotuning key and
-    the compiled kernel for each set of arguments seen."""
+    """One kernel (autotuned or a plain JIT function): its autotuning key's positions, its heuristics, the config
+    chosen for each autotuning key and the compiled kernel for each set of arguments seen."""
 
-    def __init__(self, autotuner: Autotuner):
-        self.autotuner = autotuner
-        self.arg_names: list[str] = list(autotuner.arg_names)
-        keys = set(autotuner.keys)
+    def __init__(self, kernel: Autotuner | JITFunction):
+        self.kernel = kernel
+        self.autotuner = kernel if isinstance(kernel, Autotuner) else None
+        fn = kernel.fn if self.autotuner else kernel
+        self.arg_names: list[str] = list(kernel.arg_names)
+        keys = set(self.autotuner.keys if self.autotuner else ())
         self.key_positions = [i for i, name in enumerate(self.arg_names) if name in keys]
         self.heuristics: list[tuple[str, Callable[[dict], object]]] = []
-        fn = autotuner.fn
         while isinstance(fn, Heuristics):  # outermost first, as they run
             self.heuristics.extend(fn.values.items())
             fn = fn.fn
@@ -69,6 +71,8 @@ class _Launcher:
     def meta(self, grid: Grid, args: tuple, constexprs: dict) -> dict | None:
         """The launch's meta-parameters (constexprs, the chosen config, heuristics), or ``None`` when this call
         went to the autotuner (which launched it)."""
+        if self.autotuner is None:
+            return dict(constexprs)
         key = self.autotuning_key(args, constexprs)
         chosen = self.chosen.get(key)
         if chosen is None:
@@ -124,14 +128,15 @@ class _Launcher:
 _launchers: dict[int, _Launcher] = {}
 
 
-def launch(kernel: Autotuner, grid: Grid, *args: object, **constexprs: object) -> None:
-    """``kernel[grid](*args, **constexprs)`` for an autotuned kernel, skipping the autotuner and the JIT function's
-    binder once their choices for these arguments are known. ``args`` are the kernel's non-constexpr arguments, in
-    order (tensors and integers); ``grid`` maps the launch's meta-parameters (``BLOCK_M``, ...) to the grid."""
+def launch(kernel: Autotuner | JITFunction, grid: Grid, *args: object, **constexprs: object) -> None:
+    """``kernel[grid](*args, **constexprs)`` for an autotuned kernel or a JIT function, skipping the autotuner and
+    the JIT function's binder once their choices for these arguments are known. ``args`` are the kernel's
+    non-constexpr arguments, in order (tensors and integers); ``grid`` maps the launch's meta-parameters
+    (``BLOCK_M``, ...) to the grid."""
     if not FAST_LAUNCH:
         kernel[grid](*args, **constexprs)
         return
     launcher = _launchers.get(id(kernel))
-    if launcher is None or launcher.autotuner is not kernel:
+    if launcher is None or launcher.kernel is not kernel:
         launcher = _launchers[id(kernel)] = _Launcher(kernel)
     launcher(grid, args, constexprs)

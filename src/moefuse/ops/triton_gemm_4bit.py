@@ -29,7 +29,6 @@ from . import triton_gemm as dense
 from .launch import launch
 from .triton_gemm import (
     LoraTerm,
-    _cdiv,
     _experts_pow2,
     _index,
     _LoraOperands,
@@ -236,47 +235,6 @@ def swiglu_backward(
     lora: LoraTerm | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`moefuse.ops.triton_gemm.swiglu_backward` with the 4-bit ``down_proj [E, H, I]``."""
-    if not _fused() or down_proj.transposed:
-        return dense.swiglu_backward(
-            grad_out, dequantize(down_proj), gate_up, row_scale, m_sizes, grad_index, lora=lora
-        )
-    num_experts, hidden, inter = down_proj.shape
-    rows = gate_up.shape[0]
-    d_gate_up = torch.empty_like(gate_up)
-    partial = torch.zeros(rows, _cdiv(inter, 16), device=gate_up.device, dtype=torch.float32)
-    if rows == 0:
-        return d_gate_up, partial.sum(1)
-    lora_ops = _LoraOperands(lora, d_gate_up)
-    launch(
-        kernels.swiglu_backward_4bit_kernel,
-        _tile_grid(m_sizes, rows, inter),
-        grad_out,
-        *_quant_args(down_proj),
-        gate_up,
-        row_scale,
-        d_gate_up,
-        partial,
-        m_sizes,
-        grad_index,
-        *lora_ops.pointers,
-        inter,
-        hidden,
-        num_experts,
-        _rows_per_expert(rows, num_experts),
-        lora_ops.rank,
-        grad_out.stride(0),
-        grad_out.stride(1),
-        *_quant_strides(down_proj),
-        gate_up.stride(0),
-        gate_up.stride(1),
-        d_gate_up.stride(0),
-        d_gate_up.stride(1),
-        partial.stride(0),
-        *lora_ops.strides,
-        BLOCKSIZE=down_proj.blocksize,
-        NESTED=down_proj.nested,
-        **lora_ops.flags,
-        PRECISION=_precision(down_proj.dtype),
-        E_POW2=_experts_pow2(num_experts),
+    return dense.swiglu_backward(
+        grad_out, down_proj, gate_up, row_scale, m_sizes, grad_index, lora, gemm=grouped_gemm
     )
-    return d_gate_up, partial.sum(1)
