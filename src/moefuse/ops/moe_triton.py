@@ -163,7 +163,7 @@ class _TritonExperts(torch.autograd.Function):
         grad_out = grad_out.to(down_proj.dtype)
         grad = [None] * 12
 
-        # Down projection: its LoRA's gradient reaching h, (dY·B)·A, joins the SwiGLU backward's epilogue.
+        # Down projection: its LoRA's gradient reaching h, (dY·B)·A, joins the epilogue of the GEMM dY·W.
         h_lora_grad = None
         if down_a is not None:
             u = tg.grouped_gemm(grad_out, down_b.transpose(1, 2), m_sizes, a_index=token_index)  # dY·B
