@@ -442,3 +442,25 @@ def test_configs_fit_the_gpus_shared_memory(monkeypatch, limit, gpu, autotune):
             assert all(kernels.shared_memory(c, 2, tiles, weight_grad) <= limit for c in kept), (gpu, operand)
             if not autotune or rows_per_expert < 64:
                 assert len(kept) == 1
+
+
+def test_thin_problems_get_tiles_shrunk_to_them(monkeypatch):
+    """A LoRA expand (``[rows, r] @ [r, N]``, K = rank) keeps full-width row and column tiles with ``BLOCK_K`` cut to
+    the rank; a LoRA reduce (N = rank) gets ``BLOCK_N`` cut to it. (Dropping the wide configs instead once left
+    every rank-16 expand on 64 x 16 tiles.)"""
+    from moefuse.kernels import grouped_gemm as kernels
+
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    monkeypatch.setattr(kernels, "AUTOTUNE", True)
+    monkeypatch.setattr(kernels, "shared_memory_limit", lambda index: 232448)
+    prune = kernels._prune("N", "K", "b_ptr")["early_config_prune"]
+    for n, k in ((2048, 16), (1536, 32), (16, 2048), (32, 768)):
+        args = {"N": n, "K": k, "ROWS_PER_EXPERT": 256, "b_ptr": _FakeCudaTensor()}
+        kept = prune(kernels.TILE_CONFIGS, args)
+        sizes = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in kept]
+        assert all(bn <= max(16, n) and bk <= max(16, k) for _, bn, bk in sizes), sizes
+        assert len(set(map(str, kept))) == len(kept), "duplicate configs after shrinking"
+        if k < 64:  # an expand: the first (untuned) config keeps its 128 x 128 output tile
+            assert sizes[0] == (128, 128, k), sizes
+        if n < 64:
+            assert sizes[0] == (128, n, 64), sizes
