@@ -76,6 +76,9 @@ def test_rows_ignore_and_chunking():
     torch.testing.assert_close(logits.grad, ref.grad)
     with pytest.raises(ValueError, match=r"logits \[N, V\]"):
         cross_entropy_rows(logits[None], target)
+    for bad in (0, -3, 2.5):  # no chunk at all would leave the losses unwritten
+        with pytest.raises(ValueError, match="chunk_rows must be a positive int"):
+            cross_entropy_rows(logits, target, chunk_rows=bad)
 
 
 def test_everything_ignored_gives_nan_as_transformers():

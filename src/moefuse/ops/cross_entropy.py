@@ -22,7 +22,7 @@ _CHUNK_ELEMENTS = 1 << 24
 
 def _chunks(rows: int, vocab: int, chunk_rows: int | None) -> list[tuple[int, int]]:
     """``(start, end)`` of each chunk of rows."""
-    step = chunk_rows or max(1, _CHUNK_ELEMENTS // max(1, vocab))
+    step = chunk_rows if chunk_rows is not None else max(1, _CHUNK_ELEMENTS // max(1, vocab))
     return [(start, min(rows, start + step)) for start in range(0, rows, step)]
 
 
@@ -68,6 +68,8 @@ def cross_entropy_rows(
             f"cross_entropy_rows takes logits [N, V] and target [N], got {tuple(logits.shape)} and "
             f"{tuple(target.shape)}"
         )
+    if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ValueError(f"cross_entropy_rows: chunk_rows must be a positive int or None, got {chunk_rows!r}")
     return _CrossEntropyRows.apply(logits, target.to(logits.device), ignore_index, chunk_rows)
 
 
