@@ -220,33 +220,31 @@ def _load_tile(ptr, rows, cols, row_mask, col_mask, stride_m, stride_n):
 @triton.jit
 def _lora_term(
     acc,
-    t_ptr,
-    b_ptr,
-    mask_ptr,
+    lora,
+    lora_strides,
+    expert,
     rows,
-    offs_n,
+    cols,
     row_mask,
-    n_mask,
-    rank,
-    stride_tm,
-    stride_bn,
-    stride_br,
-    stride_maskm,
+    col_mask,
     LORA_MASK: tl.constexpr,
     LORA_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """``acc + T[rows] @ B[offs_n]ᵀ`` (times ``MASK[rows, offs_n]`` when ``LORA_MASK``): a LoRA adapter's term,
-    ``T [rows, rank]`` (grouped order) by this expert's ``B [N, rank]``, added in the epilogue so the
-    ``[rows, N]`` term is never written to memory. ``T`` and ``MASK`` have unit column stride."""
+    """``acc + T[rows] @ B[expert, cols]ᵀ`` (times ``MASK[rows, cols]`` when ``LORA_MASK``): a LoRA adapter's term,
+    ``T [rows, rank]`` (grouped order) by ``B [E, N, rank]``, added in the epilogue so the ``[rows, N]`` term is
+    never written to memory. ``lora`` is ``(T, B, MASK, rank)``, ``lora_strides`` ``(T's row, B's expert, row and
+    rank, MASK's row)``; ``T`` and ``MASK`` have unit column stride."""
+    t_ptr, b_ptr, mask_ptr, rank = lora
+    stride_tm, stride_be, stride_bn, stride_br, stride_maskm = lora_strides
     offs_r = tl.arange(0, LORA_R)
     r_mask = offs_r < rank
     t_ptrs = t_ptr + rows.to(tl.int64)[:, None] * stride_tm + offs_r[None, :]
     t = tl.load(t_ptrs, mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-    b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
-    b = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+    b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + cols[None, :] * stride_bn + offs_r[:, None] * stride_br
+    b = tl.load(b_ptrs, mask=r_mask[:, None] & col_mask[None, :], other=0.0)
     if LORA_MASK:
-        mask = _load_tile(mask_ptr, rows, offs_n, row_mask, n_mask, stride_maskm, 1)
+        mask = _load_tile(mask_ptr, rows, cols, row_mask, col_mask, stride_maskm, 1)
         return acc + tl.dot(t, b, input_precision=PRECISION) * mask
     return tl.dot(t, b, acc, input_precision=PRECISION)
 
@@ -400,23 +398,10 @@ def grouped_gemm_kernel(
         EVEN_K,
     )
     if HAS_LORA:
+        lora = (lora_t_ptr, lora_b_ptr, lora_mask_ptr, lora_rank)
+        lora_strides = (stride_ltm, stride_lbe, stride_lbn, stride_lbr, stride_lmm)
         acc = _lora_term(
-            acc,
-            lora_t_ptr,
-            lora_b_ptr + expert.to(tl.int64) * stride_lbe,
-            lora_mask_ptr,
-            rows,
-            offs_n,
-            row_mask,
-            n_mask,
-            lora_rank,
-            stride_ltm,
-            stride_lbn,
-            stride_lbr,
-            stride_lmm,
-            LORA_MASK,
-            LORA_R,
-            PRECISION,
+            acc, lora, lora_strides, expert, rows, offs_n, row_mask, n_mask, LORA_MASK, LORA_R, PRECISION
         )
     _rows_epilogue(
         acc,
@@ -529,42 +514,13 @@ def gate_up_swiglu_kernel(
         gate_ptrs += BLOCK_K * stride_wk
         up_ptrs += BLOCK_K * stride_wk
     if HAS_LORA:
+        lora = (lora_t_ptr, lora_b_ptr, lora_mask_ptr, lora_rank)
+        lora_strides = (stride_ltm, stride_lbe, stride_lbn, stride_lbr, stride_lmm)
         gate = _lora_term(
-            gate,
-            lora_t_ptr,
-            lora_b_ptr + expert.to(tl.int64) * stride_lbe,
-            lora_mask_ptr,
-            rows,
-            offs_n,
-            row_mask,
-            n_mask,
-            lora_rank,
-            stride_ltm,
-            stride_lbn,
-            stride_lbr,
-            stride_lmm,
-            LORA_MASK,
-            LORA_R,
-            PRECISION,
+            gate, lora, lora_strides, expert, rows, offs_n, row_mask, n_mask, LORA_MASK, LORA_R, PRECISION
         )
-    if HAS_LORA:
-        up = _lora_term(
-            up,
-            lora_t_ptr,
-            lora_b_ptr + expert.to(tl.int64) * stride_lbe + N * stride_lbn,
-            lora_mask_ptr,
-            rows,
-            offs_n,
-            row_mask,
-            n_mask,
-            lora_rank,
-            stride_ltm,
-            stride_lbn,
-            stride_lbr,
-            stride_lmm,
-            LORA_MASK,
-            LORA_R,
-            PRECISION,
+        up = _lora_term(  # up's rows of B follow gate's
+            up, lora, lora_strides, expert, rows, N + offs_n, row_mask, n_mask, LORA_MASK, LORA_R, PRECISION
         )
     _swiglu_epilogue(
         gate,

@@ -354,23 +354,10 @@ def grouped_gemm_4bit_kernel(
     )
 
     if HAS_LORA:
+        lora = (lora_t_ptr, lora_b_ptr, lora_mask_ptr, lora_rank)
+        lora_strides = (stride_ltm, stride_lbe, stride_lbn, stride_lbr, stride_lmm)
         acc = _lora_term(
-            acc,
-            lora_t_ptr,
-            lora_b_ptr + expert.to(tl.int64) * stride_lbe,
-            lora_mask_ptr,
-            rows,
-            offs_n,
-            row_mask,
-            n_mask,
-            lora_rank,
-            stride_ltm,
-            stride_lbn,
-            stride_lbr,
-            stride_lmm,
-            LORA_MASK,
-            LORA_R,
-            PRECISION,
+            acc, lora, lora_strides, expert, rows, offs_n, row_mask, n_mask, LORA_MASK, LORA_R, PRECISION
         )
     _rows_epilogue(
         acc,
@@ -520,42 +507,13 @@ def gate_up_swiglu_4bit_kernel(
         x_ptrs += BLOCK_K * stride_xk
 
     if HAS_LORA:
+        lora = (lora_t_ptr, lora_b_ptr, lora_mask_ptr, lora_rank)
+        lora_strides = (stride_ltm, stride_lbe, stride_lbn, stride_lbr, stride_lmm)
         gate = _lora_term(
-            gate,
-            lora_t_ptr,
-            lora_b_ptr + expert.to(tl.int64) * stride_lbe,
-            lora_mask_ptr,
-            rows,
-            offs_n,
-            row_mask,
-            n_mask,
-            lora_rank,
-            stride_ltm,
-            stride_lbn,
-            stride_lbr,
-            stride_lmm,
-            LORA_MASK,
-            LORA_R,
-            PRECISION,
+            gate, lora, lora_strides, expert, rows, offs_n, row_mask, n_mask, LORA_MASK, LORA_R, PRECISION
         )
-    if HAS_LORA:
-        up = _lora_term(
-            up,
-            lora_t_ptr,
-            lora_b_ptr + expert.to(tl.int64) * stride_lbe + N * stride_lbn,
-            lora_mask_ptr,
-            rows,
-            offs_n,
-            row_mask,
-            n_mask,
-            lora_rank,
-            stride_ltm,
-            stride_lbn,
-            stride_lbr,
-            stride_lmm,
-            LORA_MASK,
-            LORA_R,
-            PRECISION,
+        up = _lora_term(  # up's rows of B follow gate's
+            up, lora, lora_strides, expert, rows, N + offs_n, row_mask, n_mask, LORA_MASK, LORA_R, PRECISION
         )
     _swiglu_epilogue(
         gate,
