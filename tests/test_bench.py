@@ -52,6 +52,8 @@ def tiny_run(tmp_path_factory):
             "32",
             "--layers",
             "2",
+            "--implementations",
+            "moefuse,grouped_mm,eager,moefuse+loss",
             "--output",
             str(out),
         ]
@@ -77,8 +79,12 @@ def test_tiny_cpu_bench_writes_every_figure(tiny_run):
     assert result["command"].startswith(
         "moefuse bench --level op,block,model --config qwen3-30b-a3b --tokens 32"
     )
-    assert [(s["level"], s["what"]) for s in result["skipped"]] == [("model", "qlora")]
-    assert "4-bit" in result["skipped"][0]["reason"]
+    assert [(s["level"], s["what"]) for s in result["skipped"]] == [
+        ("model", "qlora"),
+        ("op", "moefuse+loss"),
+        ("block", "moefuse+loss"),
+    ]
+    assert "4-bit" in result["skipped"][0]["reason"] and "computes no loss" in result["skipped"][1]["reason"]
 
     rows = result["rows"]
     assert not [r for r in rows if "error" in r]
@@ -86,7 +92,7 @@ def test_tiny_cpu_bench_writes_every_figure(tiny_run):
     impls = ("eager", "grouped_mm", "moefuse")
     expected = {("op", g, m, i) for g in ("gate_up", "down") for m in ("fwd", "fwd+bwd") for i in impls}
     expected |= {("block", "", m, i) for m in ("fwd", "fwd+bwd") for i in impls}
-    expected |= {("model", s, "step", i) for s in ("full", "lora") for i in impls}
+    expected |= {("model", s, "step", i) for s in ("full", "lora") for i in (*impls, "moefuse+loss")}
     assert cases == expected
     for row in rows:
         assert row["tokens"] == 32 and row["median_ms"] > 0 and len(row["times_ms"]) >= 3
@@ -118,6 +124,9 @@ def test_tiny_cpu_bench_writes_every_figure(tiny_run):
     assert any("q_proj.lora_B" in name for name in lora["check"]["errors"])
     full = by_case[("model", "full", "step", "moefuse")]
     assert full["trainable_params"] > lora["trainable_params"] > 0
+    # moefuse's loss gives the same loss and gradients (checked against eager like every row).
+    with_loss = by_case[("model", "lora", "step", "moefuse+loss")]["check"]
+    assert with_loss["ok"] and set(with_loss["errors"]) == set(lora["check"]["errors"])
     # The same FLOPs for every implementation of a case: they compute the same thing.
     for key in (("model", "lora", "step"), ("op", "down", "fwd+bwd")):
         assert len({by_case[(*key, i)]["flops"] for i in impls}) == 1
@@ -137,7 +146,7 @@ def test_report_makes_markdown_tables_and_fills_readme(tiny_run, tmp_path, capsy
         in tables
     )
     assert "| 32 | lora | step | moefuse [torch] |" in tables
-    assert tables.count("\n| 32 |") == 12 + 6 + 6
+    assert tables.count("\n| 32 |") == 12 + 6 + 8  # op, block, model (moefuse+loss: model only)
 
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\n{README_START}\nold table\n{README_END}\n\nafter\n")
@@ -278,6 +287,8 @@ def test_implementation_names():
         parse_implementations("grouped_mm:torch")
     with pytest.raises(SystemExit, match="listed twice"):
         parse_implementations("eager,eager")
+    with_loss, plain = parse_implementations("grouped_mm+loss,grouped_mm")
+    assert with_loss.moefuse_loss and with_loss.experts == "grouped_mm" and not plain.moefuse_loss
     if importlib.util.find_spec("moefuse.ops.backend") is None:
         with pytest.raises(SystemExit, match="cannot force a kernel backend"):
             parse_implementations("moefuse:torch")

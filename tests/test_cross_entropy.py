@@ -1,4 +1,5 @@
-"""The chunked causal-LM loss against Transformers' ForCausalLMLoss: values and gradients."""
+"""The causal-LM loss against Transformers' ForCausalLMLoss (values and gradients), and its Triton kernels against
+the chunked PyTorch path (in the interpreter on the CPU: fp32/fp16; bf16 at Qwen3's vocabulary on a GPU)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from conftest import tiny_config
+from moefuse.ops import cross_entropy
+from moefuse.ops.backend import use_backend
 from moefuse.ops.cross_entropy import causal_lm_loss, cross_entropy_rows, use_chunked_loss
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 VOCAB = 37
 
@@ -36,8 +41,6 @@ def _loss_and_grad(fn, logits, labels, **kwargs):
     ids=["mean", "num_items_tensor", "num_items_int"],
 )
 def test_causal_lm_loss_equals_transformers(dtype, kwargs, monkeypatch):
-    from moefuse.ops import cross_entropy
-
     monkeypatch.setattr(
         cross_entropy, "_CHUNK_ELEMENTS", 4 * VOCAB
     )  # chunks of 4 rows: 33 rows, a short last
@@ -106,3 +109,81 @@ def test_use_chunked_loss_on_a_model_and_through_peft():
 
     classifier = AutoModelForSequenceClassification.from_config(config)
     assert not use_chunked_loss(classifier)  # not a causal-LM loss: left alone
+
+
+def _rows_loss_and_grad(logits, target, grad_rows, backend, **kwargs):
+    logits = logits.detach().clone().requires_grad_(True)
+    with use_backend(backend):
+        loss = cross_entropy_rows(logits, target, **kwargs)
+        # Without grad_rows the loss is summed: its gradient reaches the kernel as an expanded (stride 0) tensor.
+        (loss.sum() if grad_rows is None else (loss * grad_rows).sum()).backward()
+    return loss.detach(), logits.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("vocab", [1, 37, 300])
+def test_triton_kernels_equal_chunked_path(dtype, vocab, monkeypatch):
+    monkeypatch.setattr(cross_entropy, "_block_v", lambda v: 64)  # several column blocks, a partial last one
+    g = torch.Generator().manual_seed(vocab)
+    rows = 13
+    logits = (torch.randn(rows, vocab, generator=g) * 4).to(dtype)
+    logits[2, : vocab // 2] = float("-inf")  # masked-out vocabulary entries
+    target = torch.randint(0, vocab, (rows,), generator=g)
+    target[[0, 7]] = -100
+    target[2] = vocab - 1  # an entry that is not masked
+    grad_rows = torch.randn(rows, generator=g)
+    expected, expected_grad = _rows_loss_and_grad(logits, target, grad_rows, "torch")
+    loss, grad = _rows_loss_and_grad(logits, target, grad_rows, "triton")
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    assert loss[0] == loss[7] == 0 and (grad[[0, 7]] == 0).all()
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-6)
+
+
+def test_triton_strided_inputs_and_ignore_index():
+    g = torch.Generator().manual_seed(1)
+    wide = torch.randn(9, 50, generator=g)
+    logits = wide[:, 5:45]  # rows 50 apart: read in place
+    transposed = torch.randn(40, 9, generator=g).t()  # columns not contiguous: copied first
+    target = torch.arange(0, 36, 2)[::2]  # a strided view
+    target[4] = 3
+    for x in (logits, transposed):
+        expected, expected_grad = _rows_loss_and_grad(x, target, None, "torch", ignore_index=3)
+        loss, grad = _rows_loss_and_grad(x, target, None, "triton", ignore_index=3)
+        torch.testing.assert_close(loss, expected)
+        torch.testing.assert_close(grad, expected_grad)
+        assert loss[4] == 0
+
+
+def test_triton_target_outside_vocabulary_gives_nan():
+    logits = torch.randn(3, 10)
+    target = torch.tensor([1, 10, -5])
+    with use_backend("triton"):
+        loss = cross_entropy_rows(logits, target)
+    assert loss[0].isfinite() and loss[1:].isnan().all()
+
+
+def test_triton_causal_lm_loss_equals_transformers():
+    logits, labels = _case(torch.float16)
+    expected, expected_grad = _loss_and_grad(ForCausalLMLoss, logits, labels)
+    with use_backend("triton"):
+        loss, grad = _loss_and_grad(causal_lm_loss, logits, labels)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-2, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_cross_entropy_gpu_qwen3_vocab(dtype):
+    vocab = 151936
+    g = torch.Generator(DEVICE).manual_seed(0)
+    logits = (torch.randn(257, vocab, generator=g, device=DEVICE) * 2).to(dtype)
+    target = torch.randint(0, vocab, (257,), generator=g, device=DEVICE)
+    target[::7] = -100
+    grad_rows = torch.rand(257, generator=g, device=DEVICE)
+    loss, grad = _rows_loss_and_grad(logits, target, grad_rows, "triton")
+    expected, expected_grad = _rows_loss_and_grad(logits, target, grad_rows, "torch")
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad.float(), expected_grad.float(), rtol=1e-2, atol=1e-7)
+    reference = torch.nn.functional.cross_entropy(logits.double(), target, reduction="none")
+    torch.testing.assert_close(loss.double(), reference, rtol=1e-5, atol=1e-4)

@@ -1,11 +1,28 @@
+"""Routing (the PyTorch path and the Triton counting sort) against the plain-Python reference."""
+
 import pytest
 import torch
 
+from moefuse.ops import routing
+from moefuse.ops.backend import use_backend
 from moefuse.ops.routing import check_top_k_index, route, route_reference
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-@pytest.mark.parametrize("tokens,top_k,experts", [(1, 1, 1), (7, 2, 4), (33, 8, 128), (5, 3, 64), (0, 2, 4)])
-def test_route_matches_reference(tokens, top_k, experts):
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    """Each test on both paths; the Triton kernels in blocks of 16 assignments (several blocks, a partial last)."""
+    monkeypatch.setattr(routing, "ROUTING_BLOCK", 16)
+    with use_backend(request.param):
+        yield request.param
+
+
+@pytest.mark.parametrize(
+    "tokens,top_k,experts",
+    [(1, 1, 1), (7, 2, 4), (33, 8, 128), (5, 3, 64), (0, 2, 4), (40, 1, 1), (21, 4, 5)],
+)
+def test_route_matches_reference(tokens, top_k, experts, backend):
     idx = (
         torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)])
         if tokens
@@ -22,10 +39,36 @@ def test_route_matches_reference(tokens, top_k, experts):
     assert torch.equal(got.sorted_slots[got.inverse], torch.arange(tokens * top_k))
 
 
-def test_route_counts_experts_without_tokens():
+def test_route_counts_experts_without_tokens(backend):
     idx = torch.tensor([[3, 3], [3, 0]])
     r = route(idx, 6)
     assert r.m_sizes.tolist() == [1, 0, 0, 3, 0, 0]
+    assert r.sorted_slots.tolist() == [3, 0, 1, 2] and r.token_index.tolist() == [1, 0, 0, 1]
+
+
+def test_route_int32_and_strided_ids(backend):
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randint(0, 9, (6, 50), generator=g, dtype=torch.int32)
+    idx = wide.t()[:, ::2]  # [50, 3] with neither stride 1: the assignments are read in [T, K] order
+    got, ref = route(idx, 9), route_reference(idx, 9)
+    for name in ("m_sizes", "sorted_slots", "token_index"):
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name
+        assert getattr(got, name).dtype == torch.long
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens,experts", [(4096, 128), (16384, 128), (3000, 60), (1, 128)])
+def test_route_triton_gpu_equals_torch(tokens, experts):
+    g = torch.Generator(DEVICE).manual_seed(tokens)
+    logits = torch.randn(tokens, experts, generator=g, device=DEVICE)
+    logits[:, :3] += 2.0  # popular experts, and some that get no token
+    idx = logits.topk(min(8, experts), dim=-1).indices
+    with use_backend("triton"):
+        got = route(idx, experts)
+    with use_backend("torch"):
+        ref = route(idx, experts)
+    for name in ("m_sizes", "sorted_slots", "token_index"):
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,12 @@ import pytest
 from conftest import load_benchmark
 
 
-@pytest.mark.parametrize("setup", ["lora", "full"])
-def test_step_profile_on_cpu(capsys, setup):
-    args = f"--device cpu --tiny --layers 1 --tokens 16 --steps 1 --rows 5 --setup {setup} --report host,syncs,gpu"
+@pytest.mark.parametrize("setup,implementation", [("lora", "moefuse"), ("full", "moefuse+loss")])
+def test_step_profile_on_cpu(capsys, setup, implementation):
+    args = (
+        f"--device cpu --tiny --layers 1 --tokens 16 --steps 1 --rows 5 --setup {setup} "
+        f"--implementation {implementation} --report host,syncs,gpu"
+    )
     result = load_benchmark("step_profile").main(args.split())
     assert result["host_ms"] > 0 and result["wall_ms"] >= result["host_ms"]
     out = capsys.readouterr().out

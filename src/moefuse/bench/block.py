@@ -16,6 +16,13 @@ FLOPS_FORMULA = (
 MODES = ("fwd", "fwd+bwd")
 
 
+def unsupported(implementation: Implementation) -> str | None:
+    """Why the block level cannot run ``implementation`` (``None`` when it can)."""
+    if implementation.moefuse_loss:
+        return "the block level computes no loss ('+loss' is for the model level)"
+    return None
+
+
 def randomize_(module: torch.nn.Module, seed: int, std: float) -> None:
     """Deterministic random weights from ``seed``: matrices N(0, std), norm weights 1, biases 0 (as the models
     initialise them, so activations keep their scale through the layers and routing spreads over experts)."""

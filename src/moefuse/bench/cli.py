@@ -121,12 +121,12 @@ def run_bench(args: argparse.Namespace) -> tuple[dict, list[str]]:
         for s in args.setups
         if "model" in args.level and model.unsupported_setup(s)
     ]
-    if "op" in args.level:
-        skipped += [
-            {"level": "op", "what": impl.name, "reason": op.unsupported(impl)}
-            for impl in implementations
-            if op.unsupported(impl)
-        ]
+    skipped += [
+        {"level": level, "what": impl.name, "reason": modules[level].unsupported(impl)}
+        for level in args.level
+        for impl in implementations
+        if modules[level].unsupported(impl)
+    ]
     for entry in skipped:
         print(f"moefuse bench: {entry['level']} {entry['what']}: {entry['reason']}", file=sys.stderr)
 
@@ -143,7 +143,7 @@ def run_bench(args: argparse.Namespace) -> tuple[dict, list[str]]:
     plan = []
     for level in args.level:
         tokens = args.tokens or _int_list((TINY_TOKENS if args.tiny else DEFAULT_TOKENS)[level])
-        impls = [i for i in implementations if level != "op" or op.unsupported(i) is None]
+        impls = [i for i in implementations if modules[level].unsupported(i) is None]
         groups = {"op": 2, "block": 1, "model": len(setups)}[level]
         level_modes = list(modules[level].MODES)  # the model level times whole steps, whatever --modes says
         modes = [m for m in args.modes or level_modes if m in level_modes] or level_modes

@@ -1,6 +1,8 @@
 """The implementations a bench compares, by name: Transformers' experts implementations (``eager``,
 ``grouped_mm``, ``batched_mm``, ...) and ``moefuse``, optionally with its kernel backend forced
-(``moefuse:torch``, ``moefuse:triton``)."""
+(``moefuse:torch``, ``moefuse:triton``). A ``+loss`` suffix (model level only) computes the causal-LM loss with
+moefuse's :func:`~moefuse.ops.causal_lm_loss` instead of Transformers' ``ForCausalLMLoss``, as ``moefuse train``
+does (``moefuse+loss``; ``grouped_mm+loss`` shows what the loss alone gives Transformers' experts)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 from ..experts import EXPERTS_IMPLEMENTATION
 
 DEFAULT_IMPLEMENTATIONS = f"{EXPERTS_IMPLEMENTATION},grouped_mm,eager"
+LOSS_SUFFIX = "+loss"
 # The module of moefuse that selects the grouped-GEMM backend (use_backend / BACKENDS).
 _BACKEND_MODULE = "moefuse.ops.backend"
 
@@ -22,11 +25,13 @@ _BACKEND_MODULE = "moefuse.ops.backend"
 @dataclass(frozen=True)
 class Implementation:
     """One column of the comparison: ``experts`` is the name Transformers dispatches the experts to;
-    ``backend`` (moefuse only) forces moefuse's grouped-GEMM backend, ``None`` leaves moefuse's own choice."""
+    ``backend`` (moefuse only) forces moefuse's grouped-GEMM backend, ``None`` leaves moefuse's own choice;
+    ``moefuse_loss``: the model level's loss is moefuse's ``causal_lm_loss`` (else Transformers')."""
 
     name: str
     experts: str
     backend: str | None = None
+    moefuse_loss: bool = False
 
     @property
     def is_moefuse(self) -> bool:
@@ -76,11 +81,15 @@ def parse_implementations(spec: str) -> list[Implementation]:
     for name in (part.strip() for part in spec.split(",")):
         if not name:
             continue
-        experts, _, backend = name.partition(":")
+        base, moefuse_loss = (
+            (name[: -len(LOSS_SUFFIX)], True) if name.endswith(LOSS_SUFFIX) else (name, False)
+        )
+        experts, _, backend = base.partition(":")
         if experts not in known:
             raise SystemExit(
                 f"moefuse bench: unknown implementation '{experts}' in --implementations; "
-                f"choose from {', '.join(known)} (moefuse may take ':backend', e.g. moefuse:torch)"
+                f"choose from {', '.join(known)} (moefuse may take ':backend', e.g. moefuse:torch; any may take "
+                f"'{LOSS_SUFFIX}' for moefuse's loss at the model level)"
             )
         if backend and experts != EXPERTS_IMPLEMENTATION:
             raise SystemExit(
@@ -94,7 +103,7 @@ def parse_implementations(spec: str) -> list[Implementation]:
                 )
         if any(impl.name == name for impl in result):
             raise SystemExit(f"moefuse bench: '{name}' is listed twice in --implementations")
-        result.append(Implementation(name, experts, backend or None))
+        result.append(Implementation(name, experts, backend or None, moefuse_loss))
     if not result:
         raise SystemExit(
             "moefuse bench: --implementations is empty; e.g. --implementations moefuse,grouped_mm"

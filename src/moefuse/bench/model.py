@@ -8,6 +8,8 @@ LoRA is moefuse's PEFT LoRA (attention + each expert's gate/up/down, see :mod:`m
 and PEFT's own ``target_parameters`` LoRA on ``experts.gate_up_proj``/``experts.down_proj`` beside the same
 attention LoRA for Transformers' implementations. Both get the same adapter values (see
 :mod:`moefuse.bench.lora_factors`), so their losses and adapter gradients are compared like any other.
+An implementation named with ``+loss`` (``moefuse+loss``) computes the loss with moefuse's ``causal_lm_loss``
+(one Triton kernel per pass on a GPU, no fp32 copy of the logits), as ``moefuse train`` does by default.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from ..lora import ATTENTION_PROJECTIONS, lora_config
 from ..lora.targets import PROJECTIONS
+from ..ops.cross_entropy import use_chunked_loss
 from .block import randomize_
 from .configs import with_layers
 from .implementations import Implementation, set_experts_implementation
@@ -39,6 +42,11 @@ FLOPS_FORMULA = (
 LEARNING_RATE = 1e-5
 # The experts' stacked parameters as PEFT's target_parameters names them in Transformers 5 MoE models.
 EXPERTS_TARGET_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
+
+
+def unsupported(implementation: Implementation) -> str | None:
+    """The model level runs every implementation (``+loss`` included)."""
+    return None
 
 
 def unsupported_setup(setup: str) -> str | None:
@@ -172,6 +180,18 @@ class TrainStep:
         self._on_close()
 
 
+def set_loss(model: PreTrainedModel, implementation: Implementation) -> Callable[[], None]:
+    """Give ``model`` moefuse's causal-LM loss when ``implementation`` asks for it (``+loss``); returns the undo."""
+    if not implementation.moefuse_loss:
+        return lambda: None
+    if not use_chunked_loss(model):
+        raise SystemExit(
+            f"moefuse bench: '{implementation.name}': this model's loss is not Transformers' ForCausalLMLoss, "
+            "so moefuse's causal-LM loss cannot stand in for it; drop '+loss'"
+        )
+    return lambda: vars(model).pop("_loss_function", None)  # back to the class's loss_function
+
+
 def lora_config_for(rank: int, moefuse: bool) -> LoraConfig:
     """LoRA ``rank`` on attention + the routed experts: moefuse's per-expert gate/up/down adapters, or PEFT's
     ``target_parameters`` on the stacked weights for Transformers' experts implementations."""
@@ -214,7 +234,7 @@ def cases(ctx: BenchContext, tokens: int) -> list[Case]:
         def grads() -> dict[str, torch.Tensor]:
             return {f"grad {name}": p.grad for name, p in named if p.grad is not None}
 
-        return TrainStep(model, input_ids, flops.step("full", rank), grads, lambda: None)
+        return TrainStep(model, input_ids, flops.step("full", rank), grads, set_loss(model, implementation))
 
     def lora(implementation: Implementation) -> TrainStep:
         randomize_(model, ctx.seed, std)
@@ -224,12 +244,14 @@ def cases(ctx: BenchContext, tokens: int) -> list[Case]:
         if not lora_values:  # the first implementation draws the adapter values, the others take them
             lora_values.update(random_canonical_values(factors, ctx.seed + 2, std))
         write_canonical(factors, lora_values)
+        restore_loss = set_loss(model, implementation)
+
+        def close() -> None:
+            restore_loss()
+            peft_model.unload()
+
         return TrainStep(
-            peft_model,
-            input_ids,
-            flops.step("lora", rank),
-            lambda: canonical_grads(factors),
-            peft_model.unload,
+            peft_model, input_ids, flops.step("lora", rank), lambda: canonical_grads(factors), close
         )
 
     makers = {"full": full, "lora": lora}

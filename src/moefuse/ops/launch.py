@@ -34,6 +34,16 @@ _MAX_COMPILED = 4096
 Grid = Callable[[dict], tuple[int, ...]]
 
 
+def next_power_of_2(n: int) -> int:
+    """``triton.next_power_of_2`` in plain Python: Triton's helpers are JIT functions, ~6 us a call on the host,
+    and launchers run on every call."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _launch_hooks() -> bool:
     """Whether launch hooks are installed (a profiler's): they need Triton's own launch path."""
     hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)

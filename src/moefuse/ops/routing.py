@@ -12,6 +12,8 @@ from functools import cached_property
 
 import torch
 
+from .backend import use_triton
+
 
 @dataclass(frozen=True)
 class ExpertRouting:
@@ -59,12 +61,56 @@ def check_top_k_index(top_k_index: torch.Tensor, num_experts: int) -> None:
         )
 
 
+# Assignments per program of the Triton routing kernels (each sorts its block in registers).
+ROUTING_BLOCK = 1024
+
+
+def _route_triton(flat: torch.Tensor, num_experts: int, top_k: int) -> ExpertRouting:
+    from ..kernels.routing import routing_count_kernel, routing_scatter_kernel
+    from .launch import cdiv, launch, next_power_of_2
+
+    rows, device = flat.numel(), flat.device
+    block = min(ROUTING_BLOCK, next_power_of_2(rows))
+    bins = next_power_of_2(num_experts + 1)  # one spare bin for padding and ids out of range
+    num_blocks = cdiv(rows, block)
+    counts = torch.empty(num_blocks, num_experts, device=device, dtype=torch.int32)
+    base = torch.empty(num_blocks, bins, device=device, dtype=torch.int32)
+    m_sizes = torch.empty(num_experts, device=device, dtype=torch.long)
+    sorted_slots = torch.empty(rows, device=device, dtype=torch.long)
+    token_index = torch.empty(rows, device=device, dtype=torch.long)
+    grid = lambda meta: (num_blocks,)  # noqa: E731
+    launch(routing_count_kernel, grid, flat, counts, rows, num_experts, BLOCK=block, BINS=bins, num_warps=4)
+    launch(
+        routing_scatter_kernel,
+        grid,
+        flat,
+        counts,
+        base,
+        m_sizes,
+        sorted_slots,
+        token_index,
+        rows,
+        num_experts,
+        num_blocks,
+        top_k,
+        BLOCK=block,
+        BINS=bins,
+        CHUNK=max(1, 4096 // bins),
+        num_warps=4,
+    )
+    return ExpertRouting(m_sizes=m_sizes, sorted_slots=sorted_slots, token_index=token_index, top_k=top_k)
+
+
 def route(top_k_index: torch.Tensor, num_experts: int) -> ExpertRouting:
     """Group the assignments in ``top_k_index [T, K]`` by expert (stable: token order kept inside an expert).
 
-    Device ops only (a sort and a scatter-add; no ``bincount``, whose output size costs a host sync on CUDA).
+    No host sync. On the Triton backend two kernels (a counting sort, :mod:`moefuse.kernels.routing`); otherwise
+    PyTorch ops (a stable sort and a scatter-add; no ``bincount``, whose output size costs a host sync on CUDA).
+    Ids outside ``[0, num_experts)`` are the caller's to rule out (:func:`check_top_k_index`).
     """
     top_k = top_k_index.shape[-1]
+    if top_k_index.numel() and use_triton(top_k_index):
+        return _route_triton(top_k_index.reshape(-1), num_experts, top_k)
     flat = top_k_index.reshape(-1).long()
     sorted_slots = torch.argsort(flat, stable=True)
     m_sizes = flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 
 from ..kernels import grouped_gemm as kernels
-from .launch import launch
+from .launch import cdiv, launch, next_power_of_2
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -22,29 +22,19 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _next_power_of_2(n: int) -> int:
-    """``triton.next_power_of_2`` in plain Python: Triton's helpers are JIT functions, ~6 us a call on the host,
-    and the launchers run on every call."""
-    return 1 << max(0, n - 1).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 # The row-wise SwiGLU backward's block: 8 rows x 256 columns per step (on an H100, 4 to 32 rows and 128 to 512
 # columns all ran within 2% of each other at Qwen3-30B-A3B dims).
 _SWIGLU_ROWS, _SWIGLU_COLUMNS = 8, 256
 
 
 def _experts_pow2(num_experts: int) -> int:
-    return max(16, _next_power_of_2(num_experts))
+    return max(16, next_power_of_2(num_experts))
 
 
 def _rows_per_expert(rows: int, num_experts: int) -> int:
     """Average rows per expert, rounded to a power of two: the tuning key that separates 4k- and 16k-token
     batches (whose best tiles differ) without re-tuning for every batch size."""
-    return min(4096, _next_power_of_2(max(1, rows // max(1, num_experts))))
+    return min(4096, next_power_of_2(max(1, rows // max(1, num_experts))))
 
 
 def _tile_grid(m_sizes: torch.Tensor, rows: int, n: int):
@@ -56,8 +46,8 @@ def _tile_grid(m_sizes: torch.Tensor, rows: int, n: int):
         if m_sizes.is_cpu:
             m_tiles = int(((m_sizes + block_m - 1) // block_m).sum())
         else:
-            m_tiles = _cdiv(rows, block_m) + min(m_sizes.numel(), rows)
-        return (m_tiles * _cdiv(n, meta["BLOCK_N"]),)
+            m_tiles = cdiv(rows, block_m) + min(m_sizes.numel(), rows)
+        return (m_tiles * cdiv(n, meta["BLOCK_N"]),)
 
     return grid
 
@@ -98,7 +88,7 @@ class _LoraOperands:
             0 if mask is None else mask.stride(0),
         )
         self.flags = dict(
-            HAS_LORA=True, LORA_MASK=mask is not None, LORA_R=max(16, _next_power_of_2(self.rank))
+            HAS_LORA=True, LORA_MASK=mask is not None, LORA_R=max(16, next_power_of_2(self.rank))
         )
 
 
@@ -266,7 +256,7 @@ def swiglu_backward_rows(
     gate_up = gate_up if gate_up.stride(1) == 1 else gate_up.contiguous()
     launch(
         kernels.swiglu_backward_rows_kernel,
-        lambda meta: (_cdiv(rows, meta["BLOCK_R"]),),
+        lambda meta: (cdiv(rows, meta["BLOCK_R"]),),
         g,
         gate_up,
         row_scale,
@@ -306,7 +296,7 @@ def grouped_weight_grad(
     if num_experts == 0:
         return out
     tiles = lambda meta: (  # noqa: E731
-        num_experts * _cdiv(n, meta["BLOCK_N"]) * _cdiv(k, meta["BLOCK_K"]),
+        num_experts * cdiv(n, meta["BLOCK_N"]) * cdiv(k, meta["BLOCK_K"]),
     )
     launch(
         kernels.grouped_weight_grad_kernel,

@@ -1,0 +1,84 @@
+"""Routing on the GPU: a stable counting sort of the ``S = T * K`` assignments by expert, in two launches.
+
+- :func:`routing_count_kernel`: each program counts its block of ``BLOCK`` assignments per expert
+  (``counts [num_blocks, E]``).
+- :func:`routing_scatter_kernel`: each program finds where its block's rows go (all rows of smaller experts,
+  plus this expert's rows in earlier blocks), sorts the block by ``(expert, position)`` and writes every
+  assignment's flat index and token at its grouped row. Program 0 also writes ``m_sizes``.
+
+Keys ``expert * BLOCK + position`` are unique, so the order inside an expert is the token order, as
+``torch.argsort(stable=True)`` gives. No atomics: the result is the same on every run. An id outside ``[0, E)``
+is left out of every expert (the caller checks ids when they may be wrong). The launcher is
+:func:`moefuse.ops.routing.route`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _block_ids(ids_ptr, block, S, E, BLOCK: tl.constexpr):
+    """This block's expert ids as int32; past ``S`` and out of range: ``E`` (a bin that is never read)."""
+    offs = block * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + offs, mask=offs < S, other=E).to(tl.int32)
+    return tl.where((ids >= 0) & (ids < E), ids, E)
+
+
+@triton.jit
+def routing_count_kernel(ids_ptr, counts_ptr, S, E, BLOCK: tl.constexpr, BINS: tl.constexpr):
+    block = tl.program_id(0)
+    counts = tl.histogram(_block_ids(ids_ptr, block, S, E, BLOCK), BINS)
+    bins = tl.arange(0, BINS)
+    tl.store(counts_ptr + block * E + bins, counts, mask=bins < E)
+
+
+@triton.jit
+def routing_scatter_kernel(
+    ids_ptr,
+    counts_ptr,
+    base_ptr,
+    m_sizes_ptr,
+    sorted_slots_ptr,
+    token_index_ptr,
+    S,
+    E,
+    num_blocks,
+    top_k,
+    BLOCK: tl.constexpr,
+    BINS: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    block = tl.program_id(0)
+    bins = tl.arange(0, BINS)
+    # Every expert's rows in all blocks (totals) and in the blocks before this one, CHUNK blocks per load.
+    totals = tl.zeros((BINS,), tl.int32)
+    before = tl.zeros((BINS,), tl.int32)
+    for start in range(0, num_blocks, CHUNK):
+        blocks = start + tl.arange(0, CHUNK)
+        counts = tl.load(
+            counts_ptr + blocks[:, None] * E + bins[None, :],
+            mask=(blocks[:, None] < num_blocks) & (bins[None, :] < E),
+            other=0,
+        )
+        totals += tl.sum(counts, 0)
+        before += tl.sum(tl.where(blocks[:, None] < block, counts, 0), 0)
+    if block == 0:
+        tl.store(m_sizes_ptr + bins, totals.to(tl.int64), mask=bins < E)
+    mine = tl.load(counts_ptr + block * E + bins, mask=bins < E, other=0)
+    # The p-th row of this block in sorted order, of expert e, goes to row base[e] + p of the grouped order:
+    # base = (rows of smaller experts) + (e's rows in earlier blocks) - (rows of smaller experts in this block).
+    base = (tl.cumsum(totals, 0) - totals) + before - (tl.cumsum(mine, 0) - mine)
+    # Triton cannot index a register vector by a tensor: base goes through this block's row of a scratch buffer.
+    tl.store(base_ptr + block * BINS + bins, base)
+    tl.debug_barrier()
+
+    position = tl.arange(0, BLOCK)
+    keys = tl.sort(_block_ids(ids_ptr, block, S, E, BLOCK) * BLOCK + position)
+    expert = keys // BLOCK
+    slot = block * BLOCK + keys % BLOCK
+    valid = expert < E
+    row = tl.load(base_ptr + block * BINS + expert, mask=valid, other=0) + position
+    tl.store(sorted_slots_ptr + row, slot.to(tl.int64), mask=valid)
+    tl.store(token_index_ptr + row, (slot // top_k).to(tl.int64), mask=valid)
