@@ -80,7 +80,7 @@ class _TritonExperts(torch.autograd.Function):
         num_tokens, hidden = hidden_states.shape
         m_sizes, token_index = routing.m_sizes, routing.token_index
         x = hidden_states.to(gate_up_proj.dtype)
-        scale = top_k_weights.reshape(-1)[routing.sorted_slots]
+        scale = top_k_weights.reshape(-1).index_select(0, routing.sorted_slots)
 
         gate_up_lora = t = x_mask = None
         if gate_up_a is not None:
@@ -181,8 +181,7 @@ class _TritonExperts(torch.autograd.Function):
                 grad_out, h, m_sizes, a_index=token_index, row_scale=None if ctx.prescaled else scale
             )
         if needs[3]:
-            weights_grad = torch.empty_like(d_scale)
-            weights_grad[routing.sorted_slots] = d_scale
+            weights_grad = torch.empty_like(d_scale).index_copy_(0, routing.sorted_slots, d_scale)
             grad[3] = weights_grad.view(x.shape[0], routing.top_k).to(ctx.weights_dtype)
 
         # Gate/up projection.
