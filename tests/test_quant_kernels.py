@@ -124,8 +124,8 @@ def test_weight_tile_paths(blocksize, nested, in_features):
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
-@pytest.mark.parametrize("atomic", [False, True])
-def test_grouped_gemm_gather_scale_scatter_and_lora(dtype, atomic, gemm_mode):
+@pytest.mark.parametrize("masked", [False, True])
+def test_grouped_gemm_gather_scale_scatter_and_lora(dtype, masked, gemm_mode):
     m_sizes, tokens, top_k = [5, 0, 9, 1, 7], 11, 2
     ids = group_ids(m_sizes)
     rows = sum(m_sizes)
@@ -133,19 +133,15 @@ def test_grouped_gemm_gather_scale_scatter_and_lora(dtype, atomic, gemm_mode):
     x = randn(tokens, 3 * 21, dtype=dtype)[:, ::3]  # non-contiguous rows
     w = quantized(len(m_sizes), 36, 21, dtype=dtype)
     scale = torch.rand(rows, device=DEVICE)
-    lora, lora_value = lora_term(ids, len(m_sizes), 36, dtype, masked=atomic)
+    lora, lora_value = lora_term(ids, len(m_sizes), 36, dtype, masked=masked)
     grouped = torch.einsum("rk,rnk->rn", x.double()[token_index], w.dequantize().double()[ids]) + lora_value
     grouped = grouped * scale.double()[:, None]
-    where = dict(a_index=token_index, row_scale=scale, lora=lora)
-    if atomic:
-        out = torch.zeros(tokens, 36, device=DEVICE)
-        q4.grouped_gemm(x, w, _m(m_sizes), out=out, out_index=token_index, accumulate=True, **where)
-        ref = torch.zeros(tokens, 36, dtype=torch.float64, device=DEVICE).index_add_(0, token_index, grouped)
-    else:
-        slots = torch.randperm(tokens * top_k, device=DEVICE)[:rows]
-        out = torch.full((tokens * top_k, 36), float("nan"), device=DEVICE, dtype=dtype)
-        q4.grouped_gemm(x, w, _m(m_sizes), out=out, out_index=slots, **where)
-        out, ref = out[slots], grouped
+    slots = torch.randperm(tokens * top_k, device=DEVICE)[:rows]
+    out = torch.full((tokens * top_k, 36), float("nan"), device=DEVICE, dtype=dtype)
+    q4.grouped_gemm(
+        x, w, _m(m_sizes), out=out, out_index=slots, a_index=token_index, row_scale=scale, lora=lora
+    )
+    out, ref = out[slots], grouped
     assert_close(out, ref, dtype, "scattered")
 
 
@@ -245,16 +241,16 @@ def _factors(adapters: list[ExpertsLora]) -> list[torch.Tensor]:
 
 
 EXPERT_CASES = [
-    # backend, tokens, experts, top_k, experts without tokens, adapters, deterministic
-    pytest.param("triton", 9, 6, 2, 2, 1, False, id="triton-lora"),
-    pytest.param("triton", 5, 1, 1, 0, 0, True, id="triton-E1-deterministic"),
-    pytest.param("triton", 6, 4, 2, 0, 2, False, id="triton-two-adapters-composed"),
-    pytest.param("torch", 9, 6, 2, 2, 1, False, id="torch-lora"),
+    # backend, tokens, experts, top_k, experts without tokens, adapters
+    pytest.param("triton", 9, 6, 2, 2, 1, id="triton-lora"),
+    pytest.param("triton", 5, 1, 1, 0, 0, id="triton-E1"),
+    pytest.param("triton", 6, 4, 2, 0, 2, id="triton-two-adapters-composed"),
+    pytest.param("torch", 9, 6, 2, 2, 1, id="torch-lora"),
 ]
 
 
 def _check_fused_experts(
-    tokens, hidden, inter, experts, top_k, unused, adapters, rank, deterministic, dtype, fmt=FORMATS[0]
+    tokens, hidden, inter, experts, top_k, unused, adapters, rank, dtype, fmt=FORMATS[0]
 ) -> None:
     """Output and every gradient (input, routing weights, LoRA factors) of ``fused_experts`` on 4-bit weights
     against the fp64 reference loop on the dequantised weights; the 4-bit weights take no gradient."""
@@ -266,7 +262,7 @@ def _check_fused_experts(
     )
     weights = weights.to(dtype).requires_grad_()
     lora = [_lora(experts, hidden, inter, rank, dtype) for _ in range(adapters)]
-    out = moefuse.fused_experts(x, gate_up, down, index, weights, lora=lora, deterministic=deterministic)
+    out = moefuse.fused_experts(x, gate_up, down, index, weights, lora=lora)
     grad = randn(*out.shape, dtype=dtype)
     out.backward(grad)
 
@@ -283,14 +279,10 @@ def _check_fused_experts(
         assert_close(got.grad, want.grad, dtype, "grad LoRA factor")
 
 
-@pytest.mark.parametrize("backend,tokens,experts,top_k,unused,adapters,deterministic", EXPERT_CASES)
-def test_fused_experts_on_4bit_weights(
-    backend, tokens, experts, top_k, unused, adapters, deterministic, gemm_mode
-):
+@pytest.mark.parametrize("backend,tokens,experts,top_k,unused,adapters", EXPERT_CASES)
+def test_fused_experts_on_4bit_weights(backend, tokens, experts, top_k, unused, adapters, gemm_mode):
     with use_backend(backend):
-        _check_fused_experts(
-            tokens, 32, 13, experts, top_k, unused, adapters, 4, deterministic, torch.float32
-        )
+        _check_fused_experts(tokens, 32, 13, experts, top_k, unused, adapters, 4, torch.float32)
 
 
 def test_4bit_weights_must_be_frozen():
@@ -376,4 +368,4 @@ def test_4bit_configs_fit_the_gpus_shared_memory(monkeypatch, limit, gpu, autotu
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_fused_experts_4bit_bf16_gpu(tokens, fmt, gemm_mode):
     """bf16 on the GPU at Qwen3-30B-A3B widths (32 experts to keep it short), LoRA r16."""
-    _check_fused_experts(tokens, 2048, 768, 32, 8, 0, 1, 16, False, torch.bfloat16, fmt)
+    _check_fused_experts(tokens, 2048, 768, 32, 8, 0, 1, 16, torch.bfloat16, fmt)

@@ -6,10 +6,10 @@ and find their tile from it (:func:`_expert_tile`), so a launch needs no host sy
 and programs past the last tile return at once.
 
 The activations need not be in grouped order: a kernel can gather its input rows through an index
-(``token_index[r]``: the token of grouped row ``r``) and scatter or atomically add its output rows through
-another, so the permuted copy of the hidden states is never materialised.
+(``token_index[r]``: the token of grouped row ``r``) and scatter its output rows through another, so the
+permuted copy of the hidden states is never materialised.
 
-- :func:`grouped_gemm_kernel`: ``C[c_row(r)] (+)= scale[r] * A[a_row(r)] @ B[e]ᵀ``.
+- :func:`grouped_gemm_kernel`: ``C[c_row(r)] = scale[r] * A[a_row(r)] @ B[e]ᵀ``.
 - :func:`gate_up_swiglu_kernel`: the gate/up projection with SwiGLU in its epilogue.
 - :func:`swiglu_backward_rows_kernel`: SwiGLU's backward and the routing weights' gradient, row by row, from the
   down projection's input gradient (a plain grouped GEMM).
@@ -263,18 +263,13 @@ def _rows_epilogue(
     stride_cn,
     SCATTER_C: tl.constexpr,
     SCALE_ROWS: tl.constexpr,
-    ATOMIC_ADD: tl.constexpr,
 ):
-    """``C[c_row(r), n] (+)= scale[r] * acc``: the grouped GEMM's epilogue."""
+    """``C[c_row(r), n] = scale[r] * acc``: the grouped GEMM's epilogue."""
     if SCALE_ROWS:
         acc = acc * tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     c_rows = _row_offsets(c_index_ptr, rows, row_mask, SCATTER_C)
     c_ptrs = c_ptr + c_rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    mask = row_mask[:, None] & n_mask[None, :]
-    if ATOMIC_ADD:
-        tl.atomic_add(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask, sem="relaxed")
-    else:
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
@@ -316,10 +311,9 @@ def _swiglu_epilogue(
 
 @triton.autotune(
     configs=_configs(TILE_CONFIGS),
-    key=["N", "K", "ROWS_PER_EXPERT", "GATHER_A", "SCATTER_C", "ATOMIC_ADD", "HAS_LORA"],
+    key=["N", "K", "ROWS_PER_EXPERT", "GATHER_A", "SCATTER_C", "HAS_LORA"],
     prune_configs_by=_prune("N", "K", "b_ptr"),
     cache_results=True,  # tuned configs persist in Triton's cache: a second run does not tune again
-    restore_value=["c_ptr"],  # tuning runs must not leave their atomic adds in the output
 )
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
@@ -354,7 +348,6 @@ def grouped_gemm_kernel(
     GATHER_A: tl.constexpr,
     SCATTER_C: tl.constexpr,
     SCALE_ROWS: tl.constexpr,
-    ATOMIC_ADD: tl.constexpr,
     HAS_LORA: tl.constexpr,
     LORA_MASK: tl.constexpr,
     LORA_R: tl.constexpr,
@@ -365,7 +358,7 @@ def grouped_gemm_kernel(
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    """``C[c_row(r), n] (+)= scale[r] * (sum_k A[a_row(r), k] * B[e(r), n, k] + LoRA[r, n])`` over grouped rows
+    """``C[c_row(r), n] = scale[r] * (sum_k A[a_row(r), k] * B[e(r), n, k] + LoRA[r, n])`` over grouped rows
     ``r``; the LoRA term (``HAS_LORA``, see :func:`_lora_term`) is ``T[r] @ LB[e(r), n]ᵀ`` (times a mask).
     """
     pid = tl.program_id(0)
@@ -416,7 +409,6 @@ def grouped_gemm_kernel(
         stride_cn,
         SCATTER_C,
         SCALE_ROWS,
-        ATOMIC_ADD,
     )
 
 

@@ -12,7 +12,7 @@ or, ``TRANSPOSED``, as ``B[n, k] = W[k, n]`` (input gradient, ``dY·W``). :func:
 ``W``'s rows in both: packed bytes as vectors when ``in`` is even, one absmax per row and block when rows are
 whole blocks (Qwen3, Mixtral, OLMoE widths at bitsandbytes' blocksize 64), each value on its own otherwise.
 
-- :func:`grouped_gemm_4bit_kernel`: ``C[c_row(r)] (+)= scale[r] * A[a_row(r)] @ B[e]ᵀ``.
+- :func:`grouped_gemm_4bit_kernel`: ``C[c_row(r)] = scale[r] * A[a_row(r)] @ B[e]ᵀ``.
 - :func:`gate_up_swiglu_4bit_kernel`: the gate/up projection with SwiGLU in its epilogue.
 - :func:`dequantize_4bit_kernel`: the dense stack, for the dequantise-then-GEMM path.
 """
@@ -248,7 +248,6 @@ def _matmul_tile_4bit(
         "ROWS_PER_EXPERT",
         "GATHER_A",
         "SCATTER_C",
-        "ATOMIC_ADD",
         "HAS_LORA",
         "TRANSPOSED",
         "BLOCKSIZE",
@@ -256,7 +255,6 @@ def _matmul_tile_4bit(
     ],
     prune_configs_by=_prune("N", "K", "a_ptr", four_bit=True),
     cache_results=True,
-    restore_value=["c_ptr"],  # tuning runs must not leave their atomic adds in the output
 )
 @_tile_layout("in_features")
 @triton.jit
@@ -300,7 +298,6 @@ def grouped_gemm_4bit_kernel(
     GATHER_A: tl.constexpr,
     SCATTER_C: tl.constexpr,
     SCALE_ROWS: tl.constexpr,
-    ATOMIC_ADD: tl.constexpr,
     HAS_LORA: tl.constexpr,
     LORA_MASK: tl.constexpr,
     LORA_R: tl.constexpr,
@@ -312,7 +309,7 @@ def grouped_gemm_4bit_kernel(
     EVEN_IN: tl.constexpr,
     ROW_BLOCKS: tl.constexpr,
 ):
-    """``C[c_row(r), n] (+)= scale[r] * (sum_k A[a_row(r), k] * B[e(r), n, k] + LoRA[r, n])``, ``B`` 4-bit (the
+    """``C[c_row(r), n] = scale[r] * (sum_k A[a_row(r), k] * B[e(r), n, k] + LoRA[r, n])``, ``B`` 4-bit (the
     LoRA term as in the dense kernel)."""
     pid = tl.program_id(0)
     expert, row0, row_end, pid_n = _expert_tile(
@@ -372,7 +369,6 @@ def grouped_gemm_4bit_kernel(
         stride_cn,
         SCATTER_C,
         SCALE_ROWS,
-        ATOMIC_ADD,
     )
 
 

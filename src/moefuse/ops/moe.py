@@ -104,7 +104,6 @@ def fused_experts(
     *,
     act_fn: Callable[[torch.Tensor], torch.Tensor] = F.silu,
     lora: Sequence[ExpertsLora] = (),
-    deterministic: bool | None = None,
     check_index_range: bool = True,
 ) -> torch.Tensor:
     """Route-sort, gate/up grouped GEMM, gated activation, down grouped GEMM, weighted combine.
@@ -119,8 +118,6 @@ def fused_experts(
         lora: LoRA adapters added to the projections (see :mod:`moefuse.ops.lora`), each as two thin
             grouped GEMMs on the grouped rows; ``W + B·A`` is never formed. On the Triton path one adapter
             runs fused (its terms join the base GEMMs' epilogues); several adapters run composed.
-        deterministic: on the Triton path, combine the experts' outputs (and the input gradient) without
-            atomics, so results repeat bit for bit; default: ``torch.are_deterministic_algorithms_enabled()``.
         check_index_range: check that every id in ``top_k_index`` is an expert (one host sync on CUDA); a
             caller whose ids come from ``topk`` over the experts may skip it.
 
@@ -140,15 +137,11 @@ def fused_experts(
     check_frozen("down_proj", down_proj)
     num_tokens, hidden = hidden_states.shape
     routing = route(top_k_index, gate_up_proj.shape[0])
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
 
     if is_silu(act_fn) and use_triton(hidden_states):
         from .moe_triton import triton_fused_experts
 
-        out = triton_fused_experts(
-            hidden_states, gate_up_proj, down_proj, top_k_weights, routing, lora, deterministic
-        )
+        out = triton_fused_experts(hidden_states, gate_up_proj, down_proj, top_k_weights, routing, lora)
         if out is not None:
             return out
 

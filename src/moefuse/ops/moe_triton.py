@@ -1,7 +1,8 @@
 """The experts on the Triton kernels: one autograd function for the whole SwiGLU experts block, LoRA included.
 
 Forward: the gather of token rows is fused into the gate/up GEMM's loads, SwiGLU into its epilogue, and the
-routing-weight multiply and the combine into the down GEMM's epilogue. A LoRA adapter adds, per projection,
+routing-weight multiply and the scatter of each row to its ``(token, k)`` slot into the down GEMM's epilogue (a
+sum over ``k`` then combines them; no atomics anywhere, so results repeat bit for bit). A LoRA adapter adds, per projection,
 one thin grouped GEMM ``t = x·Aᵀ``; ``t·Bᵀ`` is computed in the base GEMM's epilogue (a rank-deep ``tl.dot``
 per tile), so neither ``W + B·A`` nor the ``[rows, out]`` LoRA term is ever written to memory. Saved for
 backward: the pre-activations ``[S, 2I]``, ``h [S, I]`` (already times the routing weight when the down weight
@@ -42,22 +43,15 @@ def _mask(like: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def _combine(
-    gemm: Callable[..., torch.Tensor],
-    routing: ExpertRouting,
-    num_tokens: int,
-    width: int,
-    dtype: torch.dtype,
-    deterministic: bool,
+    gemm: Callable[..., torch.Tensor], routing: ExpertRouting, num_tokens: int, width: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Sum each token's ``K`` expert rows straight from the GEMM's epilogue: atomic adds into an fp32 ``[T, H]``,
-    or, deterministic, a store of every row at its slot ``t * K + k`` and a sum over ``K``."""
-    if deterministic:
-        slots = torch.empty(num_tokens * routing.top_k, width, device=routing.m_sizes.device, dtype=dtype)
-        gemm(out=slots, out_index=routing.sorted_slots)
-        return slots.view(num_tokens, routing.top_k, width).sum(dim=1)
-    total = torch.zeros(num_tokens, width, device=routing.m_sizes.device, dtype=torch.float32)
-    gemm(out=total, out_index=routing.token_index, accumulate=True)
-    return total.to(dtype)
+    """Sum each token's ``K`` expert rows: the GEMM's epilogue stores every row at its slot ``t * K + k`` of a
+    ``[T, K, width]`` buffer, then one sum over ``K``. No atomics, so results repeat bit for bit; on an H100 at
+    Qwen3-30B-A3B dims (down projection, 16384 tokens) 1.10 ms where fp32 atomic adds into ``[T, width]`` took
+    1.46 ms (0.34 vs 0.40 ms at 4096 tokens)."""
+    slots = torch.empty(num_tokens * routing.top_k, width, device=routing.m_sizes.device, dtype=dtype)
+    gemm(out=slots, out_index=routing.sorted_slots)
+    return slots.view(num_tokens, routing.top_k, width).sum(dim=1)
 
 
 class _TritonExperts(torch.autograd.Function):
@@ -73,7 +67,6 @@ class _TritonExperts(torch.autograd.Function):
         down_a: torch.Tensor | None,
         down_b: torch.Tensor | None,
         routing: ExpertRouting,
-        deterministic: bool,
         needs_grad: bool,
         dropout_p: float,
     ) -> torch.Tensor:
@@ -117,7 +110,6 @@ class _TritonExperts(torch.autograd.Function):
             num_tokens,
             hidden,
             down_proj.dtype,
-            deterministic,
         )
         ctx.save_for_backward(
             x,
@@ -135,7 +127,7 @@ class _TritonExperts(torch.autograd.Function):
             td,
             h_mask,
         )
-        ctx.routing, ctx.deterministic, ctx.weights_dtype = routing, deterministic, top_k_weights.dtype
+        ctx.routing, ctx.weights_dtype = routing, top_k_weights.dtype
         ctx.prescaled = prescaled
         return out.to(hidden_states.dtype)
 
@@ -161,7 +153,7 @@ class _TritonExperts(torch.autograd.Function):
         routing: ExpertRouting = ctx.routing
         m_sizes, token_index = routing.m_sizes, routing.token_index
         grad_out = grad_out.to(down_proj.dtype)
-        grad = [None] * 12
+        grad = [None] * 11
 
         # Down projection: its LoRA's gradient reaching h, (dY·B)·A, joins the epilogue of the GEMM dY·W.
         h_lora_grad = None
@@ -208,7 +200,6 @@ class _TritonExperts(torch.autograd.Function):
                 x.shape[0],
                 x.shape[1],
                 x.dtype,
-                ctx.deterministic,
             )
         return tuple(grad)
 
@@ -220,7 +211,6 @@ def triton_fused_experts(
     top_k_weights: torch.Tensor,
     routing: ExpertRouting,
     lora: Sequence[ExpertsLora],
-    deterministic: bool,
 ) -> torch.Tensor | None:
     """SwiGLU experts (with at most one LoRA adapter) on the Triton kernels; ``None`` when this path does not
     apply (several adapters, or a dropout that is not ``nn.Dropout``) and the caller must compose instead."""
@@ -241,4 +231,4 @@ def triton_fused_experts(
                 factors[i], factors[i + 1] = (f.to(dtype) for f in pair)
     inputs = (hidden_states, gate_up_proj, down_proj, top_k_weights, *factors)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    return _TritonExperts.apply(*inputs, routing, deterministic, needs_grad, dropout_p)
+    return _TritonExperts.apply(*inputs, routing, needs_grad, dropout_p)

@@ -101,10 +101,9 @@ def grouped_gemm(
     out: torch.Tensor | None = None,
     out_index: torch.Tensor | None = None,
     row_scale: torch.Tensor | None = None,
-    accumulate: bool = False,
     lora: LoraTerm | None = None,
 ) -> torch.Tensor:
-    """``out[out_row(r)] (+)= row_scale[r] * (a[a_row(r)] @ b[e(r)]ᵀ + lora[r])`` over the ``R = m_sizes.sum()``
+    """``out[out_row(r)] = row_scale[r] * (a[a_row(r)] @ b[e(r)]ᵀ + lora[r])`` over the ``R = m_sizes.sum()``
     grouped rows.
 
     Args:
@@ -114,7 +113,6 @@ def grouped_gemm(
         a_index: ``a``'s row for each grouped row (gather fused into the loads).
         out: where to write; ``[R, N]`` (new) unless given. With ``out_index``, row ``r`` goes to ``out[out_index[r]]``.
         row_scale: ``[R]`` per-row factor applied in the epilogue.
-        accumulate: add into ``out`` atomically (``out`` must be given, ideally fp32) instead of storing.
         lora: a LoRA term added in the epilogue, before the scale (:class:`LoraTerm`).
     """
     num_experts, n, k = b.shape
@@ -151,7 +149,6 @@ def grouped_gemm(
         GATHER_A=a_index is not None,
         SCATTER_C=out_index is not None,
         SCALE_ROWS=row_scale is not None,
-        ATOMIC_ADD=accumulate,
         **lora_ops.flags,
         PRECISION=_precision(b.dtype),
         E_POW2=_experts_pow2(num_experts),

@@ -108,13 +108,10 @@ def grouped_gemm(
     out: torch.Tensor | None = None,
     out_index: torch.Tensor | None = None,
     row_scale: torch.Tensor | None = None,
-    accumulate: bool = False,
     lora: LoraTerm | None = None,
 ) -> torch.Tensor:
     """:func:`moefuse.ops.triton_gemm.grouped_gemm` with the 4-bit weight ``b`` (logical ``[E, N, K]``)."""
-    where = dict(
-        a_index=a_index, out=out, out_index=out_index, row_scale=row_scale, accumulate=accumulate, lora=lora
-    )
+    where = dict(a_index=a_index, out=out, out_index=out_index, row_scale=row_scale, lora=lora)
     if not _fused():
         return dense.grouped_gemm(a, dequantize(b), m_sizes, **where)
     num_experts, n, k = b.shape
@@ -153,7 +150,6 @@ def grouped_gemm(
         GATHER_A=a_index is not None,
         SCATTER_C=out_index is not None,
         SCALE_ROWS=row_scale is not None,
-        ATOMIC_ADD=accumulate,
         **lora_ops.flags,
         PRECISION=_precision(b.dtype),
         E_POW2=_experts_pow2(num_experts),
