@@ -38,6 +38,7 @@ from moefuse.ops import route  # noqa: E402
 from moefuse.ops import triton_gemm as dense  # noqa: E402
 from moefuse.ops import triton_gemm_4bit as q4  # noqa: E402
 from moefuse.ops.backend import use_backend  # noqa: E402
+from moefuse.ops.moe_triton import combine  # noqa: E402
 from moefuse.quant import ExpertWeights4bit  # noqa: E402
 
 MODES = ("fused", "dequantize", "bf16")
@@ -119,10 +120,14 @@ class Problem:
         launch = dense if mode == "bf16" else q4
         m_sizes, token_index, tokens = self.routing.m_sizes, self.routing.token_index, self.x.shape[0]
 
-        def combined(a, weight, **kwargs):
-            out = torch.zeros(tokens, weight.shape[1], device=a.device, dtype=torch.float32)
-            launch.grouped_gemm(a, weight, m_sizes, out=out, out_index=token_index, accumulate=True, **kwargs)
-            return out
+        def combined(a, weight, **kwargs):  # as the experts combine their rows (moefuse.ops.moe_triton)
+            return combine(
+                lambda **where: launch.grouped_gemm(a, weight, m_sizes, **kwargs, **where),
+                self.routing,
+                tokens,
+                weight.shape[1],
+                a.dtype,
+            )
 
         if name == "gate_up":
             return lambda: launch.gate_up_swiglu(self.x, gate_up, m_sizes, token_index, store_gate_up=True)[1]

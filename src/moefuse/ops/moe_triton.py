@@ -42,7 +42,7 @@ def _mask(like: torch.Tensor, p: float) -> torch.Tensor:
     return F.dropout(torch.ones_like(like), p, training=True)
 
 
-def _combine(
+def combine(
     gemm: Callable[..., torch.Tensor], routing: ExpertRouting, num_tokens: int, width: int, dtype: torch.dtype
 ) -> torch.Tensor:
     """Sum each token's ``K`` expert rows: the GEMM's epilogue stores every row at its slot ``t * K + k`` of a
@@ -102,7 +102,7 @@ class _TritonExperts(torch.autograd.Function):
             h_mask = _mask(h, dropout_p) if dropout_p > 0 else None
             td = tg.grouped_gemm(h if h_mask is None else h * h_mask, down_a, m_sizes)
             down_lora = tg.LoraTerm(td, down_b)
-        out = _combine(
+        out = combine(
             lambda **where: gemms_for(down_proj).grouped_gemm(
                 h, down_proj, m_sizes, row_scale=None if prescaled else scale, lora=down_lora, **where
             ),
@@ -168,10 +168,6 @@ class _TritonExperts(torch.autograd.Function):
         d_gate_up, d_scale = gemms_for(down_proj).swiglu_backward(
             grad_out, down_proj, gate_up, scale, m_sizes, token_index, lora=h_lora_grad
         )
-        if needs[2]:
-            grad[2] = tg.grouped_weight_grad(
-                grad_out, h, m_sizes, a_index=token_index, row_scale=None if ctx.prescaled else scale
-            )
         if needs[3]:
             weights_grad = torch.empty_like(d_scale).index_copy_(0, routing.sorted_slots, d_scale)
             grad[3] = weights_grad.view(x.shape[0], routing.top_k).to(ctx.weights_dtype)
@@ -188,11 +184,11 @@ class _TritonExperts(torch.autograd.Function):
                 grad[5] = tg.grouped_weight_grad(d_gate_up, t, m_sizes)
             if needs[0]:  # (dG·B)·A joins the input gradient's epilogue
                 x_lora_grad = tg.LoraTerm(dt, gate_up_a.transpose(1, 2), x_mask)
-        if needs[1]:
-            grad[1] = tg.grouped_weight_grad(d_gate_up, x, m_sizes, b_index=token_index)
+        # The input gradient first, then the weight gradients: the combine's [T·K, H] slots are freed before the
+        # [E, ...] weight gradients exist (a lower peak).
         if needs[0]:
             weight_t = gate_up_proj.transpose(1, 2)
-            grad[0] = _combine(
+            grad[0] = combine(
                 lambda **where: gemms_for(weight_t).grouped_gemm(
                     d_gate_up, weight_t, m_sizes, lora=x_lora_grad, **where
                 ),
@@ -200,6 +196,13 @@ class _TritonExperts(torch.autograd.Function):
                 x.shape[0],
                 x.shape[1],
                 x.dtype,
+            )
+        if needs[1]:
+            grad[1] = tg.grouped_weight_grad(d_gate_up, x, m_sizes, b_index=token_index)
+        d_gate_up = None  # freed before the down weight gradient is allocated
+        if needs[2]:
+            grad[2] = tg.grouped_weight_grad(
+                grad_out, h, m_sizes, a_index=token_index, row_scale=None if ctx.prescaled else scale
             )
         return tuple(grad)
 
