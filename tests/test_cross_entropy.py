@@ -109,6 +109,22 @@ def test_use_chunked_loss_on_a_model_and_through_peft():
 
     classifier = AutoModelForSequenceClassification.from_config(config)
     assert not use_chunked_loss(classifier)  # not a causal-LM loss: left alone
+    assert use_chunked_loss(peft_model, enable=False) and model.loss_function is ForCausalLMLoss
+
+
+def test_moefuse_model_class_computes_its_loss_with_causal_lm_loss():
+    from moefuse import Qwen3MoeFusedForCausalLM
+
+    config = tiny_config("qwen3_moe")
+    torch.manual_seed(0)
+    model = Qwen3MoeFusedForCausalLM(config)
+    assert model.loss_function is causal_lm_loss
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    loss = model(input_ids=ids, labels=ids).loss
+    assert use_chunked_loss(model, enable=False) and model.loss_function is ForCausalLMLoss
+    torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, loss)
+    model.loss_function = causal_lm_loss  # set back like any Transformers model
+    assert model.loss_function is causal_lm_loss
 
 
 def _rows_loss_and_grad(logits, target, grad_rows, backend, **kwargs):

@@ -1,8 +1,9 @@
 """Qwen3-MoE with moefuse experts: the classes handed to LLaMA-Factory's ``custom_model_class``.
 
-They are Transformers' Qwen3-MoE classes with two differences: the experts run through moefuse unless
-another ``experts_implementation`` is asked for, and ``from_pretrained`` also reads the fused checkpoint
-layouts other projects write (see :mod:`moefuse.convert.layouts`). ``save_pretrained`` writes an ordinary
+They are Transformers' Qwen3-MoE classes with three differences: the experts run through moefuse unless
+another ``experts_implementation`` is asked for, ``from_pretrained`` also reads the fused checkpoint
+layouts other projects write (see :mod:`moefuse.convert.layouts`), and the causal LM's training loss is
+:func:`moefuse.ops.causal_lm_loss`. ``save_pretrained`` writes an ordinary
 Qwen3-MoE checkpoint (per-expert Hub layout), which any engine serves.
 """
 
@@ -16,6 +17,7 @@ from transformers import GenerationConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM, 
 
 from ..convert.layouts import Checkpoint, TransformersLayoutView, detect_layout
 from ..experts import EXPERTS_IMPLEMENTATION
+from ..ops.cross_entropy import causal_lm_loss
 
 
 def _default_to_moefuse(config: Qwen3MoeConfig) -> None:
@@ -91,6 +93,16 @@ class Qwen3MoeFusedForCausalLM(_SwitchableExperts, Qwen3MoeForCausalLM):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         return _from_pretrained(cls, Qwen3MoeForCausalLM, pretrained_model_name_or_path, model_args, kwargs)
+
+    @property
+    def loss_function(self):
+        """moefuse's :func:`~moefuse.ops.causal_lm_loss` (Transformers' causal-LM loss, same values, without fp32
+        copies of the logits) unless another one was set."""
+        return vars(self).get("_loss_function", causal_lm_loss)
+
+    @loss_function.setter
+    def loss_function(self, value):
+        self._loss_function = value
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         super().save_pretrained(save_directory, *args, **kwargs)

@@ -190,13 +190,15 @@ def causal_lm_loss(
     return total / num_items_in_batch
 
 
-def use_chunked_loss(model: nn.Module) -> bool:
+def use_chunked_loss(model: nn.Module, enable: bool = True) -> bool:
     """Make ``model`` (a Transformers causal LM, or a PEFT model around one) compute its training loss with
-    :func:`causal_lm_loss`; ``False`` (and nothing changed) when the model's loss is not ``ForCausalLMLoss``."""
+    :func:`causal_lm_loss` (``enable=False``: with Transformers' ``ForCausalLMLoss``). Returns whether the model's
+    loss is now the one asked for; ``False`` (and nothing changed) when its loss is neither of the two."""
     from transformers.loss.loss_utils import LOSS_MAPPING
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base, "loss_function", None) is not LOSS_MAPPING["ForCausalLM"]:
+    choices = (LOSS_MAPPING["ForCausalLM"], causal_lm_loss)
+    if getattr(base, "loss_function", None) not in choices:
         return False
-    base.loss_function = causal_lm_loss
+    base.loss_function = choices[enable]
     return True

@@ -144,8 +144,7 @@ def train(args: MoefuseTrainArguments, sft_config: SFTConfig) -> TrainResult:
     dtype = resolve_dtype(args, sft_config.bf16, sft_config.fp16)
     quantization = qlora_quantization(dtype) if args.finetuning_type == "qlora" else None
     model = load_model(source, dtype, sft_config.device, quantization)
-    if args.chunked_loss:
-        use_chunked_loss(model)
+    use_chunked_loss(model, enable=args.chunked_loss)
     save_base = args.save_base_model if args.save_base_model is not None else source.random_init
     if source.random_init and save_base and is_main:
         if quantization is not None:  # the 4-bit weights the adapter was trained on
