@@ -26,16 +26,7 @@ import triton
 from ..kernels import grouped_gemm_4bit as kernels
 from ..quant.tensor import ExpertWeights4bit
 from . import triton_gemm as dense
-from .launch import launch
-from .triton_gemm import (
-    LoraTerm,
-    _experts_pow2,
-    _index,
-    _LoraOperands,
-    _precision,
-    _rows_per_expert,
-    _tile_grid,
-)
+from .triton_gemm import LoraTerm, WeightOperands
 
 GEMM_MODES = ("auto", "fused", "dequantize")
 _ENV = "MOEFUSE_4BIT_GEMM"
@@ -99,6 +90,15 @@ def dequantize(w: ExpertWeights4bit, dtype: torch.dtype | None = None) -> torch.
     return out.transpose(1, 2) if w.transposed else out
 
 
+def _weight(w: ExpertWeights4bit, layouts: bool) -> WeightOperands:
+    """``w`` as the 4-bit kernels take it; ``layouts``: the kernel reads either orientation (it takes the stored
+    ``K`` and ``TRANSPOSED``), as the grouped GEMM does and the gate/up kernel does not."""
+    flags = dict(BLOCKSIZE=w.blocksize, NESTED=w.nested)
+    if layouts:
+        flags["TRANSPOSED"] = w.transposed
+    return WeightOperands(_quant_args(w), (w.stored_shape[2],) if layouts else (), _quant_strides(w), flags)
+
+
 def grouped_gemm(
     a: torch.Tensor,
     b: ExpertWeights4bit,
@@ -111,50 +111,21 @@ def grouped_gemm(
     lora: LoraTerm | None = None,
 ) -> torch.Tensor:
     """:func:`moefuse.ops.triton_gemm.grouped_gemm` with the 4-bit weight ``b`` (logical ``[E, N, K]``)."""
-    where = dict(a_index=a_index, out=out, out_index=out_index, row_scale=row_scale, lora=lora)
     if not _fused():
+        where = dict(a_index=a_index, out=out, out_index=out_index, row_scale=row_scale, lora=lora)
         return dense.grouped_gemm(a, dequantize(b), m_sizes, **where)
-    num_experts, n, k = b.shape
-    rows = a_index.numel() if a_index is not None else a.shape[0]
-    if out is None:
-        out = a.new_empty(rows, n, dtype=b.dtype)
-    if rows == 0:
-        return out
-    lora_ops = _LoraOperands(lora, out)
-    launch(
+    return dense.launch_grouped_gemm(
         kernels.grouped_gemm_4bit_kernel,
-        _tile_grid(m_sizes, rows, n),
+        b,
+        _weight(b, True),
         a,
-        *_quant_args(b),
-        out,
         m_sizes,
-        _index(a_index, m_sizes),
-        _index(out_index, m_sizes),
-        _index(row_scale, out),
-        *lora_ops.pointers,
-        n,
-        k,
-        b.stored_shape[2],
-        num_experts,
-        _rows_per_expert(rows, num_experts),
-        lora_ops.rank,
-        a.stride(0),
-        a.stride(1),
-        *_quant_strides(b),
-        out.stride(0),
-        out.stride(1),
-        *lora_ops.strides,
-        TRANSPOSED=b.transposed,
-        BLOCKSIZE=b.blocksize,
-        NESTED=b.nested,
-        GATHER_A=a_index is not None,
-        SCATTER_C=out_index is not None,
-        SCALE_ROWS=row_scale is not None,
-        **lora_ops.flags,
-        PRECISION=_precision(b.dtype),
-        E_POW2=_experts_pow2(num_experts),
+        a_index,
+        out,
+        out_index,
+        row_scale,
+        lora,
     )
-    return out
 
 
 def gate_up_swiglu(
@@ -169,56 +140,21 @@ def gate_up_swiglu(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`moefuse.ops.triton_gemm.gate_up_swiglu` with the 4-bit ``gate_up_proj [E, 2I, H]``."""
     if not _fused() or gate_up_proj.transposed:
+        weight = dequantize(gate_up_proj)
         return dense.gate_up_swiglu(
-            x,
-            dequantize(gate_up_proj),
-            m_sizes,
-            x_index,
-            store_gate_up=store_gate_up,
-            lora=lora,
-            row_scale=row_scale,
+            x, weight, m_sizes, x_index, store_gate_up=store_gate_up, lora=lora, row_scale=row_scale
         )
-    num_experts, two_i, hidden = gate_up_proj.shape
-    inter = two_i // 2
-    rows = x_index.numel()
-    h = x.new_empty(rows, inter, dtype=gate_up_proj.dtype)
-    gate_up = x.new_empty(rows, two_i, dtype=gate_up_proj.dtype) if store_gate_up else None
-    if rows == 0:
-        return h, gate_up
-    lora_ops = _LoraOperands(lora, h)
-    launch(
+    return dense.launch_gate_up_swiglu(
         kernels.gate_up_swiglu_4bit_kernel,
-        _tile_grid(m_sizes, rows, inter),
+        gate_up_proj,
+        _weight(gate_up_proj, False),
         x,
-        *_quant_args(gate_up_proj),
-        h if gate_up is None else gate_up,
-        h,
-        _index(row_scale, h),
         m_sizes,
         x_index,
-        *lora_ops.pointers,
-        inter,
-        hidden,
-        num_experts,
-        _rows_per_expert(rows, num_experts),
-        lora_ops.rank,
-        x.stride(0),
-        x.stride(1),
-        *_quant_strides(gate_up_proj),
-        0 if gate_up is None else gate_up.stride(0),
-        0 if gate_up is None else gate_up.stride(1),
-        h.stride(0),
-        h.stride(1),
-        *lora_ops.strides,
-        BLOCKSIZE=gate_up_proj.blocksize,
-        NESTED=gate_up_proj.nested,
-        STORE_GATE_UP=store_gate_up,
-        SCALE_H=row_scale is not None,
-        **lora_ops.flags,
-        PRECISION=_precision(gate_up_proj.dtype),
-        E_POW2=_experts_pow2(num_experts),
+        store_gate_up,
+        lora,
+        row_scale,
     )
-    return h, gate_up
 
 
 def swiglu_backward(
