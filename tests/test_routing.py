@@ -56,6 +56,19 @@ def test_route_int32_and_strided_ids(backend):
         assert getattr(got, name).dtype == torch.long
 
 
+def test_route_triton_leaves_out_ids_out_of_range(monkeypatch):
+    """The kernels cannot raise: an id outside [0, E) joins no expert (check_top_k_index is the caller's check),
+    and the valid ones are grouped as if it were not there."""
+    monkeypatch.setattr(routing, "ROUTING_BLOCK", 16)
+    idx = torch.tensor([[2, 5], [-1, 0], [2, 3], [7, 2]])
+    with use_backend("triton"):
+        got = route(idx, 4)
+    assert got.m_sizes.tolist() == [1, 0, 3, 1]
+    rows = int(got.m_sizes.sum())
+    assert got.sorted_slots[:rows].tolist() == [3, 0, 4, 7, 5]
+    assert got.token_index[:rows].tolist() == [1, 0, 2, 3, 2]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens,experts", [(4096, 128), (16384, 128), (3000, 60), (1, 128)])
 def test_route_triton_gpu_equals_torch(tokens, experts):
