@@ -377,3 +377,20 @@ def test_forced_backends_side_by_side(tmp_path, one_thread):
         (g, f"moefuse:{b}", b) for g in ("gate_up", "down") for b in ("torch", "triton")
     ]
     assert all(r["check"]["ok"] for r in rows) and rows[1]["check"]["reference"] == "moefuse:torch"
+
+
+def test_plus_loss_sets_moefuse_loss_undoes_it_and_refuses_other_losses():
+    from moefuse.bench.model import set_loss
+    from moefuse.ops.cross_entropy import causal_lm_loss
+
+    _, config = load_config("qwen3-30b-a3b")
+    model = AutoModelForCausalLM.from_config(tiny_config(config))
+    transformers_loss = model.loss_function
+    (with_loss,) = parse_implementations("grouped_mm+loss")
+    undo = set_loss(model, with_loss)
+    assert model.loss_function is causal_lm_loss
+    undo()
+    assert model.loss_function is transformers_loss
+    model.loss_function = lambda *args, **kwargs: None  # a loss moefuse's cannot stand in for
+    with pytest.raises(SystemExit, match="not Transformers' ForCausalLMLoss.*drop '\\+loss'"):
+        set_loss(model, with_loss)
