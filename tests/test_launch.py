@@ -58,6 +58,16 @@ def test_fast_launch_off_goes_through_the_autotuner(autotuner_calls, monkeypatch
     assert len(autotuner_calls) == 2
 
 
+def test_unknown_constexpr_is_refused(autotuner_calls):
+    """A compiled launch refuses a keyword the kernel does not take and Triton's interpreter ignores it: the
+    launcher refuses it on every backend, so the CPU tests catch a launcher passing a stale flag."""
+    a, w, m_sizes = randn(4, 16, dtype=torch.float32), randn(2, 24, 16, dtype=torch.float32), _m([1, 3])
+    with use_backend("triton"):
+        triton_gemm.grouped_gemm(a, w, m_sizes)  # known arguments pass
+        with pytest.raises(TypeError, match="grouped_gemm_kernel has no parameter NOT_A_FLAG"):
+            launch_module.launch(kernels.grouped_gemm_kernel, lambda meta: (1,), NOT_A_FLAG=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled kernels)")
 def test_compiled_kernel_per_specialization(autotuner_calls):

@@ -123,14 +123,31 @@ def test_fp16_and_fp32_factors_on_fp16_base():
     )
     assert out.dtype == torch.float16
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
-    # factors kept in fp32 on an fp16 base (PEFT's autocast_adapter_dtype)
-    fp32 = _clone_lora(lora)
+    # factors kept in fp32 on an fp16 base (PEFT's autocast_adapter_dtype): their gradients come back in fp32
     fp32 = ExpertsLora(
-        *(LoraWeights(w.lora_A.float(), w.lora_B.float(), w.scaling) for w in (fp32.gate, fp32.up, fp32.down))
+        *(
+            LoraWeights(
+                w.lora_A.detach().float().requires_grad_(),
+                w.lora_B.detach().float().requires_grad_(),
+                w.scaling,
+            )
+            for w in (lora.gate, lora.up, lora.down)
+        )
     )
+    ref_lora = _clone_lora(fp32)
+    x32 = x.detach().float().requires_grad_()
     out32 = moefuse.fused_experts(x, gate_up, down, index, weights, lora=[fp32])
+    ref = fused_experts_reference(x32, gate_up.float(), down.float(), index, weights.float(), lora=[ref_lora])
     assert out32.dtype == torch.float16
-    torch.testing.assert_close(out32.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out32.float(), ref, rtol=2e-2, atol=2e-2)
+    grad = torch.randn_like(ref)
+    (out32.float() * grad).sum().backward()
+    (ref * grad).sum().backward()
+    got, want = _grads(fp32), _grads(ref_lora)
+    for name in want:
+        assert got[name].dtype == torch.float32, name
+        scale = want[name].abs().max().item()
+        torch.testing.assert_close(got[name], want[name], rtol=2e-2, atol=2e-2 * scale, msg=name)
 
 
 def test_dropout_applies_to_lora_input_only():

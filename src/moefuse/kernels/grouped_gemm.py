@@ -250,6 +250,32 @@ def _lora_term(
 
 
 @triton.jit
+def _gate_up_lora_terms(
+    gate,
+    up,
+    lora,
+    lora_strides,
+    expert,
+    rows,
+    offs_n,
+    row_mask,
+    n_mask,
+    N,
+    LORA_MASK: tl.constexpr,
+    LORA_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """The LoRA term of a gate/up tile: ``B`` is ``[E, 2N, r]``, gate rows then up rows (see :func:`_lora_term`)."""
+    gate = _lora_term(
+        gate, lora, lora_strides, expert, rows, offs_n, row_mask, n_mask, LORA_MASK, LORA_R, PRECISION
+    )
+    up = _lora_term(
+        up, lora, lora_strides, expert, rows, N + offs_n, row_mask, n_mask, LORA_MASK, LORA_R, PRECISION
+    )
+    return gate, up
+
+
+@triton.jit
 def _rows_epilogue(
     acc,
     c_ptr,
@@ -414,7 +440,7 @@ def grouped_gemm_kernel(
 
 @triton.autotune(
     configs=_configs(TILE_CONFIGS),
-    key=["N", "K", "ROWS_PER_EXPERT", "GATHER_A", "STORE_GATE_UP", "HAS_LORA"],
+    key=["N", "K", "ROWS_PER_EXPERT", "STORE_GATE_UP", "HAS_LORA"],
     prune_configs_by=_prune("N", "K", "w_ptr", weight_tiles=2),
     cache_results=True,  # tuned configs persist in Triton's cache: a second run does not tune again
 )
@@ -450,7 +476,6 @@ def gate_up_swiglu_kernel(
     stride_lbn,
     stride_lbr,
     stride_lmm,
-    GATHER_A: tl.constexpr,
     STORE_GATE_UP: tl.constexpr,
     SCALE_H: tl.constexpr,
     HAS_LORA: tl.constexpr,
@@ -481,7 +506,7 @@ def gate_up_swiglu_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    x_rows = _row_offsets(x_index_ptr, rows, row_mask, GATHER_A)
+    x_rows = _row_offsets(x_index_ptr, rows, row_mask, True)
     x_ptrs = x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
     gate_ptrs = (
         w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
@@ -506,13 +531,20 @@ def gate_up_swiglu_kernel(
         gate_ptrs += BLOCK_K * stride_wk
         up_ptrs += BLOCK_K * stride_wk
     if HAS_LORA:
-        lora = (lora_t_ptr, lora_b_ptr, lora_mask_ptr, lora_rank)
-        lora_strides = (stride_ltm, stride_lbe, stride_lbn, stride_lbr, stride_lmm)
-        gate = _lora_term(
-            gate, lora, lora_strides, expert, rows, offs_n, row_mask, n_mask, LORA_MASK, LORA_R, PRECISION
-        )
-        up = _lora_term(  # up's rows of B follow gate's
-            up, lora, lora_strides, expert, rows, N + offs_n, row_mask, n_mask, LORA_MASK, LORA_R, PRECISION
+        gate, up = _gate_up_lora_terms(
+            gate,
+            up,
+            (lora_t_ptr, lora_b_ptr, lora_mask_ptr, lora_rank),
+            (stride_ltm, stride_lbe, stride_lbn, stride_lbr, stride_lmm),
+            expert,
+            rows,
+            offs_n,
+            row_mask,
+            n_mask,
+            N,
+            LORA_MASK,
+            LORA_R,
+            PRECISION,
         )
     _swiglu_epilogue(
         gate,

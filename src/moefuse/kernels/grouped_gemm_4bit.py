@@ -26,6 +26,7 @@ from .grouped_gemm import (
     TILE_CONFIGS,
     _configs,
     _expert_tile,
+    _gate_up_lora_terms,
     _lora_term,
     _prune,
     _row_offsets,
@@ -503,13 +504,20 @@ def gate_up_swiglu_4bit_kernel(
         x_ptrs += BLOCK_K * stride_xk
 
     if HAS_LORA:
-        lora = (lora_t_ptr, lora_b_ptr, lora_mask_ptr, lora_rank)
-        lora_strides = (stride_ltm, stride_lbe, stride_lbn, stride_lbr, stride_lmm)
-        gate = _lora_term(
-            gate, lora, lora_strides, expert, rows, offs_n, row_mask, n_mask, LORA_MASK, LORA_R, PRECISION
-        )
-        up = _lora_term(  # up's rows of B follow gate's
-            up, lora, lora_strides, expert, rows, N + offs_n, row_mask, n_mask, LORA_MASK, LORA_R, PRECISION
+        gate, up = _gate_up_lora_terms(
+            gate,
+            up,
+            (lora_t_ptr, lora_b_ptr, lora_mask_ptr, lora_rank),
+            (stride_ltm, stride_lbe, stride_lbn, stride_lbr, stride_lmm),
+            expert,
+            rows,
+            offs_n,
+            row_mask,
+            n_mask,
+            N,
+            LORA_MASK,
+            LORA_R,
+            PRECISION,
         )
     _swiglu_epilogue(
         gate,

@@ -30,6 +30,8 @@ _COMPILED = os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 # Integer arguments are dims and strides (a handful of values per model); a bound keeps a caller that passes
 # ever-new values from growing the cache without end.
 _MAX_COMPILED = 4096
+# Keyword arguments a launch takes besides the kernel's constexprs.
+_LAUNCH_OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion"})
 
 Grid = Callable[[dict], tuple[int, ...]]
 
@@ -81,6 +83,9 @@ class _Launcher:
     def meta(self, grid: Grid, args: tuple, constexprs: dict) -> dict | None:
         """The launch's meta-parameters (constexprs, the chosen config, heuristics), or ``None`` when this call
         went to the autotuner (which launched it)."""
+        unknown = constexprs.keys() - set(self.arg_names) - _LAUNCH_OPTIONS
+        if unknown:  # a compiled launch refuses these; Triton's interpreter would silently ignore them
+            raise TypeError(f"{self.jit.fn.__name__} has no parameter {', '.join(sorted(unknown))}")
         if self.autotuner is None:
             return dict(constexprs)
         key = self.autotuning_key(args, constexprs)

@@ -69,34 +69,52 @@ def _thin(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, m_sizes: 
     return moe_fused_linear(moe_fused_linear(x, lora_A, m_sizes), lora_B, m_sizes)
 
 
-def gate_up_factors(adapter: ExpertsLora, intermediate: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _scaled(factor: torch.Tensor, scaling: float, out: torch.Tensor) -> torch.Tensor:
+    """``out[...] = scaling * factor`` (in ``out``'s dtype): one kernel, or a differentiable copy under autograd."""
+    if torch.is_grad_enabled() and factor.requires_grad:
+        return out.copy_(factor * scaling)
+    return torch.mul(factor, scaling, out=out)
+
+
+def gate_up_factors(
+    adapter: ExpertsLora, intermediate: int, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The adapter's gate and up factors as one pair for the ``[rows, 2I]`` gate/up output (``None`` if neither
-    is adapted): ``A [E, r_gate + r_up, in]`` stacked along the rank, so ``x`` is read once, and a
-    block-diagonal ``B [E, 2I, r_gate + r_up]`` with the scalings folded in (a small copy of the factors, not of
-    ``W``). Built with differentiable ops: gradients reach each projection's own factors."""
-    halves = [adapter.gate, adapter.up]
-    if halves == [None, None]:
-        return None
+    is adapted): ``scaling * A`` stacked along the rank, ``[E, r_gate + r_up, in]``, so ``x`` is read once, and
+    a block-diagonal ``B [E, 2I, r_gate + r_up]``; a small copy of the factors in ``dtype`` (default theirs),
+    not of ``W``. Differentiable under autograd: gradients reach each projection's own factors."""
+    halves = (adapter.gate, adapter.up)
     present = [h for h in halves if h is not None]
-    lora_A = torch.cat([h.lora_A for h in present], dim=1)
-    num_experts, rank = lora_A.shape[0], lora_A.shape[1]
-    blocks, col = [], 0
-    for half in halves:
+    if not present:
+        return None
+    first = present[0].lora_A
+    num_experts, in_features = first.shape[0], first.shape[2]
+    rank = sum(h.lora_A.shape[1] for h in present)
+    lora_A = first.new_empty(num_experts, rank, in_features, dtype=dtype or first.dtype)
+    lora_B = first.new_zeros(num_experts, 2 * intermediate, rank, dtype=lora_A.dtype)
+    col = 0
+    for i, half in enumerate(halves):
         if half is None:
-            blocks.append(lora_A.new_zeros(num_experts, intermediate, rank))
             continue
         r = half.lora_A.shape[1]
-        scaled = half.lora_B * half.scaling
-        blocks.append(torch.nn.functional.pad(scaled, (col, rank - col - r)))
+        _scaled(half.lora_A, half.scaling, lora_A[:, col : col + r])
+        lora_B[:, i * intermediate : (i + 1) * intermediate, col : col + r].copy_(half.lora_B)
         col += r
-    return lora_A, torch.cat(blocks, dim=1)
+    return lora_A, lora_B
 
 
-def down_factors(adapter: ExpertsLora) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The adapter's down factors ``(A [E, r, I], scaling * B [E, H, r])``, ``None`` if down is not adapted."""
-    if adapter.down is None:
+def down_factors(
+    adapter: ExpertsLora, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The adapter's down factors ``(scaling * A [E, r, I], B [E, H, r])`` in ``dtype`` (default theirs), ``None``
+    if down is not adapted."""
+    down = adapter.down
+    if down is None:
         return None
-    return adapter.down.lora_A, adapter.down.lora_B * adapter.down.scaling
+    dtype = dtype or down.lora_A.dtype
+    return _scaled(
+        down.lora_A, down.scaling, down.lora_A.new_empty(down.lora_A.shape, dtype=dtype)
+    ), down.lora_B.to(dtype)
 
 
 def gate_up_lora_delta(

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import triton_gemm as tg
-from .lora import ExpertsLora, down_factors, gate_up_factors
+from .lora import ExpertsLora, LoraWeights, down_factors, gate_up_factors
 from .moe_4bit import gemms_for
 from .routing import ExpertRouting
 
@@ -54,6 +54,18 @@ def combine(
     return slots.view(num_tokens, routing.top_k, width).sum(dim=1)
 
 
+def _projections(adapter: ExpertsLora | None) -> tuple[LoraWeights | None, ...]:
+    return (None, None, None) if adapter is None else (adapter.gate, adapter.up, adapter.down)
+
+
+def _factor_tensors(adapter: ExpertsLora | None) -> tuple[torch.Tensor | None, ...]:
+    """``(gate A, gate B, up A, up B, down A, down B)`` of ``adapter`` (``None`` where not adapted), the autograd
+    function's inputs: their gradients are computed here, in their own dtype (PEFT keeps adapters in fp32)."""
+    return tuple(
+        f for w in _projections(adapter) for f in ((None, None) if w is None else (w.lora_A, w.lora_B))
+    )
+
+
 class _TritonExperts(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -62,18 +74,24 @@ class _TritonExperts(torch.autograd.Function):
         gate_up_proj: torch.Tensor,
         down_proj: torch.Tensor,
         top_k_weights: torch.Tensor,
-        gate_up_a: torch.Tensor | None,
-        gate_up_b: torch.Tensor | None,
-        down_a: torch.Tensor | None,
-        down_b: torch.Tensor | None,
+        adapter: ExpertsLora | None,
         routing: ExpertRouting,
         needs_grad: bool,
         dropout_p: float,
+        *factors: torch.Tensor
+        | None,  # _factor_tensors(adapter): the autograd graph reaches them through here
     ) -> torch.Tensor:
         num_tokens, hidden = hidden_states.shape
         m_sizes, token_index = routing.m_sizes, routing.token_index
-        x = hidden_states.to(gate_up_proj.dtype)
+        dtype = gate_up_proj.dtype
+        x = hidden_states.to(dtype)
         scale = top_k_weights.reshape(-1).index_select(0, routing.sorted_slots)
+        # The GEMMs run in the base weights' dtype, the scalings folded into the A factors (see lora.py): built
+        # here, without autograd, so the step records no graph for them.
+        gate_up_a = gate_up_b = down_a = down_b = None
+        if adapter is not None:
+            gate_up_a, gate_up_b = gate_up_factors(adapter, down_proj.shape[2], dtype) or (None, None)
+            down_a, down_b = down_factors(adapter, dtype) or (None, None)
 
         gate_up_lora = t = x_mask = None
         if gate_up_a is not None:
@@ -126,9 +144,11 @@ class _TritonExperts(torch.autograd.Function):
             down_b,
             td,
             h_mask,
+            *factors,
         )
         ctx.routing, ctx.weights_dtype = routing, top_k_weights.dtype
         ctx.prescaled = prescaled
+        ctx.scalings = tuple(None if w is None else w.scaling for w in _projections(adapter))
         return out.to(hidden_states.dtype)
 
     @staticmethod
@@ -148,23 +168,36 @@ class _TritonExperts(torch.autograd.Function):
             down_b,
             td,
             h_mask,
+            *factors,
         ) = ctx.saved_tensors
         needs = ctx.needs_input_grad
         routing: ExpertRouting = ctx.routing
         m_sizes, token_index = routing.m_sizes, routing.token_index
         grad_out = grad_out.to(down_proj.dtype)
-        grad = [None] * 11
+        grad = [None] * (8 + len(factors))
+        factor_grad = grad[8:]  # gate A, gate B, up A, up B, down A, down B
+        factor_needs = needs[8:]
+        gate_scaling, up_scaling, down_scaling = ctx.scalings
 
-        # Down projection: its LoRA's gradient reaching h, (dY·B)·A, joins the epilogue of the GEMM dY·W.
+        # Down projection: its LoRA's gradient reaching h, (dY·B)·(s·A), joins the epilogue of the GEMM dY·W.
         h_lora_grad = None
         if down_a is not None:
             u = tg.grouped_gemm(grad_out, down_b.transpose(1, 2), m_sizes, a_index=token_index)  # dY·B
             h_lora_grad = tg.LoraTerm(u, down_a.transpose(1, 2), h_mask)
             h_lora = h if h_mask is None else h * h_mask
-            if needs[6]:
-                grad[6] = tg.grouped_weight_grad(u, h_lora, m_sizes, row_scale=scale)
-            if needs[7]:
-                grad[7] = tg.grouped_weight_grad(grad_out, td, m_sizes, a_index=token_index, row_scale=scale)
+            if factor_needs[4]:  # d(s·A) / dA = s: folded into the rows' routing weights
+                factor_grad[4] = tg.grouped_weight_grad(
+                    u, h_lora, m_sizes, row_scale=scale * down_scaling, out=torch.empty_like(factors[4])
+                )
+            if factor_needs[5]:  # td = h·(s·A)ᵀ already holds the scaling
+                factor_grad[5] = tg.grouped_weight_grad(
+                    grad_out,
+                    td,
+                    m_sizes,
+                    a_index=token_index,
+                    row_scale=scale,
+                    out=torch.empty_like(factors[5]),
+                )
         d_gate_up, d_scale = gemms_for(down_proj).swiglu_backward(
             grad_out, down_proj, gate_up, scale, m_sizes, token_index, lora=h_lora_grad
         )
@@ -178,11 +211,19 @@ class _TritonExperts(torch.autograd.Function):
             x_rows = x[token_index] * x_mask if x_mask is not None else x
             x_index = None if x_mask is not None else token_index
             dt = tg.grouped_gemm(d_gate_up, gate_up_b.transpose(1, 2), m_sizes)  # dG·B
-            if needs[4]:
-                grad[4] = tg.grouped_weight_grad(dt, x_rows, m_sizes, b_index=x_index)
-            if needs[5]:
-                grad[5] = tg.grouped_weight_grad(d_gate_up, t, m_sizes)
-            if needs[0]:  # (dG·B)·A joins the input gradient's epilogue
+            _gate_up_factor_grads(
+                factor_grad,
+                factor_needs,
+                factors,
+                (gate_scaling, up_scaling),
+                d_gate_up,
+                dt,
+                t,
+                x_rows,
+                x_index,
+                m_sizes,
+            )
+            if needs[0]:  # (dG·B)·(s·A) joins the input gradient's epilogue
                 x_lora_grad = tg.LoraTerm(dt, gate_up_a.transpose(1, 2), x_mask)
         # The input gradient first, then the weight gradients: the combine's [T·K, H] slots are freed before the
         # [E, ...] weight gradients exist (a lower peak).
@@ -204,7 +245,49 @@ class _TritonExperts(torch.autograd.Function):
             grad[2] = tg.grouped_weight_grad(
                 grad_out, h, m_sizes, a_index=token_index, row_scale=None if ctx.prescaled else scale
             )
-        return tuple(grad)
+        return (*grad[:8], *factor_grad)
+
+
+def _gate_up_factor_grads(
+    factor_grad: list,
+    factor_needs: tuple[bool, ...],
+    factors: list[torch.Tensor | None],
+    scalings: tuple[float | None, float | None],
+    d_gate_up: torch.Tensor,
+    dt: torch.Tensor,
+    t: torch.Tensor,
+    x_rows: torch.Tensor,
+    x_index: torch.Tensor | None,
+    m_sizes: torch.Tensor,
+) -> None:
+    """Gradients of the gate and up factors from the stacked ``t = x·(s·A)ᵀ`` and ``dt = dG·B``: each ``B``'s from
+    its own columns of ``dG`` and ``t``, each ``A``'s from its columns of one ``dtᵀ·x`` times its scaling."""
+    inter = d_gate_up.shape[1] // 2
+    d_a = None
+    if factor_needs[0] or factor_needs[2]:
+        d_a = tg.grouped_weight_grad(
+            dt,
+            x_rows,
+            m_sizes,
+            b_index=x_index,
+            out=dt.new_empty(m_sizes.numel(), dt.shape[1], x_rows.shape[1], dtype=torch.float32),
+        )
+    col = 0
+    for i, scaling in enumerate(scalings):
+        if scaling is None:
+            continue
+        lora_A, lora_B = factors[2 * i], factors[2 * i + 1]
+        rank = lora_A.shape[1]
+        if factor_needs[2 * i]:
+            factor_grad[2 * i] = torch.mul(d_a[:, col : col + rank], scaling, out=torch.empty_like(lora_A))
+        if factor_needs[2 * i + 1]:
+            factor_grad[2 * i + 1] = tg.grouped_weight_grad(
+                d_gate_up[:, i * inter : (i + 1) * inter],
+                t[:, col : col + rank],
+                m_sizes,
+                out=torch.empty_like(lora_B),
+            )
+        col += rank
 
 
 def triton_fused_experts(
@@ -219,19 +302,21 @@ def triton_fused_experts(
     apply (several adapters, or a dropout that is not ``nn.Dropout``) and the caller must compose instead."""
     if len(lora) > 1:
         return None
-    dtype = gate_up_proj.dtype
-    factors: list[torch.Tensor | None] = [None] * 4
-    dropout_p = 0.0
-    if lora:
-        adapter = lora[0]
-        p = lora_dropout_p(adapter)
-        if p is None:
-            return None
-        dropout_p = p
-        for i, pair in ((0, gate_up_factors(adapter, down_proj.shape[2])), (2, down_factors(adapter))):
-            if pair is not None:
-                # The GEMMs run in the base weights' dtype (PEFT may keep the factors in fp32).
-                factors[i], factors[i + 1] = (f.to(dtype) for f in pair)
+    adapter = lora[0] if lora else None
+    dropout_p = 0.0 if adapter is None else lora_dropout_p(adapter)
+    if dropout_p is None:
+        return None
+    factors = _factor_tensors(adapter)
     inputs = (hidden_states, gate_up_proj, down_proj, top_k_weights, *factors)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    return _TritonExperts.apply(*inputs, routing, needs_grad, dropout_p)
+    return _TritonExperts.apply(
+        hidden_states,
+        gate_up_proj,
+        down_proj,
+        top_k_weights,
+        adapter,
+        routing,
+        needs_grad,
+        dropout_p,
+        *factors,
+    )

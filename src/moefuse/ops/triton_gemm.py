@@ -266,7 +266,6 @@ def launch_gate_up_swiglu(
         h.stride(1),
         *lora_ops.strides,
         **weight.flags,
-        GATHER_A=True,
         STORE_GATE_UP=store_gate_up,
         SCALE_H=row_scale is not None,
         **lora_ops.flags,
