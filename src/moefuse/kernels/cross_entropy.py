@@ -16,6 +16,14 @@ import triton.language as tl
 
 
 @triton.jit
+def _row(logits_ptr, target_ptr, stride_row, ignore_index):
+    """This program's row: its index, its logits, its target (int64) and whether it counts (not ignored)."""
+    row = tl.program_id(0)
+    target = tl.load(target_ptr + row).to(tl.int64)
+    return row, logits_ptr + row.to(tl.int64) * stride_row, target, target != ignore_index
+
+
+@triton.jit
 def cross_entropy_forward_kernel(
     logits_ptr,
     target_ptr,
@@ -26,8 +34,7 @@ def cross_entropy_forward_kernel(
     ignore_index,
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    row, row_ptr, target, valid = _row(logits_ptr, target_ptr, stride_row, ignore_index)
     cols = tl.arange(0, BLOCK_V)
     # Per lane: the running maximum and the sum of exp(x - maximum). Lanes that have seen only -inf (the tail
     # past V, or -inf logits) keep sum 0; `shift` keeps them away from (-inf) - (-inf).
@@ -42,8 +49,6 @@ def cross_entropy_forward_kernel(
     row_max = tl.max(lane_max, 0)
     lse = row_max + tl.log(tl.sum(lane_sum * tl.exp(lane_max - row_max), 0))
 
-    target = tl.load(target_ptr + row).to(tl.int64)
-    valid = target != ignore_index
     in_range = (target >= 0) & (target < V)
     # A target outside the vocabulary gives a NaN loss instead of reading out of bounds (a check on the host
     # would cost a synchronisation per step).
@@ -66,13 +71,11 @@ def cross_entropy_backward_kernel(
     ignore_index,
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    row, row_ptr, target, valid = _row(logits_ptr, target_ptr, stride_row, ignore_index)
     grad_row_ptr = grad_ptr + row.to(tl.int64) * stride_grad_row
-    target = tl.load(target_ptr + row).to(tl.int64)
     lse = tl.load(lse_ptr + row)
     scale = tl.load(grad_loss_ptr + row * stride_grad_loss).to(tl.float32)
-    scale = tl.where(target != ignore_index, scale, 0.0)
+    scale = tl.where(valid, scale, 0.0)
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         offs = start + cols
