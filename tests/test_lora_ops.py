@@ -105,6 +105,18 @@ def test_lora_equals_merged_weights_and_frozen_base_gets_no_grad():
     assert all(g is not None for g in _grads(lora).values())
 
 
+def test_factors_updated_between_forward_and_backward():
+    """The experts' autograd keeps no reference to the factors' values: an in-place update between forward and
+    backward (an optimizer stepping while another micro-batch's graph is alive) is no error, as with PEFT."""
+    x, gate_up, down, index, weights, lora = _problem(9, 32, 16, 4, 2, ("gate", "up", "down"))
+    out = moefuse.fused_experts(x, gate_up, down, index, weights, lora=[lora])
+    with torch.no_grad():
+        for w in (lora.gate, lora.up, lora.down):
+            w.lora_A.mul_(1.0)
+    out.sum().backward()
+    assert all(g is not None for g in _grads(lora).values())
+
+
 def test_two_adapters_add_up():
     x, gate_up, down, index, weights, first = _problem(11, 16, 8, 4, 2, ("gate", "up", "down"))
     *_, second = _problem(11, 16, 8, 4, 2, ("up", "down"), ranks=(2, 2, 2))

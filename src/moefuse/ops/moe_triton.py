@@ -144,8 +144,10 @@ class _TritonExperts(torch.autograd.Function):
             down_b,
             td,
             h_mask,
-            *factors,
         )
+        # Only the factors' shapes and dtypes: their gradients are allocated like them (saving the factors
+        # themselves would make an optimizer step between forward and backward an error).
+        ctx.factors = tuple(None if f is None else (f.shape, f.dtype) for f in factors)
         ctx.routing, ctx.weights_dtype = routing, top_k_weights.dtype
         ctx.prescaled = prescaled
         ctx.scalings = tuple(None if w is None else w.scaling for w in _projections(adapter))
@@ -168,14 +170,14 @@ class _TritonExperts(torch.autograd.Function):
             down_b,
             td,
             h_mask,
-            *factors,
         ) = ctx.saved_tensors
         needs = ctx.needs_input_grad
         routing: ExpertRouting = ctx.routing
         m_sizes, token_index = routing.m_sizes, routing.token_index
         grad_out = grad_out.to(down_proj.dtype)
-        grad = [None] * (8 + len(factors))
-        factor_grad = grad[8:]  # gate A, gate B, up A, up B, down A, down B
+        factors = ctx.factors
+        grad = [None] * 8  # the inputs before the factors
+        factor_grad = [None] * len(factors)  # gate A, gate B, up A, up B, down A, down B
         factor_needs = needs[8:]
         gate_scaling, up_scaling, down_scaling = ctx.scalings
 
@@ -187,7 +189,7 @@ class _TritonExperts(torch.autograd.Function):
             h_lora = h if h_mask is None else h * h_mask
             if factor_needs[4]:  # d(s·A) / dA = s: folded into the rows' routing weights
                 factor_grad[4] = tg.grouped_weight_grad(
-                    u, h_lora, m_sizes, row_scale=scale * down_scaling, out=torch.empty_like(factors[4])
+                    u, h_lora, m_sizes, row_scale=scale * down_scaling, out=_like(factors[4], x)
                 )
             if factor_needs[5]:  # td = h·(s·A)ᵀ already holds the scaling
                 factor_grad[5] = tg.grouped_weight_grad(
@@ -196,7 +198,7 @@ class _TritonExperts(torch.autograd.Function):
                     m_sizes,
                     a_index=token_index,
                     row_scale=scale,
-                    out=torch.empty_like(factors[5]),
+                    out=_like(factors[5], x),
                 )
         d_gate_up, d_scale = gemms_for(down_proj).swiglu_backward(
             grad_out, down_proj, gate_up, scale, m_sizes, token_index, lora=h_lora_grad
@@ -245,13 +247,19 @@ class _TritonExperts(torch.autograd.Function):
             grad[2] = tg.grouped_weight_grad(
                 grad_out, h, m_sizes, a_index=token_index, row_scale=None if ctx.prescaled else scale
             )
-        return (*grad[:8], *factor_grad)
+        return (*grad, *factor_grad)
+
+
+def _like(factor: tuple[torch.Size, torch.dtype], device_of: torch.Tensor) -> torch.Tensor:
+    """An empty gradient for a factor of this ``(shape, dtype)``."""
+    shape, dtype = factor
+    return device_of.new_empty(shape, dtype=dtype)
 
 
 def _gate_up_factor_grads(
     factor_grad: list,
     factor_needs: tuple[bool, ...],
-    factors: list[torch.Tensor | None],
+    factors: tuple[tuple[torch.Size, torch.dtype] | None, ...],
     scalings: tuple[float | None, float | None],
     d_gate_up: torch.Tensor,
     dt: torch.Tensor,
@@ -277,15 +285,15 @@ def _gate_up_factor_grads(
         if scaling is None:
             continue
         lora_A, lora_B = factors[2 * i], factors[2 * i + 1]
-        rank = lora_A.shape[1]
+        rank = lora_A[0][1]
         if factor_needs[2 * i]:
-            factor_grad[2 * i] = torch.mul(d_a[:, col : col + rank], scaling, out=torch.empty_like(lora_A))
+            factor_grad[2 * i] = torch.mul(d_a[:, col : col + rank], scaling, out=_like(lora_A, dt))
         if factor_needs[2 * i + 1]:
             factor_grad[2 * i + 1] = tg.grouped_weight_grad(
                 d_gate_up[:, i * inter : (i + 1) * inter],
                 t[:, col : col + rank],
                 m_sizes,
-                out=torch.empty_like(lora_B),
+                out=_like(lora_B, dt),
             )
         col += rank
 
