@@ -32,8 +32,7 @@ from transformers import AutoModelForCausalLM
 import moefuse  # noqa: F401  (registers the "moefuse" experts implementation)
 from moefuse.bench.configs import DEFAULT_CONFIG, load_config, tiny_config, with_layers
 from moefuse.bench.implementations import parse_implementations
-from moefuse.bench.model import lora_config_for
-from moefuse.ops.cross_entropy import use_chunked_loss
+from moefuse.bench.model import lora_config_for, set_model_kernels
 
 REPORTS = ("host", "syncs", "gpu")
 
@@ -50,8 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--implementation",
         default="moefuse",
-        help="moefuse or a Transformers experts implementation; a '+loss' suffix (moefuse+loss) takes moefuse's "
-        "causal-LM loss instead of Transformers' (as moefuse bench names them)",
+        help="moefuse or a Transformers experts implementation; suffixes '+loss' and '+norm' (moefuse+loss+norm) "
+        "take moefuse's causal-LM loss and RMSNorm instead of Transformers' (as moefuse bench names them)",
     )
     p.add_argument("--report", default="host,syncs", help=f"comma-separated, of {', '.join(REPORTS)}")
     p.add_argument("--steps", type=int, default=5, help="profiled steps (after 3 warm-up steps)")
@@ -81,8 +80,7 @@ def build_step(args: argparse.Namespace):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").train()
     if args.setup == "lora":
         model = get_peft_model(model, lora_config_for(args.rank, implementation.is_moefuse))
-    if implementation.moefuse_loss:
-        use_chunked_loss(model)
+    set_model_kernels(model, implementation)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=args.device == "cuda" or None)
     ids = torch.randint(0, config.vocab_size, (1, args.tokens), device=args.device)

@@ -53,7 +53,7 @@ def tiny_run(tmp_path_factory):
             "--layers",
             "2",
             "--implementations",
-            "moefuse,grouped_mm,eager,moefuse+loss",
+            "moefuse,grouped_mm,eager,moefuse+loss+norm",
             "--output",
             str(out),
         ]
@@ -81,10 +81,11 @@ def test_tiny_cpu_bench_writes_every_figure(tiny_run):
     )
     assert [(s["level"], s["what"]) for s in result["skipped"]] == [
         ("model", "qlora"),
-        ("op", "moefuse+loss"),
-        ("block", "moefuse+loss"),
+        ("op", "moefuse+loss+norm"),
+        ("block", "moefuse+loss+norm"),
     ]
-    assert "4-bit" in result["skipped"][0]["reason"] and "computes no loss" in result["skipped"][1]["reason"]
+    assert "4-bit" in result["skipped"][0]["reason"]
+    assert "runs no whole model ('+loss' and '+norm'" in result["skipped"][1]["reason"]
 
     rows = result["rows"]
     assert not [r for r in rows if "error" in r]
@@ -92,7 +93,7 @@ def test_tiny_cpu_bench_writes_every_figure(tiny_run):
     impls = ("eager", "grouped_mm", "moefuse")
     expected = {("op", g, m, i) for g in ("gate_up", "down") for m in ("fwd", "fwd+bwd") for i in impls}
     expected |= {("block", "", m, i) for m in ("fwd", "fwd+bwd") for i in impls}
-    expected |= {("model", s, "step", i) for s in ("full", "lora") for i in (*impls, "moefuse+loss")}
+    expected |= {("model", s, "step", i) for s in ("full", "lora") for i in (*impls, "moefuse+loss+norm")}
     assert cases == expected
     for row in rows:
         assert row["tokens"] == 32 and row["median_ms"] > 0 and len(row["times_ms"]) >= 3
@@ -124,8 +125,8 @@ def test_tiny_cpu_bench_writes_every_figure(tiny_run):
     assert any("q_proj.lora_B" in name for name in lora["check"]["errors"])
     full = by_case[("model", "full", "step", "moefuse")]
     assert full["trainable_params"] > lora["trainable_params"] > 0
-    # moefuse's loss gives the same loss and gradients (checked against eager like every row).
-    with_loss = by_case[("model", "lora", "step", "moefuse+loss")]["check"]
+    # moefuse's loss and norms give the same loss and gradients (checked against eager like every row).
+    with_loss = by_case[("model", "lora", "step", "moefuse+loss+norm")]["check"]
     assert with_loss["ok"] and set(with_loss["errors"]) == set(lora["check"]["errors"])
     # The same FLOPs for every implementation of a case: they compute the same thing.
     for key in (("model", "lora", "step"), ("op", "down", "fwd+bwd")):
@@ -146,7 +147,7 @@ def test_report_makes_markdown_tables_and_fills_readme(tiny_run, tmp_path, capsy
         in tables
     )
     assert "| 32 | lora | step | moefuse [torch] |" in tables
-    assert tables.count("\n| 32 |") == 12 + 6 + 8  # op, block, model (moefuse+loss: model only)
+    assert tables.count("\n| 32 |") == 12 + 6 + 8  # op, block, model (moefuse+loss+norm: model only)
 
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\n{README_START}\nold table\n{README_END}\n\nafter\n")
@@ -287,8 +288,12 @@ def test_implementation_names():
         parse_implementations("grouped_mm:torch")
     with pytest.raises(SystemExit, match="listed twice"):
         parse_implementations("eager,eager")
-    with_loss, plain = parse_implementations("grouped_mm+loss,grouped_mm")
+    with_loss, plain, both = parse_implementations("grouped_mm+loss,grouped_mm,moefuse+norm+loss")
     assert with_loss.moefuse_loss and with_loss.experts == "grouped_mm" and not plain.moefuse_loss
+    assert both.moefuse_loss and both.moefuse_norm and both.model_level_only == "'+loss' and '+norm'"
+    for bad in ("grouped_mm+fast", "moefuse+loss+loss"):
+        with pytest.raises(SystemExit, match="suffixes are \\+loss, \\+norm, each at most once"):
+            parse_implementations(bad)
     if importlib.util.find_spec("moefuse.ops.backend") is None:
         with pytest.raises(SystemExit, match="cannot force a kernel backend"):
             parse_implementations("moefuse:torch")
@@ -379,18 +384,23 @@ def test_forced_backends_side_by_side(tmp_path, one_thread):
     assert all(r["check"]["ok"] for r in rows) and rows[1]["check"]["reference"] == "moefuse:torch"
 
 
-def test_plus_loss_sets_moefuse_loss_undoes_it_and_refuses_other_losses():
-    from moefuse.bench.model import set_loss
+def test_suffixes_set_moefuse_loss_and_norms_undo_them_and_refuse_what_they_cannot_replace():
+    from moefuse.bench.model import set_model_kernels
     from moefuse.ops.cross_entropy import causal_lm_loss
 
     _, config = load_config("qwen3-30b-a3b")
     model = AutoModelForCausalLM.from_config(tiny_config(config))
     transformers_loss = model.loss_function
-    (with_loss,) = parse_implementations("grouped_mm+loss")
-    undo = set_loss(model, with_loss)
-    assert model.loss_function is causal_lm_loss
+    norms = [m for m in model.modules() if type(m).__name__ == "Qwen3MoeRMSNorm"]
+    (both,) = parse_implementations("grouped_mm+loss+norm")
+    undo = set_model_kernels(model, both)
+    assert model.loss_function is causal_lm_loss and all("forward" in vars(m) for m in norms)
     undo()
-    assert model.loss_function is transformers_loss
+    assert model.loss_function is transformers_loss and not any("forward" in vars(m) for m in norms)
+    (with_loss,) = parse_implementations("grouped_mm+loss")
     model.loss_function = lambda *args, **kwargs: None  # a loss moefuse's cannot stand in for
     with pytest.raises(SystemExit, match="not Transformers' ForCausalLMLoss.*drop '\\+loss'"):
-        set_loss(model, with_loss)
+        set_model_kernels(model, with_loss)
+    (with_norm,) = parse_implementations("grouped_mm+norm")
+    with pytest.raises(SystemExit, match="no RMSNorm module.*drop '\\+norm'"):
+        set_model_kernels(torch.nn.Linear(2, 2), with_norm)

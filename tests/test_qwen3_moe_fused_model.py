@@ -104,6 +104,9 @@ def test_generate_and_save_round_trip(hub_checkpoint, tmp_path):
 def test_constructed_from_config_uses_moefuse():
     model = Qwen3MoeFusedForCausalLM(tiny_config("qwen3_moe"))
     assert model.config._experts_implementation == "moefuse"
+    norms = [m for m in model.modules() if type(m).__name__ == "Qwen3MoeRMSNorm"]
+    assert len(norms) == 4 * model.config.num_hidden_layers + 1  # input, post-attention, q and k; final
+    assert all("forward" in vars(m) for m in norms)  # moefuse's rms_norm
 
 
 def test_unreadable_checkpoints_fail_clearly(hub_checkpoint, tmp_path):

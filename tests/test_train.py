@@ -45,6 +45,8 @@ def test_default_run_loss_falls_and_writes_everything(default_run):
     assert result.throughput["tokens"] > 0 and result.throughput["tokens_per_second"] > 0
     base = result.model.get_base_model() if hasattr(result.model, "get_base_model") else result.model
     assert base.loss_function is causal_lm_loss  # chunked_loss is on by default
+    norms = [m for m in base.modules() if type(m).__name__ == "Qwen3MoeRMSNorm"]
+    assert norms and all("forward" in vars(m) for m in norms)  # fused_norm is on by default
     steady = result.throughput["after_first_log"]  # 4 logs: the last 3 intervals' tokens
     assert (
         0 < steady["tokens"] < result.throughput["tokens"]

@@ -18,8 +18,8 @@ MODES = ("fwd", "fwd+bwd")
 
 def unsupported(implementation: Implementation) -> str | None:
     """Why the block level cannot run ``implementation`` (``None`` when it can)."""
-    if implementation.moefuse_loss:
-        return "the block level computes no loss ('+loss' is for the model level)"
+    if implementation.model_level_only:
+        return f"the block level runs no whole model ({implementation.model_level_only}: the model level)"
     return None
 
 

@@ -272,8 +272,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_IMPLEMENTATIONS,
         help="comma-separated: moefuse (its backend chosen automatically) or moefuse:BACKEND to force one "
         f"(torch, triton), and Transformers' experts implementations (eager, grouped_mm, batched_mm, ...); "
-        "a '+loss' suffix (model level; e.g. moefuse+loss) computes the loss with moefuse's causal_lm_loss "
-        f"instead of Transformers'; default {DEFAULT_IMPLEMENTATIONS}",
+        "suffixes (model level): '+loss' computes the loss with moefuse's causal_lm_loss instead of "
+        "Transformers', '+norm' runs the RMSNorm modules through moefuse's rms_norm (e.g. moefuse+loss+norm); "
+        f"default {DEFAULT_IMPLEMENTATIONS}",
     )
     what.add_argument(
         "--modes",

@@ -1,8 +1,10 @@
 """The implementations a bench compares, by name: Transformers' experts implementations (``eager``,
 ``grouped_mm``, ``batched_mm``, ...) and ``moefuse``, optionally with its kernel backend forced
-(``moefuse:torch``, ``moefuse:triton``). A ``+loss`` suffix (model level only) computes the causal-LM loss with
-moefuse's :func:`~moefuse.ops.causal_lm_loss` instead of Transformers' ``ForCausalLMLoss``, as ``moefuse train``
-does (``moefuse+loss``; ``grouped_mm+loss`` shows what the loss alone gives Transformers' experts)."""
+(``moefuse:torch``, ``moefuse:triton``). Suffixes (model level only) swap in moefuse's kernels for parts of the
+model outside the experts, as ``moefuse train`` and ``moefuse.Qwen3MoeFusedForCausalLM`` do: ``+loss`` computes
+the causal-LM loss with :func:`~moefuse.ops.causal_lm_loss` instead of Transformers' ``ForCausalLMLoss``, ``+norm``
+runs the RMSNorm modules through :func:`~moefuse.ops.rms_norm` (``moefuse+loss+norm``; on ``grouped_mm`` they
+show what those kernels alone give Transformers' experts)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import torch
 from ..experts import EXPERTS_IMPLEMENTATION
 
 DEFAULT_IMPLEMENTATIONS = f"{EXPERTS_IMPLEMENTATION},grouped_mm,eager"
-LOSS_SUFFIX = "+loss"
+# Model-level suffixes: the loss and the norms from moefuse.
+MODIFIERS = ("loss", "norm")
 # The module of moefuse that selects the grouped-GEMM backend (use_backend / BACKENDS).
 _BACKEND_MODULE = "moefuse.ops.backend"
 
@@ -26,12 +29,22 @@ _BACKEND_MODULE = "moefuse.ops.backend"
 class Implementation:
     """One column of the comparison: ``experts`` is the name Transformers dispatches the experts to;
     ``backend`` (moefuse only) forces moefuse's grouped-GEMM backend, ``None`` leaves moefuse's own choice;
-    ``moefuse_loss``: the model level's loss is moefuse's ``causal_lm_loss`` (else Transformers')."""
+    ``moefuse_loss``: the model level's loss is moefuse's ``causal_lm_loss`` (else Transformers');
+    ``moefuse_norm``: the model's RMSNorm modules run moefuse's ``rms_norm`` (else their own forward)."""
 
     name: str
     experts: str
     backend: str | None = None
     moefuse_loss: bool = False
+    moefuse_norm: bool = False
+
+    @property
+    def model_level_only(self) -> str | None:
+        """The suffixes that only a whole model can take (``"'+loss'"``, ...), ``None`` when there are none."""
+        suffixes = [
+            f"'+{m}'" for m, on in zip(MODIFIERS, (self.moefuse_loss, self.moefuse_norm), strict=True) if on
+        ]
+        return " and ".join(suffixes) or None
 
     @property
     def is_moefuse(self) -> bool:
@@ -81,15 +94,18 @@ def parse_implementations(spec: str) -> list[Implementation]:
     for name in (part.strip() for part in spec.split(",")):
         if not name:
             continue
-        base, moefuse_loss = (
-            (name[: -len(LOSS_SUFFIX)], True) if name.endswith(LOSS_SUFFIX) else (name, False)
-        )
+        base, *modifiers = name.split("+")
+        unknown = [m for m in modifiers if m not in MODIFIERS]
+        if unknown or len(set(modifiers)) != len(modifiers):
+            raise SystemExit(
+                f"moefuse bench: '{name}': suffixes are {', '.join('+' + m for m in MODIFIERS)}, each at most once"
+            )
         experts, _, backend = base.partition(":")
         if experts not in known:
             raise SystemExit(
                 f"moefuse bench: unknown implementation '{experts}' in --implementations; "
                 f"choose from {', '.join(known)} (moefuse may take ':backend', e.g. moefuse:torch; any may take "
-                f"'{LOSS_SUFFIX}' for moefuse's loss at the model level)"
+                "'+loss' and '+norm' for moefuse's loss and norms at the model level)"
             )
         if backend and experts != EXPERTS_IMPLEMENTATION:
             raise SystemExit(
@@ -103,7 +119,9 @@ def parse_implementations(spec: str) -> list[Implementation]:
                 )
         if any(impl.name == name for impl in result):
             raise SystemExit(f"moefuse bench: '{name}' is listed twice in --implementations")
-        result.append(Implementation(name, experts, backend or None, moefuse_loss))
+        result.append(
+            Implementation(name, experts, backend or None, "loss" in modifiers, "norm" in modifiers)
+        )
     if not result:
         raise SystemExit(
             "moefuse bench: --implementations is empty; e.g. --implementations moefuse,grouped_mm"

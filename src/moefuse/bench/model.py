@@ -9,7 +9,8 @@ and PEFT's own ``target_parameters`` LoRA on ``experts.gate_up_proj``/``experts.
 attention LoRA for Transformers' implementations. Both get the same adapter values (see
 :mod:`moefuse.bench.lora_factors`), so their losses and adapter gradients are compared like any other.
 An implementation named with ``+loss`` (``moefuse+loss``) computes the loss with moefuse's ``causal_lm_loss``
-(one Triton kernel per pass on a GPU, no fp32 copy of the logits), as ``moefuse train`` does by default.
+(one Triton kernel per pass on a GPU, no fp32 copy of the logits), and with ``+norm`` its RMSNorm modules run
+moefuse's ``rms_norm`` (one kernel each way), as ``moefuse train`` does by default.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from ..lora import ATTENTION_PROJECTIONS, lora_config
 from ..lora.targets import PROJECTIONS
 from ..ops.cross_entropy import use_chunked_loss
+from ..ops.rms_norm import RMS_NORM_CLASSES, use_fused_rms_norm
 from .block import randomize_
 from .configs import with_layers
 from .implementations import Implementation, set_experts_implementation
@@ -45,7 +47,7 @@ EXPERTS_TARGET_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
 
 
 def unsupported(implementation: Implementation) -> str | None:
-    """The model level runs every implementation (``+loss`` included)."""
+    """The model level runs every implementation (``+loss`` and ``+norm`` included)."""
     return None
 
 
@@ -180,16 +182,27 @@ class TrainStep:
         self._on_close()
 
 
-def set_loss(model: PreTrainedModel, implementation: Implementation) -> Callable[[], None]:
-    """Give ``model`` moefuse's causal-LM loss when ``implementation`` asks for it (``+loss``); returns the undo."""
-    if not implementation.moefuse_loss:
-        return lambda: None
-    if not use_chunked_loss(model):
+def set_model_kernels(model: PreTrainedModel, implementation: Implementation) -> Callable[[], None]:
+    """Give ``model`` moefuse's causal-LM loss (``+loss``) and RMSNorm (``+norm``) when ``implementation`` asks
+    for them; returns the undo."""
+    if implementation.moefuse_loss and not use_chunked_loss(model):
         raise SystemExit(
             f"moefuse bench: '{implementation.name}': this model's loss is not Transformers' ForCausalLMLoss, "
             "so moefuse's causal-LM loss cannot stand in for it; drop '+loss'"
         )
-    return lambda: vars(model).pop("_loss_function", None)  # back to the class's loss_function
+    if implementation.moefuse_norm and not use_fused_rms_norm(model):
+        raise SystemExit(
+            f"moefuse bench: '{implementation.name}': this model has no RMSNorm module moefuse's rms_norm computes "
+            f"({', '.join(sorted(RMS_NORM_CLASSES))}); drop '+norm'"
+        )
+
+    def undo() -> None:
+        if implementation.moefuse_loss:
+            vars(model).pop("_loss_function", None)  # back to the class's loss_function
+        if implementation.moefuse_norm:
+            use_fused_rms_norm(model, enable=False)
+
+    return undo
 
 
 def lora_config_for(rank: int, moefuse: bool) -> LoraConfig:
@@ -234,7 +247,9 @@ def cases(ctx: BenchContext, tokens: int) -> list[Case]:
         def grads() -> dict[str, torch.Tensor]:
             return {f"grad {name}": p.grad for name, p in named if p.grad is not None}
 
-        return TrainStep(model, input_ids, flops.step("full", rank), grads, set_loss(model, implementation))
+        return TrainStep(
+            model, input_ids, flops.step("full", rank), grads, set_model_kernels(model, implementation)
+        )
 
     def lora(implementation: Implementation) -> TrainStep:
         randomize_(model, ctx.seed, std)
@@ -244,10 +259,10 @@ def cases(ctx: BenchContext, tokens: int) -> list[Case]:
         if not lora_values:  # the first implementation draws the adapter values, the others take them
             lora_values.update(random_canonical_values(factors, ctx.seed + 2, std))
         write_canonical(factors, lora_values)
-        restore_loss = set_loss(model, implementation)
+        restore_kernels = set_model_kernels(model, implementation)
 
         def close() -> None:
-            restore_loss()
+            restore_kernels()
             peft_model.unload()
 
         return TrainStep(

@@ -34,8 +34,8 @@ OP_IMPLEMENTATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor
 
 def unsupported(implementation: Implementation) -> str | None:
     """Why the op level cannot run ``implementation`` (``None`` when it can)."""
-    if implementation.moefuse_loss:
-        return "the op level computes no loss ('+loss' is for the model level)"
+    if implementation.model_level_only:
+        return f"the op level runs no whole model ({implementation.model_level_only}: the model level)"
     if implementation.experts in OP_IMPLEMENTATIONS:
         return None
     return f"the op level compares {', '.join(OP_IMPLEMENTATIONS)} only"

@@ -18,6 +18,7 @@ from transformers import GenerationConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM, 
 from ..convert.layouts import Checkpoint, TransformersLayoutView, detect_layout
 from ..experts import EXPERTS_IMPLEMENTATION
 from ..ops.cross_entropy import causal_lm_loss
+from ..ops.rms_norm import use_fused_rms_norm
 
 
 def _default_to_moefuse(config: Qwen3MoeConfig) -> None:
@@ -68,11 +69,13 @@ class _SwitchableExperts:
 
 
 class Qwen3MoeFusedModel(_SwitchableExperts, Qwen3MoeModel):
-    """``Qwen3MoeModel`` whose experts run through moefuse by default."""
+    """``Qwen3MoeModel`` whose experts run through moefuse by default, and its RMSNorms through
+    :func:`~moefuse.ops.rms_norm` (``use_fused_rms_norm(model, enable=False)`` goes back to their own forward)."""
 
     def __init__(self, config: Qwen3MoeConfig):
         _default_to_moefuse(config)
         super().__init__(config)
+        use_fused_rms_norm(self)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -84,11 +87,14 @@ class Qwen3MoeFusedModel(_SwitchableExperts, Qwen3MoeModel):
 
 
 class Qwen3MoeFusedForCausalLM(_SwitchableExperts, Qwen3MoeForCausalLM):
-    """``Qwen3MoeForCausalLM`` whose experts run through moefuse by default, loading every known layout."""
+    """``Qwen3MoeForCausalLM`` whose experts run through moefuse by default, loading every known layout; its
+    RMSNorms run :func:`~moefuse.ops.rms_norm` and its loss :func:`~moefuse.ops.causal_lm_loss` (same values as
+    Transformers', fewer kernels)."""
 
     def __init__(self, config: Qwen3MoeConfig):
         _default_to_moefuse(config)
         super().__init__(config)
+        use_fused_rms_norm(self)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):

@@ -4,6 +4,7 @@ from .cross_entropy import causal_lm_loss, cross_entropy_rows, use_chunked_loss
 from .grouped_gemm import moe_fused_linear, moe_fused_linear_reference
 from .lora import ExpertsLora, LoraWeights
 from .moe import fused_experts, fused_experts_reference
+from .rms_norm import rms_norm, rms_norm_reference, use_fused_rms_norm
 from .routing import ExpertRouting, route, route_reference
 
 __all__ = [
@@ -16,7 +17,10 @@ __all__ = [
     "fused_experts_reference",
     "moe_fused_linear",
     "moe_fused_linear_reference",
+    "rms_norm",
+    "rms_norm_reference",
     "route",
     "route_reference",
     "use_chunked_loss",
+    "use_fused_rms_norm",
 ]

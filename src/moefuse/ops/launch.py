@@ -8,7 +8,7 @@ dozens of launches per layer, so the host, not the GPU, sets the pace of short s
 
 :func:`launch` asks the autotuner once per key (it tunes, or takes its cached choice) and the JIT function once
 per set of arguments (it compiles, or takes its cached kernel); from then on a call with the same arguments up
-to their values (tensors: dtype and 16-byte alignment; integers: exact values; the constexprs) launches the
+to their values (tensors: dtype and 16-byte alignment; integers and floats: exact values; the constexprs) launches the
 compiled kernel directly. That key is finer than what Triton specialises on, so a launch never reaches a kernel
 compiled for other arguments. Set ``MOEFUSE_FAST_LAUNCH=0`` to go through Triton's path on every call.
 """
@@ -111,7 +111,7 @@ class _Launcher:
         key = (
             device,
             *constexprs.values(),
-            *[a if type(a) is int else (a.dtype, a.data_ptr() % 16 == 0) for a in args],
+            *[a if type(a) is int or type(a) is float else (a.dtype, a.data_ptr() % 16 == 0) for a in args],
         )
         entry = self.compiled.get(key)
         if entry is None:  # Triton's own path: compiles, or finds its kernel for these arguments
@@ -146,7 +146,7 @@ _launchers: dict[int, _Launcher] = {}
 def launch(kernel: Autotuner | JITFunction, grid: Grid, *args: object, **constexprs: object) -> None:
     """``kernel[grid](*args, **constexprs)`` for an autotuned kernel or a JIT function, skipping the autotuner and
     the JIT function's binder once their choices for these arguments are known. ``args`` are the kernel's
-    non-constexpr arguments, in order (tensors and integers); ``grid`` maps the launch's meta-parameters
+    non-constexpr arguments, in order (tensors, integers, floats); ``grid`` maps the launch's meta-parameters
     (``BLOCK_M``, ...) to the grid."""
     if not FAST_LAUNCH:
         kernel[grid](*args, **constexprs)

@@ -69,6 +69,13 @@ class MoefuseTrainArguments:
             "(moefuse.ops.cross_entropy; same values as Transformers' loss); false: Transformers' own"
         },
     )
+    fused_norm: bool = field(
+        default=True,
+        metadata={
+            "help": "RMSNorm in one kernel each way (moefuse.ops.rms_norm; same values as Transformers' norms); "
+            "false: the norm modules' own forward"
+        },
+    )
     dtype: str = field(
         default="auto",
         metadata={

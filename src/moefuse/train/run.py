@@ -18,6 +18,7 @@ from trl import SFTConfig, SFTTrainer
 from ..convert import convert_lora_to_unfused
 from ..experts import EXPERTS_IMPLEMENTATION
 from ..ops.cross_entropy import use_chunked_loss
+from ..ops.rms_norm import use_fused_rms_norm
 from .callbacks import ThroughputCallback, add_throughput_callback, num_experts
 from .config import LORA_TYPES, MoefuseTrainArguments, TrainConfigError, parse_train_args
 from .data import is_conversational, load_train_dataset
@@ -145,6 +146,7 @@ def train(args: MoefuseTrainArguments, sft_config: SFTConfig) -> TrainResult:
     quantization = qlora_quantization(dtype) if args.finetuning_type == "qlora" else None
     model = load_model(source, dtype, sft_config.device, quantization)
     use_chunked_loss(model, enable=args.chunked_loss)
+    use_fused_rms_norm(model, enable=args.fused_norm)
     save_base = args.save_base_model if args.save_base_model is not None else source.random_init
     if source.random_init and save_base and is_main:
         if quantization is not None:  # the 4-bit weights the adapter was trained on
