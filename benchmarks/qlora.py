@@ -43,6 +43,7 @@ from moefuse.bench.model import lora_config_for
 from moefuse.lora import lora_config
 from moefuse.lora.targets import PROJECTIONS
 from moefuse.ops.cross_entropy import use_chunked_loss
+from moefuse.ops.rms_norm import use_fused_rms_norm
 from moefuse.quant import ExpertWeights4bit
 from moefuse.quant.model import from_config
 
@@ -98,6 +99,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="trl-fused: TRL's fused LM head (what moefuse train gets from SFTTrainer: the logits are never "
         "built whole); chunked: moefuse.ops.cross_entropy (the whole logits, no fp32 copies); transformers: its "
         "ForCausalLMLoss. Default: trl-fused where TRL has it, else chunked",
+    )
+    p.add_argument(
+        "--norm",
+        choices=("transformers", "moefuse"),
+        default="transformers",
+        help="RMSNorm modules: their own forward, or moefuse.ops.rms_norm (one kernel each way; moefuse train's "
+        "default)",
     )
     p.add_argument("--tiny", action="store_true", help="the config's family at toy sizes")
     p.add_argument(
@@ -199,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
         use_chunked_loss(model)
     elif args.loss == "trl-fused":
         _trl_fused_lm_head()(model)  # before PEFT wraps the model, as TRL asks
+    if args.norm == "moefuse":
+        use_fused_rms_norm(model)
     loss_kwargs = {"fused_lm_head": True} if args.loss == "trl-fused" else {}
     pin = device.type == "cuda"
     offload = (lambda: save_on_cpu(pin_memory=pin)) if args.offload_activations else nullcontext
@@ -262,6 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
         "step_in_backward": args.step_in_backward,
         "offload_activations": args.offload_activations,
         "loss": args.loss,
+        "norm": args.norm,
         "seq": args.seq,
         "batch": args.batch,
         "trainable_params": sum(p.numel() for p in params),
@@ -284,6 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
         suffix += f"_experts-r{args.expert_rank}" if args.expert_rank else ""
         suffix += "_step-in-backward" if args.step_in_backward else ""
         suffix += "_offload" if args.offload_activations else ""
+        suffix += "_moefuse-norm" if args.norm == "moefuse" else ""
         out = Path(__file__).resolve().parent / "results" / f"qlora_{label}_{args.mode}{suffix}_{gpu}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -26,13 +26,14 @@ def test_quant_gemm_benchmark_runs_on_cpu(tmp_path):
 def test_qlora_benchmark_runs_on_cpu(tmp_path, mode):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "qlora.json"
-    args = f"--device cpu --tiny --layers 2 --mode {mode} --steps 2 --warmup 1 --seq 16"
+    norm = "moefuse" if mode == "lora" else "transformers"  # each run takes one of the two norms
+    args = f"--device cpu --tiny --layers 2 --mode {mode} --steps 2 --warmup 1 --seq 16 --norm {norm}"
     load_benchmark("qlora").main([*args.split(), "--out", str(out)])
     report = json.loads(out.read_text())
     assert report["mode"] == mode and report["layers"] == 2 and report["gradient_checkpointing"]
     assert len(report["losses"]) == 3 and all(math.isfinite(loss) for loss in report["losses"])
     assert report["tokens_per_s"] > 0 and report["trainable_params"] > 0
-    assert (report["experts_4bit_gib"] > 0) == (mode == "qlora")
+    assert (report["experts_4bit_gib"] > 0) == (mode == "qlora") and report["norm"] == norm
 
 
 def test_qlora_benchmark_refuses_bad_arguments_before_building(monkeypatch, capsys):
