@@ -13,8 +13,9 @@ bench() { PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" python -m moefuse.cli benc
 bench --level block --tokens 4096,16384 --output "$out/block_qwen3-30b-a3b_$gpu.json" --plots
 # One grouped GEMM (gate_up and down projections) and its backward.
 bench --level op --tokens 4096,16384 --output "$out/op_qwen3-30b-a3b_$gpu.json" --plots
-# 4 decoder layers at full dims, one AdamW step: full fine-tune and LoRA r=16 on attention + experts; '+loss':
-# moefuse's causal-LM loss instead of Transformers' (moefuse+loss, and grouped_mm+loss to show the loss alone).
+# 4 decoder layers at full dims, one AdamW step: full fine-tune and LoRA r=16 on attention + experts; '+loss' and
+# '+norm': moefuse's causal-LM loss and RMSNorm instead of Transformers' (what moefuse's model class and moefuse
+# train use; on grouped_mm they show what those kernels alone give).
 bench --level model --layers 4 --tokens 4096 --setups full,lora,qlora --lora-rank 16 \
-    --implementations moefuse+loss,moefuse,grouped_mm+loss,grouped_mm,eager \
+    --implementations moefuse+loss+norm,moefuse+loss,moefuse,grouped_mm+loss+norm,grouped_mm+loss,grouped_mm,eager \
     --output "$out/model_qwen3-30b-a3b_$gpu.json" --plots
