@@ -243,6 +243,26 @@ def test_fused_experts_on_triton_128_experts_top8():
     check_experts(experts_problem(*E128_TOP8, dtype=torch.float32), torch.float32)
 
 
+@pytest.mark.parametrize("case", [EXPERT_CASES[0], EXPERT_CASES[2], E128_TOP8])
+def test_fused_experts_base_weight_grads_on_grouped_mm(case, monkeypatch):
+    """The base weights' gradients through torch's grouped_mm (what Hopper takes), on operands copied into
+    grouped order; forced here on every device, counting that the path ran."""
+    from moefuse.ops import moe_triton
+
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return grouped_mm_weight_grad(*args)
+
+    grouped_mm_weight_grad = moe_triton.grouped_mm_weight_grad
+    monkeypatch.setattr(moe_triton, "weight_grad_on_grouped_mm", lambda t: True)
+    monkeypatch.setattr(moe_triton, "grouped_mm_weight_grad", counted)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32  # grouped_mm takes bf16 only on a GPU
+    check_experts(experts_problem(*case, dtype=dtype), dtype)
+    assert len(calls) == 2  # gate/up and down
+
+
 def test_fused_experts_triton_non_contiguous_and_repeats_bit_for_bit():
     x, gu, d, idx, w = experts_problem(11, 32, 16, 8, 2, dtype=torch.float32)
     xt = randn(32, 11, dtype=torch.float32).t().requires_grad_()

@@ -60,8 +60,9 @@ def triton_available() -> bool:
 
 
 @functools.cache
-def _capability(index: int | None) -> tuple[int, int]:
-    # Asked on every call of every op: torch.cuda.get_device_capability costs ~20 us of host time per call.
+def device_capability(index: int | None) -> tuple[int, int]:
+    """``torch.cuda.get_device_capability(index)``, cached: ops ask on every call, and it costs ~20 us of host
+    time a call."""
     return torch.cuda.get_device_capability(index)
 
 
@@ -74,7 +75,7 @@ def use_triton(tensor: torch.Tensor) -> bool:
     backend = get_backend()
     if backend == "torch":
         return False
-    on_gpu = tensor.device.type == "cuda" and _capability(tensor.device.index) >= (8, 0)
+    on_gpu = tensor.device.type == "cuda" and device_capability(tensor.device.index) >= (8, 0)
     if backend == "auto":
         return on_gpu and triton_available()
     if not triton_available():

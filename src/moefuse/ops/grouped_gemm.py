@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backend import use_triton
+from .backend import device_capability, use_triton
 
-_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -24,13 +24,14 @@ def _aligned(t: torch.Tensor) -> bool:
     return all(s == 1 or (s * size) % 16 == 0 for s in t.stride())
 
 
-def _use_grouped_mm(*tensors: torch.Tensor) -> bool:
-    if not _HAS_GROUPED_MM:
+def grouped_mm_supports(*tensors: torch.Tensor) -> bool:
+    """Whether ``torch.nn.functional.grouped_mm`` takes these operands (dtype, GPU, alignment)."""
+    if not HAS_GROUPED_MM:
         return False
     device = tensors[0].device
     # On CUDA the grouped_mm kernels are bf16 on sm80+; other dtypes take the loop.
     if device.type == "cuda" and (
-        tensors[0].dtype != torch.bfloat16 or torch.cuda.get_device_capability(device) < (8, 0)
+        tensors[0].dtype != torch.bfloat16 or device_capability(device.index) < (8, 0)
     ):
         return False
     return all(_aligned(t) for t in tensors)
@@ -44,7 +45,7 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, m_sizes: torch.Tensor) -> torch
     """``out[rows of e] = a[rows of e] @ b[e]`` for ``a [N, k]`` grouped by expert and ``b [E, k, n]``."""
     if a.shape[0] == 0:
         return a.new_zeros(0, b.shape[-1])
-    if _use_grouped_mm(a, b):
+    if grouped_mm_supports(a, b):
         return F.grouped_mm(a, b, offs=_offsets(m_sizes))
     out = a.new_empty(a.shape[0], b.shape[-1])
     start = 0
@@ -58,7 +59,7 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, m_sizes: torch.Tensor) -> torch
 def grouped_mm_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, m_sizes: torch.Tensor) -> torch.Tensor:
     """``dW[e] = grad_out[rows of e]^T @ x[rows of e]`` → ``[E, out, in]`` (zeros for experts without rows)."""
     num_experts = m_sizes.numel()
-    if grad_out.shape[0] > 0 and _use_grouped_mm(grad_out.t(), x):
+    if grad_out.shape[0] > 0 and grouped_mm_supports(grad_out.t(), x):
         return F.grouped_mm(grad_out.t(), x, offs=_offsets(m_sizes))
     out = x.new_zeros(num_experts, grad_out.shape[1], x.shape[1])
     start = 0

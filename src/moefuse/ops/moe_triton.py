@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from . import triton_gemm as tg
+from .backend import device_capability
+from .grouped_gemm import HAS_GROUPED_MM, grouped_mm_supports, grouped_mm_weight_grad
 from .lora import ExpertsLora, LoraWeights, down_factors, gate_up_factors
 from .moe_4bit import gemms_for
 from .routing import ExpertRouting
@@ -52,6 +54,40 @@ def combine(
     slots = torch.empty(num_tokens * routing.top_k, width, device=routing.m_sizes.device, dtype=dtype)
     gemm(out=slots, out_index=routing.sorted_slots)
     return slots.view(num_tokens, routing.top_k, width).sum(dim=1)
+
+
+def weight_grad_on_grouped_mm(t: torch.Tensor) -> bool:
+    """Whether the base weights' gradients run on ``torch.nn.functional.grouped_mm`` (CUTLASS) instead of the
+    Triton kernel: on Hopper in bf16. At Qwen3-30B-A3B dims on an H100 its gate/up weight gradient takes
+    0.549 ms against the Triton kernel's 0.732 ms at 4096 tokens, 0.623 ms with the sorted copy of the rows it
+    needs (1.56 against 2.13 ms at 16384 tokens), where the Triton kernel's short per-expert reductions leave its
+    pipeline half full."""
+    return (
+        HAS_GROUPED_MM
+        and t.is_cuda
+        and t.dtype == torch.bfloat16
+        and device_capability(t.device.index) >= (9, 0)
+    )
+
+
+def base_weight_grad(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    m_sizes: torch.Tensor,
+    *,
+    a_index: torch.Tensor | None = None,
+    b_index: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`~moefuse.ops.triton_gemm.grouped_weight_grad` for an expert stack's gradient ``[E, N, K]``; where
+    :func:`weight_grad_on_grouped_mm` says so (and no row scale is asked), the gathered operand is copied into
+    grouped order (a transient ``[rows, ·]``) and the product runs on ``grouped_mm``."""
+    if row_scale is None and weight_grad_on_grouped_mm(a):
+        a_rows = a if a_index is None else a.index_select(0, a_index)
+        b_rows = b if b_index is None else b.index_select(0, b_index)
+        if grouped_mm_supports(a_rows.t(), b_rows):
+            return grouped_mm_weight_grad(a_rows, b_rows, m_sizes)
+    return tg.grouped_weight_grad(a, b, m_sizes, a_index=a_index, b_index=b_index, row_scale=row_scale)
 
 
 def _projections(adapter: ExpertsLora | None) -> tuple[LoraWeights | None, ...]:
@@ -241,10 +277,10 @@ class _TritonExperts(torch.autograd.Function):
                 x.dtype,
             )
         if needs[1]:
-            grad[1] = tg.grouped_weight_grad(d_gate_up, x, m_sizes, b_index=token_index)
+            grad[1] = base_weight_grad(d_gate_up, x, m_sizes, b_index=token_index)
         d_gate_up = None  # freed before the down weight gradient is allocated
         if needs[2]:
-            grad[2] = tg.grouped_weight_grad(
+            grad[2] = base_weight_grad(
                 grad_out, h, m_sizes, a_index=token_index, row_scale=None if ctx.prescaled else scale
             )
         return (*grad, *factor_grad)
