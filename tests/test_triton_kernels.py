@@ -256,7 +256,7 @@ def test_fused_experts_base_weight_grads_on_grouped_mm(case, monkeypatch):
         return grouped_mm_weight_grad(*args)
 
     grouped_mm_weight_grad = moe_triton.grouped_mm_weight_grad
-    monkeypatch.setattr(moe_triton, "weight_grad_on_grouped_mm", lambda t: True)
+    monkeypatch.setattr(moe_triton, "weight_grad_on_grouped_mm", lambda t, rows_per_expert: True)
     monkeypatch.setattr(moe_triton, "grouped_mm_weight_grad", counted)
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32  # grouped_mm takes bf16 only on a GPU
     check_experts(experts_problem(*case, dtype=dtype), dtype)

@@ -56,14 +56,19 @@ def combine(
     return slots.view(num_tokens, routing.top_k, width).sum(dim=1)
 
 
-def weight_grad_on_grouped_mm(t: torch.Tensor) -> bool:
+# Rows per expert from which the base weights' gradients run on grouped_mm (see weight_grad_on_grouped_mm).
+GROUPED_MM_WEIGHT_GRAD_ROWS = 512
+
+
+def weight_grad_on_grouped_mm(t: torch.Tensor, rows_per_expert: int) -> bool:
     """Whether the base weights' gradients run on ``torch.nn.functional.grouped_mm`` (CUTLASS) instead of the
-    Triton kernel: on Hopper in bf16. At Qwen3-30B-A3B dims on an H100 its gate/up weight gradient takes
-    0.549 ms against the Triton kernel's 0.732 ms at 4096 tokens, 0.623 ms with the sorted copy of the rows it
-    needs (1.56 against 2.13 ms at 16384 tokens), where the Triton kernel's short per-expert reductions leave its
-    pipeline half full."""
+    Triton kernel: on Hopper in bf16, with long per-expert reductions. Measured on an H100 at Qwen3-30B-A3B
+    dims, block forward+backward with both weight gradients on it: 8.98 against 9.68 ms at 16384 tokens (1024
+    rows per expert), but 3.77 against 3.36 ms at 4096 (256 rows per expert): the sorted copies of the gathered
+    operand and its launches cost more there than the faster mainloop gives back."""
     return (
-        HAS_GROUPED_MM
+        rows_per_expert >= GROUPED_MM_WEIGHT_GRAD_ROWS
+        and HAS_GROUPED_MM
         and t.is_cuda
         and t.dtype == torch.bfloat16
         and device_capability(t.device.index) >= (9, 0)
@@ -82,7 +87,8 @@ def base_weight_grad(
     """:func:`~moefuse.ops.triton_gemm.grouped_weight_grad` for an expert stack's gradient ``[E, N, K]``; where
     :func:`weight_grad_on_grouped_mm` says so (and no row scale is asked), the gathered operand is copied into
     grouped order (a transient ``[rows, ·]``) and the product runs on ``grouped_mm``."""
-    if row_scale is None and weight_grad_on_grouped_mm(a):
+    rows = a_index.numel() if a_index is not None else a.shape[0]
+    if row_scale is None and weight_grad_on_grouped_mm(a, rows // max(1, m_sizes.numel())):
         a_rows = a if a_index is None else a.index_select(0, a_index)
         b_rows = b if b_index is None else b.index_select(0, b_index)
         if grouped_mm_supports(a_rows.t(), b_rows):
