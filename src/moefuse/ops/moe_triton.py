@@ -63,9 +63,11 @@ GROUPED_MM_WEIGHT_GRAD_ROWS = 512
 def weight_grad_on_grouped_mm(t: torch.Tensor, rows_per_expert: int) -> bool:
     """Whether the base weights' gradients run on ``torch.nn.functional.grouped_mm`` (CUTLASS) instead of the
     Triton kernel: on Hopper in bf16, with long per-expert reductions. Measured on an H100 at Qwen3-30B-A3B
-    dims, block forward+backward with both weight gradients on it: 8.98 against 9.68 ms at 16384 tokens (1024
-    rows per expert), but 3.77 against 3.36 ms at 4096 (256 rows per expert): the sorted copies of the gathered
-    operand and its launches cost more there than the faster mainloop gives back."""
+    dims, block forward+backward: 8.90-8.98 against 9.68-9.76 ms at 16384 tokens (1024 rows per expert). At 4096
+    tokens (256 rows per expert) CUTLASS's gate/up weight gradient takes 0.55 ms against the Triton kernel's
+    0.73 on sorted operands, but the sorted copy costs ~0.07 ms per operand and the block measured no faster
+    (3.77 against 3.36 ms in one pair, itself skewed by which process ran first), so the Triton kernel stays
+    there."""
     return (
         rows_per_expert >= GROUPED_MM_WEIGHT_GRAD_ROWS
         and HAS_GROUPED_MM
