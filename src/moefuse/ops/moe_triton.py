@@ -122,8 +122,8 @@ class _TritonExperts(torch.autograd.Function):
         routing: ExpertRouting,
         needs_grad: bool,
         dropout_p: float,
-        *factors: torch.Tensor
-        | None,  # _factor_tensors(adapter): the autograd graph reaches them through here
+        # _factor_tensors(adapter): the autograd graph reaches the factors through these inputs
+        *factors: torch.Tensor | None,
     ) -> torch.Tensor:
         num_tokens, hidden = hidden_states.shape
         m_sizes, token_index = routing.m_sizes, routing.token_index
