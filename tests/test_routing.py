@@ -67,6 +67,29 @@ def test_route_triton_leaves_out_ids_out_of_range(monkeypatch):
     rows = int(got.m_sizes.sum())
     assert got.sorted_slots[:rows].tolist() == [3, 0, 4, 7, 5]
     assert got.token_index[:rows].tolist() == [1, 0, 2, 3, 2]
+    assert got.inverse.tolist() == [1, -1, -1, 0, 2, 4, -1, 3]  # the ids left out have no grouped row
+    x = torch.arange(12.0).view(4, 3)
+    with use_backend("triton"):
+        assert torch.equal(got.grouped(x)[:rows], x[got.token_index[:rows]])
+
+
+@pytest.mark.parametrize(
+    "tokens,top_k,experts,width", [(1, 1, 1, 5), (37, 4, 6, 300), (20, 8, 128, 64), (0, 2, 4, 8)]
+)
+def test_grouped_rows_equal_gather(tokens, top_k, experts, width, backend):
+    """routing.grouped(x) is x[token_index], also for widths that are not a multiple of the copy's column block
+    and for a row-strided x (its rows at a stride, columns unit-strided)."""
+    idx = (
+        torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)]).long()
+        if tokens
+        else torch.empty(0, top_k).long()
+    )
+    got = route(idx, experts)
+    wide = torch.randn(tokens, width + 3)
+    for x in (wide[:, :width].contiguous(), wide[:, 1 : width + 1], wide.to(torch.float16)[:, :width]):
+        out = got.grouped(x)
+        assert out.dtype == x.dtype and out.shape == (tokens * top_k, width)
+        assert torch.equal(out, x[got.token_index])
 
 
 @pytest.mark.gpu
@@ -80,8 +103,11 @@ def test_route_triton_gpu_equals_torch(tokens, experts):
         got = route(idx, experts)
     with use_backend("torch"):
         ref = route(idx, experts)
-    for name in ("m_sizes", "sorted_slots", "token_index"):
+    for name in ("m_sizes", "sorted_slots", "token_index", "inverse"):
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
+    x = torch.randn(tokens, 2048, generator=g, device=DEVICE, dtype=torch.bfloat16)
+    with use_backend("triton"):
+        assert torch.equal(got.grouped(x), x[ref.token_index])
 
 
 @pytest.mark.parametrize(

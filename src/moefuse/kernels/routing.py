@@ -4,12 +4,14 @@
   (``counts [num_blocks, E]``).
 - :func:`routing_scatter_kernel`: each program finds where its block's rows go (all rows of smaller experts,
   plus this expert's rows in earlier blocks), sorts the block by ``(expert, position)`` and writes every
-  assignment's flat index and token at its grouped row. Program 0 also writes ``m_sizes``.
+  assignment's flat index and token at its grouped row, and its grouped row at its flat index. Program 0 also
+  writes ``m_sizes``.
+- :func:`grouped_rows_kernel`: a ``[T, H]`` tensor's rows copied into grouped order, token by token.
 
 Keys ``expert * BLOCK + position`` are unique, so the order inside an expert is the token order, as
 ``torch.argsort(stable=True)`` gives. No atomics: the result is the same on every run. An id outside ``[0, E)``
-is left out of every expert (the caller checks ids when they may be wrong). The launcher is
-:func:`moefuse.ops.routing.route`.
+is left out of every expert (its grouped row is -1; the caller checks ids when they may be wrong). The launchers
+are in :mod:`moefuse.ops.routing`.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def routing_scatter_kernel(
     m_sizes_ptr,
     sorted_slots_ptr,
     token_index_ptr,
+    grouped_row_ptr,
     S,
     E,
     num_blocks,
@@ -82,3 +85,37 @@ def routing_scatter_kernel(
     row = tl.load(base_ptr + block * BINS + expert, mask=valid, other=0) + position
     tl.store(sorted_slots_ptr + row, slot.to(tl.int64), mask=valid)
     tl.store(token_index_ptr + row, (slot // top_k).to(tl.int64), mask=valid)
+    tl.store(grouped_row_ptr + slot, tl.where(valid, row, -1).to(tl.int64), mask=slot < S)
+
+
+@triton.jit
+def grouped_rows_kernel(
+    x_ptr,
+    grouped_row_ptr,
+    out_ptr,
+    T,
+    H,
+    top_k,
+    stride_x,
+    stride_out,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """``out[grouped_row[t * K + k]] = x[t]`` for every ``k``: each block of token rows is read once and stored at
+    its ``K`` grouped rows (a gather in grouped order would read every token ``K`` times). Rows of -1 (ids left
+    out) are skipped."""
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    token_mask = tokens < T
+    col_mask = cols < H
+    rows = tl.load(
+        x_ptr + tokens.to(tl.int64)[:, None] * stride_x + cols[None, :],
+        mask=token_mask[:, None] & col_mask[None, :],
+    )
+    for k in range(top_k):
+        dest = tl.load(grouped_row_ptr + tokens.to(tl.int64) * top_k + k, mask=token_mask, other=-1)
+        tl.store(
+            out_ptr + dest[:, None] * stride_out + cols[None, :],
+            rows,
+            mask=(dest >= 0)[:, None] & col_mask[None, :],
+        )

@@ -57,17 +57,17 @@ def combine(
 
 
 # Rows per expert from which the base weights' gradients run on grouped_mm (see weight_grad_on_grouped_mm).
-GROUPED_MM_WEIGHT_GRAD_ROWS = 512
+GROUPED_MM_WEIGHT_GRAD_ROWS = 256
 
 
 def weight_grad_on_grouped_mm(t: torch.Tensor, rows_per_expert: int) -> bool:
     """Whether the base weights' gradients run on ``torch.nn.functional.grouped_mm`` (CUTLASS) instead of the
-    Triton kernel: on Hopper in bf16, with long per-expert reductions. Measured on an H100 at Qwen3-30B-A3B
-    dims, block forward+backward: 8.90-8.98 against 9.68-9.76 ms at 16384 tokens (1024 rows per expert). At 4096
-    tokens (256 rows per expert) CUTLASS's gate/up weight gradient takes 0.55 ms against the Triton kernel's
-    0.73 on sorted operands, but the sorted copy costs ~0.07 ms per operand and the block measured no faster
-    (3.77 against 3.36 ms in one pair, itself skewed by which process ran first), so the Triton kernel stays
-    there."""
+    Triton kernel: on Hopper in bf16, from 256 rows per expert. Measured on an H100 at Qwen3-30B-A3B dims on
+    sorted operands: gate/up 0.55 against the Triton kernel's 0.73 ms at 4096 tokens (256 rows per expert), 1.40
+    against 2.25 ms at 16384; down 0.29 against 0.40 and 0.75 against 1.15 ms. The gathered operands' copies
+    (:meth:`ExpertRouting.grouped`) cost 0.06 / 0.23 ms each. Block forward+backward, the variants alternating in
+    one process: 2.89 against 3.08 ms at 4096 tokens; at 16384, 8.90-8.98 against 9.68-9.76 ms in two earlier
+    same-machine pairs. Smaller batches were not measured, so the Triton kernel stays there."""
     return (
         rows_per_expert >= GROUPED_MM_WEIGHT_GRAD_ROWS
         and HAS_GROUPED_MM
@@ -80,22 +80,31 @@ def weight_grad_on_grouped_mm(t: torch.Tensor, rows_per_expert: int) -> bool:
 def base_weight_grad(
     a: torch.Tensor,
     b: torch.Tensor,
-    m_sizes: torch.Tensor,
+    routing: ExpertRouting,
     *,
-    a_index: torch.Tensor | None = None,
-    b_index: torch.Tensor | None = None,
+    gather_a: bool = False,
+    gather_b: bool = False,
     row_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:func:`~moefuse.ops.triton_gemm.grouped_weight_grad` for an expert stack's gradient ``[E, N, K]``; where
-    :func:`weight_grad_on_grouped_mm` says so (and no row scale is asked), the gathered operand is copied into
-    grouped order (a transient ``[rows, ·]``) and the product runs on ``grouped_mm``."""
-    rows = a_index.numel() if a_index is not None else a.shape[0]
+    """:func:`~moefuse.ops.triton_gemm.grouped_weight_grad` for an expert stack's gradient ``[E, N, K]``, ``a`` or
+    ``b`` read through ``routing.token_index`` when gathered. Where :func:`weight_grad_on_grouped_mm` says so (and
+    no row scale is asked), a gathered operand is copied into grouped order (a transient ``[rows, ·]``,
+    :meth:`ExpertRouting.grouped`) and the product runs on ``grouped_mm``."""
+    m_sizes, token_index = routing.m_sizes, routing.token_index
+    rows = token_index.numel() if gather_a or gather_b else a.shape[0]
     if row_scale is None and weight_grad_on_grouped_mm(a, rows // max(1, m_sizes.numel())):
-        a_rows = a if a_index is None else a.index_select(0, a_index)
-        b_rows = b if b_index is None else b.index_select(0, b_index)
+        a_rows = routing.grouped(a) if gather_a else a
+        b_rows = routing.grouped(b) if gather_b else b
         if grouped_mm_supports(a_rows.t(), b_rows):
             return grouped_mm_weight_grad(a_rows, b_rows, m_sizes)
-    return tg.grouped_weight_grad(a, b, m_sizes, a_index=a_index, b_index=b_index, row_scale=row_scale)
+    return tg.grouped_weight_grad(
+        a,
+        b,
+        m_sizes,
+        a_index=token_index if gather_a else None,
+        b_index=token_index if gather_b else None,
+        row_scale=row_scale,
+    )
 
 
 def _projections(adapter: ExpertsLora | None) -> tuple[LoraWeights | None, ...]:
@@ -285,11 +294,11 @@ class _TritonExperts(torch.autograd.Function):
                 x.dtype,
             )
         if needs[1]:
-            grad[1] = base_weight_grad(d_gate_up, x, m_sizes, b_index=token_index)
+            grad[1] = base_weight_grad(d_gate_up, x, routing, gather_b=True)
         d_gate_up = None  # freed before the down weight gradient is allocated
         if needs[2]:
             grad[2] = base_weight_grad(
-                grad_out, h, m_sizes, a_index=token_index, row_scale=None if ctx.prescaled else scale
+                grad_out, h, routing, gather_a=True, row_scale=None if ctx.prescaled else scale
             )
         return (*grad, *factor_grad)
 
