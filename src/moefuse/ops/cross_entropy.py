@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .backend import use_triton
+from .launch import unit_columns
 
 # fp32 values of one chunk (~64 MiB): the working set of forward and backward.
 _CHUNK_ELEMENTS = 1 << 24
@@ -133,7 +134,7 @@ class _CrossEntropyRows(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, ignore_index: int, chunk_rows: int | None):
         ctx.triton = use_triton(logits)
         if ctx.triton:
-            logits = logits if logits.stride(1) == 1 else logits.contiguous()
+            logits = unit_columns(logits)
             target = target.contiguous()
             loss, lse = _forward_triton(logits, target, ignore_index)
         else:

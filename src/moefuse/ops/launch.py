@@ -19,10 +19,14 @@ import os
 from collections.abc import Callable
 
 import torch
-from triton import knobs
-from triton.runtime.autotuner import Autotuner, Heuristics
-from triton.runtime.driver import driver
-from triton.runtime.jit import JITFunction
+
+try:  # Triton is optional: without it nothing launches, and the helpers below serve the PyTorch paths
+    from triton import knobs
+    from triton.runtime.autotuner import Autotuner, Heuristics
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+except ImportError:
+    knobs = Autotuner = Heuristics = driver = JITFunction = None
 
 FAST_LAUNCH = os.environ.get("MOEFUSE_FAST_LAUNCH", "1") not in ("", "0")
 # Under TRITON_INTERPRET=1 the JIT function is Triton's interpreter, which returns no compiled kernel.
@@ -44,6 +48,12 @@ def next_power_of_2(n: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def unit_columns(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (2-D) as the row kernels read it, columns adjacent in memory: itself when they are (or when it has one
+    column), else a contiguous copy. Rows may sit at any stride."""
+    return t if t.stride(1) == 1 or t.shape[1] == 1 else t.contiguous()
 
 
 def _launch_hooks() -> bool:

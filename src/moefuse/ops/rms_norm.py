@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .backend import use_triton
-from .launch import cdiv, launch, next_power_of_2
+from .launch import cdiv, launch, next_power_of_2, unit_columns
 
 # Widest row kept whole in registers; wider rows take the PyTorch path.
 MAX_FUSED_WIDTH = 16384
@@ -50,8 +50,7 @@ def _blocks(width: int) -> tuple[int, int, int]:
 
 def _rows_of(x: torch.Tensor) -> torch.Tensor:
     """``x`` as ``[rows, width]`` with unit column stride (a view when it can be)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(1) == 1 or x2.shape[1] == 1 else x2.contiguous()
+    return unit_columns(x.reshape(-1, x.shape[-1]))
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -92,7 +91,10 @@ class _RMSNorm(torch.autograd.Function):
         weight_grad = ctx.needs_input_grad[1]
         block_r, block_h, warps = _blocks(width)
         programs = max(1, min(cdiv(rows, block_r), _programs(rows2)))
-        dw_partial = torch.empty(programs if weight_grad else 1, width, device=dy.device, dtype=torch.float32)
+        # A frozen weight has no partial sums: the kernel never writes them, so dx stands in for the pointer.
+        dw_partial = (
+            torch.empty(programs, width, device=dy.device, dtype=torch.float32) if weight_grad else dx
+        )
         if rows:
             launch(
                 _kernels().rms_norm_backward_kernel,
@@ -115,7 +117,9 @@ class _RMSNorm(torch.autograd.Function):
             )
         grad_weight = None
         if weight_grad:
-            grad_weight = (dw_partial.sum(0) if rows else torch.zeros_like(dw_partial[0])).to(weight.dtype)
+            grad_weight = (dw_partial.sum(0) if rows else weight.new_zeros(width, dtype=torch.float32)).to(
+                weight.dtype
+            )
         return dx.view(ctx.x_shape), grad_weight, None
 
 

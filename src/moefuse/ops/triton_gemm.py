@@ -13,7 +13,7 @@ import torch
 from triton.runtime.autotuner import Autotuner
 
 from ..kernels import grouped_gemm as kernels
-from .launch import cdiv, launch, next_power_of_2
+from .launch import cdiv, launch, next_power_of_2, unit_columns
 
 if TYPE_CHECKING:
     from ..quant.tensor import ExpertWeights4bit
@@ -79,9 +79,8 @@ class _LoraOperands:
             self.flags = dict(HAS_LORA=False, LORA_MASK=False, LORA_R=16)
             return
         t, b, mask = lora
-        t = t if t.stride(1) == 1 else t.contiguous()
-        if mask is not None and mask.stride(1) != 1:
-            mask = mask.contiguous()
+        t = unit_columns(t)
+        mask = None if mask is None else unit_columns(mask)
         self.pointers = (t, b, t if mask is None else mask)
         self.rank = t.shape[1]
         self.strides = (
@@ -311,8 +310,7 @@ def swiglu_backward_rows(
     d_scale = torch.empty(rows, device=g.device, dtype=torch.float32)
     if rows == 0:
         return d_gate_up, d_scale
-    g = g if g.stride(1) == 1 else g.contiguous()
-    gate_up = gate_up if gate_up.stride(1) == 1 else gate_up.contiguous()
+    g, gate_up = unit_columns(g), unit_columns(gate_up)
     launch(
         kernels.swiglu_backward_rows_kernel,
         lambda meta: (cdiv(rows, meta["BLOCK_R"]),),
