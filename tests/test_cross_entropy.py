@@ -136,6 +136,7 @@ def _rows_loss_and_grad(logits, target, grad_rows, backend, **kwargs):
     return loss.detach(), logits.grad
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("vocab", [1, 37, 300])
 def test_triton_kernels_equal_chunked_path(dtype, vocab, monkeypatch):
@@ -156,6 +157,7 @@ def test_triton_kernels_equal_chunked_path(dtype, vocab, monkeypatch):
     torch.testing.assert_close(grad, expected_grad, rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-6)
 
 
+@pytest.mark.interpreter
 def test_triton_strided_inputs_and_ignore_index():
     g = torch.Generator().manual_seed(1)
     wide = torch.randn(9, 50, generator=g)
@@ -171,6 +173,7 @@ def test_triton_strided_inputs_and_ignore_index():
         assert loss[4] == 0
 
 
+@pytest.mark.interpreter
 def test_triton_target_outside_vocabulary_gives_nan():
     logits = torch.randn(3, 10)
     target = torch.tensor([1, 10, -5])
@@ -179,6 +182,7 @@ def test_triton_target_outside_vocabulary_gives_nan():
     assert loss[0].isfinite() and loss[1:].isnan().all()
 
 
+@pytest.mark.interpreter
 def test_triton_causal_lm_loss_equals_transformers():
     logits, labels = _case(torch.float16)
     expected, expected_grad = _loss_and_grad(ForCausalLMLoss, logits, labels)

@@ -10,7 +10,7 @@ from moefuse.ops.routing import check_top_k_index, route, route_reference
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(params=["torch", "triton"])
+@pytest.fixture(params=["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
 def backend(request, monkeypatch):
     """Each test on both paths; the Triton kernels in blocks of 16 assignments (several blocks, a partial last)."""
     monkeypatch.setattr(routing, "ROUTING_BLOCK", 16)
@@ -56,6 +56,7 @@ def test_route_int32_and_strided_ids(backend):
         assert getattr(got, name).dtype == torch.long
 
 
+@pytest.mark.interpreter
 def test_route_triton_leaves_out_ids_out_of_range(monkeypatch):
     """The kernels cannot raise: an id outside [0, E) joins no expert (check_top_k_index is the caller's check),
     and the valid ones are grouped as if it were not there."""
