@@ -1,7 +1,8 @@
 """Expert parallelism on gloo with 2 and 4 processes: forward and gradients equal the single-process model.
 
-Workers are forked (the parent has already imported torch and transformers, which takes seconds per process)
-and meet through a file store. Every rank also builds the single-process reference from the same seeds.
+Workers are forked (the parent has already imported torch and transformers, which takes seconds per process;
+spawned instead once this process has run CUDA work, whose autograd threads cannot be forked) and meet through
+a file store. Every rank also builds the single-process reference from the same seeds.
 """
 
 from __future__ import annotations
@@ -48,11 +49,12 @@ def _worker(rank: int, world_size: int, store: str, fn, args) -> None:
 
 
 def run_ranks(world_size: int, tmp_path, fn, *args) -> None:
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` forked processes joined by a gloo group."""
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes joined by a gloo group."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     store = str(tmp_path / "store")
+    start_method = "spawn" if torch.cuda.is_initialized() else "fork"
     mp.start_processes(
-        _worker, args=(world_size, store, fn, args), nprocs=world_size, join=True, start_method="fork"
+        _worker, args=(world_size, store, fn, args), nprocs=world_size, join=True, start_method=start_method
     )
 
 

@@ -10,6 +10,7 @@ import pytest
 from conftest import load_benchmark
 
 
+@pytest.mark.interpreter  # the fused 4-bit kernels, on CPU tensors
 def test_quant_gemm_benchmark_runs_on_cpu(tmp_path):
     out = tmp_path / "quant_gemm.json"
     args = "--device cpu --tiny --tokens 8 --kernels down --iters 1 --warmup 1 --max-seconds 0"

@@ -97,7 +97,7 @@ def _lora_grads(model) -> dict[str, torch.Tensor]:
     return {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_qlora_forward_backward_matches_dequantised_reference(backend):
     """LoRA (PEFT, attention + experts) on 4-bit experts: loss and every adapter gradient equal those of the same
     adapters on dense experts holding the dequantised weights; the 4-bit weights stay frozen."""

@@ -34,8 +34,10 @@ def test_qlora_run_trains_saves_and_reloads(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f'moefuse.quant.from_pretrained("{base}")' in printed and "4-bit random weights" in printed
 
-    reloaded = PeftModel.from_pretrained(moefuse.quant.from_pretrained(base, device="cpu"), out / "adapter")
-    ids = torch.randint(0, 100, (1, 12))
     trained = result.model.eval()
+    reloaded = PeftModel.from_pretrained(
+        moefuse.quant.from_pretrained(base, device=trained.device), out / "adapter"
+    )
+    ids = torch.randint(0, 100, (1, 12), device=trained.device)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, trained(ids).logits, rtol=0, atol=0)

@@ -77,9 +77,9 @@ def test_per_expert_adapter_holds_the_trained_factors(default_run):
 
 def test_saved_adapter_reloads_to_the_same_outputs(default_run):
     trained = default_run.model.eval()
-    base = moefuse.Qwen3MoeFusedForCausalLM.from_pretrained(default_run.base_model)
+    base = moefuse.Qwen3MoeFusedForCausalLM.from_pretrained(default_run.base_model).to(trained.device)
     reloaded = PeftModel.from_pretrained(base, default_run.final_dir).eval()
-    ids = _ids()
+    ids = _ids().to(trained.device)
     with torch.no_grad():
         expected = trained(input_ids=ids).logits
         got = reloaded(input_ids=ids).logits
@@ -136,8 +136,10 @@ def test_full_finetuning_saves_a_per_expert_model(tmp_path):
     assert config["architectures"] == ["Qwen3MoeForCausalLM"]
     with safe_open(next(result.final_dir.glob("*.safetensors")), "pt") as f:
         assert "model.layers.0.mlp.experts.3.up_proj.weight" in f.keys()  # the Hub layout
-    reloaded = moefuse.Qwen3MoeFusedForCausalLM.from_pretrained(result.final_dir).eval()
-    ids = _ids()
+    reloaded = (
+        moefuse.Qwen3MoeFusedForCausalLM.from_pretrained(result.final_dir).to(result.model.device).eval()
+    )
+    ids = _ids().to(result.model.device)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, result.model.eval()(input_ids=ids).logits)
 
@@ -220,7 +222,9 @@ def test_yaml_values_and_command_line_overrides(tmp_path):
     args, sft = parse_train_args(config, ["--max_steps", "3", "--expert_lora_rank=16"])
     assert sft.learning_rate == 1e-4 and isinstance(sft.learning_rate, float)  # YAML's "1e-4" is a string
     assert sft.max_steps == 3 and args.expert_lora_rank == 16 and sft.report_to == ["tensorboard"]
-    assert sft.gradient_checkpointing is False and sft.bf16 is False  # moefuse's defaults on a CPU
+    # moefuse's defaults: no checkpointing, bf16 where the GPU has it
+    assert sft.gradient_checkpointing is False
+    assert sft.bf16 is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
 def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):

@@ -161,7 +161,15 @@ def test_swiglu_backward(m_sizes, dtype, with_lora):
         grad_out, down, gate_up, scale, _m(m_sizes), token_index, lora=lora
     )
     assert_close(d_gate_up, g64.grad, dtype, "d_gate_up")
-    assert_close(d_scale, s64.grad, dtype, "d_scale")
+    # d_scale sums each row's products g * h, which cancel: its error is measured against their sizes' sum
+    g = torch.einsum("rk,rkn->rn", grad_out.double()[token_index], down.double()[ids])
+    if with_lora:
+        g = g + lora_value
+    size = (g * h).abs().sum(1).detach()
+    err = ((d_scale.double() - s64.grad).abs() / size.clamp_min(1e-30)).max().item() if size.numel() else 0.0
+    assert err <= TOLERANCE[dtype], (
+        f"d_scale: error {err:.2e} of the products' sizes > {TOLERANCE[dtype]:.0e}"
+    )
 
 
 @pytest.mark.parametrize("m_sizes,dtype", CASES)
