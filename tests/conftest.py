@@ -92,6 +92,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def trained_precision(model: torch.nn.Module):
+    """The precision a model trained by ``moefuse train`` ran in: on a GPU the Trainer trains in bf16 under
+    accelerate's autocast (outputs returned in fp32), so a reloaded model compares alike only under it too."""
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu)
+
+
 def load_benchmark(name: str) -> ModuleType:
     """The script ``benchmarks/<name>.py`` as a module (benchmarks/ is no package)."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"

@@ -3,6 +3,7 @@ implementation, the LoRA factor mapping between moefuse and PEFT target_paramete
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import sys
@@ -72,7 +73,7 @@ def test_tiny_cpu_bench_writes_every_figure(tiny_run):
     assert result["config"]["experts"] == 8 and result["config"]["top_k"] == 2
     env = result["environment"]
     assert (
-        env["torch"] == torch.__version__
+        env["torch"] == importlib.metadata.version("torch")  # torch.__version__ may carry a local label
         and env["transformers"] != "not installed"
         and env["device"] == "cpu"
     )

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from transformers import LlamaConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 import moefuse
+from conftest import trained_precision
 from moefuse import cli
 from moefuse.ops.cross_entropy import causal_lm_loss
 from moefuse.train import TrainConfigError, run_train
@@ -80,12 +81,12 @@ def test_saved_adapter_reloads_to_the_same_outputs(default_run):
     base = moefuse.Qwen3MoeFusedForCausalLM.from_pretrained(default_run.base_model).to(trained.device)
     reloaded = PeftModel.from_pretrained(base, default_run.final_dir).eval()
     ids = _ids().to(trained.device)
-    with torch.no_grad():
-        expected = trained(input_ids=ids).logits
-        got = reloaded(input_ids=ids).logits
+    with torch.no_grad(), trained_precision(trained):
+        expected = trained(input_ids=ids).logits.float()
+        got = reloaded(input_ids=ids).logits.float()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    with reloaded.disable_adapter(), torch.no_grad():
-        assert not torch.allclose(reloaded(input_ids=ids).logits, expected, atol=1e-3)
+    with reloaded.disable_adapter(), torch.no_grad(), trained_precision(trained):
+        assert not torch.allclose(reloaded(input_ids=ids).logits.float(), expected, atol=1e-3)
 
 
 def test_resume_continues_from_the_saved_step(tmp_path):
@@ -140,8 +141,9 @@ def test_full_finetuning_saves_a_per_expert_model(tmp_path):
         moefuse.Qwen3MoeFusedForCausalLM.from_pretrained(result.final_dir).to(result.model.device).eval()
     )
     ids = _ids().to(result.model.device)
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, result.model.eval()(input_ids=ids).logits)
+    with torch.no_grad(), trained_precision(result.model):
+        expected = result.model.eval()(input_ids=ids).logits.float()
+        torch.testing.assert_close(reloaded(input_ids=ids).logits.float(), expected)
 
 
 def test_cli_runs_the_default_and_prints_the_summary(tmp_path, capsys):
