@@ -118,16 +118,10 @@ class Problem:
         """A closure running kernel ``name`` in ``mode``, returning its output."""
         gate_up, down = self.weights_for(mode)
         launch = dense if mode == "bf16" else q4
-        m_sizes, token_index, tokens = self.routing.m_sizes, self.routing.token_index, self.x.shape[0]
+        m_sizes, token_index = self.routing.m_sizes, self.routing.token_index
 
         def combined(a, weight, **kwargs):  # as the experts combine their rows (moefuse.ops.moe_triton)
-            return combine(
-                lambda **where: launch.grouped_gemm(a, weight, m_sizes, **kwargs, **where),
-                self.routing,
-                tokens,
-                weight.shape[1],
-                a.dtype,
-            )
+            return combine(a, weight, self.routing, **kwargs)
 
         if name == "gate_up":
             return lambda: launch.gate_up_swiglu(self.x, gate_up, m_sizes, token_index, store_gate_up=True)[1]

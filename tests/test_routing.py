@@ -70,8 +70,10 @@ def test_route_triton_leaves_out_ids_out_of_range(monkeypatch):
     assert got.token_index[:rows].tolist() == [1, 0, 2, 3, 2]
     assert got.inverse.tolist() == [1, -1, -1, 0, 2, 4, -1, 3]  # the ids left out have no grouped row
     x = torch.arange(12.0).view(4, 3)
+    y = torch.arange(24.0).view(8, 3)  # the grouped rows past the valid ones are never read
     with use_backend("triton"):
         assert torch.equal(got.grouped(x)[:rows], x[got.token_index[:rows]])
+        assert torch.equal(got.token_sums(y), torch.stack([y[1], y[0], y[2] + y[4], y[3]]))
 
 
 @pytest.mark.parametrize(
@@ -91,6 +93,11 @@ def test_grouped_rows_equal_gather(tokens, top_k, experts, width, backend):
         out = got.grouped(x)
         assert out.dtype == x.dtype and out.shape == (tokens * top_k, width)
         assert torch.equal(out, x[got.token_index])
+        # and back: each token's K grouped rows summed (fp32 sums, rounded once, as torch sums fp16)
+        y = torch.randn(tokens * top_k, width + 3).to(x.dtype)[:, 1 : width + 1]
+        sums = got.token_sums(y)
+        assert sums.dtype == y.dtype and sums.shape == (tokens, width)
+        torch.testing.assert_close(sums, y[got.inverse].view(tokens, top_k, width).sum(1), rtol=0, atol=0)
 
 
 @pytest.mark.gpu

@@ -271,6 +271,29 @@ def test_fused_experts_base_weight_grads_on_grouped_mm(case, monkeypatch):
     assert len(calls) == 2  # gate/up and down
 
 
+@pytest.mark.parametrize("case", [EXPERT_CASES[0], EXPERT_CASES[2], E128_TOP8])
+def test_fused_experts_combines_on_grouped_mm(case, monkeypatch):
+    """The down projection and the gate/up input gradient on torch's grouped_mm in grouped order, each token's
+    rows then summed by routing.token_sums (what Hopper takes at long per-expert batches); forced here, counting
+    the sums."""
+    from moefuse.ops import moe_triton
+    from moefuse.ops.routing import ExpertRouting
+
+    sums = []
+    token_sums = ExpertRouting.token_sums
+
+    def counted(self, y):
+        sums.append(1)
+        return token_sums(self, y)
+
+    monkeypatch.setattr(moe_triton, "combine_on_grouped_mm", lambda t, rows_per_expert: True)
+    monkeypatch.setattr(ExpertRouting, "token_sums", counted)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    problem = experts_problem(*case, dtype=dtype)
+    check_experts(problem, dtype)
+    assert len(sums) == 2  # forward (down) and backward (gate/up input gradient)
+
+
 def test_fused_experts_triton_non_contiguous_and_repeats_bit_for_bit():
     x, gu, d, idx, w = experts_problem(11, 32, 16, 8, 2, dtype=torch.float32)
     xt = randn(32, 11, dtype=torch.float32).t().requires_grad_()

@@ -7,6 +7,7 @@
   assignment's flat index and token at its grouped row, and its grouped row at its flat index. Program 0 also
   writes ``m_sizes``.
 - :func:`grouped_rows_kernel`: a ``[T, H]`` tensor's rows copied into grouped order, token by token.
+- :func:`token_sums_kernel`: the reverse, each token's ``K`` grouped rows summed into its row of ``[T, H]``.
 
 Keys ``expert * BLOCK + position`` are unique, so the order inside an expert is the token order, as
 ``torch.argsort(stable=True)`` gives. No atomics: the result is the same on every run. An id outside ``[0, E)``
@@ -119,3 +120,34 @@ def grouped_rows_kernel(
             rows,
             mask=(dest >= 0)[:, None] & col_mask[None, :],
         )
+
+
+@triton.jit
+def token_sums_kernel(
+    y_ptr,
+    grouped_row_ptr,
+    out_ptr,
+    T,
+    H,
+    stride_y,
+    stride_out,
+    TOP_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """``out[t] = sum_k y[grouped_row[t * K + k]]`` in fp32, rounded once to ``out``'s dtype; rows of -1 (ids left
+    out) add nothing. Each token's sum is taken in one program, in ``k`` order: no atomics."""
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    token_mask = tokens < T
+    col_mask = cols < H
+    acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        row = tl.load(grouped_row_ptr + tokens.to(tl.int64) * TOP_K + k, mask=token_mask, other=-1)
+        acc += tl.load(
+            y_ptr + row[:, None] * stride_y + cols[None, :],
+            mask=(row >= 0)[:, None] & col_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+    out_ptrs = out_ptr + tokens.to(tl.int64)[:, None] * stride_out + cols[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=token_mask[:, None] & col_mask[None, :])

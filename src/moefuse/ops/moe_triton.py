@@ -15,14 +15,15 @@ weights (:mod:`moefuse.quant`) run the same way on their own launchers (:func:`~
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from ..quant.tensor import is_4bit
 from . import triton_gemm as tg
 from .backend import device_capability
-from .grouped_gemm import HAS_GROUPED_MM, grouped_mm_supports, grouped_mm_weight_grad
+from .grouped_gemm import HAS_GROUPED_MM, grouped_mm, grouped_mm_supports, grouped_mm_weight_grad
 from .lora import ExpertsLora, LoraWeights, down_factors, gate_up_factors
 from .moe_4bit import gemms_for
 from .routing import ExpertRouting
@@ -44,15 +45,62 @@ def _mask(like: torch.Tensor, p: float) -> torch.Tensor:
     return F.dropout(torch.ones_like(like), p, training=True)
 
 
+def _on_hopper_bf16(t: torch.Tensor) -> bool:
+    return (
+        HAS_GROUPED_MM
+        and t.is_cuda
+        and t.dtype == torch.bfloat16
+        and device_capability(t.device.index) >= (9, 0)
+    )
+
+
+def _rows_per_expert(rows: int, routing: ExpertRouting) -> int:
+    return rows // max(1, routing.num_experts)
+
+
+# Rows per expert from which a combined product runs on grouped_mm (see combine_on_grouped_mm).
+GROUPED_MM_COMBINE_ROWS = 1024
+
+
+def combine_on_grouped_mm(t: torch.Tensor, rows_per_expert: int) -> bool:
+    """Whether :func:`combine` runs its product on ``torch.nn.functional.grouped_mm`` (CUTLASS, grouped output)
+    and sums with :meth:`ExpertRouting.token_sums`: on Hopper in bf16, from 1024 rows per expert. On an H100 at
+    Qwen3-30B-A3B dims, 16384 tokens (1024 rows per expert), the down projection with its sum over k took 1.01
+    against 1.20 ms, the gate/up input gradient 1.70 against 1.74; at 4096 tokens 0.34 against 0.34 and 0.56
+    against 0.53 ms, so the Triton kernel stays below."""
+    return rows_per_expert >= GROUPED_MM_COMBINE_ROWS and _on_hopper_bf16(t)
+
+
 def combine(
-    gemm: Callable[..., torch.Tensor], routing: ExpertRouting, num_tokens: int, width: int, dtype: torch.dtype
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    routing: ExpertRouting,
+    *,
+    row_scale: torch.Tensor | None = None,
+    lora: tg.LoraTerm | None = None,
 ) -> torch.Tensor:
-    """Sum each token's ``K`` expert rows: the GEMM's epilogue stores every row at its slot ``t * K + k`` of a
-    ``[T, K, width]`` buffer, then one sum over ``K``. No atomics, so results repeat bit for bit; on an H100 at
-    Qwen3-30B-A3B dims (down projection, 16384 tokens) 1.10 ms where fp32 atomic adds into ``[T, width]`` took
-    1.46 ms (0.34 vs 0.40 ms at 4096 tokens)."""
-    slots = torch.empty(num_tokens * routing.top_k, width, device=routing.m_sizes.device, dtype=dtype)
-    gemm(out=slots, out_index=routing.sorted_slots)
+    """``[T, N]``: each token's ``K`` rows of ``row_scale * (a @ weight[e]ᵀ + lora)`` summed, ``a [S, K']`` in
+    grouped order, ``weight [E, N, K']`` (any strides) dense or 4-bit.
+
+    The GEMM's epilogue stores every row at its slot ``t * K + k`` of a ``[T, K, N]`` buffer, then one sum over
+    ``K``. No atomics, so results repeat bit for bit; on an H100 at Qwen3-30B-A3B dims (down projection, 16384
+    tokens) 1.10 ms where fp32 atomic adds into ``[T, N]`` took 1.46 ms (0.34 vs 0.40 ms at 4096 tokens). Where
+    :func:`combine_on_grouped_mm` says so and nothing joins the epilogue (no row scale, no LoRA, dense weights),
+    the product runs on ``grouped_mm`` in grouped order and :meth:`ExpertRouting.token_sums` sums it."""
+    if (
+        row_scale is None
+        and lora is None
+        and not is_4bit(weight)
+        and combine_on_grouped_mm(a, _rows_per_expert(a.shape[0], routing))
+        and grouped_mm_supports(a, weight.transpose(1, 2))
+    ):
+        return routing.token_sums(grouped_mm(a, weight.transpose(1, 2), routing.m_sizes))
+    num_tokens = routing.inverse.numel() // routing.top_k
+    width = weight.shape[1]
+    slots = torch.empty(num_tokens * routing.top_k, width, device=a.device, dtype=weight.dtype)
+    gemms_for(weight).grouped_gemm(
+        a, weight, routing.m_sizes, row_scale=row_scale, lora=lora, out=slots, out_index=routing.sorted_slots
+    )
     return slots.view(num_tokens, routing.top_k, width).sum(dim=1)
 
 
@@ -68,13 +116,7 @@ def weight_grad_on_grouped_mm(t: torch.Tensor, rows_per_expert: int) -> bool:
     (:meth:`ExpertRouting.grouped`) cost 0.06 / 0.23 ms each. Block forward+backward, the variants alternating in
     one process: 2.89 against 3.08 ms at 4096 tokens; at 16384, 8.90-8.98 against 9.68-9.76 ms in two earlier
     same-machine pairs. Smaller batches were not measured, so the Triton kernel stays there."""
-    return (
-        rows_per_expert >= GROUPED_MM_WEIGHT_GRAD_ROWS
-        and HAS_GROUPED_MM
-        and t.is_cuda
-        and t.dtype == torch.bfloat16
-        and device_capability(t.device.index) >= (9, 0)
-    )
+    return rows_per_expert >= GROUPED_MM_WEIGHT_GRAD_ROWS and _on_hopper_bf16(t)
 
 
 def base_weight_grad(
@@ -92,7 +134,7 @@ def base_weight_grad(
     :meth:`ExpertRouting.grouped`) and the product runs on ``grouped_mm``."""
     m_sizes, token_index = routing.m_sizes, routing.token_index
     rows = token_index.numel() if gather_a or gather_b else a.shape[0]
-    if row_scale is None and weight_grad_on_grouped_mm(a, rows // max(1, m_sizes.numel())):
+    if row_scale is None and weight_grad_on_grouped_mm(a, _rows_per_expert(rows, routing)):
         a_rows = routing.grouped(a) if gather_a else a
         b_rows = routing.grouped(b) if gather_b else b
         if grouped_mm_supports(a_rows.t(), b_rows):
@@ -173,15 +215,7 @@ class _TritonExperts(torch.autograd.Function):
             h_mask = _mask(h, dropout_p) if dropout_p > 0 else None
             td = tg.grouped_gemm(h if h_mask is None else h * h_mask, down_a, m_sizes)
             down_lora = tg.LoraTerm(td, down_b)
-        out = combine(
-            lambda **where: gemms_for(down_proj).grouped_gemm(
-                h, down_proj, m_sizes, row_scale=None if prescaled else scale, lora=down_lora, **where
-            ),
-            routing,
-            num_tokens,
-            hidden,
-            down_proj.dtype,
-        )
+        out = combine(h, down_proj, routing, row_scale=None if prescaled else scale, lora=down_lora)
         ctx.save_for_backward(
             x,
             gate_up_proj,
@@ -283,16 +317,7 @@ class _TritonExperts(torch.autograd.Function):
         # The input gradient first, then the weight gradients: the combine's [T·K, H] slots are freed before the
         # [E, ...] weight gradients exist (a lower peak).
         if needs[0]:
-            weight_t = gate_up_proj.transpose(1, 2)
-            grad[0] = combine(
-                lambda **where: gemms_for(weight_t).grouped_gemm(
-                    d_gate_up, weight_t, m_sizes, lora=x_lora_grad, **where
-                ),
-                routing,
-                x.shape[0],
-                x.shape[1],
-                x.dtype,
-            )
+            grad[0] = combine(d_gate_up, gate_up_proj.transpose(1, 2), routing, lora=x_lora_grad).to(x.dtype)
         if needs[1]:
             grad[1] = base_weight_grad(d_gate_up, x, routing, gather_b=True)
         d_gate_up = None  # freed before the down weight gradient is allocated
