@@ -67,8 +67,9 @@ def combine_on_grouped_mm(t: torch.Tensor, rows_per_expert: int) -> bool:
     and sums with :meth:`ExpertRouting.token_sums`: on Hopper in bf16, from 1024 rows per expert. On an H100 at
     Qwen3-30B-A3B dims, 16384 tokens (1024 rows per expert), the down projection with its sum over k took 1.01
     against 1.20 ms, the gate/up input gradient 1.70 against 1.74; the block's forward+backward, the two
-    alternating in one process, 8.57 against 8.84 ms. At 4096 tokens 0.34 against 0.34 and 0.56 against 0.53 ms,
-    so the Triton kernel stays below."""
+    alternating in one process, 8.57 against 8.84 ms. At 4096 tokens 0.34 against 0.34 and 0.56 against 0.53 ms;
+    the block at 8192 tokens 4.89 against 4.84 ms and at 4096 2.99 against 2.95 (the switch made at 256 rows per
+    expert), so the Triton kernels stay below 1024."""
     return rows_per_expert >= GROUPED_MM_COMBINE_ROWS and _on_hopper_bf16(t)
 
 
