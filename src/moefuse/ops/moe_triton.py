@@ -11,6 +11,10 @@ nothing of size ``[S, H]``.
 
 Backward computes only what is asked for: with frozen base weights (LoRA) there is no base ``dW``. 4-bit base
 weights (:mod:`moefuse.quant`) run the same way on their own launchers (:func:`~moefuse.ops.moe_4bit.gemms_for`).
+
+On Hopper in bf16, products with nothing of ours in their epilogue run on ``torch.nn.functional.grouped_mm``
+(CUTLASS) where that measured faster: the base weights' gradients (:func:`weight_grad_on_grouped_mm`) and, at long
+per-expert batches, the combined products of full fine-tuning (:func:`combine_on_grouped_mm`).
 """
 
 from __future__ import annotations
