@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
-import json
 import os
 import statistics
 import sys
@@ -37,7 +36,13 @@ if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cpu":
 import moefuse  # noqa: E402, F401  (registers the "moefuse" experts implementation)
 from moefuse.bench.block import randomize_  # noqa: E402
 from moefuse.bench.configs import load_config, tiny_config  # noqa: E402
-from moefuse.bench.measure import environment, relative_error, synchronize  # noqa: E402
+from moefuse.bench.measure import (  # noqa: E402
+    environment,
+    relative_error,
+    script_command,
+    synchronize,
+    write_report,
+)
 from moefuse.bench.shapes import moe_shape  # noqa: E402
 
 
@@ -220,12 +225,10 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
         "failures": failures,
         "env": environment(device),
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "command": script_command(argv),
     }
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        write_report(report, args.out)
     if failures:
         print("\n".join(["variants disagree with the first:", *failures]), file=sys.stderr)
         raise SystemExit(1)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -38,7 +37,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import moefuse  # noqa: F401  (registers the "moefuse" experts implementation)
 from moefuse.bench.configs import DEFAULT_CONFIG, load_config, tiny_config, with_layers
-from moefuse.bench.measure import environment
+from moefuse.bench.measure import environment, script_command, write_report
 from moefuse.bench.model import lora_config_for
 from moefuse.lora import lora_config
 from moefuse.lora.targets import PROJECTIONS
@@ -285,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
         "out_of_memory": out_of_memory,
         "losses": losses,
         "env": environment(device),
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "command": script_command(argv),
     }
     print(json.dumps({k: report[k] for k in ("memory", "tokens_per_s", "median_step_s")}, indent=2))
     out = args.out
@@ -297,9 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
         suffix += "_offload" if args.offload_activations else ""
         suffix += "_moefuse-norm" if args.norm == "moefuse" else ""
         out = Path(__file__).resolve().parent / "results" / f"qlora_{label}_{args.mode}{suffix}_{gpu}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(report, out)
     return report
 
 

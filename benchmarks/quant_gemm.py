@@ -22,7 +22,6 @@ The JSON (``--out``, default ``benchmarks/results/quant_gemm_<gpu>.json``) keeps
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -33,7 +32,13 @@ if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernels on the CPU: before moefuse defines them
 
 import moefuse  # noqa: E402
-from moefuse.bench.measure import environment, relative_error, time_call  # noqa: E402
+from moefuse.bench.measure import (  # noqa: E402
+    environment,
+    relative_error,
+    script_command,
+    time_call,
+    write_report,
+)
 from moefuse.ops import route  # noqa: E402
 from moefuse.ops import triton_gemm as dense  # noqa: E402
 from moefuse.ops import triton_gemm_4bit as q4  # noqa: E402
@@ -215,16 +220,14 @@ def main(argv: list[str] | None = None) -> dict:
         "results": results,
         "failures": failures,
         "env": environment(device),
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "command": script_command(argv),
     }
     out = args.out
     if out is None:
         label = report["env"].get("gpu", "cpu")
         label = "".join(c if c.isalnum() else "_" for c in label).strip("_")
         out = Path(__file__).resolve().parent / "results" / f"quant_gemm_{label}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(report, out)
     if failures:
         print("\n".join(["4-bit outputs disagree with the dense reference:", *failures]), file=sys.stderr)
         raise SystemExit(1)

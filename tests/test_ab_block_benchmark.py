@@ -44,3 +44,15 @@ def test_variants_alternate_and_settings_are_restored(tmp_path):
 def test_bad_variant_is_a_clear_error(variant, message):
     with pytest.raises(SystemExit, match=message):
         load_benchmark("ab_block").main([*TINY, "--variant", variant])
+
+
+def test_a_variant_beyond_the_tolerance_fails_the_run(tmp_path, capsys):
+    """Every variant is checked against the first before timing; one beyond --tolerance exits 1, naming it (a
+    negative tolerance makes even an identical variant disagree)."""
+    out = tmp_path / "ab.json"
+    argv = [*TINY, "--variant", "a:", "--variant", "b:", "--tolerance", "-1", "--out", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        load_benchmark("ab_block").main(argv)
+    assert exit_info.value.code == 1
+    assert "16 tokens: b " in capsys.readouterr().err
+    assert json.loads(out.read_text())["failures"][0].startswith("16 tokens: b ")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gc
+import json
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +20,19 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Largest relative error ||x - ref|| / ||ref|| accepted per tensor: a few units of the dtype's rounding, which
 # different but correct summation orders reach; a wrong kernel lands far above.
 TOLERANCES = {"bf16": 3e-2, "fp16": 5e-3, "fp32": 1e-4}
+
+
+def script_command(argv: list[str] | None) -> str:
+    """The command line a benchmark script ran with (its file name, then ``argv`` or its own arguments), for its
+    JSON."""
+    return " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+
+
+def write_report(report: dict, path: Path) -> None:
+    """``report`` as indented JSON at ``path`` (its folder made if missing), and a line saying where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 @dataclass
