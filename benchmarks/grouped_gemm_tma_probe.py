@@ -32,6 +32,7 @@ def gemm_ptr(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     e, row0, row_end, pid_n = _expert_tile(
         tl.program_id(0), m_sizes_ptr, E, tl.cdiv(N, BLOCK_N), BLOCK_M, E_POW2
@@ -45,7 +46,7 @@ def gemm_ptr(
     a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * K + offs_k[None, :]
     b_ptrs = b_ptr + e.to(tl.int64) * N * K + offs_n[None, :] * K + offs_k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for _ in range(0, K // BLOCK_K):
+    for _ in tl.range(0, K // BLOCK_K, warp_specialize=WARP_SPECIALIZE):
         a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
         b = tl.load(b_ptrs)
         acc = tl.dot(a, b, acc)
@@ -69,6 +70,7 @@ def gemm_tma(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     e, row0, row_end, pid_n = _expert_tile(
         tl.program_id(0), m_sizes_ptr, E, tl.cdiv(N, BLOCK_N), BLOCK_M, E_POW2
@@ -81,7 +83,7 @@ def gemm_tma(
     )
     n0 = pid_n * BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k in range(0, K // BLOCK_K):
+    for k in tl.range(0, K // BLOCK_K, warp_specialize=WARP_SPECIALIZE):
         a = a_desc.load([row0, k * BLOCK_K])
         b = b_desc.load([e * N + n0, k * BLOCK_K])
         acc = tl.dot(a, b.T, acc)
@@ -91,14 +93,18 @@ def gemm_tma(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rows < row_end)[:, None])
 
 
-def run(kernel, x: torch.Tensor, w: torch.Tensor, m_sizes: torch.Tensor, cfg: tuple) -> torch.Tensor:
+def run(
+    kernel, x: torch.Tensor, w: torch.Tensor, m_sizes: torch.Tensor, cfg: tuple, warp_specialize: bool = False
+) -> tuple[torch.Tensor, object]:
+    """Launch ``kernel`` with ``cfg = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)``: the output and the
+    compiled kernel."""
     rows, k = x.shape
     experts, n, _ = w.shape
     block_m, block_n, block_k, warps, stages = cfg
     out = torch.empty(rows, n, device=x.device, dtype=x.dtype)
     n_tiles = triton.cdiv(n, block_n)
     grid = (triton.cdiv(rows, block_m) * n_tiles + experts * n_tiles,)  # an upper bound on the tiles
-    kernel[grid](
+    compiled = kernel[grid](
         x,
         w,
         out,
@@ -111,10 +117,17 @@ def run(kernel, x: torch.Tensor, w: torch.Tensor, m_sizes: torch.Tensor, cfg: tu
         block_m,
         block_n,
         block_k,
+        warp_specialize,
         num_warps=warps,
         num_stages=stages,
     )
-    return out
+    return out, compiled
+
+
+def specialized(compiled: object) -> str:
+    """Whether Triton's compiler split the kernel into warp-specialised partitions ("ws") or not ("-")."""
+    asm = getattr(compiled, "asm", None) or {}
+    return "ws" if "warp_specialize" in asm.get("ttgir", "") else "-"
 
 
 def probe(experts: int, n: int, k: int, rows: int, cfgs: list[tuple], device: str, dtype: torch.dtype) -> str:
@@ -133,18 +146,24 @@ def probe(experts: int, n: int, k: int, rows: int, cfgs: list[tuple], device: st
     if gpu:
         ms = triton.testing.do_bench(lambda: torch.nn.functional.grouped_mm(x, w.transpose(1, 2), offs=ends))
         line += f" grouped_mm {flops / ms / 1e9:.0f} TF/s |"
+    variants = [("ptr", gemm_ptr, False), ("tma", gemm_tma, False), ("ptr+ws", gemm_ptr, True)]
+    variants.append(("tma+ws", gemm_tma, True))
     for cfg in cfgs:
-        for name, kernel in (("ptr", gemm_ptr), ("tma", gemm_tma)):
+        for name, kernel, ws in variants:
             try:
-                out = run(kernel, x, w, m_sizes, cfg)
+                out, compiled = run(kernel, x, w, m_sizes, cfg, ws)
                 err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
                 ms = (
-                    triton.testing.do_bench(lambda k=kernel, c=cfg: run(k, x, w, m_sizes, c)) if gpu else None
+                    triton.testing.do_bench(lambda k=kernel, c=cfg, s=ws: run(k, x, w, m_sizes, c, s))
+                    if gpu
+                    else None
                 )
                 speed = f"{flops / ms / 1e9:.0f}" if ms else "-"
-                line += f" {name}{cfg[:3]}s{cfg[4]} {speed} (err {err:.1e})"
+                line += f"\n  {name}{cfg[:3]}w{cfg[3]}s{cfg[4]} {speed} TF/s [{specialized(compiled)}] (err {err:.1e})"
             except Exception as error:  # a config a GPU cannot run is reported, not fatal
-                line += f" {name}{cfg[:3]} FAIL {type(error).__name__}: {str(error)[:80]}"
+                line += (
+                    f"\n  {name}{cfg[:3]}w{cfg[3]}s{cfg[4]} FAIL {type(error).__name__}: {str(error)[:120]}"
+                )
     return line
 
 
@@ -159,10 +178,9 @@ def main() -> None:
         shapes = [(128, n, k, tokens * 8) for tokens in (16384, 4096) for n, k in ((2048, 768), (1536, 2048))]
         cfgs = [
             (128, 128, 64, 8, 3),
-            (128, 128, 64, 8, 4),
             (128, 256, 64, 8, 3),
+            (128, 128, 64, 4, 3),
             (64, 128, 64, 4, 4),
-            (128, 128, 128, 8, 3),
         ]
     for shape in shapes:
         print(probe(*shape, cfgs, device, dtype), flush=True)
