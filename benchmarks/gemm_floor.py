@@ -5,12 +5,15 @@
 
 Training the experts takes six GEMMs per projection pair: gate/up and down, each forward, input gradient and weight
 gradient (``3 * 2 * T·K * expert_params`` FLOPs). No experts implementation can run its forward+backward faster than
-those GEMMs alone, whatever it fuses. This times them, in one process, two ways:
+those GEMMs alone, whatever it fuses. This times them, in one process, on three floors:
 
 - ``grouped_mm``: ``torch.nn.functional.grouped_mm`` (CUTLASS on Hopper) on the rows per expert of a random top-k
-  (what a MoE block meets: uneven counts);
+  (what a MoE block meets: uneven counts, each expert's last row tile part empty);
 - ``bmm``: cuBLAS batched matmuls with every expert given exactly ``T·K / E`` rows (balanced: the best case a
   grouped GEMM can meet, cuBLAS's own kernel choice per shape);
+- ``bmm+overflow``: the random top-k's rows laid out as a sync-free kernel could take them: each expert's first
+  ``T·K / E`` rows in one batched matmul, the rows past them in a ``grouped_mm``, the weight gradients on
+  ``grouped_mm`` (the copies into that layout not counted);
 
 and beside them the block itself, forward+backward, with Transformers' ``grouped_mm`` experts and with moefuse's
 (``moefuse bench --level block``'s workload and timing). It prints the block's time at a target speed-up over
@@ -41,58 +44,72 @@ from moefuse.bench.measure import environment, script_command, time_call, write_
 from moefuse.bench.runner import BenchContext  # noqa: E402
 from moefuse.bench.shapes import moe_shape  # noqa: E402
 
-
-def products(rows: int, hidden: int, intermediate: int, gate_up_rows: int) -> dict[str, tuple[int, int, int]]:
-    """Each expert product as ``(M, N, K)`` of ``[M, K] @ [K, N]`` for one expert given ``rows`` rows."""
-    return {
-        "gate_up forward": (rows, gate_up_rows, hidden),
-        "down forward": (rows, hidden, intermediate),
-        "down input grad": (rows, intermediate, hidden),
-        "gate_up input grad": (rows, hidden, gate_up_rows),
-        "down weight grad": (hidden, intermediate, rows),
-        "gate_up weight grad": (gate_up_rows, hidden, rows),
-    }
+ROW_PRODUCTS = ("gate_up forward", "down forward", "down input grad", "gate_up input grad")
+WEIGHT_GRADS = ("down weight grad", "gate_up weight grad")
 
 
-def grouped_mm_calls(m_sizes: torch.Tensor, shape, device, dtype, generator) -> dict[str, object]:
-    """The six products on ``grouped_mm`` as a MoE layer runs them: rows grouped by expert (``m_sizes``), weights
-    ``[E, out, in]`` read transposed, weight gradients reduced over each expert's rows."""
+def operands(rows: int, shape, device, dtype, generator) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each product's two operands as a MoE layer holds them: activations ``[rows, features]`` row-major, weights
+    ``[E, out, in]`` (read transposed by the forward). Row products: ``a [rows, K] @ b[e] [K, N]``; weight
+    gradients: ``a[rows of e]ᵀ @ b[rows of e]``."""
     experts, hidden, inter, gu = shape.num_experts, shape.hidden, shape.intermediate, shape.gate_up_rows
-    offs = torch.cumsum(m_sizes, 0).to(torch.int32)
-    rows = int(m_sizes.sum())
 
     def rand(*size: int) -> torch.Tensor:
         return torch.randn(*size, device=device, generator=generator).to(dtype)
 
-    x, h = rand(rows, hidden), rand(rows, inter)
-    d_pre, d_out = rand(rows, gu), rand(rows, hidden)
+    x, h, d_pre, d_out = rand(rows, hidden), rand(rows, inter), rand(rows, gu), rand(rows, hidden)
     w_gate_up, w_down = rand(experts, gu, hidden), rand(experts, hidden, inter)
     return {
-        "gate_up forward": lambda: F.grouped_mm(x, w_gate_up.transpose(1, 2), offs=offs),
-        "down forward": lambda: F.grouped_mm(h, w_down.transpose(1, 2), offs=offs),
-        "down input grad": lambda: F.grouped_mm(d_out, w_down, offs=offs),
-        "gate_up input grad": lambda: F.grouped_mm(d_pre, w_gate_up, offs=offs),
-        "down weight grad": lambda: F.grouped_mm(d_out.t(), h, offs=offs),
-        "gate_up weight grad": lambda: F.grouped_mm(d_pre.t(), x, offs=offs),
+        "gate_up forward": (x, w_gate_up.transpose(1, 2)),
+        "down forward": (h, w_down.transpose(1, 2)),
+        "down input grad": (d_out, w_down),
+        "gate_up input grad": (d_pre, w_gate_up),
+        "down weight grad": (d_out, h),
+        "gate_up weight grad": (d_pre, x),
     }
 
 
-def bmm_calls(rows_per_expert: int, shape, device, dtype, generator) -> dict[str, object]:
-    """The six products as batched matmuls, ``rows_per_expert`` rows for every expert; the weight gradients read
-    their row-major ``[rows, features]`` operand transposed, as a grouped layout stores it."""
+def grouped_mm_calls(ops: dict, m_sizes: torch.Tensor) -> dict[str, object]:
+    """The six products on ``grouped_mm``, rows grouped by expert (``m_sizes``)."""
+    offs = torch.cumsum(m_sizes, 0).to(torch.int32)
+    calls = {name: lambda a=a, b=b: F.grouped_mm(a, b, offs=offs) for name, (a, b) in ops.items()}
+    for name in WEIGHT_GRADS:
+        a, b = ops[name]
+        calls[name] = lambda a=a, b=b: F.grouped_mm(a.t(), b, offs=offs)
+    return calls
+
+
+def bmm_calls(ops: dict, experts: int, rows_per_expert: int) -> dict[str, object]:
+    """The six products as cuBLAS batched matmuls, ``rows_per_expert`` rows for every expert."""
+    used = experts * rows_per_expert
     calls = {}
-    dims = products(rows_per_expert, shape.hidden, shape.intermediate, shape.gate_up_rows)
-    for name, (m, n, k) in dims.items():
-        if "weight grad" in name:  # [E, m, rows] = [E, rows, m]^T @ [E, rows, n]
-            a = (
-                torch.randn(shape.num_experts, k, m, device=device, generator=generator)
-                .to(dtype)
-                .transpose(1, 2)
-            )
+    for name, (a, b) in ops.items():
+        a3 = a[:used].view(experts, rows_per_expert, -1)
+        if name in WEIGHT_GRADS:
+            b3 = b[:used].view(experts, rows_per_expert, -1)
+            calls[name] = lambda a3=a3, b3=b3: torch.bmm(a3.transpose(1, 2), b3)
         else:
-            a = torch.randn(shape.num_experts, m, k, device=device, generator=generator).to(dtype)
-        b = torch.randn(shape.num_experts, k, n, device=device, generator=generator).to(dtype)
-        calls[name] = lambda a=a, b=b: torch.bmm(a, b)
+            calls[name] = lambda a3=a3, b=b: torch.bmm(a3, b)
+    return calls
+
+
+def bucketed_calls(ops: dict, m_sizes: torch.Tensor, rows_per_expert: int) -> dict[str, object]:
+    """A layout a grouped GEMM could take without host syncs: every expert's first ``rows_per_expert`` rows (the
+    mean, known on the host) in one batched matmul (rows an expert lacks are padding), the rows past them in a
+    ``grouped_mm``; the weight gradients stay on ``grouped_mm`` (summing two partial ``dW`` would cost a pass over
+    the expert stacks)."""
+    experts = m_sizes.numel()
+    overflow = (m_sizes - rows_per_expert).clamp(min=0)
+    overflow_rows = int(overflow.sum())
+    overflow_offs = torch.cumsum(overflow, 0).to(torch.int32)
+    batched = bmm_calls(ops, experts, rows_per_expert)
+    calls = grouped_mm_calls(ops, m_sizes)
+    for name in ROW_PRODUCTS:
+        a, b = ops[name]
+        calls[name] = lambda name=name, a=a, b=b: (
+            batched[name](),
+            F.grouped_mm(a[:overflow_rows], b, offs=overflow_offs),
+        )
     return calls
 
 
@@ -111,13 +128,15 @@ def measure(args: argparse.Namespace, config, tokens: int, device: torch.device,
     rows_per_expert = max(1, assignments // shape.num_experts)
     flops = 3 * 2 * assignments * shape.expert_params
     result: dict = {"tokens": tokens, "rows": assignments, "flops": flops, "floors": {}}
+    ops = operands(assignments, shape, device, dtype, generator)
     for floor, calls in (
-        ("grouped_mm", grouped_mm_calls(m_sizes, shape, device, dtype, generator)),
-        ("bmm", bmm_calls(rows_per_expert, shape, device, dtype, generator)),
+        ("grouped_mm", grouped_mm_calls(ops, m_sizes)),
+        ("bmm", bmm_calls(ops, shape.num_experts, rows_per_expert)),
+        ("bmm+overflow", bucketed_calls(ops, m_sizes, rows_per_expert)),
     ):
         times = {name: time_ms(fn, device, args) for name, fn in calls.items()}
         result["floors"][floor] = {"products_ms": times, "total_ms": sum(times.values())}
-        del calls
+    del ops, calls
     ctx = BenchContext(
         config=config,
         shape=shape,
@@ -151,7 +170,7 @@ def report_lines(result: dict, target: float) -> list[str]:
         rate = result["flops"] / (f["total_ms"] * 1e-3) / 1e12
         parts = ", ".join(f"{name} {ms:.3f}" for name, ms in f["products_ms"].items())
         lines.append(
-            f"  {floor:>10}: GEMMs {f['total_ms']:.3f} ms ({rate:.3g} TFLOP/s), leaving "
+            f"  {floor:>12}: GEMMs {f['total_ms']:.3f} ms ({rate:.3g} TFLOP/s), leaving "
             f"{result['margin_ms'][floor]:+.3f} ms for the rest  [{parts}]"
         )
     return lines
