@@ -12,10 +12,10 @@ Each kernel also runs with Triton's automatic warp specialisation (``tl.range(..
 one where the request reached the compiler but no split came out.
 
 Measured on an H100 (Triton 3.6): TMA gained only at gate/up dims with a 128x256x64 tile at 131072 rows (539 vs
-474 TFLOP/s; grouped_mm 567), nothing at down dims or at 32768 rows. Warp specialisation compiled with 8 warps and
-ran within a few percent of the same kernels without it: best at gate/up dims, 131072 rows, TMA, 128x256x64, 531
-against 497 TFLOP/s (grouped_mm 601); at 32768 rows 398 against 370 with TMA and 384 against 404 with pointer
-loads (grouped_mm 426). With 4 warps the pass failed to compile ("PassManager::run failed").
+474 TFLOP/s; grouped_mm 567), nothing at down dims or at 32768 rows. Warp specialisation never split these kernels:
+with 8 warps the request reached the compiler and came out unsplit (``[asked]``), within the run-to-run spread of
+the same kernels without it (131072 rows at gate/up dims, 128x256x64: 552-559 against 541-569 TFLOP/s; grouped_mm
+600); with 4 warps the pass failed to compile ("PassManager::run failed").
 """
 
 import torch
