@@ -5,12 +5,13 @@
 
 Training the experts takes six GEMMs per projection pair: gate/up and down, each forward, input gradient and weight
 gradient (``3 * 2 * T·K * expert_params`` FLOPs). No experts implementation can run its forward+backward faster than
-those GEMMs alone, whatever it fuses. This times them, in one process, on three floors:
+those GEMMs alone, whatever it fuses. This times them, in one process, on four floors:
 
 - ``grouped_mm``: ``torch.nn.functional.grouped_mm`` (CUTLASS on Hopper) on the rows per expert of a random top-k
   (what a MoE block meets: uneven counts, each expert's last row tile part empty);
-- ``bmm``: cuBLAS batched matmuls with every expert given exactly ``T·K / E`` rows (balanced: the best case a
-  grouped GEMM can meet, cuBLAS's own kernel choice per shape);
+- ``grouped_mm balanced``: the same with every expert given exactly ``T·K / E`` rows (its difference to the first
+  is what uneven counts cost);
+- ``bmm``: cuBLAS batched matmuls on those balanced rows (cuBLAS's own kernel choice per shape);
 - ``bmm+overflow``: the random top-k's rows laid out as a sync-free kernel could take them: each expert's first
   ``T·K / E`` rows in one batched matmul, the rows past them in a ``grouped_mm``, the weight gradients on
   ``grouped_mm`` (the copies into that layout not counted);
@@ -131,6 +132,7 @@ def measure(args: argparse.Namespace, config, tokens: int, device: torch.device,
     ops = operands(assignments, shape, device, dtype, generator)
     for floor, calls in (
         ("grouped_mm", grouped_mm_calls(ops, m_sizes)),
+        ("grouped_mm balanced", grouped_mm_calls(ops, torch.full_like(m_sizes, rows_per_expert))),
         ("bmm", bmm_calls(ops, shape.num_experts, rows_per_expert)),
         ("bmm+overflow", bucketed_calls(ops, m_sizes, rows_per_expert)),
     ):
@@ -170,7 +172,7 @@ def report_lines(result: dict, target: float) -> list[str]:
         rate = result["flops"] / (f["total_ms"] * 1e-3) / 1e12
         parts = ", ".join(f"{name} {ms:.3f}" for name, ms in f["products_ms"].items())
         lines.append(
-            f"  {floor:>12}: GEMMs {f['total_ms']:.3f} ms ({rate:.3g} TFLOP/s), leaving "
+            f"  {floor:>19}: GEMMs {f['total_ms']:.3f} ms ({rate:.3g} TFLOP/s), leaving "
             f"{result['margin_ms'][floor]:+.3f} ms for the rest  [{parts}]"
         )
     return lines

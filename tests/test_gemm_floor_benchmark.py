@@ -64,7 +64,7 @@ def test_report_margins_are_target_minus_floor(floor, tmp_path, capsys):
     blocks = result["block_fwd_bwd_ms"]
     assert set(blocks) == {"grouped_mm", "moefuse"} and min(blocks.values()) > 0
     assert result["target_ms"] == pytest.approx(blocks["grouped_mm"] / 2.5)
-    assert set(result["floors"]) == {"grouped_mm", "bmm", "bmm+overflow"}
+    assert set(result["floors"]) == {"grouped_mm", "grouped_mm balanced", "bmm", "bmm+overflow"}
     for name, f in result["floors"].items():
         assert len(f["products_ms"]) == 6 and f["total_ms"] == pytest.approx(sum(f["products_ms"].values()))
         assert result["margin_ms"][name] == pytest.approx(result["target_ms"] - f["total_ms"])
