@@ -26,6 +26,40 @@ from moefuse.kernels.grouped_gemm import _expert_tile  # the moefuse kernels' ti
 
 
 @triton.jit
+def _ptr_tile(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    e,
+    row0,
+    row_end,
+    pid_n,
+    N,
+    K,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
+):
+    """One ``BLOCK_M x BLOCK_N`` output tile of expert ``e`` from rows ``row0`` on (those before ``row_end``)."""
+    rows = row0 + tl.arange(0, BLOCK_M)
+    rmask = rows < row_end
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * K + offs_k[None, :]
+    b_ptrs = b_ptr + e.to(tl.int64) * N * K + offs_n[None, :] * K + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for _ in tl.range(0, K // BLOCK_K, warp_specialize=WARP_SPECIALIZE):
+        a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+        b = tl.load(b_ptrs)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+@triton.jit
 def gemm_ptr(
     a_ptr,
     b_ptr,
@@ -46,21 +80,52 @@ def gemm_ptr(
     )
     if e >= E:
         return
-    rows = row0 + tl.arange(0, BLOCK_M)
-    rmask = rows < row_end
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * K + offs_k[None, :]
-    b_ptrs = b_ptr + e.to(tl.int64) * N * K + offs_n[None, :] * K + offs_k[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for _ in tl.range(0, K // BLOCK_K, warp_specialize=WARP_SPECIALIZE):
-        a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
-        b = tl.load(b_ptrs)
-        acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-    c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=rmask[:, None])
+    _ptr_tile(a_ptr, b_ptr, c_ptr, e, row0, row_end, pid_n, N, K, BLOCK_M, BLOCK_N, BLOCK_K, WARP_SPECIALIZE)
+
+
+@triton.jit
+def gemm_ptr_half_tail(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    m_sizes_ptr,
+    S,
+    N,
+    K,
+    E,
+    E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
+):
+    """``gemm_ptr`` whose programs with at most ``BLOCK_M / 2`` rows left (an expert's last, part-empty tile) run
+    a half-height tile: fewer multiplies of padding rows."""
+    e, row0, row_end, pid_n = _expert_tile(
+        tl.program_id(0), m_sizes_ptr, E, tl.cdiv(N, BLOCK_N), BLOCK_M, E_POW2
+    )
+    if e >= E:
+        return
+    if row_end - row0 <= BLOCK_M // 2:
+        _ptr_tile(
+            a_ptr,
+            b_ptr,
+            c_ptr,
+            e,
+            row0,
+            row_end,
+            pid_n,
+            N,
+            K,
+            BLOCK_M // 2,
+            BLOCK_N,
+            BLOCK_K,
+            WARP_SPECIALIZE,
+        )
+    else:
+        _ptr_tile(
+            a_ptr, b_ptr, c_ptr, e, row0, row_end, pid_n, N, K, BLOCK_M, BLOCK_N, BLOCK_K, WARP_SPECIALIZE
+        )
 
 
 @triton.jit
@@ -157,8 +222,12 @@ def probe(experts: int, n: int, k: int, rows: int, cfgs: list[tuple], device: st
     if gpu:
         ms = triton.testing.do_bench(lambda: torch.nn.functional.grouped_mm(x, w.transpose(1, 2), offs=ends))
         line += f" grouped_mm {flops / ms / 1e9:.0f} TF/s |"
-    variants = [("ptr", gemm_ptr, False), ("tma", gemm_tma, False), ("ptr+ws", gemm_ptr, True)]
-    variants.append(("tma+ws", gemm_tma, True))
+    variants = [
+        ("ptr", gemm_ptr, False),
+        ("ptr+half-tail", gemm_ptr_half_tail, False),
+        ("tma", gemm_tma, False),
+    ]
+    variants += [("ptr+ws", gemm_ptr, True), ("tma+ws", gemm_tma, True)]
     for cfg in cfgs:
         for name, kernel, ws in variants:
             try:
