@@ -88,3 +88,18 @@ def test_input_cast_to_weight_dtype():
 def test_bad_inputs(kwargs, err, match):
     with pytest.raises(err, match=match):
         moefuse.moe_fused_linear(kwargs["x"], kwargs["w"], kwargs["m"])
+
+
+def test_grouped_mm_takes_given_offsets():
+    """``ExpertRouting.offsets`` passed in gives what the offsets computed from ``m_sizes`` give (bf16 with 16-byte
+    strides, so ``torch.nn.functional.grouped_mm`` runs, on the CPU too)."""
+    from moefuse.ops.grouped_gemm import grouped_mm, grouped_mm_weight_grad
+
+    m_sizes = torch.tensor([3, 0, 5, 1])
+    offsets = torch.cumsum(m_sizes, 0, dtype=torch.int32)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(9, 8, generator=g).bfloat16()
+    b = torch.randn(4, 8, 16, generator=g).bfloat16()
+    c = torch.randn(9, 16, generator=g).bfloat16()
+    assert torch.equal(grouped_mm(a, b, m_sizes, offsets), grouped_mm(a, b, m_sizes))
+    assert torch.equal(grouped_mm_weight_grad(c, a, m_sizes, offsets), grouped_mm_weight_grad(c, a, m_sizes))

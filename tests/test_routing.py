@@ -30,9 +30,10 @@ def test_route_matches_reference(tokens, top_k, experts, backend):
     )
     idx = idx.long()
     got, ref = route(idx, experts), route_reference(idx, experts)
-    for name in ("m_sizes", "sorted_slots", "token_index", "inverse"):
+    for name in ("m_sizes", "sorted_slots", "token_index", "inverse", "offsets"):
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
     assert int(got.m_sizes.sum()) == tokens * top_k
+    assert got.offsets.dtype == torch.int32  # grouped_mm's offs
     # grouped rows are sorted by expert and the inverse undoes the sort
     flat = idx.reshape(-1)
     assert torch.all(flat[got.sorted_slots][1:] >= flat[got.sorted_slots][:-1])
@@ -65,6 +66,7 @@ def test_route_triton_leaves_out_ids_out_of_range(monkeypatch):
     with use_backend("triton"):
         got = route(idx, 4)
     assert got.m_sizes.tolist() == [1, 0, 3, 1]
+    assert got.offsets.tolist() == [1, 1, 4, 5]
     rows = int(got.m_sizes.sum())
     assert got.sorted_slots[:rows].tolist() == [3, 0, 4, 7, 5]
     assert got.token_index[:rows].tolist() == [1, 0, 2, 3, 2]
@@ -111,7 +113,7 @@ def test_route_triton_gpu_equals_torch(tokens, experts):
         got = route(idx, experts)
     with use_backend("torch"):
         ref = route(idx, experts)
-    for name in ("m_sizes", "sorted_slots", "token_index", "inverse"):
+    for name in ("m_sizes", "sorted_slots", "token_index", "inverse", "offsets"):
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
     x = torch.randn(tokens, 2048, generator=g, device=DEVICE, dtype=torch.bfloat16)
     with use_backend("triton"):

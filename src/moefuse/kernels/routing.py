@@ -5,7 +5,7 @@
 - :func:`routing_scatter_kernel`: each program finds where its block's rows go (all rows of smaller experts,
   plus this expert's rows in earlier blocks), sorts the block by ``(expert, position)`` and writes every
   assignment's flat index and token at its grouped row, and its grouped row at its flat index. Program 0 also
-  writes ``m_sizes``.
+  writes ``m_sizes`` and each expert's end row (int32, ``grouped_mm``'s ``offs``).
 - :func:`grouped_rows_kernel`: a ``[T, H]`` tensor's rows copied into grouped order, token by token.
 - :func:`token_sums_kernel`: the reverse, each token's ``K`` grouped rows summed into its row of ``[T, H]``.
 
@@ -43,6 +43,7 @@ def routing_scatter_kernel(
     counts_ptr,
     base_ptr,
     m_sizes_ptr,
+    offsets_ptr,
     sorted_slots_ptr,
     token_index_ptr,
     grouped_row_ptr,
@@ -70,6 +71,7 @@ def routing_scatter_kernel(
         before += tl.sum(tl.where(blocks[:, None] < block, counts, 0), 0)
     if block == 0:
         tl.store(m_sizes_ptr + bins, totals.to(tl.int64), mask=bins < E)
+        tl.store(offsets_ptr + bins, tl.cumsum(totals, 0), mask=bins < E)
     mine = tl.load(counts_ptr + block * E + bins, mask=bins < E, other=0)
     # The p-th row of this block in sorted order, of expert e, goes to row base[e] + p of the grouped order:
     # base = (rows of smaller experts) + (e's rows in earlier blocks) - (rows of smaller experts in this block).

@@ -41,12 +41,15 @@ def _offsets(m_sizes: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(m_sizes, dim=0, dtype=torch.int32)
 
 
-def grouped_mm(a: torch.Tensor, b: torch.Tensor, m_sizes: torch.Tensor) -> torch.Tensor:
-    """``out[rows of e] = a[rows of e] @ b[e]`` for ``a [N, k]`` grouped by expert and ``b [E, k, n]``."""
+def grouped_mm(
+    a: torch.Tensor, b: torch.Tensor, m_sizes: torch.Tensor, offsets: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``out[rows of e] = a[rows of e] @ b[e]`` for ``a [N, k]`` grouped by expert and ``b [E, k, n]``; ``offsets``:
+    each expert's end row as int32 (``ExpertRouting.offsets``), else computed from ``m_sizes``."""
     if a.shape[0] == 0:
         return a.new_zeros(0, b.shape[-1])
     if grouped_mm_supports(a, b):
-        return F.grouped_mm(a, b, offs=_offsets(m_sizes))
+        return F.grouped_mm(a, b, offs=_offsets(m_sizes) if offsets is None else offsets)
     out = a.new_empty(a.shape[0], b.shape[-1])
     start = 0
     for e, m in enumerate(m_sizes.tolist()):
@@ -56,11 +59,14 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, m_sizes: torch.Tensor) -> torch
     return out
 
 
-def grouped_mm_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, m_sizes: torch.Tensor) -> torch.Tensor:
-    """``dW[e] = grad_out[rows of e]^T @ x[rows of e]`` → ``[E, out, in]`` (zeros for experts without rows)."""
+def grouped_mm_weight_grad(
+    grad_out: torch.Tensor, x: torch.Tensor, m_sizes: torch.Tensor, offsets: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``dW[e] = grad_out[rows of e]^T @ x[rows of e]`` → ``[E, out, in]`` (zeros for experts without rows);
+    ``offsets`` as for :func:`grouped_mm`."""
     num_experts = m_sizes.numel()
     if grad_out.shape[0] > 0 and grouped_mm_supports(grad_out.t(), x):
-        return F.grouped_mm(grad_out.t(), x, offs=_offsets(m_sizes))
+        return F.grouped_mm(grad_out.t(), x, offs=_offsets(m_sizes) if offsets is None else offsets)
     out = x.new_zeros(num_experts, grad_out.shape[1], x.shape[1])
     start = 0
     for e, m in enumerate(m_sizes.tolist()):

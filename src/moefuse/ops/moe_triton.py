@@ -100,7 +100,7 @@ def combine(
         and combine_on_grouped_mm(a, _rows_per_expert(a.shape[0], routing))
         and grouped_mm_supports(a, weight.transpose(1, 2))
     ):
-        return routing.token_sums(grouped_mm(a, weight.transpose(1, 2), routing.m_sizes))
+        return routing.token_sums(grouped_mm(a, weight.transpose(1, 2), routing.m_sizes, routing.offsets))
     num_tokens = routing.inverse.numel() // routing.top_k
     width = weight.shape[1]
     slots = torch.empty(num_tokens * routing.top_k, width, device=a.device, dtype=weight.dtype)
@@ -144,7 +144,7 @@ def base_weight_grad(
         a_rows = routing.grouped(a) if gather_a else a
         b_rows = routing.grouped(b) if gather_b else b
         if grouped_mm_supports(a_rows.t(), b_rows):
-            return grouped_mm_weight_grad(a_rows, b_rows, m_sizes)
+            return grouped_mm_weight_grad(a_rows, b_rows, m_sizes, routing.offsets)
     return tg.grouped_weight_grad(
         a,
         b,

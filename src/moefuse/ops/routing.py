@@ -25,6 +25,9 @@ class ExpertRouting:
         inverse: ``[S]`` int64, for each flat assignment ``t * K + k`` its row in the grouped order (-1 for an id
             out of range, which the Triton path leaves out of every expert).
         top_k: K, assignments per token.
+        offsets: ``[E]`` int32, each expert's end row in the grouped order (``m_sizes``' inclusive cumulative sum,
+            as ``torch.nn.functional.grouped_mm`` takes its ``offs``): made once here, where on a GPU every
+            ``torch.cumsum`` of its own cost ~40 us of host time (a scan's launches and scratch).
     """
 
     m_sizes: torch.Tensor
@@ -32,6 +35,7 @@ class ExpertRouting:
     token_index: torch.Tensor
     inverse: torch.Tensor
     top_k: int
+    offsets: torch.Tensor
 
     @property
     def num_experts(self) -> int:
@@ -140,6 +144,7 @@ def _route_triton(flat: torch.Tensor, num_experts: int, top_k: int) -> ExpertRou
     counts = torch.empty(num_blocks, num_experts, device=device, dtype=torch.int32)
     base = torch.empty(num_blocks, bins, device=device, dtype=torch.int32)
     m_sizes = torch.empty(num_experts, device=device, dtype=torch.long)
+    offsets = torch.empty(num_experts, device=device, dtype=torch.int32)
     sorted_slots = torch.empty(rows, device=device, dtype=torch.long)
     token_index = torch.empty(rows, device=device, dtype=torch.long)
     inverse = torch.empty(rows, device=device, dtype=torch.long)
@@ -152,6 +157,7 @@ def _route_triton(flat: torch.Tensor, num_experts: int, top_k: int) -> ExpertRou
         counts,
         base,
         m_sizes,
+        offsets,
         sorted_slots,
         token_index,
         inverse,
@@ -165,7 +171,12 @@ def _route_triton(flat: torch.Tensor, num_experts: int, top_k: int) -> ExpertRou
         num_warps=4,
     )
     return ExpertRouting(
-        m_sizes=m_sizes, sorted_slots=sorted_slots, token_index=token_index, inverse=inverse, top_k=top_k
+        m_sizes=m_sizes,
+        sorted_slots=sorted_slots,
+        token_index=token_index,
+        inverse=inverse,
+        top_k=top_k,
+        offsets=offsets,
     )
 
 
@@ -191,6 +202,7 @@ def route(top_k_index: torch.Tensor, num_experts: int) -> ExpertRouting:
         token_index=torch.div(sorted_slots, top_k, rounding_mode="floor"),
         inverse=inverse,
         top_k=top_k,
+        offsets=torch.cumsum(m_sizes, 0, dtype=torch.int32),
     )
 
 
@@ -201,10 +213,12 @@ def route_reference(top_k_index: torch.Tensor, num_experts: int) -> ExpertRoutin
     slots = [s for e in range(num_experts) for s, fe in enumerate(flat) if fe == e]
     m_sizes = [sum(1 for fe in flat if fe == e) for e in range(num_experts)]
     device = top_k_index.device
+    ends = [sum(m_sizes[: e + 1]) for e in range(num_experts)]
     return ExpertRouting(
         m_sizes=torch.tensor(m_sizes, dtype=torch.long, device=device),
         sorted_slots=torch.tensor(slots, dtype=torch.long, device=device),
         token_index=torch.tensor([s // top_k for s in slots], dtype=torch.long, device=device),
         inverse=torch.tensor([slots.index(s) for s in range(len(flat))], dtype=torch.long, device=device),
         top_k=top_k,
+        offsets=torch.tensor(ends, dtype=torch.int32, device=device),
     )
