@@ -176,6 +176,23 @@ def test_swiglu_backward(m_sizes, dtype, with_lora):
     assert err <= TOLERANCE[dtype], (
         f"d_scale: error {err:.2e} of the products' sizes > {TOLERANCE[dtype]:.0e}"
     )
+    # The same sums stored at given positions in another dtype (the routing weights' order and dtype).
+    positions = torch.randperm(sum(m_sizes), device=DEVICE)
+    placed = torch.full((sum(m_sizes),), float("nan"), device=DEVICE, dtype=dtype)
+    _, out = triton_gemm.swiglu_backward(
+        grad_out,
+        down,
+        gate_up,
+        scale,
+        _m(m_sizes),
+        token_index,
+        lora=lora,
+        d_scale_out=placed,
+        d_scale_index=positions,
+    )
+    assert out is placed and torch.equal(placed[positions], d_scale.to(dtype))
+    with pytest.raises(ValueError, match="d_scale_out must be 1-D and contiguous"):
+        triton_gemm.swiglu_backward_rows(d_gate_up[:, :inter], gate_up, scale, d_scale_out=placed)
 
 
 @pytest.mark.parametrize("m_sizes,dtype", CASES)

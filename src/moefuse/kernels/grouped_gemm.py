@@ -657,18 +657,21 @@ def swiglu_backward_rows_kernel(
     scale_ptr,
     d_gate_up_ptr,
     d_scale_ptr,
+    d_scale_index_ptr,
     rows,
     N,
     stride_gm,
     stride_gum,
     stride_dgm,
+    SCATTER_D_SCALE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """SwiGLU's backward for ``BLOCK_R`` rows from ``g [rows, N]``, the gradient reaching ``h`` (unscaled):
     ``d_scale = sum_n g * silu(gate) * up``, ``dh = scale * g``, ``d_up = dh * silu(gate)``,
     ``d_gate = dh * up * silu'(gate)`` into ``d_gate_up [rows, 2N]`` (unit column strides), ``BLOCK_C`` columns
-    at a time. Each row's ``d_scale`` is summed in one program: no atomics."""
+    at a time. Each row's ``d_scale`` is summed in fp32 in one program (no atomics) and stored in ``d_scale``'s
+    dtype, at ``d_scale_index[row]`` with ``SCATTER_D_SCALE`` (the routing weights' gradient in their own order)."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = offs_r < rows
     offs_r64 = offs_r.to(tl.int64)
@@ -691,4 +694,7 @@ def swiglu_backward_rows_kernel(
         d_ptrs = d_gate_up_ptr + offs_r64[:, None] * stride_dgm + cols[None, :]
         tl.store(d_ptrs, (dh * up * sig * (1.0 + gate * (1.0 - sig))).to(out_type), mask=mask)
         tl.store(d_ptrs + N, (dh * silu).to(out_type), mask=mask)
-    tl.store(d_scale_ptr + offs_r, d_scale, mask=row_mask)
+    d_scale_rows = offs_r64
+    if SCATTER_D_SCALE:
+        d_scale_rows = tl.load(d_scale_index_ptr + offs_r, mask=row_mask, other=0)
+    tl.store(d_scale_ptr + d_scale_rows, d_scale.to(d_scale_ptr.dtype.element_ty), mask=row_mask)

@@ -293,12 +293,21 @@ class _TritonExperts(torch.autograd.Function):
                     row_scale=scale,
                     out=_like(factors[5], x),
                 )
-        d_gate_up, d_scale = gemms_for(down_proj).swiglu_backward(
-            grad_out, down_proj, gate_up, scale, m_sizes, token_index, lora=h_lora_grad
+        # The routing weights' gradient comes out of SwiGLU's row kernel in their (token, k) order and dtype.
+        weights_grad = x.new_empty(x.shape[0] * routing.top_k, dtype=ctx.weights_dtype) if needs[3] else None
+        d_gate_up, _ = gemms_for(down_proj).swiglu_backward(
+            grad_out,
+            down_proj,
+            gate_up,
+            scale,
+            m_sizes,
+            token_index,
+            lora=h_lora_grad,
+            d_scale_out=weights_grad,
+            d_scale_index=routing.sorted_slots,
         )
         if needs[3]:
-            weights_grad = torch.empty_like(d_scale).index_copy_(0, routing.sorted_slots, d_scale)
-            grad[3] = weights_grad.view(x.shape[0], routing.top_k).to(ctx.weights_dtype)
+            grad[3] = weights_grad.view(x.shape[0], routing.top_k)
 
         # Gate/up projection.
         x_lora_grad = None

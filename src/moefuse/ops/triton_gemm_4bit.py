@@ -165,8 +165,20 @@ def swiglu_backward(
     m_sizes: torch.Tensor,
     grad_index: torch.Tensor,
     lora: LoraTerm | None = None,
+    *,
+    d_scale_out: torch.Tensor | None = None,
+    d_scale_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`moefuse.ops.triton_gemm.swiglu_backward` with the 4-bit ``down_proj [E, H, I]``."""
     return dense.swiglu_backward(
-        grad_out, down_proj, gate_up, row_scale, m_sizes, grad_index, lora, gemm=grouped_gemm
+        grad_out,
+        down_proj,
+        gate_up,
+        row_scale,
+        m_sizes,
+        grad_index,
+        lora,
+        gemm=grouped_gemm,
+        d_scale_out=d_scale_out,
+        d_scale_index=d_scale_index,
     )
