@@ -37,8 +37,10 @@ def grouped_mm_supports(*tensors: torch.Tensor) -> bool:
     return all(_aligned(t) for t in tensors)
 
 
-def _offsets(m_sizes: torch.Tensor) -> torch.Tensor:
-    return torch.cumsum(m_sizes, dim=0, dtype=torch.int32)
+def _offsets(m_sizes: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
+    """grouped_mm's ``offs``: ``offsets`` when the caller has them (``ExpertRouting.offsets``), else each expert's
+    end row computed from ``m_sizes``."""
+    return torch.cumsum(m_sizes, dim=0, dtype=torch.int32) if offsets is None else offsets
 
 
 def grouped_mm(
@@ -49,7 +51,7 @@ def grouped_mm(
     if a.shape[0] == 0:
         return a.new_zeros(0, b.shape[-1])
     if grouped_mm_supports(a, b):
-        return F.grouped_mm(a, b, offs=_offsets(m_sizes) if offsets is None else offsets)
+        return F.grouped_mm(a, b, offs=_offsets(m_sizes, offsets))
     out = a.new_empty(a.shape[0], b.shape[-1])
     start = 0
     for e, m in enumerate(m_sizes.tolist()):
@@ -66,7 +68,7 @@ def grouped_mm_weight_grad(
     ``offsets`` as for :func:`grouped_mm`."""
     num_experts = m_sizes.numel()
     if grad_out.shape[0] > 0 and grouped_mm_supports(grad_out.t(), x):
-        return F.grouped_mm(grad_out.t(), x, offs=_offsets(m_sizes) if offsets is None else offsets)
+        return F.grouped_mm(grad_out.t(), x, offs=_offsets(m_sizes, offsets))
     out = x.new_zeros(num_experts, grad_out.shape[1], x.shape[1])
     start = 0
     for e, m in enumerate(m_sizes.tolist()):
