@@ -193,6 +193,8 @@ def test_swiglu_backward(m_sizes, dtype, with_lora):
     assert out is placed and torch.equal(placed[positions], d_scale.to(dtype))
     with pytest.raises(ValueError, match="d_scale_out must be 1-D and contiguous"):
         triton_gemm.swiglu_backward_rows(d_gate_up[:, :inter], gate_up, scale, d_scale_out=placed)
+    with pytest.raises(ValueError, match="d_scale_out must be 1-D and contiguous"):
+        triton_gemm.swiglu_backward_rows(d_gate_up[:, :inter], gate_up, scale, d_scale_index=positions)
 
 
 @pytest.mark.parametrize("m_sizes,dtype", CASES)

@@ -321,8 +321,12 @@ def swiglu_backward_rows(
     rows, inter = g.shape
     d_gate_up = torch.empty_like(gate_up, memory_format=torch.contiguous_format)
     scatter = d_scale_out is not None
-    if scatter and (d_scale_index is None or d_scale_out.dim() != 1 or d_scale_out.stride(0) != 1):
-        raise ValueError("swiglu_backward_rows: d_scale_out must be 1-D and contiguous, with d_scale_index")
+    if (d_scale_index is not None) != scatter or (
+        scatter and (d_scale_out.dim() != 1 or d_scale_out.stride(0) != 1)
+    ):
+        raise ValueError(
+            "swiglu_backward_rows: d_scale_out must be 1-D and contiguous, with d_scale_index (both or neither)"
+        )
     d_scale = d_scale_out if scatter else torch.empty(rows, device=g.device, dtype=torch.float32)
     if rows == 0:
         return d_gate_up, d_scale
@@ -335,7 +339,7 @@ def swiglu_backward_rows(
         row_scale,
         d_gate_up,
         d_scale,
-        d_scale_index if scatter else d_scale,
+        _index(d_scale_index, d_scale),
         rows,
         inter,
         g.stride(0),
