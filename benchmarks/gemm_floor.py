@@ -73,10 +73,10 @@ def operands(rows: int, shape, device, dtype, generator) -> dict[str, tuple[torc
 def grouped_mm_calls(ops: dict, m_sizes: torch.Tensor) -> dict[str, object]:
     """The six products on ``grouped_mm``, rows grouped by expert (``m_sizes``)."""
     offs = torch.cumsum(m_sizes, 0).to(torch.int32)
-    calls = {name: lambda a=a, b=b: F.grouped_mm(a, b, offs=offs) for name, (a, b) in ops.items()}
-    for name in WEIGHT_GRADS:
-        a, b = ops[name]
-        calls[name] = lambda a=a, b=b: F.grouped_mm(a.t(), b, offs=offs)
+    calls = {}
+    for name, (a, b) in ops.items():
+        lhs = a.t() if name in WEIGHT_GRADS else a  # weight gradients reduce over each expert's rows
+        calls[name] = lambda lhs=lhs, b=b: F.grouped_mm(lhs, b, offs=offs)
     return calls
 
 
