@@ -80,58 +80,34 @@ def gemm_ptr(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
+    HALF_TAIL: tl.constexpr = False,
 ):
+    """Pointer loads; with ``HALF_TAIL``, programs with at most ``BLOCK_M / 2`` rows left (an expert's last,
+    part-empty tile) run a half-height tile: fewer multiplies of padding rows."""
     e, row0, row_end, pid_n = _expert_tile(
         tl.program_id(0), m_sizes_ptr, E, tl.cdiv(N, BLOCK_N), BLOCK_M, E_POW2
     )
     if e >= E:
         return
+    if HALF_TAIL:
+        if row_end - row0 <= BLOCK_M // 2:
+            _ptr_tile(
+                a_ptr,
+                b_ptr,
+                c_ptr,
+                e,
+                row0,
+                row_end,
+                pid_n,
+                N,
+                K,
+                BLOCK_M // 2,
+                BLOCK_N,
+                BLOCK_K,
+                WARP_SPECIALIZE,
+            )
+            return
     _ptr_tile(a_ptr, b_ptr, c_ptr, e, row0, row_end, pid_n, N, K, BLOCK_M, BLOCK_N, BLOCK_K, WARP_SPECIALIZE)
-
-
-@triton.jit
-def gemm_ptr_half_tail(
-    a_ptr,
-    b_ptr,
-    c_ptr,
-    m_sizes_ptr,
-    S,
-    N,
-    K,
-    E,
-    E_POW2: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
-):
-    """``gemm_ptr`` whose programs with at most ``BLOCK_M / 2`` rows left (an expert's last, part-empty tile) run
-    a half-height tile: fewer multiplies of padding rows."""
-    e, row0, row_end, pid_n = _expert_tile(
-        tl.program_id(0), m_sizes_ptr, E, tl.cdiv(N, BLOCK_N), BLOCK_M, E_POW2
-    )
-    if e >= E:
-        return
-    if row_end - row0 <= BLOCK_M // 2:
-        _ptr_tile(
-            a_ptr,
-            b_ptr,
-            c_ptr,
-            e,
-            row0,
-            row_end,
-            pid_n,
-            N,
-            K,
-            BLOCK_M // 2,
-            BLOCK_N,
-            BLOCK_K,
-            WARP_SPECIALIZE,
-        )
-    else:
-        _ptr_tile(
-            a_ptr, b_ptr, c_ptr, e, row0, row_end, pid_n, N, K, BLOCK_M, BLOCK_N, BLOCK_K, WARP_SPECIALIZE
-        )
 
 
 @triton.jit
@@ -172,10 +148,16 @@ def gemm_tma(
 
 
 def run(
-    kernel, x: torch.Tensor, w: torch.Tensor, m_sizes: torch.Tensor, cfg: tuple, warp_specialize: bool = False
+    kernel,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    m_sizes: torch.Tensor,
+    cfg: tuple,
+    warp_specialize: bool = False,
+    **flags,
 ) -> tuple[torch.Tensor, object]:
-    """Launch ``kernel`` with ``cfg = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)``: the output and the
-    compiled kernel."""
+    """Launch ``kernel`` with ``cfg = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` and its constexpr
+    ``flags`` (``HALF_TAIL=True``): the output and the compiled kernel."""
     rows, k = x.shape
     experts, n, _ = w.shape
     block_m, block_n, block_k, warps, stages = cfg
@@ -198,6 +180,7 @@ def run(
         warp_specialize,
         num_warps=warps,
         num_stages=stages,
+        **flags,
     )
     return out, compiled
 
@@ -228,19 +211,22 @@ def probe(experts: int, n: int, k: int, rows: int, cfgs: list[tuple], device: st
     if gpu:
         ms = triton.testing.do_bench(lambda: torch.nn.functional.grouped_mm(x, w.transpose(1, 2), offs=ends))
         line += f" grouped_mm {flops / ms / 1e9:.0f} TF/s |"
-    variants = [
-        ("ptr", gemm_ptr, False),
-        ("ptr+half-tail", gemm_ptr_half_tail, False),
-        ("tma", gemm_tma, False),
+    variants = [  # name, kernel, warp specialisation, constexpr flags
+        ("ptr", gemm_ptr, False, {}),
+        ("ptr+half-tail", gemm_ptr, False, {"HALF_TAIL": True}),
+        ("tma", gemm_tma, False, {}),
+        ("ptr+ws", gemm_ptr, True, {}),
+        ("tma+ws", gemm_tma, True, {}),
     ]
-    variants += [("ptr+ws", gemm_ptr, True), ("tma+ws", gemm_tma, True)]
     for cfg in cfgs:
-        for name, kernel, ws in variants:
+        for name, kernel, ws, flags in variants:
             try:
-                out, compiled = run(kernel, x, w, m_sizes, cfg, ws)
+                out, compiled = run(kernel, x, w, m_sizes, cfg, ws, **flags)
                 err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
                 ms = (
-                    triton.testing.do_bench(lambda k=kernel, c=cfg, s=ws: run(k, x, w, m_sizes, c, s))
+                    triton.testing.do_bench(
+                        lambda k=kernel, c=cfg, s=ws, f=flags: run(k, x, w, m_sizes, c, s, **f)
+                    )
                     if gpu
                     else None
                 )
