@@ -132,6 +132,19 @@ def quantize_experts(
     return model
 
 
+def portable_cpu_linears(model: nn.Module) -> nn.Module:
+    """Keep bitsandbytes' ``Linear4bit`` layers of ``model`` on its portable CPU path.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.49+) repacks a ``Linear4bit`` weight in place at its first
+    inference call and runs it on a kernel fetched from the Hugging Face Hub through the ``kernels`` package
+    (which Transformers 5.25 installs). The repacking fails for layers narrower than a quantization block, and
+    the fetch fails offline or for an untrusted publisher; the portable path computes the same products."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def _record_format(model: nn.Module, settings: dict[str, Any]) -> None:
     """``config.moefuse_quantization``: how the experts are stored (read back by :func:`from_pretrained`)."""
     config = _config_of(model)
@@ -186,7 +199,7 @@ def from_pretrained(
         kwargs["quantization_config"] = quantization_config
     model = model_class.from_pretrained(pretrained_model_name_or_path, device_map="cpu", **kwargs)
     quantize_experts(model, quantization_config, device=device)
-    return model.to(device)
+    return portable_cpu_linears(model.to(device))
 
 
 def quantize_linears(
@@ -235,7 +248,7 @@ def quantize_linears(
         setattr(model.get_submodule(parent_key) if parent_key else model, child, layer)
     if hasattr(model, "config"):
         model.config.quantization_config = config
-    return model
+    return portable_cpu_linears(model)
 
 
 def from_config(
@@ -463,7 +476,7 @@ def load_quantized(
         raise ValueError(
             f"{path}: the checkpoint lacks {len(missing)} weights of the model, e.g. {missing[:3]}"
         )
-    return model.to(device).eval()
+    return portable_cpu_linears(model.to(device).eval())
 
 
 def _dtype(value: Any) -> torch.dtype | None:
