@@ -43,6 +43,7 @@ from transformers import Qwen3MoeConfig  # noqa: E402
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock  # noqa: E402
 
 import moefuse  # noqa: E402, F401  (registers the "moefuse" experts implementation)
+from moefuse.bench.measure import environment, kept_path, write_report  # noqa: E402
 from moefuse.ops import fused_experts, route  # noqa: E402
 from moefuse.parallel import apply_expert_parallel, combine, dispatch, plan_dispatch  # noqa: E402
 
@@ -248,10 +249,12 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if rank == 0:
         slug = result["device"].replace(" ", "_").replace("/", "_")
-        out = args.out or Path(__file__).parent / "results" / f"ep_scaling_{world}x{slug}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        result["environment"] = environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        out = args.out or kept_path(
+            Path(__file__).parent / "results" / f"ep_scaling_{world}x{slug}.json", result["environment"]
+        )
         print(json.dumps(result, indent=2))
+        write_report(result, out)
     if own_group:
         dist.barrier()  # no rank tears gloo down while another still talks to it
         dist.destroy_process_group()

@@ -37,7 +37,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import moefuse  # noqa: F401  (registers the "moefuse" experts implementation)
 from moefuse.bench.configs import DEFAULT_CONFIG, load_config, tiny_config, with_layers
-from moefuse.bench.measure import environment, script_command, write_report
+from moefuse.bench.measure import environment, kept_path, script_command, write_report
 from moefuse.bench.model import lora_config_for
 from moefuse.lora import lora_config
 from moefuse.lora.targets import PROJECTIONS
@@ -295,7 +295,10 @@ def main(argv: list[str] | None = None) -> dict:
         suffix += "_step-in-backward" if args.step_in_backward else ""
         suffix += "_offload" if args.offload_activations else ""
         suffix += "_moefuse-norm" if args.norm == "moefuse" else ""
-        out = Path(__file__).resolve().parent / "results" / f"qlora_{label}_{args.mode}{suffix}_{gpu}.json"
+        out = kept_path(
+            Path(__file__).resolve().parent / "results" / f"qlora_{label}_{args.mode}{suffix}_{gpu}.json",
+            report["env"],
+        )
     write_report(report, out)
     return report
 

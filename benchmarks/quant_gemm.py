@@ -34,6 +34,7 @@ if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cpu":
 import moefuse  # noqa: E402
 from moefuse.bench.measure import (  # noqa: E402
     environment,
+    kept_path,
     relative_error,
     script_command,
     time_call,
@@ -226,7 +227,9 @@ def main(argv: list[str] | None = None) -> dict:
     if out is None:
         label = report["env"].get("gpu", "cpu")
         label = "".join(c if c.isalnum() else "_" for c in label).strip("_")
-        out = Path(__file__).resolve().parent / "results" / f"quant_gemm_{label}.json"
+        out = kept_path(
+            Path(__file__).resolve().parent / "results" / f"quant_gemm_{label}.json", report["env"]
+        )
     write_report(report, out)
     if failures:
         print("\n".join(["4-bit outputs disagree with the dense reference:", *failures]), file=sys.stderr)

@@ -201,6 +201,10 @@ def test_disagreement_fails_the_run(tmp_path, monkeypatch, capsys, one_thread):
     assert main([*argv, "--level", "model", "--layers", "2", "--setups", "full", "--output", str(out)]) == 1
     (failure,) = json.loads(out.read_text())["failures"]
     assert failure.startswith("model 16 tokens full/wrong_for_test disagrees with eager: ")
+    # A second run does not overwrite the first's file.
+    with pytest.raises(SystemExit, match="runs are kept, not overwritten"):
+        main([*argv, "--level", "block", "--modes", "fwd", "--output", str(out)])
+    out = tmp_path / "wrong-block.json"
     assert main([*argv, "--level", "block", "--modes", "fwd", "--output", str(out)]) == 1
     result = json.loads(out.read_text())
     assert not result["ok"]

@@ -5,9 +5,8 @@ experts use ``@use_experts_implementation`` can run on it:
 ``AutoModelForCausalLM.from_pretrained(path, experts_implementation="moefuse")``.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
 from . import lora
+from ._version import package_version
 from .convert import (
     convert_lora,
     convert_lora_to_fused,
@@ -21,10 +20,7 @@ from .experts import EXPERTS_IMPLEMENTATION, UnsupportedExpertsError, register
 from .models import Qwen3MoeFusedForCausalLM, Qwen3MoeFusedModel
 from .ops import fused_experts, moe_fused_linear
 
-try:
-    __version__ = version("moefuse")
-except PackageNotFoundError:  # running from a source tree without install
-    __version__ = "0.0.0"
+__version__ = package_version()
 
 register()
 lora.install()  # PEFT's target_modules reach the experts by gate_proj/up_proj/down_proj

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shlex
 import sys
@@ -202,6 +201,7 @@ def _print_plots(result: dict, json_path: Path) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from .measure import kept_path, write_report
     from .report import load_results, markdown_tables, ordered_rows, terminal_table, update_readme
 
     if args.report:
@@ -220,13 +220,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("moefuse bench: --readme goes with --report FILE...", file=sys.stderr)
         return 2
     result, problems = run_bench(args)
-    output = Path(
-        args.output or f"moefuse_bench_{'_'.join(args.level)}_{_device_slug(result['environment'])}.json"
+    output = (
+        Path(args.output)
+        if args.output
+        else kept_path(
+            Path(f"moefuse_bench_{'_'.join(args.level)}_{_device_slug(result['environment'])}.json"),
+            result["environment"],
+        )
     )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(_json_safe(result), indent=1) + "\n")
     print(terminal_table(ordered_rows(result["rows"], result)))
-    print(f"wrote {output}")
+    write_report(_json_safe(result), output)
     if args.plots:
         _print_plots(result, output)
     for line in problems:
@@ -335,7 +338,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     out = bench.add_argument_group("output")
     out.add_argument(
-        "--output", help="JSON file for every figure (default: moefuse_bench_<levels>_<device>.json here)"
+        "--output",
+        help="JSON file for every figure, never overwritten (default: moefuse_bench_<levels>_<device>_<commit>_<UTC time>.json here)",
     )
     out.add_argument(
         "--plots",

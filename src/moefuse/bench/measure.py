@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .provenance import commit_label, source_provenance
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Largest relative error ||x - ref|| / ||ref|| accepted per tensor: a few units of the dtype's rounding, which
 # different but correct summation orders reach; a wrong kernel lands far above.
@@ -28,10 +30,23 @@ def script_command(argv: list[str] | None) -> str:
     return " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
 
 
+def kept_path(path: Path, environment: dict) -> Path:
+    """``path`` named for one run: ``<stem>_<commit7>[+dirty]_<UTC time><suffix>``, so runs are kept side by side."""
+    commit = environment.get("moefuse_commit", "unknown")
+    label = commit[:7] + ("+dirty" if commit.endswith("+dirty") else "")
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return path.with_name(f"{path.stem}_{label}_{stamp}{path.suffix}")
+
+
 def write_report(report: dict, path: Path) -> None:
-    """``report`` as indented JSON at ``path`` (its folder made if missing), and a line saying where."""
+    """``report`` as indented JSON at ``path`` (its folder made if missing), and a line saying where. An
+    existing file is never overwritten: every run is kept."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        with path.open("x") as file:
+            file.write(json.dumps(report, indent=2) + "\n")
+    except FileExistsError:
+        raise SystemExit(f"{path} exists: runs are kept, not overwritten; give another path") from None
     print(f"wrote {path}")
 
 
@@ -138,35 +153,18 @@ def _nvidia_driver() -> str:
         return "unknown"
 
 
-def _git_commit() -> str:
-    """The commit of the moefuse checkout running (``+dirty`` with uncommitted changes), where it is one."""
-    source = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=20, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "."],
-            cwd=source.parent,
-            capture_output=True,
-            text=True,
-            timeout=20,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
-
-
 def environment(device: torch.device) -> dict:
     """Where the figures were measured: device, driver and library versions."""
     import moefuse
 
+    source = source_provenance()
     env = {
         "device": device.type,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "moefuse": moefuse.__version__,
-        "moefuse_commit": _git_commit(),
+        "moefuse_commit": commit_label(source),
+        "moefuse_commit_source": source["source"],
         **{pkg: _version(pkg) for pkg in ("torch", "triton", "transformers", "peft")},
         "cpu_threads": torch.get_num_threads(),
     }
