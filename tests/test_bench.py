@@ -407,3 +407,34 @@ def test_suffixes_set_moefuse_loss_and_norms_undo_them_and_refuse_what_they_cann
     (with_norm,) = parse_implementations("grouped_mm+norm")
     with pytest.raises(SystemExit, match="no RMSNorm module.*drop '\\+norm'"):
         set_model_kernels(torch.nn.Linear(2, 2), with_norm)
+
+
+def test_compiled_implementations_and_like_for_like_ratios(tmp_path, one_thread):
+    """'+compile' runs the block and the model under torch.compile and agrees with the reference; each row's
+    like-for-like ratio is taken against grouped_mm with the same suffixes, and against it compiled."""
+    out = tmp_path / "compiled.json"
+    implementations = "moefuse,grouped_mm,moefuse+compile,grouped_mm+compile"
+    argv = ["bench", *FAST, "--level", "block", "--tokens", "16", "--modes", "fwd+bwd"]
+    assert main([*argv, "--implementations", implementations, "--output", str(out)]) == 0
+    rows = {r["implementation"]: r for r in json.loads(out.read_text())["rows"]}
+    assert all(r["check"]["ok"] for r in rows.values())
+    ms = {name: r["median_ms"] for name, r in rows.items()}
+    moefuse_row, compiled_row = rows["moefuse"], rows["moefuse+compile"]
+    assert moefuse_row["speedup_like_for_like"] == pytest.approx(ms["grouped_mm"] / ms["moefuse"])
+    assert moefuse_row["speedup_vs_compiled_baseline"] == pytest.approx(
+        ms["grouped_mm+compile"] / ms["moefuse"]
+    )
+    assert compiled_row["speedup_like_for_like"] == pytest.approx(
+        ms["grouped_mm+compile"] / ms["moefuse+compile"]
+    )
+    report = main(["bench", "--report", str(out)])
+    assert report == 0
+
+
+def test_like_for_like_baseline_names():
+    from moefuse.bench.implementations import baseline_name, canonical_name
+
+    assert baseline_name("moefuse+norm+loss") == "grouped_mm+loss+norm"
+    assert baseline_name("moefuse:triton+loss+norm", compiled=True) == "grouped_mm+loss+norm+compile"
+    assert baseline_name("moefuse+compile", compiled=False) == "grouped_mm"
+    assert canonical_name("grouped_mm+compile+loss") == "grouped_mm+loss+compile"

@@ -49,11 +49,19 @@ def random_block(ctx: BenchContext) -> torch.nn.Module:
 class BlockWorkload:
     """Forward (with autograd recording, as in training) or forward+backward of the shared block."""
 
-    def __init__(self, block: torch.nn.Module, x: torch.Tensor, grad_out: torch.Tensor, flops_forward: float):
+    def __init__(
+        self,
+        block: torch.nn.Module,
+        x: torch.Tensor,
+        grad_out: torch.Tensor,
+        flops_forward: float,
+        implementation: Implementation,
+    ):
         self.block, self.x, self.grad_out, self.flops_forward = block, x, grad_out, flops_forward
+        self.forward = implementation.compile(block)
 
     def _forward(self) -> torch.Tensor:
-        out = self.block(self.x)
+        out = self.forward(self.x)
         return out[0] if isinstance(out, tuple) else out  # some blocks also return the router logits
 
     def _forward_backward(self) -> torch.Tensor:
@@ -88,6 +96,8 @@ class BlockWorkload:
     def close(self) -> None:
         self.x.grad = None
         self.block.zero_grad(set_to_none=True)
+        if self.forward is not self.block:
+            torch._dynamo.reset()  # the next implementation compiles afresh
 
 
 def cases(ctx: BenchContext, tokens: int) -> list[Case]:
@@ -101,6 +111,6 @@ def cases(ctx: BenchContext, tokens: int) -> list[Case]:
     def make(implementation: Implementation) -> BlockWorkload:
         # One block, one set of weights and inputs: only the experts implementation changes between cases.
         set_experts_implementation(block, implementation)
-        return BlockWorkload(block, x, grad_out, flops_forward)
+        return BlockWorkload(block, x, grad_out, flops_forward, implementation)
 
     return [Case("", impl, lambda impl=impl: make(impl)) for impl in ctx.implementations]

@@ -4,7 +4,8 @@
 model outside the experts, as ``moefuse train`` and ``moefuse.Qwen3MoeFusedForCausalLM`` do: ``+loss`` computes
 the causal-LM loss with :func:`~moefuse.ops.causal_lm_loss` instead of Transformers' ``ForCausalLMLoss``, ``+norm``
 runs the RMSNorm modules through :func:`~moefuse.ops.rms_norm` (``moefuse+loss+norm``; on ``grouped_mm`` they
-show what those kernels alone give Transformers' experts)."""
+show what those kernels alone give Transformers' experts). ``+compile`` (any level) runs the block or model under
+``torch.compile`` with its default options, as the Trainer's ``torch_compile=True`` does."""
 
 from __future__ import annotations
 
@@ -19,8 +20,11 @@ import torch
 from ..experts import EXPERTS_IMPLEMENTATION
 
 DEFAULT_IMPLEMENTATIONS = f"{EXPERTS_IMPLEMENTATION},grouped_mm,eager"
-# Model-level suffixes: the loss and the norms from moefuse.
-MODIFIERS = ("loss", "norm")
+# Model-level suffixes: the loss and the norms from moefuse; then torch.compile, at any level.
+MODEL_LEVEL_MODIFIERS = ("loss", "norm")
+MODIFIERS = (*MODEL_LEVEL_MODIFIERS, "compile")
+# The baseline a ratio is taken against: Transformers' grouped_mm experts given the same suffixes.
+BASELINE_EXPERTS = "grouped_mm"
 # The module of moefuse that selects the grouped-GEMM backend (use_backend / BACKENDS).
 _BACKEND_MODULE = "moefuse.ops.backend"
 
@@ -30,21 +34,29 @@ class Implementation:
     """One column of the comparison: ``experts`` is the name Transformers dispatches the experts to;
     ``backend`` (moefuse only) forces moefuse's grouped-GEMM backend, ``None`` leaves moefuse's own choice;
     ``moefuse_loss``: the model level's loss is moefuse's ``causal_lm_loss`` (else Transformers');
-    ``moefuse_norm``: the model's RMSNorm modules run moefuse's ``rms_norm`` (else their own forward)."""
+    ``moefuse_norm``: the model's RMSNorm modules run moefuse's ``rms_norm`` (else their own forward);
+    ``compiled``: the block or model runs under ``torch.compile``."""
 
     name: str
     experts: str
     backend: str | None = None
     moefuse_loss: bool = False
     moefuse_norm: bool = False
+    compiled: bool = False
 
     @property
     def model_level_only(self) -> str | None:
         """The suffixes that only a whole model can take (``"'+loss'"``, ...), ``None`` when there are none."""
         suffixes = [
-            f"'+{m}'" for m, on in zip(MODIFIERS, (self.moefuse_loss, self.moefuse_norm), strict=True) if on
+            f"'+{m}'"
+            for m, on in zip(MODEL_LEVEL_MODIFIERS, (self.moefuse_loss, self.moefuse_norm), strict=True)
+            if on
         ]
         return " and ".join(suffixes) or None
+
+    def compile(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` as this implementation runs it: under ``torch.compile`` for ``+compile``, else as is."""
+        return torch.compile(module) if self.compiled else module
 
     @property
     def is_moefuse(self) -> bool:
@@ -105,7 +117,7 @@ def parse_implementations(spec: str) -> list[Implementation]:
             raise SystemExit(
                 f"moefuse bench: unknown implementation '{experts}' in --implementations; "
                 f"choose from {', '.join(known)} (moefuse may take ':backend', e.g. moefuse:torch; any may take "
-                "'+loss' and '+norm' for moefuse's loss and norms at the model level)"
+                "'+loss' and '+norm' for moefuse's loss and norms at the model level, and '+compile')"
             )
         if backend and experts != EXPERTS_IMPLEMENTATION:
             raise SystemExit(
@@ -120,13 +132,35 @@ def parse_implementations(spec: str) -> list[Implementation]:
         if any(impl.name == name for impl in result):
             raise SystemExit(f"moefuse bench: '{name}' is listed twice in --implementations")
         result.append(
-            Implementation(name, experts, backend or None, "loss" in modifiers, "norm" in modifiers)
+            Implementation(
+                name,
+                experts,
+                backend or None,
+                "loss" in modifiers,
+                "norm" in modifiers,
+                "compile" in modifiers,
+            )
         )
     if not result:
         raise SystemExit(
             "moefuse bench: --implementations is empty; e.g. --implementations moefuse,grouped_mm"
         )
     return result
+
+
+def baseline_name(name: str, *, compiled: bool | None = None) -> str:
+    """The baseline that ``name`` is compared with like for like: ``grouped_mm`` with the same suffixes (with
+    ``+compile`` set or dropped when ``compiled`` says so), in canonical order."""
+    _, *modifiers = name.split("+")
+    if compiled is not None:
+        modifiers = [m for m in modifiers if m != "compile"] + (["compile"] if compiled else [])
+    return "+".join([BASELINE_EXPERTS, *(m for m in MODIFIERS if m in modifiers)])
+
+
+def canonical_name(name: str) -> str:
+    """``name`` with its suffixes in canonical order (``a+norm+loss`` and ``a+loss+norm`` are one setup)."""
+    base, *modifiers = name.split("+")
+    return "+".join([base, *(m for m in MODIFIERS if m in modifiers)])
 
 
 def set_experts_implementation(module: torch.nn.Module, implementation: Implementation) -> None:

@@ -118,6 +118,7 @@ class TrainStep:
         flops: float,
         grads: Callable[[], dict[str, torch.Tensor]],
         on_close: Callable[[], None],
+        implementation: Implementation,
     ):
         self.model, self.input_ids, self._flops, self._grads, self._on_close = (
             model,
@@ -126,11 +127,12 @@ class TrainStep:
             grads,
             on_close,
         )
+        self.forward = implementation.compile(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer: torch.optim.Optimizer | None = None
 
     def _loss_backward(self) -> torch.Tensor:
-        loss = self.model(input_ids=self.input_ids, labels=self.input_ids).loss
+        loss = self.forward(input_ids=self.input_ids, labels=self.input_ids).loss
         loss.backward()
         return loss
 
@@ -179,6 +181,8 @@ class TrainStep:
     def close(self) -> None:
         self.optimizer = None
         self.model.zero_grad(set_to_none=True)
+        if self.forward is not self.model:
+            torch._dynamo.reset()  # the next implementation compiles afresh
         self._on_close()
 
 
@@ -248,7 +252,12 @@ def cases(ctx: BenchContext, tokens: int) -> list[Case]:
             return {f"grad {name}": p.grad for name, p in named if p.grad is not None}
 
         return TrainStep(
-            model, input_ids, flops.step("full", rank), grads, set_model_kernels(model, implementation)
+            model,
+            input_ids,
+            flops.step("full", rank),
+            grads,
+            set_model_kernels(model, implementation),
+            implementation,
         )
 
     def lora(implementation: Implementation) -> TrainStep:
@@ -266,7 +275,12 @@ def cases(ctx: BenchContext, tokens: int) -> list[Case]:
             peft_model.unload()
 
         return TrainStep(
-            peft_model, input_ids, flops.step("lora", rank), lambda: canonical_grads(factors), close
+            peft_model,
+            input_ids,
+            flops.step("lora", rank),
+            lambda: canonical_grads(factors),
+            close,
+            implementation,
         )
 
     makers = {"full": full, "lora": lora}

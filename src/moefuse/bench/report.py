@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .runner import add_ratios
+
 README_START = "<!-- moefuse bench report: start (made by `moefuse bench --report`, do not edit by hand) -->"
 README_END = "<!-- moefuse bench report: end -->"
 
@@ -54,6 +56,8 @@ def _cells(row: dict) -> dict[str, str]:
         "TFLOP/s": _number(row["tflops"]),
         "% dense": "-" if peak is None else f"{100 * peak:.0f}%",
         "peak GiB": "-" if row.get("peak_gib") is None else f"{row['peak_gib']:.2f}",
+        "like for like": _ratio(row.get("speedup_like_for_like")),
+        "vs compiled": _ratio(row.get("speedup_vs_compiled_baseline")),
         "vs grouped_mm": _ratio(row.get("speedup_vs_grouped_mm")),
         "vs eager": _ratio(row.get("speedup_vs_eager")),
         "check": _check(row),
@@ -71,10 +75,20 @@ TERMINAL_COLUMNS = (
     "TFLOP/s",
     "% dense",
     "peak GiB",
+    "like for like",
+    "vs compiled",
     "vs grouped_mm",
     "vs eager",
     "check",
 )
+# Speed-up columns: against grouped_mm given the same suffixes (loss, norms, compile); against it compiled with
+# the same loss and norms; against plain grouped_mm and eager (Transformers' loss and norms, no compile).
+RATIO_FIELDS = {
+    "like for like": "speedup_like_for_like",
+    "vs compiled": "speedup_vs_compiled_baseline",
+    "vs grouped_mm": "speedup_vs_grouped_mm",
+    "vs eager": "speedup_vs_eager",
+}
 
 
 def ordered_rows(rows: list[dict], result: dict) -> list[dict]:
@@ -142,9 +156,12 @@ MARKDOWN_COLUMNS = ("tokens", "group", "mode", "implementation", "ms", "tokens/s
 
 
 def markdown_tables(results: list[tuple[str, dict]]) -> str:
-    """One table per level of each saved run, with speed-ups against ``grouped_mm`` and ``eager``."""
+    """One table per level of each saved run, with speed-ups like for like (``grouped_mm`` given the same loss,
+    norms and compile setting), against compiled ``grouped_mm``, and against plain ``grouped_mm`` and ``eager``.
+    The ratios are taken again from the rows' times, so runs saved before a column existed show it too."""
     parts = []
     for path, result in results:
+        add_ratios(result["rows"], result.get("dense_matmul", {}).get("tflops"))
         if not result.get("ok"):
             raise SystemExit(
                 f"moefuse bench --report: {path} records a failed run ({'; '.join(result.get('failures', []))}); "
@@ -157,9 +174,7 @@ def markdown_tables(results: list[tuple[str, dict]]) -> str:
             if not rows:
                 continue
             columns = [c for c in MARKDOWN_COLUMNS if c != "group" or any(r["group"] for r in rows)]
-            columns += [
-                c for c in ("vs grouped_mm", "vs eager") if any(r.get(f"speedup_vs_{c[3:]}") for r in rows)
-            ]
+            columns += [c for c, field in RATIO_FIELDS.items() if any(r.get(field) for r in rows)]
             cells = [_cells(r) for r in rows]
             align = ["---" if c in ("group", "mode", "implementation") else "---:" for c in columns]
             lines = [

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PretrainedConfig
 
-from .implementations import Implementation
+from .implementations import Implementation, baseline_name, canonical_name
 from .measure import compare, free_memory, time_call, to_cpu
 from .shapes import MoeShape
 
@@ -163,17 +163,20 @@ def add_ratios(rows: list[dict], dense_tflops: float | None) -> None:
         row["fraction_of_dense_peak"] = row["tflops"] / dense_tflops if dense_tflops else None
         row["peak_gib"] = row["peak_bytes"] / 2**30 if row["peak_bytes"] is not None else None
         key = (row["level"], row["tokens"], row["group"], row["mode"])
-        for baseline in BASELINES:
-            match = next(
-                (
-                    r
-                    for r in timed
-                    if r["implementation"] == baseline
-                    and (r["level"], r["tokens"], r["group"], r["mode"]) == key
-                ),
-                None,
-            )
-            row[f"speedup_vs_{baseline}"] = match["median_ms"] / row["median_ms"] if match else None
+        same_setup = {
+            canonical_name(r["implementation"]): r
+            for r in timed
+            if (r["level"], r["tokens"], r["group"], r["mode"]) == key
+        }
+        baselines = {
+            **{f"speedup_vs_{b}": b for b in BASELINES},
+            # grouped_mm given the same loss, norms and compile setting; and compiled, as a user gets it with one flag
+            "speedup_like_for_like": baseline_name(row["implementation"]),
+            "speedup_vs_compiled_baseline": baseline_name(row["implementation"], compiled=True),
+        }
+        for field_name, baseline in baselines.items():
+            match = same_setup.get(baseline)
+            row[field_name] = match["median_ms"] / row["median_ms"] if match else None
 
 
 def failures(rows: list[dict]) -> list[str]:
