@@ -145,9 +145,14 @@ def test_report_makes_markdown_tables_and_fills_readme(tiny_run, tmp_path, capsy
     assert "**model**: 2 decoder layers at the config's dims, one AdamW training step;" in tables
     assert "Outputs and gradients checked against `eager`: largest relative error " in tables
     assert (
-        "| tokens | group | mode | implementation | ms | tokens/s | TFLOP/s | peak GiB | vs grouped_mm | vs eager |"
-        in tables
+        "| tokens | group | mode | implementation | ms | tokens/s | TFLOP/s | peak GiB | like for like | vs grouped_mm "
+        "| vs eager |" in tables
     )
+    # moefuse+loss+norm has no like-for-like baseline in this run (no grouped_mm+loss+norm): no ratio is made up.
+    (row,) = [
+        line for line in tables.splitlines() if line.startswith("| 32 | lora | step | moefuse+loss+norm")
+    ]
+    assert row.split(" | ")[8] == "-"
     assert "| 32 | lora | step | moefuse [torch] |" in tables
     assert tables.count("\n| 32 |") == 12 + 6 + 8  # op, block, model (moefuse+loss+norm: model only)
 
@@ -298,7 +303,7 @@ def test_implementation_names():
     assert with_loss.moefuse_loss and with_loss.experts == "grouped_mm" and not plain.moefuse_loss
     assert both.moefuse_loss and both.moefuse_norm and both.model_level_only == "'+loss' and '+norm'"
     for bad in ("grouped_mm+fast", "moefuse+loss+loss"):
-        with pytest.raises(SystemExit, match="suffixes are \\+loss, \\+norm, each at most once"):
+        with pytest.raises(SystemExit, match="suffixes are \\+loss, \\+norm, \\+compile, each at most once"):
             parse_implementations(bad)
     if importlib.util.find_spec("moefuse.ops.backend") is None:
         with pytest.raises(SystemExit, match="cannot force a kernel backend"):
