@@ -9,8 +9,10 @@ route the experts through :func:`moefuse.fused_experts`.
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch
+from transformers.integrations import moe as transformers_moe
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.modeling_utils import PreTrainedModel
 
@@ -24,9 +26,39 @@ class UnsupportedExpertsError(NotImplementedError):
     """The model's experts have a structure the moefuse kernels do not compute."""
 
 
-def _unsupported_reason(experts: torch.nn.Module) -> str | None:
-    if not hasattr(experts, "gate_up_proj") or not hasattr(experts, "down_proj"):
-        return "do not store gate_up_proj and down_proj stacks"
+# Transformers' gate, act_fn(gate) * up on [gate; up] columns (None on releases before ``_apply_gate``).
+_DEFAULT_APPLY_GATE = getattr(transformers_moe, "_default_apply_gate", None)
+
+
+def _up_name(experts: torch.nn.Module) -> str:
+    """The first projection's stack: ``gate_up_proj``, or ``up_proj`` for experts without a gate."""
+    return "gate_up_proj" if getattr(experts, "has_gate", True) else "up_proj"
+
+
+def _has_own_gate(experts: torch.nn.Module) -> bool:
+    return getattr(type(experts), "_apply_gate", _DEFAULT_APPLY_GATE) is not _DEFAULT_APPLY_GATE
+
+
+def _contract_reason(experts: torch.nn.Module) -> str | None:
+    """Why moefuse's forward cannot compute these experts as Transformers' experts functions do, or None."""
+    up = _up_name(experts)
+    if not hasattr(experts, up) or not hasattr(experts, "down_proj"):
+        return f"do not store {up} and down_proj stacks"
+    if getattr(experts, "has_bias", False) and not (
+        hasattr(experts, f"{up}_bias") and hasattr(experts, "down_proj_bias")
+    ):
+        return f"have biases (has_bias) but no {up}_bias and down_proj_bias stacks"
+    if getattr(experts, "_is_expert_parallel", False):
+        return "are sharded by Transformers' expert-parallel plan"
+    return None
+
+
+def _plain_reason(experts: torch.nn.Module) -> str | None:
+    """Why these experts are not plain gated experts (``act_fn(gate) * up`` on ``[gate; up]`` rows, no bias, no
+    post-expert norm), the structure the fused Triton kernels, expert LoRA and expert parallelism take, or None."""
+    reason = _contract_reason(experts)
+    if reason is not None:
+        return reason
     if not getattr(experts, "has_gate", True):
         return "have no gate (a plain up projection)"
     if getattr(experts, "has_bias", False):
@@ -35,29 +67,64 @@ def _unsupported_reason(experts: torch.nn.Module) -> str | None:
         return "interleave the gate and up rows"
     if getattr(experts, "has_post_expert_norm", False):
         return "apply a norm after each expert"
-    if getattr(experts, "_is_expert_parallel", False):
-        return "are sharded by Transformers' expert-parallel plan"
+    if _has_own_gate(experts):
+        return f"compute their own gate ({type(experts).__name__}._apply_gate)"
     return None
 
 
-def check_supported(experts: torch.nn.Module) -> None:
-    """Raise :class:`UnsupportedExpertsError` naming the model family when moefuse cannot run these experts."""
-    reason = _unsupported_reason(experts)
-    if reason is None:
-        return
+def _refuse(experts: torch.nn.Module, reason: str, supported: str = "") -> UnsupportedExpertsError:
     model_type = getattr(getattr(experts, "config", None), "model_type", "unknown")
-    raise UnsupportedExpertsError(
+    return UnsupportedExpertsError(
         f"moefuse cannot run the experts of model type '{model_type}' ({type(experts).__name__}): they {reason}. "
-        "moefuse supports gated experts stored as gate_up_proj [E, 2I, H] and down_proj [E, H, I] without bias "
-        f"(tested: {', '.join(SUPPORTED_FAMILIES)}); load this model with experts_implementation='grouped_mm'."
+        f"{supported}load this model with experts_implementation='grouped_mm'."
     )
 
 
+def check_supported(experts: torch.nn.Module) -> None:
+    """Raise :class:`UnsupportedExpertsError` naming the model family unless these are plain gated experts, the
+    structure moefuse's expert LoRA, expert parallelism and training take."""
+    reason = _plain_reason(experts)
+    if reason is not None:
+        raise _refuse(
+            experts,
+            reason,
+            "Here moefuse takes gated experts stored as gate_up_proj [E, 2I, H] and down_proj [E, H, I] without "
+            f"bias (tested: {', '.join(SUPPORTED_FAMILIES)}); ",
+        )
+
+
+def experts_structure(experts: torch.nn.Module) -> dict[str, Any]:
+    """The keyword arguments of :func:`moefuse.fused_experts` that compute these experts as Transformers' own
+    experts functions do: the family's ``_apply_gate`` (or ``act_fn`` without a gate), biases and post-expert
+    norm. Plain gated experts get ``act_fn`` alone, which the Triton path fuses when it is SiLU.
+
+    Raises :class:`UnsupportedExpertsError` naming the model family and the structure it cannot compute.
+    """
+    reason = _contract_reason(experts)
+    if reason is not None:
+        raise _refuse(experts, reason)
+    structure: dict[str, Any] = {}
+    if not getattr(experts, "has_gate", True):
+        structure["gate_fn"] = experts.act_fn
+    elif _has_own_gate(experts) or not getattr(experts, "is_concatenated", True):
+        # Transformers' experts functions hand the gate/up GEMM's output to _apply_gate whatever the layout.
+        structure["gate_fn"] = experts._apply_gate
+    else:
+        structure["act_fn"] = experts.act_fn
+    if getattr(experts, "has_bias", False):
+        structure["gate_up_bias"] = getattr(experts, f"{_up_name(experts)}_bias")
+        structure["down_bias"] = experts.down_proj_bias
+    if getattr(experts, "has_post_expert_norm", False):
+        structure["post_fn"] = experts.post_expert_norm
+    return structure
+
+
 def stacked_expert_weights(experts: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]`` of an experts module, as the ops take them."""
-    gate_up_proj, down_proj = experts.gate_up_proj, experts.down_proj
+    """``gate_up_proj [E, 2I, H]`` (``up_proj [E, I, H]`` for experts without a gate) and ``down_proj [E, H, I]``
+    of an experts module, as the ops take them."""
+    gate_up_proj, down_proj = getattr(experts, _up_name(experts)), experts.down_proj
     if getattr(experts, "is_transposed", False):
-        # Transposed storage ([E, H, 2I] and [E, I, H]): views, the GEMMs read them through their strides.
+        # Transposed storage ([E, H, N] and [E, I, H]): views, the GEMMs read them through their strides.
         gate_up_proj, down_proj = gate_up_proj.transpose(1, 2), down_proj.transpose(1, 2)
     return gate_up_proj, down_proj
 
@@ -73,7 +140,7 @@ def moefuse_experts_forward(
     top_k_weights: torch.Tensor,
 ) -> torch.Tensor:
     """Forward of an ``@use_experts_implementation`` experts module through :func:`moefuse.fused_experts`."""
-    check_supported(self)
+    structure = experts_structure(self)
     gate_up_proj, down_proj = stacked_expert_weights(self)
     # The router's topk picks ids in range: no need for the check's host sync on every layer.
     return fused_experts(
@@ -82,8 +149,8 @@ def moefuse_experts_forward(
         down_proj,
         top_k_index,
         top_k_weights,
-        act_fn=self.act_fn,
         check_index_range=False,
+        **structure,
     )
 
 

@@ -25,9 +25,14 @@ def check_experts_inputs(
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
     *,
+    paired: bool = True,
     check_index_range: bool = True,
 ) -> None:
-    """Clear errors for the inputs of :func:`fused_experts` (the index range check costs a host sync on CUDA)."""
+    """Clear errors for the inputs of :func:`fused_experts` (the index range check costs a host sync on CUDA).
+
+    ``paired``: ``gate_up_proj`` holds gate then up rows ``[E, 2I, H]`` for ``down_proj [E, H, I]``; otherwise
+    (a ``gate_fn`` decides what its rows are) only the experts and the hidden size must agree.
+    """
     if hidden_states.dim() != 2:
         raise ValueError(
             f"hidden_states must be 2-D [tokens, hidden], got shape {tuple(hidden_states.shape)}"
@@ -38,11 +43,16 @@ def check_experts_inputs(
             f"got {tuple(gate_up_proj.shape)} and {tuple(down_proj.shape)}"
         )
     num_experts, two_i, hidden = gate_up_proj.shape
-    if two_i % 2:
+    if paired and two_i % 2:
         raise ValueError(f"gate_up_proj's second dim must be 2*intermediate (even), got {two_i}")
-    if tuple(down_proj.shape) != (num_experts, hidden, two_i // 2):
+    if paired and tuple(down_proj.shape) != (num_experts, hidden, two_i // 2):
         raise ValueError(
             f"down_proj must be [E, H, I] = {(num_experts, hidden, two_i // 2)} to match gate_up_proj "
+            f"{tuple(gate_up_proj.shape)}, got {tuple(down_proj.shape)}"
+        )
+    if not paired and tuple(down_proj.shape[:2]) != (num_experts, hidden):
+        raise ValueError(
+            f"down_proj must be [E, H, I] with (E, H) = {(num_experts, hidden)} to match gate_up_proj "
             f"{tuple(gate_up_proj.shape)}, got {tuple(down_proj.shape)}"
         )
     if hidden_states.shape[1] != hidden:
@@ -90,6 +100,22 @@ def check_experts_lora(
                 check_lora_weights(name, factors, shape)
 
 
+def check_experts_biases(
+    gate_up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+) -> None:
+    """Clear errors for biases that do not fit the experts' projections (one row per expert)."""
+    num_experts, rows, hidden = gate_up_proj.shape
+    for name, bias, shape in (
+        ("gate_up_bias", gate_up_bias, (num_experts, rows)),
+        ("down_bias", down_bias, (num_experts, hidden)),
+    ):
+        if bias is not None and tuple(bias.shape) != shape:
+            raise ValueError(f"{name} must be [E, out] = {shape}, got {tuple(bias.shape)}")
+
+
 def is_silu(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
     """Whether ``act_fn`` is SiLU (the function, ``nn.SiLU`` or Transformers' ``SiLUActivation``): SwiGLU experts."""
     return act_fn is F.silu or isinstance(act_fn, torch.nn.SiLU) or type(act_fn).__name__ == "SiLUActivation"
@@ -103,10 +129,17 @@ def fused_experts(
     top_k_weights: torch.Tensor,
     *,
     act_fn: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+    gate_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    post_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     lora: Sequence[ExpertsLora] = (),
     check_index_range: bool = True,
 ) -> torch.Tensor:
     """Route-sort, gate/up grouped GEMM, gated activation, down grouped GEMM, weighted combine.
+
+    The Triton path fuses plain SwiGLU experts (SiLU ``act_fn``, no ``gate_fn``, biases or ``post_fn``); any
+    other structure runs composed: grouped GEMMs with PyTorch ops between them, on every device.
 
     Args:
         hidden_states: ``[T, H]`` tokens.
@@ -115,6 +148,14 @@ def fused_experts(
         top_k_index: ``[T, K]`` chosen expert ids.
         top_k_weights: ``[T, K]`` routing weights (differentiable: the router learns through them).
         act_fn: activation applied to the gate half (SiLU gives SwiGLU).
+        gate_fn: the experts' own gating of the gate/up GEMM's rows ``[S, N] -> [S, I]`` in place of
+            ``act_fn(gate) * up``: a Transformers experts class's ``_apply_gate`` (its layout, e.g. interleaved
+            gate/up columns, and its clamps are its own), or the activation of experts without a gate, whose
+            ``gate_up_proj`` is then an up projection ``[E, I, H]``. Not with ``lora``.
+        gate_up_bias: ``[E, N]`` added to the gate/up GEMM's rows of each expert (before the gating).
+        down_bias: ``[E, H]`` added to the down GEMM's rows of each expert.
+        post_fn: applied to each expert's output rows ``[S, H]`` before the routing weights (Transformers'
+            ``post_expert_norm``).
         lora: LoRA adapters added to the projections (see :mod:`moefuse.ops.lora`), each as two thin
             grouped GEMMs on the grouped rows; ``W + B·A`` is never formed. On the Triton path one adapter
             runs fused (its terms join the base GEMMs' epilogues); several adapters run composed.
@@ -130,15 +171,22 @@ def fused_experts(
         down_proj,
         top_k_index,
         top_k_weights,
+        paired=gate_fn is None,
         check_index_range=check_index_range,
     )
+    if lora and gate_fn is not None:
+        raise ValueError(
+            "fused_experts takes lora only with act_fn(gate) * up experts: a gate_fn's gate/up layout is its own"
+        )
     check_experts_lora(lora, gate_up_proj, down_proj)
+    check_experts_biases(gate_up_bias, down_bias, gate_up_proj, down_proj)
     check_frozen("gate_up_proj", gate_up_proj)
     check_frozen("down_proj", down_proj)
     num_tokens, hidden = hidden_states.shape
     routing = route(top_k_index, gate_up_proj.shape[0])
+    plain = gate_fn is None and gate_up_bias is None and down_bias is None and post_fn is None
 
-    if is_silu(act_fn) and use_triton(hidden_states):
+    if plain and is_silu(act_fn) and use_triton(hidden_states):
         from .moe_triton import triton_fused_experts
 
         out = triton_fused_experts(hidden_states, gate_up_proj, down_proj, top_k_weights, routing, lora)
@@ -151,12 +199,24 @@ def fused_experts(
     for adapter in lora:
         delta = gate_up_lora_delta(x, adapter, down_proj.shape[2], routing.m_sizes)
         gate_up = gate_up if delta is None else gate_up + delta.to(gate_up.dtype)
-    gate, up = gate_up.chunk(2, dim=-1)
-    h = act_fn(gate) * up
+    # Each grouped row's expert, for the biases' rows.
+    biased = gate_up_bias is not None or down_bias is not None
+    expert_index = top_k_index.reshape(-1)[routing.sorted_slots] if biased else None
+    if gate_up_bias is not None:
+        gate_up = gate_up + gate_up_bias[expert_index].to(gate_up.dtype)
+    if gate_fn is None:
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = act_fn(gate) * up
+    else:
+        h = gate_fn(gate_up)
     y = grouped_linear(h, down_proj, routing.m_sizes)
     for adapter in lora:
         delta = down_lora_delta(h, adapter, routing.m_sizes)
         y = y if delta is None else y + delta.to(y.dtype)
+    if down_bias is not None:
+        y = y + down_bias[expert_index].to(y.dtype)
+    if post_fn is not None:
+        y = post_fn(y)
 
     y = y[routing.inverse].view(num_tokens, routing.top_k, hidden)
     out = (y * top_k_weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
