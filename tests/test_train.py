@@ -17,7 +17,7 @@ from moefuse.ops.cross_entropy import causal_lm_loss
 from moefuse.train import TrainConfigError, run_train
 from moefuse.train.builtin import DATASET, TOKENIZER_DIR, build_dataset, build_tokenizer
 from moefuse.train.callbacks import FlopsModel, _batch_shape
-from moefuse.train.config import parse_train_args
+from moefuse.train.config import parse_train_args, trl_fused_lm_head
 from moefuse.train.data import to_sft_format
 from moefuse.train.model import apply_lora, load_model, resolve_model
 from moefuse.train.run import SUMMARY_FILE
@@ -45,7 +45,8 @@ def test_default_run_loss_falls_and_writes_everything(default_run):
     assert result.losses[-1] < result.losses[0] - 1.0, result.losses
     assert result.throughput["tokens"] > 0 and result.throughput["tokens_per_second"] > 0
     base = result.model.get_base_model() if hasattr(result.model, "get_base_model") else result.model
-    assert base.loss_function is causal_lm_loss  # chunked_loss is on by default
+    if not trl_fused_lm_head():  # TRL >= 1.0 computes the loss itself (test below)
+        assert base.loss_function is causal_lm_loss  # chunked_loss is on by default
     norms = [m for m in base.modules() if type(m).__name__ == "Qwen3MoeRMSNorm"]
     assert norms and all("forward" in vars(m) for m in norms)  # fused_norm is on by default
     steady = result.throughput["after_first_log"]  # 4 logs: the last 3 intervals' tokens
@@ -204,6 +205,25 @@ def test_bad_configs_fail_before_training(tmp_path, overrides, message):
         run_train(None, [*overrides, "--output_dir", str(out)])
     assert message in str(error.value)
     assert not out.exists()  # refused before the Trainer made anything
+
+
+def test_moefuse_loss_runs_exactly_where_trl_calls_the_model_loss(tmp_path, monkeypatch):
+    """TRL >= 1.0's fused LM head never reaches the model's loss: moefuse's cross-entropy kernel runs 0 times
+    there (and the run says so); with an older TRL it computes every step's loss."""
+    from moefuse.ops import cross_entropy
+
+    calls = []
+    rows = cross_entropy.cross_entropy_rows
+    monkeypatch.setattr(cross_entropy, "cross_entropy_rows", lambda *a, **k: calls.append(1) or rows(*a, **k))
+    run_train(None, ["--max_steps", "2", *FEW_ROWS, "--output_dir", str(tmp_path / "out")])
+    assert (len(calls) == 0) is trl_fused_lm_head()
+
+
+def test_chunked_loss_is_refused_where_trl_computes_the_loss(tmp_path):
+    if not trl_fused_lm_head():
+        pytest.skip("this TRL computes the loss through the model: chunked_loss applies")
+    with pytest.raises(TrainConfigError, match="fused LM head"):
+        parse_train_args(None, ["--chunked_loss", "true", "--output_dir", str(tmp_path / "out")])
 
 
 def test_unknown_key_in_a_yaml_names_the_file(tmp_path):

@@ -62,11 +62,14 @@ class MoefuseTrainArguments:
         metadata={"help": "moefuse, or a Transformers one (grouped_mm, eager) to compare against"},
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager, flash_attention_2, ..."})
-    chunked_loss: bool = field(
-        default=True,
+    chunked_loss: bool | None = field(
+        default=None,
         metadata={
             "help": "causal-LM loss a chunk of tokens at a time, without fp32 copies of the logits "
-            "(moefuse.ops.cross_entropy; same values as Transformers' loss); false: Transformers' own"
+            "(moefuse.ops.cross_entropy; same values as Transformers' loss); false: Transformers' own. Default: on "
+            "where TRL computes the loss through the model (TRL < 1.0). TRL >= 1.0's SFTTrainer computes it with "
+            "its own fused LM head (log-probabilities in tiles, no full logits), which the model's loss never "
+            "reaches: true is refused there"
         },
     )
     fused_norm: bool = field(
@@ -226,8 +229,22 @@ def parse_train_args(
     return moefuse_args, sft_config
 
 
+def trl_fused_lm_head() -> bool:
+    """Whether this TRL's SFTTrainer computes the loss with its own fused LM head (TRL >= 1.0) instead of the
+    model's loss function."""
+    from trl.trainer import sft_trainer
+
+    return hasattr(sft_trainer, "add_fused_lm_head")
+
+
 def check_train_args(args: MoefuseTrainArguments, sft_config: SFTConfig) -> None:
     """Refuse what moefuse train cannot do, before anything is loaded."""
+    if args.chunked_loss and trl_fused_lm_head():
+        raise TrainConfigError(
+            "chunked_loss: true: this TRL's SFTTrainer computes the loss with its own fused LM head (per-token "
+            "log-probabilities in tiles, no full logits), so the model's loss function, moefuse's included, is "
+            "never called; leave chunked_loss unset"
+        )
     if args.finetuning_type == "qlora":
         if args.experts_implementation != "moefuse":
             raise TrainConfigError(

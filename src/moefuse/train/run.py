@@ -17,10 +17,10 @@ from trl import SFTConfig, SFTTrainer
 
 from ..convert import convert_lora_to_unfused
 from ..experts import EXPERTS_IMPLEMENTATION
-from ..ops.cross_entropy import use_chunked_loss
+from ..ops.cross_entropy import causal_lm_loss, use_chunked_loss
 from ..ops.rms_norm import use_fused_rms_norm
 from .callbacks import ThroughputCallback, add_throughput_callback, num_experts
-from .config import LORA_TYPES, MoefuseTrainArguments, TrainConfigError, parse_train_args
+from .config import LORA_TYPES, MoefuseTrainArguments, TrainConfigError, parse_train_args, trl_fused_lm_head
 from .data import is_conversational, load_train_dataset
 from .model import (
     ModelSource,
@@ -96,9 +96,17 @@ def _describe(
         f"{rows} rows of {args.dataset}; batch {sft.per_device_train_batch_size} x "
         f"{sft.gradient_accumulation_steps} accumulation; "
         f"{f'{sft.max_steps} steps' if sft.max_steps > 0 else f'{sft.num_train_epochs} epochs'}, "
-        f"lr {sft.learning_rate}, bf16 {sft.bf16}\n"
+        f"lr {sft.learning_rate}, bf16 {sft.bf16}; loss {_loss_path(model)}\n"
         f"  output     {sft.output_dir}"
     )
+
+
+def _loss_path(model: PreTrainedModel) -> str:
+    """What computes the training loss, for the run's description."""
+    if trl_fused_lm_head():
+        return "by TRL's fused LM head"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "moefuse's chunked" if base.loss_function is causal_lm_loss else "Transformers'"
 
 
 @contextmanager
@@ -145,7 +153,8 @@ def train(args: MoefuseTrainArguments, sft_config: SFTConfig) -> TrainResult:
     dtype = resolve_dtype(args, sft_config.bf16, sft_config.fp16)
     quantization = qlora_quantization(dtype) if args.finetuning_type == "qlora" else None
     model = load_model(source, dtype, sft_config.device, quantization)
-    use_chunked_loss(model, enable=args.chunked_loss)
+    if not trl_fused_lm_head():  # else TRL's fused LM head computes the loss and the model's is never called
+        use_chunked_loss(model, enable=args.chunked_loss is not False)
     use_fused_rms_norm(model, enable=args.fused_norm)
     save_base = args.save_base_model if args.save_base_model is not None else source.random_init
     if source.random_init and save_base and is_main:
