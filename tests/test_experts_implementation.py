@@ -70,3 +70,28 @@ def test_unsupported_experts_name_the_family():
         moefuse.UnsupportedExpertsError, match="model type 'qwen3_moe'.*have biases.*grouped_mm"
     ):
         model(torch.randint(0, 128, (1, 4)))
+
+
+@pytest.mark.gpu
+def test_matches_eager_fp32_at_model_level_on_the_triton_path():
+    """Beside the bf16 bench's noise-floor check: two decoder layers in fp32 (no TF32) on the GPU, moefuse's
+    Triton experts against Transformers' eager, logits and every gradient within a tight tolerance."""
+    from moefuse.ops.backend import use_backend, use_triton
+
+    assert not torch.backends.cuda.matmul.allow_tf32  # fp32 products in full precision on both sides
+    config = tiny_config("qwen3_moe", num_experts=32, top_k=4, intermediate=128)
+    config.hidden_size, config.intermediate_size = 256, 512
+    ids = torch.randint(0, 128, (4, 64), device="cuda")  # 256 tokens: every expert gets rows, some many
+    results = {}
+    with use_backend("triton"):
+        assert use_triton(torch.empty(0, device="cuda"))
+        for implementation in ("eager", "moefuse"):
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config, experts_implementation=implementation)
+            results[implementation] = _logits_and_grads(randomize_(model, std=0.05).cuda().float(), ids)
+    (lo_e, g_e), (lo_f, g_f) = results["eager"], results["moefuse"]
+    torch.testing.assert_close(lo_f, lo_e, rtol=1e-4, atol=1e-5)
+    assert g_f.keys() == g_e.keys()
+    for name in g_e:
+        error = ((g_f[name] - g_e[name]).norm() / g_e[name].norm()).item()
+        assert error < 1e-5, f"{name}: relative error {error:.2e}"
