@@ -76,7 +76,7 @@ def _refuse(experts: torch.nn.Module, reason: str, supported: str = "") -> Unsup
     model_type = getattr(getattr(experts, "config", None), "model_type", "unknown")
     return UnsupportedExpertsError(
         f"moefuse cannot run the experts of model type '{model_type}' ({type(experts).__name__}): they {reason}. "
-        f"{supported}load this model with experts_implementation='grouped_mm'."
+        f"{supported}Load this model with experts_implementation='grouped_mm'."
     )
 
 
@@ -88,8 +88,8 @@ def check_supported(experts: torch.nn.Module) -> None:
         raise _refuse(
             experts,
             reason,
-            "Here moefuse takes gated experts stored as gate_up_proj [E, 2I, H] and down_proj [E, H, I] without "
-            f"bias (tested: {', '.join(SUPPORTED_FAMILIES)}); ",
+            "moefuse's expert LoRA, expert parallelism and training take gated experts stored as gate_up_proj "
+            f"[E, 2I, H] and down_proj [E, H, I] without bias (tested: {', '.join(SUPPORTED_FAMILIES)}). ",
         )
 
 
