@@ -61,8 +61,8 @@ def triton_available() -> bool:
 
 @functools.cache
 def device_capability(index: int | None) -> tuple[int, int]:
-    """``torch.cuda.get_device_capability(index)``, cached: ops ask on every call, and it costs ~20 us of host
-    time a call."""
+    """``torch.cuda.get_device_capability(index)``, cached: ops ask on every call, and each ask costs host time
+    (docs/measurements.md)."""
     return torch.cuda.get_device_capability(index)
 
 

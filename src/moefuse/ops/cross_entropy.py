@@ -32,8 +32,8 @@ def _chunks(rows: int, vocab: int, chunk_rows: int | None) -> list[tuple[int, in
 
 
 def _block_v(vocab: int) -> int:
-    """Columns a program streams per step. On an H100 at [4096, 151936] bf16, 2048 columns and 8 warps: forward
-    0.49 ms (2.5 TB/s), backward 0.89 ms (2.8 TB/s); 4096-16384 columns and 4-16 warps were no faster."""
+    """Columns a program streams per step: 2048 (and 8 warps), near memory bandwidth already; wider blocks and
+    other warp counts gained nothing (docs/measurements.md)."""
     from .launch import next_power_of_2
 
     return min(2048, next_power_of_2(vocab))

@@ -2,9 +2,10 @@
 
 Through ``kernel[grid](...)``, every call of an autotuned kernel passes Triton's ``Autotuner`` (a key built from
 dicts of all arguments, configs looked up, hooks), ``Heuristics`` and the JIT function's binder (each argument's
-specialisation, a cache key with the compile options as a string) before the compiled kernel's own launcher: on
-an H100 ~140 us of CPU per launch, ~47 us of it in the JIT function. A training step of a MoE model issues
-dozens of launches per layer, so the host, not the GPU, sets the pace of short steps.
+specialisation, a cache key with the compile options as a string) before the compiled kernel's own launcher,
+all of it CPU work on every launch (the JIT function's binder a large share of it; docs/measurements.md). A
+training step of a MoE model issues dozens of launches per layer, so the host, not the GPU, sets the pace of
+short steps.
 
 :func:`launch` asks the autotuner once per key (it tunes, or takes its cached choice) and the JIT function once
 per set of arguments (it compiles, or takes its cached kernel); from then on a call with the same arguments up
@@ -41,8 +42,8 @@ Grid = Callable[[dict], tuple[int, ...]]
 
 
 def next_power_of_2(n: int) -> int:
-    """``triton.next_power_of_2`` in plain Python: Triton's helpers are JIT functions, ~6 us a call on the host,
-    and launchers run on every call."""
+    """``triton.next_power_of_2`` in plain Python: Triton's helpers are JIT functions, whose every call costs
+    host time (docs/measurements.md), and launchers run on every call."""
     return 1 << max(0, n - 1).bit_length()
 
 

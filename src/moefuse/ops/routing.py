@@ -26,8 +26,8 @@ class ExpertRouting:
             out of range, which the Triton path leaves out of every expert).
         top_k: K, assignments per token.
         offsets: ``[E]`` int32, each expert's end row in the grouped order (``m_sizes``' inclusive cumulative sum,
-            as ``torch.nn.functional.grouped_mm`` takes its ``offs``): made once here, where on a GPU every
-            ``torch.cumsum`` of its own cost ~40 us of host time (a scan's launches and scratch).
+            as ``torch.nn.functional.grouped_mm`` takes its ``offs``): made once here, since on a GPU every
+            ``torch.cumsum`` of its own costs host time (a scan's launches and scratch; docs/measurements.md).
     """
 
     m_sizes: torch.Tensor
@@ -45,9 +45,8 @@ class ExpertRouting:
         """``x[token_index]``: the token rows ``x [T, H]`` copied into grouped order ``[S, H]``.
 
         On the Triton backend token by token (:func:`~moefuse.kernels.routing.grouped_rows_kernel`): each row of
-        ``x`` is read once and stored at its ``K`` grouped rows. On an H100 at Qwen3-30B-A3B dims (bf16, H=2048,
-        K=8) that is 58 / 232 us for 4096 / 16384 tokens, where ``index_select``, which reads every token ``K``
-        times, takes 74 / 349 us.
+        ``x`` is read once and stored at its ``K`` grouped rows, where ``index_select`` reads every token ``K``
+        times (the comparison: docs/measurements.md).
         """
         if x.dim() != 2 or x.stride(1) != 1 or not use_triton(x):
             return x.index_select(0, self.token_index)
@@ -78,8 +77,7 @@ class ExpertRouting:
     def token_sums(self, y: torch.Tensor) -> torch.Tensor:
         """Each token's ``K`` rows of ``y [S, H]`` (grouped order) summed: ``[T, H]``, the combine of expert
         outputs computed in grouped order. Summed in fp32 and rounded once, in ``k`` order; on the Triton backend
-        one kernel (:func:`~moefuse.kernels.routing.token_sums_kernel`: 212 us at 16384 tokens, H=2048, K=8,
-        bf16 on an H100)."""
+        one kernel (:func:`~moefuse.kernels.routing.token_sums_kernel`; its cost: docs/measurements.md)."""
         tokens, width = self.inverse.numel() // max(1, self.top_k), y.shape[1]
         if y.stride(1) != 1 or not use_triton(y):
             return y.index_select(0, self.inverse).view(tokens, self.top_k, width).sum(dim=1)
@@ -128,7 +126,7 @@ def check_top_k_index(top_k_index: torch.Tensor, num_experts: int) -> None:
 # Assignments per program of the Triton routing kernels (each sorts its block in registers).
 ROUTING_BLOCK = 1024
 # Token rows x columns per program of ExpertRouting.grouped's copy; columns per program of its token_sums (one
-# token each: on an H100 1-8 tokens and 256-2048 columns ran within 3% of each other).
+# token each). Fixed, not tuned: neighbouring sizes measured alike (docs/measurements.md).
 GROUPED_ROWS_BLOCK = (16, 256)
 TOKEN_SUMS_COLUMNS = 1024
 
