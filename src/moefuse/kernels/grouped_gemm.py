@@ -41,7 +41,7 @@ def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -
 
 # Thick tiles for the experts' projections (Qwen3-30B-A3B: N, K in {768, 1536, 2048}) and thin ones for LoRA
 # factors (N or K = rank, 8-64). Configs wider than the problem are pruned before tuning. The thick ones are
-# the winners of a wider sweep on an H100 at 4k and 16k tokens (README, "Performance").
+# the winners of a wider sweep at 4k and 16k tokens on Hopper (docs/measurements.md).
 TILE_CONFIGS = [
     _config(128, 128, 64, 8, 3),  # first: fits every kernel, so it is the one taken without tuning
     _config(
@@ -81,7 +81,7 @@ def shared_memory(
 
     Row kernels load ``BLOCK_M x BLOCK_K`` of the activations and ``weight_tiles`` ``BLOCK_K x BLOCK_N`` weight
     tiles (gate/up loads two); the weight-gradient kernel loads ``BLOCK_M x BLOCK_N`` and ``BLOCK_M x BLOCK_K``.
-    (On an H100 this matched Triton's own count for the config it refused: 245,760 bytes.)
+    (Checked against Triton's own count for a config it refused: docs/measurements.md.)
     The ``four_bit`` kernels load half a byte per weight value, and each weight tile also sits in shared memory
     once as its gathered fp32 code values and once as the dequantised MMA operand (an upper bound of what
     Triton 3.6 and 3.9 allocate for every config of :data:`TILE_CONFIGS`, sm89 and sm90).
@@ -114,7 +114,7 @@ def _prune(
 
     - Tiles wider than the problem shrink to it (a rank-16 LoRA factor gets 16-wide tiles, not 128: a
       ``[rows, 16] @ [16, N]`` expand keeps its 128-row, 128-column tiles with ``BLOCK_K = 16``).
-    - Configs needing more shared memory than this GPU has go (an sm89 card has 99 KiB, an H100 227 KiB), so
+    - Configs needing more shared memory than this GPU has go (an sm89 card has 99 KiB, an sm90 card 227 KiB), so
       the first config left, the one taken without tuning, always runs.
     - Small problems (under 64 rows per expert, e.g. short batches) take the first config with a short row
       block instead of being tuned: tuning each new small shape would cost more than it could win.

@@ -13,8 +13,9 @@ Backward computes only what is asked for: with frozen base weights (LoRA) there 
 weights (:mod:`moefuse.quant`) run the same way on their own launchers (:func:`~moefuse.ops.moe_4bit.gemms_for`).
 
 On Hopper in bf16, products with nothing of ours in their epilogue run on ``torch.nn.functional.grouped_mm``
-(CUTLASS) where that measured faster: the base weights' gradients (:func:`weight_grad_on_grouped_mm`) and, at long
-per-expert batches, the combined products of full fine-tuning (:func:`combine_on_grouped_mm`).
+(CUTLASS) where it beat the Triton kernels when measured: the base weights' gradients
+(:func:`weight_grad_on_grouped_mm`) and, at long per-expert batches, the combined products of full fine-tuning
+(:func:`combine_on_grouped_mm`). The measurements behind each switch: docs/measurements.md.
 """
 
 from __future__ import annotations
@@ -68,12 +69,9 @@ GROUPED_MM_COMBINE_ROWS = 1024
 
 def combine_on_grouped_mm(t: torch.Tensor, rows_per_expert: int) -> bool:
     """Whether :func:`combine` runs its product on ``torch.nn.functional.grouped_mm`` (CUTLASS, grouped output)
-    and sums with :meth:`ExpertRouting.token_sums`: on Hopper in bf16, from 1024 rows per expert. On an H100 at
-    Qwen3-30B-A3B dims, 16384 tokens (1024 rows per expert), the down projection with its sum over k took 1.01
-    against 1.20 ms, the gate/up input gradient 1.70 against 1.74; the block's forward+backward, the two
-    alternating in one process, 8.57 against 8.84 ms. At 4096 tokens 0.34 against 0.34 and 0.56 against 0.53 ms;
-    the block at 8192 tokens 4.89 against 4.84 ms and at 4096 2.99 against 2.95 (the switch made at 256 rows per
-    expert), so the Triton kernels stay below 1024."""
+    and sums with :meth:`ExpertRouting.token_sums`: on Hopper in bf16, from 1024 rows per expert, where it
+    measured ahead of the Triton kernel with its store to each row's ``(token, k)`` slot. Below 1024 rows the two
+    were level or the Triton kernel ahead, so the Triton kernels stay there (see docs/measurements.md)."""
     return rows_per_expert >= GROUPED_MM_COMBINE_ROWS and _on_hopper_bf16(t)
 
 
@@ -89,8 +87,8 @@ def combine(
     grouped order, ``weight [E, N, K']`` (any strides) dense or 4-bit.
 
     The GEMM's epilogue stores every row at its slot ``t * K + k`` of a ``[T, K, N]`` buffer, then one sum over
-    ``K``. No atomics, so results repeat bit for bit; on an H100 at Qwen3-30B-A3B dims (down projection, 16384
-    tokens) 1.10 ms where fp32 atomic adds into ``[T, N]`` took 1.46 ms (0.34 vs 0.40 ms at 4096 tokens). Where
+    ``K``. No atomics, so results repeat bit for bit; the buffer and its sum also measured ahead of fp32 atomic
+    adds into ``[T, N]`` (docs/measurements.md). Where
     :func:`combine_on_grouped_mm` says so and nothing joins the epilogue (no row scale, no LoRA, dense weights),
     the product runs on ``grouped_mm`` in grouped order and :meth:`ExpertRouting.token_sums` sums it."""
     if (
@@ -116,12 +114,9 @@ GROUPED_MM_WEIGHT_GRAD_ROWS = 256
 
 def weight_grad_on_grouped_mm(t: torch.Tensor, rows_per_expert: int) -> bool:
     """Whether the base weights' gradients run on ``torch.nn.functional.grouped_mm`` (CUTLASS) instead of the
-    Triton kernel: on Hopper in bf16, from 256 rows per expert. Measured on an H100 at Qwen3-30B-A3B dims on
-    sorted operands: gate/up 0.55 against the Triton kernel's 0.73 ms at 4096 tokens (256 rows per expert), 1.40
-    against 2.25 ms at 16384; down 0.29 against 0.40 and 0.75 against 1.15 ms. The gathered operands' copies
-    (:meth:`ExpertRouting.grouped`) cost 0.06 / 0.23 ms each. Block forward+backward, the variants alternating in
-    one process: 2.89 against 3.08 ms at 4096 tokens; at 16384, 8.90-8.98 against 9.68-9.76 ms in two earlier
-    same-machine pairs. Smaller batches were not measured, so the Triton kernel stays there."""
+    Triton kernel: on Hopper in bf16, from 256 rows per expert, where it measured ahead of the Triton kernel
+    even with the gathered operands copied into grouped order first (:meth:`ExpertRouting.grouped`). Smaller
+    batches were not measured, so the Triton kernel stays there (see docs/measurements.md)."""
     return rows_per_expert >= GROUPED_MM_WEIGHT_GRAD_ROWS and _on_hopper_bf16(t)
 
 

@@ -26,8 +26,8 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-# The row-wise SwiGLU backward's block: 8 rows x 256 columns per step (on an H100, 4 to 32 rows and 128 to 512
-# columns all ran within 2% of each other at Qwen3-30B-A3B dims).
+# The row-wise SwiGLU backward's block: 8 rows x 256 columns per step. Fixed, not tuned: neighbouring sizes
+# measured alike (docs/measurements.md).
 _SWIGLU_ROWS, _SWIGLU_COLUMNS = 8, 256
 
 
@@ -296,9 +296,9 @@ def swiglu_backward(
     (see :func:`swiglu_backward_rows`).
 
     Two kernels: the grouped GEMM ``g = dY·W`` (stored in the weights' dtype), then :func:`swiglu_backward_rows`.
-    On an H100 at Qwen3-30B-A3B dims that is 1.03 ms for 16384 tokens where one kernel with SwiGLU's backward in
-    the GEMM's epilogue took 1.64 ms: that epilogue's loads and stores of ``gate_up`` / ``d_gate_up`` sat idle
-    beside the mainloop (one program per SM), while the row-wise pass streams them at memory speed.
+    Not one kernel with SwiGLU's backward in the GEMM's epilogue: there the loads and stores of ``gate_up`` /
+    ``d_gate_up`` sit idle beside the mainloop (one program per SM), while the row-wise pass streams them at
+    memory speed (the comparison: docs/measurements.md).
     """
     g = (gemm or grouped_gemm)(grad_out, down_proj.transpose(1, 2), m_sizes, a_index=grad_index, lora=lora)
     return swiglu_backward_rows(g, gate_up, row_scale, d_scale_out=d_scale_out, d_scale_index=d_scale_index)

@@ -9,11 +9,10 @@ to run them, chosen by :func:`gemm_mode` (``MOEFUSE_4BIT_GEMM=fused|dequantize|a
 - ``dequantize``: the stack is dequantised into a temporary dense copy (one Triton kernel), the dense kernel runs
   on it and the copy is freed (one projection's stack at a time, never kept for backward).
 
-``auto`` takes ``dequantize``: measured on an H100 (``benchmarks/quant_gemm.py``, Qwen3-30B-A3B dims,
-``benchmarks/results/quant_gemm_qwen3-30b-a3b_NVIDIA_H100_80GB_HBM3.json``), the fused kernels run at 0.18-0.38x
-of dequantise-then-GEMM's speed at 1024 tokens and 0.06-0.15x at 16384: each row tile dequantises its weight tiles
-again (about ten instructions per value against the dot's share), so the cost grows with the tokens while the
-dequantise pass is paid once per stack. (The first fused version, per-value gathers, was 13-16x slower.)
+``auto`` takes ``dequantize``, which measured ahead of ``fused`` at every batch size tried
+(``benchmarks/quant_gemm.py``; figures in docs/measurements.md): in the fused kernels each row tile dequantises its
+weight tiles again (about ten instructions per value against the dot's share), so the cost grows with the tokens
+while the dequantise pass is paid once per stack.
 """
 
 from __future__ import annotations
