@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -209,3 +209,42 @@ class Checkpoint:
         self._mapped += nbytes
         if self._mapped > _MAPPED_BYTES_BEFORE_CLOSE:
             self.close()
+
+
+class DerivedCheckpoint(Checkpoint):
+    """A checkpoint whose tensors are ``source``'s, except some computed from it a group at a time (one MoE
+    block's LoRA factors). Layouts whose tensors are no plain copies of another layout's (PEFT's
+    ``target_parameters``: experts interleaved with ranks, gate and up sharing one factor) are read and written
+    through one, so that planning and streaming stay those of the copy-only layouts.
+
+    ``groups`` maps each computed name to a function returning its whole group ``{name: tensor}``; the last group
+    is kept, so reading a group's tensors one after the other computes it once."""
+
+    def __init__(
+        self,
+        source: Checkpoint,
+        shapes: dict[str, tuple[int, ...]],
+        dtypes: dict[str, str],
+        groups: dict[str, Callable[[], dict[str, torch.Tensor]]],
+    ):
+        files = {name: source.files.get(name, source.path) for name in shapes}
+        super().__init__(source.path, files, shapes, dtypes)
+        self.source, self.groups = source, groups
+        self._cached: tuple[Callable, dict[str, torch.Tensor]] | None = None
+
+    def tensor(self, key: str) -> torch.Tensor:
+        make = self.groups.get(key)
+        if make is None:
+            return self.source.tensor(key)
+        if self._cached is None or self._cached[0] is not make:
+            self._cached = (make, make())
+        return self._cached[1][key]
+
+    def read(self, piece: Piece) -> torch.Tensor:
+        if piece.name not in self.groups:
+            return self.source.read(piece)
+        return self.tensor(piece.name).reshape(-1)[piece.start : piece.stop]
+
+    def close(self) -> None:
+        self.source.close()
+        self._cached = None

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .checkpoint import CheckpointError
-from .layouts import FUSED_LAYOUTS, LAYOUTS, lora_layout_for
+from .layouts import FUSED_LAYOUTS, LAYOUTS, LORA_LAYOUTS, lora_layout_for
 
 _USAGE = "moefuse convert {to-fused [--layout L] | to-unfused | --to LAYOUT} IN OUT [--overwrite]"
 
@@ -83,11 +83,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "convert",
         help="convert a model or LoRA adapter between expert layouts (streaming, lossless)",
         description="Convert a model checkpoint or PEFT LoRA adapter folder between expert layouts "
-        f"({', '.join(LAYOUTS)}; adapters: per_expert, fused, qwen3_moe_fused). The input is never written to.",
+        f"({', '.join(LAYOUTS)}; adapters: {', '.join(LORA_LAYOUTS)}). The input is never written to.",
         usage=_USAGE,
     )
     convert.add_argument("args", nargs="+", metavar="[to-fused|to-unfused] IN OUT")
-    convert.add_argument("--to", choices=LAYOUTS + ("fused",), help="target layout (from any layout)")
+    convert.add_argument(
+        "--to",
+        choices=LAYOUTS + tuple(layout for layout in LORA_LAYOUTS if layout not in LAYOUTS),
+        help="target layout (from any layout); adapters also take fused and peft_target_parameters",
+    )
     convert.add_argument(
         "--layout", choices=FUSED_LAYOUTS, help="fused layout of to-fused (default: transformers)"
     )

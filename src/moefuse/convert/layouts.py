@@ -21,6 +21,12 @@ LoRA layouts (PEFT adapters; ``{f}`` is ``gate_proj``, ``up_proj`` or ``down_pro
                      LoRA on fused experts (:mod:`moefuse.lora`).
 ``qwen3_moe_fused``  ``{p}.{f}.lora_A.weight [E, r, in]``, ``{p}.{f}.lora_B.weight [E, out, r]``:
                      transformers-qwen3-moe-fused.
+``peft_target_parameters``
+                     ``{p}.experts.base_layer.lora_A.weight [E*r, H]``, ``....lora_B.weight [2I, E*r]`` (gate_up_proj)
+                     and ``{p}.experts.lora_A.weight [E*r, I]``, ``....lora_B.weight [H, E*r]`` (down_proj): PEFT's
+                     ``LoraConfig(target_parameters=[...])`` on Transformers 5's fused experts. Its factors are no
+                     plain regrouping of the others' (see :mod:`.peft_params`): it is read and written through a
+                     view in the ``fused`` layout (:data:`PLANNED_AS`).
 
 Every layout stores the same matrices, expert ``e``'s weight (or LoRA factor) of each projection, as row-major
 bytes; layouts differ only in how they group them into tensors. A conversion plan (:func:`plan_conversion`)
@@ -43,7 +49,9 @@ from .checkpoint import SAFETENSORS_DTYPES, Checkpoint, CheckpointError, Piece
 MODEL, LORA = "model", "lora"
 LAYOUTS = ("per_expert", "transformers", "qwen3_moe_fused", "veomni")
 FUSED_LAYOUTS = LAYOUTS[1:]
-LORA_LAYOUTS = ("per_expert", "fused", "qwen3_moe_fused")
+LORA_LAYOUTS = ("per_expert", "fused", "qwen3_moe_fused", "peft_target_parameters")
+# Layouts planned as another one: conversions read them through a view in that layout and write them from one.
+PLANNED_AS = {"peft_target_parameters": "fused"}
 _PROJECTIONS = ("gate", "up", "down")
 
 _LORA_ITEM = r"(?P<item>(?:gate|up|down)_proj\.lora_[AB](?:\.[\w-]+)?)"
@@ -57,6 +65,10 @@ _PATTERNS = {
     (LORA, "per_expert"): re.compile(rf"^(?P<p>.+)\.experts\.(?P<e>\d+)\.{_LORA_ITEM}\.weight$"),
     (LORA, "fused"): re.compile(rf"^(?P<p>.+)\.experts\.{_LORA_ITEM}\.weight$"),
     (LORA, "qwen3_moe_fused"): re.compile(rf"^(?P<p>.+\.mlp)\.{_LORA_ITEM}\.weight$"),
+    # ``item`` is the factor with its nesting: one ``base_layer.`` per ParamWrapper wrapped around this one.
+    (LORA, "peft_target_parameters"): re.compile(
+        r"^(?P<p>.+)\.experts\.(?P<item>(?:base_layer\.)*lora_[AB])\.weight$"
+    ),
 }
 
 
@@ -94,7 +106,8 @@ def _matching(
 ) -> Iterator[tuple[str, re.Match]]:
     """Tensors named as ``layout`` stores experts: per-expert matrices are 2-D, stacks 3-D (dense MLPs also
     have ``mlp.gate_proj.weight``, 2-D)."""
-    pattern, ndim = _PATTERNS[kind, layout], 2 if layout == "per_expert" else 3
+    pattern = _PATTERNS[kind, layout]
+    ndim = 2 if layout in ("per_expert", "peft_target_parameters") else 3
     for name, shape in shapes.items():
         m = pattern.match(name)
         if m is not None and len(shape) == ndim:
@@ -156,7 +169,9 @@ def find_blocks(
     shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, object], kind: str, layout: str, where: object
 ) -> list[ExpertBlock]:
     """Every MoE block stored in ``layout``, checked: experts 0..E-1 of every projection, one shape per
-    projection, one dtype per block, projections that fit together. ``where`` (a path) starts error messages."""
+    projection, one dtype per block, projections that fit together. ``where`` (a path) starts error messages.
+    A layout of :data:`PLANNED_AS` is looked for in its view layout (``shapes`` are then the view's)."""
+    layout = PLANNED_AS.get(layout, layout)
     per_expert = layout == "per_expert"
     # prefix -> stored item -> expert (-1 for a stack) -> shape
     found: dict[str, dict[str, dict[int, tuple[int, ...]]]] = {}
@@ -336,7 +351,9 @@ def plan_conversion(
 ) -> dict[str, Planned]:
     """``{output name: Planned}`` storing every tensor of ``shapes`` with ``blocks`` moved from ``in_layout`` to
     ``out_layout``: the input's order, each block's tensors where its first tensor was; other tensors as they
-    are."""
+    are. A layout of :data:`PLANNED_AS` is planned as its view layout (``shapes`` and ``blocks`` are then the
+    view's)."""
+    in_layout, out_layout = PLANNED_AS.get(in_layout, in_layout), PLANNED_AS.get(out_layout, out_layout)
     block_of = {name: block for block in blocks for name in block.names}
     plan: dict[str, Planned] = {}
     for name, shape in shapes.items():

@@ -1,9 +1,11 @@
 """LoRA adapters on MoE experts, converted losslessly between PEFT's per-expert format and the fused ones.
 
-The layouts are those of :mod:`.layouts` (``per_expert``, ``fused``, ``qwen3_moe_fused``): the fused factors
-are the per-expert ones stacked on a new first dimension (expert ``e`` is ``[e]``), gate, up and down kept
-apart, so every conversion is an exact copy. Other adapter tensors (attention, router, shared experts) are
-copied unchanged.
+The layouts are those of :mod:`.layouts` (``per_expert``, ``fused``, ``qwen3_moe_fused``,
+``peft_target_parameters``): the fused factors are the per-expert ones stacked on a new first dimension (expert
+``e`` is ``[e]``), gate, up and down kept apart, so every conversion among them is an exact copy. PEFT's
+``target_parameters`` factors are read and written through a view in the ``fused`` layout
+(:mod:`.peft_params`): exact too, gate and up sharing one A, or stacked at rank 2r. Other adapter tensors
+(attention, router, shared experts) are copied unchanged.
 
 ``adapter_config.json`` is rewritten: ``rank_pattern`` / ``alpha_pattern`` keys naming experts
 (``<...>.experts.3.gate_proj`` per expert, ``<...>.experts.gate_proj`` fused, ``<...>.mlp.gate_proj`` in
@@ -19,8 +21,17 @@ import re
 from pathlib import Path
 
 from .checkpoint import Checkpoint, CheckpointError
-from .layouts import LORA, LORA_LAYOUTS, ExpertBlock, detect_lora_layout, find_blocks, plan_conversion
+from .layouts import (
+    LORA,
+    LORA_LAYOUTS,
+    PLANNED_AS,
+    ExpertBlock,
+    detect_lora_layout,
+    find_blocks,
+    plan_conversion,
+)
 from .model import read_json, report_left_behind
+from .peft_params import PEFT_LAYOUT, config_from_peft, config_to_peft, fused_view, packed
 from .streaming import check_destination, copy_side_files, staged_output, verify_written, write_shards
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -49,6 +60,8 @@ def open_adapter(path: str | os.PathLike) -> tuple[Checkpoint, dict, str, list[E
             f"{path}: an adapter without LoRA on experts (no '<...>.experts.[e.]gate_proj.lora_A.weight'); "
             "nothing to convert, use it as it is"
         )
+    if layout == PEFT_LAYOUT:
+        ckpt = fused_view(ckpt, config, path)
     return ckpt, config, layout, find_blocks(ckpt.shapes, ckpt.dtypes, LORA, layout, path)
 
 
@@ -93,11 +106,22 @@ def convert_lora(
     ckpt, config, in_layout, blocks = open_adapter(in_dir)
     plan = plan_conversion(ckpt.shapes, ckpt.dtypes, LORA, in_layout, layout, blocks, in_dir)
     num_experts = max(block.num_experts for block in blocks)
+    where = in_dir / ADAPTER_CONFIG
+    if in_layout == PEFT_LAYOUT and layout != PEFT_LAYOUT:
+        config = config_from_peft(config, blocks, where)
     for key in ("rank_pattern", "alpha_pattern"):
-        if config.get(key):
+        if config.get(key):  # PEFT's layout names its patterns as the fused one's (plus gate_up_proj)
             config[key] = _rewrite_patterns(
-                config[key], in_layout, layout, num_experts, in_dir / ADAPTER_CONFIG
+                config[key],
+                PLANNED_AS.get(in_layout, in_layout),
+                PLANNED_AS.get(layout, layout),
+                num_experts,
+                where,
             )
+    if layout == PEFT_LAYOUT:
+        ckpt, plan, gate_up_ranks = packed(ckpt, plan, blocks, in_dir)
+        if in_layout != PEFT_LAYOUT:
+            config = config_to_peft(config, blocks, gate_up_ranks, list(plan), where)
     with staged_output(out_dir) as staging:
         write_shards(
             plan,

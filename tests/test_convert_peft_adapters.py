@@ -1,0 +1,229 @@
+"""PEFT ``target_parameters`` adapters (Transformers 5's fused experts) <-> moefuse's and per-expert adapters:
+lossless, and loaded by PEFT itself and by moefuse with the logits of the adapter they came from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from conftest import randomize_, tiny_config
+from moefuse.cli import main
+from moefuse.convert import CheckpointError, convert_lora
+from moefuse.convert.inspect import describe, tensor_hashes
+
+IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
+EXPERTS = "base_model.model.model.layers.{}.mlp.experts"
+E, R = 8, 4
+
+
+def _base(experts_implementation: str):
+    config = tiny_config("qwen3_moe", num_experts=E)
+    config._experts_implementation = experts_implementation
+    return randomize_(AutoModelForCausalLM.from_config(config)).eval()
+
+
+def _randomize_lora_(model, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(input_ids=IDS).logits
+
+
+def _same_tensors(a: Path, b: Path) -> bool:
+    return _same_tensors_dict(load_file(a / WEIGHTS), load_file(b / WEIGHTS))
+
+
+@pytest.fixture(scope="module")
+def peft_adapter(tmp_path_factory):
+    """An adapter saved by PEFT with target_parameters on Transformers' grouped_mm experts, and its logits."""
+    config = LoraConfig(
+        r=R,
+        lora_alpha=8,
+        target_modules=["q_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        rank_pattern={"layers.1.mlp.experts.down_proj": 2},
+    )
+    model = get_peft_model(_base("grouped_mm"), config)
+    _randomize_lora_(model)
+    path = tmp_path_factory.mktemp("peft") / "target_parameters"
+    model.save_pretrained(path)
+    return path, _logits(model)
+
+
+@pytest.fixture(scope="module")
+def moefuse_adapter(tmp_path_factory):
+    """An adapter of moefuse's own LoRA on fused experts (gate and up with different A factors), its logits."""
+    config = LoraConfig(
+        r=R,
+        lora_alpha=8,
+        target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"],
+        rank_pattern={"down_proj": 2},
+    )
+    model = get_peft_model(_base("moefuse"), config)
+    _randomize_lora_(model, seed=2)
+    path = tmp_path_factory.mktemp("moefuse") / "fused"
+    model.save_pretrained(path)
+    return path, _logits(model)
+
+
+def test_peft_saves_what_the_layout_expects(peft_adapter):
+    path, _ = peft_adapter
+    tensors = load_file(path / WEIGHTS)
+    experts = EXPERTS.format(0)
+    assert tensors[f"{experts}.base_layer.lora_A.weight"].shape == (E * R, 32)  # gate_up_proj: [E*r, H]
+    assert tensors[f"{experts}.base_layer.lora_B.weight"].shape == (32, E * R)  # [2I, E*r]
+    assert tensors[f"{experts}.lora_A.weight"].shape == (E * R, 16)  # down_proj: [E*r, I]
+    assert tensors[f"{EXPERTS.format(1)}.lora_B.weight"].shape == (32, E * 2)  # [H, E*r], rank_pattern's r=2
+    assert describe(path)["layout"] == "peft_target_parameters"
+
+
+def test_peft_adapter_to_per_expert_and_fused_loads_in_moefuse_with_equal_logits(peft_adapter, tmp_path):
+    path, logits = peft_adapter
+    per_expert = convert_lora(path, tmp_path / "per_expert", "per_expert", progress=False)
+    fused = convert_lora(per_expert, tmp_path / "fused", "fused", progress=False)
+    tensors = load_file(per_expert / WEIGHTS)
+    peft = load_file(path / WEIGHTS)
+    # Expert e's A is rows e*r:(e+1)*r of PEFT's A; its B is columns e, e+E, ...: gate B the first I rows.
+    a, b = (
+        peft[f"{EXPERTS.format(0)}.base_layer.lora_A.weight"],
+        peft[f"{EXPERTS.format(0)}.base_layer.lora_B.weight"],
+    )
+    for proj, rows in (("gate_proj", slice(0, 16)), ("up_proj", slice(16, 32))):
+        assert torch.equal(tensors[f"{EXPERTS.format(0)}.3.{proj}.lora_A.weight"], a[3 * R : 4 * R])
+        assert torch.equal(tensors[f"{EXPERTS.format(0)}.3.{proj}.lora_B.weight"], b[rows, 3::E])
+    config = json.loads((fused / CONFIG).read_text())
+    assert config["target_parameters"] is None and {"gate_proj", "up_proj", "down_proj"} <= set(
+        config["target_modules"]
+    )
+    assert config["rank_pattern"] == {"layers.1.mlp.experts.down_proj": 2}  # still names down_proj here
+    torch.testing.assert_close(
+        _logits(PeftModel.from_pretrained(_base("moefuse"), fused)), logits, rtol=1e-5, atol=1e-5
+    )
+    assert tensor_hashes(path) == tensor_hashes(per_expert) == tensor_hashes(fused)
+
+
+def test_peft_adapter_round_trips_bit_for_bit(peft_adapter, tmp_path):
+    path, _ = peft_adapter
+    for layout in ("per_expert", "fused", "qwen3_moe_fused", "peft_target_parameters"):
+        there = convert_lora(path, tmp_path / layout, layout, progress=False)
+        back = convert_lora(there, tmp_path / f"{layout}-back", "peft_target_parameters", progress=False)
+        assert _same_tensors(path, back), layout
+        original, config = (json.loads((p / CONFIG).read_text()) for p in (path, back))
+        for key in (
+            "target_parameters",
+            "target_modules",
+            "rank_pattern",
+            "alpha_pattern",
+            "r",
+            "lora_alpha",
+        ):
+            assert (
+                sorted(config[key] or []) == sorted(original[key] or [])
+                if key.startswith("target")
+                else (config[key] == original[key])
+            ), (layout, key)
+
+
+def test_moefuse_adapter_to_peft_loads_in_peft_with_equal_logits(moefuse_adapter, tmp_path):
+    path, logits = moefuse_adapter
+    peft = convert_lora(path, tmp_path / "peft", "peft_target_parameters", progress=False)
+    tensors, config = load_file(peft / WEIGHTS), json.loads((peft / CONFIG).read_text())
+    # gate and up have different A factors: gate_up_proj at rank 2r, alpha doubled, B block-diagonal.
+    assert tensors[f"{EXPERTS.format(0)}.base_layer.lora_A.weight"].shape == (E * 2 * R, 32)
+    assert config["rank_pattern"]["model.layers.0.mlp.experts.gate_up_proj"] == 2 * R
+    assert config["alpha_pattern"]["model.layers.0.mlp.experts.gate_up_proj"] == 16
+    assert config["target_modules"] == ["q_proj"]
+    assert config["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    loaded = PeftModel.from_pretrained(_base("grouped_mm"), peft)
+    torch.testing.assert_close(_logits(loaded), logits, rtol=1e-5, atol=1e-5)
+    per_expert = convert_lora(peft, tmp_path / "per_expert", "per_expert", progress=False)
+    assert tensor_hashes(per_expert)[f"{EXPERTS.format(1)}.2.gate_proj.lora_A.weight"].startswith(
+        "F32[8, 32]"
+    )
+
+
+def test_shared_gate_up_a_gives_rank_r_and_round_trips(moefuse_adapter, tmp_path):
+    path, logits = moefuse_adapter
+    source = tmp_path / "shared"
+    source.mkdir()
+    tensors = load_file(path / WEIGHTS)
+    for layer in (0, 1):
+        experts = EXPERTS.format(layer)
+        tensors[f"{experts}.up_proj.lora_A.weight"] = tensors[f"{experts}.gate_proj.lora_A.weight"].clone()
+    save_file(tensors, source / WEIGHTS, metadata={"format": "pt"})
+    (source / CONFIG).write_text((path / CONFIG).read_text())
+    peft = convert_lora(source, tmp_path / "peft", "peft_target_parameters", progress=False)
+    assert load_file(peft / WEIGHTS)[f"{EXPERTS.format(0)}.base_layer.lora_A.weight"].shape == (E * R, 32)
+    assert "rank_pattern" not in json.loads((peft / CONFIG).read_text()) or not any(
+        "gate_up" in k for k in json.loads((peft / CONFIG).read_text())["rank_pattern"]
+    )
+    back = convert_lora(peft, tmp_path / "back", "fused", progress=False)
+    assert _same_tensors(source, back) and tensor_hashes(source) == tensor_hashes(peft)
+    expected = _logits(PeftModel.from_pretrained(_base("moefuse"), source))
+    torch.testing.assert_close(_logits(PeftModel.from_pretrained(_base("grouped_mm"), peft)), expected)
+
+
+def _refused(source: Path, target: Path, match: str, layout: str = "per_expert") -> None:
+    before, siblings = load_file(source / WEIGHTS), set(target.parent.iterdir())
+    with pytest.raises(CheckpointError, match=match) as info:
+        convert_lora(source, target, layout, progress=False)
+    assert "\n" not in str(info.value)
+    assert (
+        _same_tensors_dict(before, load_file(source / WEIGHTS)) and set(target.parent.iterdir()) == siblings
+    )
+
+
+def _same_tensors_dict(x: dict, y: dict) -> bool:
+    """Same names (a block's tensors may come in another order), dtypes, shapes and bits."""
+    return sorted(x) == sorted(y) and all(x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]) for k in x)
+
+
+def test_legacy_orientation_and_bad_shapes_are_refused(peft_adapter, tmp_path):
+    path, _ = peft_adapter
+    tensors = load_file(path / WEIGHTS)
+    config = json.loads((path / CONFIG).read_text())
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for layer in (0, 1):  # PEFT < 0.19.1 on [E, out, in] experts: A [E*r, out], B [in, E*r]
+        experts, r = EXPERTS.format(layer), (R, 2)[layer]
+        tensors[f"{experts}.base_layer.lora_A.weight"] = torch.zeros(E * R, 32)
+        tensors[f"{experts}.base_layer.lora_B.weight"] = torch.zeros(32, E * R)
+        tensors[f"{experts}.lora_A.weight"] = torch.zeros(E * r, 32)
+        tensors[f"{experts}.lora_B.weight"] = torch.zeros(16, E * r)
+    save_file(tensors, legacy / WEIGHTS, metadata={"format": "pt"})
+    (legacy / CONFIG).write_text(json.dumps({**config, "peft_version": "0.18.1"}))
+    _refused(legacy, tmp_path / "out", r"orientation PEFT < 0\.19\.1 wrote .*peft_version 0\.18\.1")
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    tensors = load_file(path / WEIGHTS)
+    tensors[f"{EXPERTS.format(0)}.lora_A.weight"] = torch.zeros(E * R + 1, 16)
+    save_file(tensors, bad / WEIGHTS, metadata={"format": "pt"})
+    (bad / CONFIG).write_text(json.dumps(config))
+    _refused(
+        bad,
+        tmp_path / "out",
+        r"layers\.0\.mlp: down_proj's lora_A \[33, 16\] and lora_B \[32, 32\] are not \[E\*r, in\] and \[out, E\*r\] for the rank r=4",
+    )
+
+
+def test_cli_converts_to_and_from_peft_target_parameters(moefuse_adapter, tmp_path, capsys):
+    path, _ = moefuse_adapter
+    assert main(["convert", "--to", "peft_target_parameters", str(path), str(tmp_path / "a"), "--quiet"]) == 0
+    assert "(peft_target_parameters layout)" in capsys.readouterr().out
+    assert main(["convert", "to-unfused", str(tmp_path / "a"), str(tmp_path / "b"), "--quiet"]) == 0
+    assert main(["inspect", str(tmp_path / "a")]) == 0
+    assert "peft_target_parameters" in capsys.readouterr().out
