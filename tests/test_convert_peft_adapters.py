@@ -226,4 +226,5 @@ def test_cli_converts_to_and_from_peft_target_parameters(moefuse_adapter, tmp_pa
     assert "(peft_target_parameters layout)" in capsys.readouterr().out
     assert main(["convert", "to-unfused", str(tmp_path / "a"), str(tmp_path / "b"), "--quiet"]) == 0
     assert main(["inspect", str(tmp_path / "a")]) == 0
-    assert "peft_target_parameters" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "peft_target_parameters" in out and "lora_A [E*r, in], lora_B [out, E*r] (PEFT >= 0.19.1" in out

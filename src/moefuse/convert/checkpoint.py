@@ -227,7 +227,9 @@ class DerivedCheckpoint(Checkpoint):
         dtypes: dict[str, str],
         groups: dict[str, Callable[[], dict[str, torch.Tensor]]],
     ):
-        files = {name: source.files.get(name, source.path) for name in shapes}
+        # A computed tensor is named as in the source's first file (adapters have one), for messages and counts.
+        first = next(iter(source.files.values()), source.path)
+        files = {name: source.files.get(name, first) for name in shapes}
         super().__init__(source.path, files, shapes, dtypes)
         self.source, self.groups = source, groups
         self._cached: tuple[Callable, dict[str, torch.Tensor]] | None = None

@@ -18,6 +18,7 @@ import torch
 from . import lora
 from .layouts import LORA, MODEL, plan_conversion
 from .model import open_model
+from .peft_params import PEFT_LAYOUT, orientation
 
 
 def _open(path: Path):
@@ -80,6 +81,9 @@ def describe(path: str | os.PathLike) -> dict[str, object]:
         rows["target modules"] = (
             targets if isinstance(targets, str) else ", ".join(sorted(targets or [])) or "-"
         )
+        if layout == PEFT_LAYOUT:
+            rows["target parameters"] = ", ".join(config.get("target_parameters") or []) or "-"
+            rows["orientation"] = orientation(config)
     rows["MoE blocks"] = len(blocks)
     rows["experts per block"] = ", ".join(sorted({str(b.num_experts) for b in blocks}))
     rows["tensors"] = len(ckpt.shapes)
