@@ -360,11 +360,13 @@ def config_from_peft(config: dict, blocks: list[ExpertBlock], where: object) -> 
     config = dict(config)
     needed: dict[tuple[str, str], object] = {}
     alphas = dict(config.get("alpha_pattern") or {})
+    present: set[str] = set()
     for block in blocks:
         key = module_key(block.prefix)
         for proj in _PROJS:
             if f"{proj}.lora_A" not in block.matrices:
                 continue
+            present.add(proj)
             param = "down_proj" if proj == "down_proj" else "gate_up_proj"
             needed["rank_pattern", f"{key}.{proj}"] = block.matrices[f"{proj}.lora_A"][0]
             needed["alpha_pattern", f"{key}.{proj}"] = pattern_value(
@@ -374,7 +376,8 @@ def config_from_peft(config: dict, blocks: list[ExpertBlock], where: object) -> 
     _set_patterns(config, needed, where)
     targets = config.get("target_modules")
     if not isinstance(targets, str):
-        config["target_modules"] = sorted(set(targets or []) | set(_PROJS))
+        # Only the projections that have factors: a targeted one without would get fresh LoRA when loaded.
+        config["target_modules"] = sorted(set(targets or []) | present)
     config["target_parameters"] = None
     return config
 
