@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The `moefuse bench` runs the README quotes, on one GPU (a few minutes in all): each writes its JSON (and PNGs)
 # to benchmarks/results/, named after the GPU. Then the README's tables are made from them:
-#   moefuse bench --report benchmarks/results/{block,op,model}_qwen3-30b-a3b_<gpu>.json --readme README.md
+#   moefuse bench --report benchmarks/results/{block,op,model}_qwen3-30b-a3b_<gpu>.json --readme docs/benchmarks.md
 # A run whose outputs disagree with Transformers' eager exits non-zero and is not quoted.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -21,6 +21,7 @@ def test_info_prints_versions_and_kernels(capsys):
         "backend",
         "experts on cpu",
         "'moefuse' registered",
+        "under torch.compile",
     ):
         assert key in out
 

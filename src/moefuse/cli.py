@@ -48,6 +48,11 @@ def cmd_info(args: argparse.Namespace) -> int:
             (f"experts on {device}", active_backend_description(torch.device(device)))
             for device in (["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"])
         ),
+        (
+            "under torch.compile",
+            "the experts run eagerly between the compiled graphs (one graph break per MoE layer); "
+            "fullgraph=True is refused",
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
