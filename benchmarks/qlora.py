@@ -106,6 +106,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="RMSNorm modules: their own forward, or moefuse.ops.rms_norm (one kernel each way; moefuse train's "
         "default)",
     )
+    p.add_argument(
+        "--memory-cap-gib",
+        type=float,
+        default=None,
+        help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction): a memory claim holds "
+        "only if the run completes under it",
+    )
     p.add_argument("--tiny", action="store_true", help="the config's family at toy sizes")
     p.add_argument(
         "--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu"
@@ -196,6 +203,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.layers is not None:
         config = with_layers(config, args.layers)
     memory: dict[str, float | None] = {}
+    if args.memory_cap_gib is not None:
+        if device.type != "cuda":
+            raise SystemExit("qlora.py: --memory-cap-gib caps GPU memory; it needs --device cuda")
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * GIB / total), device)
 
     start = time.perf_counter()
     model = build_model(args, config, device)
@@ -277,6 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
         "trainable_params": sum(p.numel() for p in params),
         "experts_4bit_gib": experts_4bit / GIB,
         "memory": memory,
+        "memory_cap_gib": args.memory_cap_gib,
         "build_s": build_s,
         "step_s": times,
         "median_step_s": step_s,
@@ -295,6 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
         suffix += "_step-in-backward" if args.step_in_backward else ""
         suffix += "_offload" if args.offload_activations else ""
         suffix += "_moefuse-norm" if args.norm == "moefuse" else ""
+        suffix += f"_cap{args.memory_cap_gib:g}GiB" if args.memory_cap_gib is not None else ""
         out = kept_path(
             Path(__file__).resolve().parent / "results" / f"qlora_{label}_{args.mode}{suffix}_{gpu}.json",
             report["env"],
