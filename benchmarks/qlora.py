@@ -206,8 +206,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.memory_cap_gib is not None:
         if device.type != "cuda":
             raise SystemExit("qlora.py: --memory-cap-gib caps GPU memory; it needs --device cuda")
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * GIB / total), device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * GIB / total), index)
 
     start = time.perf_counter()
     model = build_model(args, config, device)
