@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import peft
 import pytest
 import torch
+from packaging.version import Version
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -21,6 +23,10 @@ IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 EXPERTS = "base_model.model.model.layers.{}.mlp.experts"
 E, R = 8, 4
+# PEFT 0.19.1 changed the orientation target_parameters adapters are saved in; moefuse reads the new one and
+# refuses the old (test_older_peft_orientation_is_refused, run on such a PEFT: CI's oldest pass).
+CURRENT_PEFT = Version(peft.__version__) >= Version("0.19.1")
+current_orientation = pytest.mark.skipif(not CURRENT_PEFT, reason="PEFT < 0.19.1 saves the older orientation")
 
 
 def _base(experts_implementation: str):
@@ -79,6 +85,7 @@ def moefuse_adapter(tmp_path_factory):
     return path, _logits(model)
 
 
+@current_orientation
 def test_peft_saves_what_the_layout_expects(peft_adapter):
     path, _ = peft_adapter
     tensors = load_file(path / WEIGHTS)
@@ -90,6 +97,7 @@ def test_peft_saves_what_the_layout_expects(peft_adapter):
     assert describe(path)["layout"] == "peft_target_parameters"
 
 
+@current_orientation
 def test_peft_adapter_to_per_expert_and_fused_loads_in_moefuse_with_equal_logits(peft_adapter, tmp_path):
     path, logits = peft_adapter
     per_expert = convert_lora(path, tmp_path / "per_expert", "per_expert", progress=False)
@@ -115,6 +123,7 @@ def test_peft_adapter_to_per_expert_and_fused_loads_in_moefuse_with_equal_logits
     assert tensor_hashes(path) == tensor_hashes(per_expert) == tensor_hashes(fused)
 
 
+@current_orientation
 def test_peft_adapter_round_trips_bit_for_bit(peft_adapter, tmp_path):
     path, _ = peft_adapter
     for layout in ("per_expert", "fused", "qwen3_moe_fused", "peft_target_parameters"):
@@ -137,6 +146,7 @@ def test_peft_adapter_round_trips_bit_for_bit(peft_adapter, tmp_path):
             ), (layout, key)
 
 
+@current_orientation
 def test_moefuse_adapter_to_peft_loads_in_peft_with_equal_logits(moefuse_adapter, tmp_path):
     path, logits = moefuse_adapter
     peft = convert_lora(path, tmp_path / "peft", "peft_target_parameters", progress=False)
@@ -155,6 +165,7 @@ def test_moefuse_adapter_to_peft_loads_in_peft_with_equal_logits(moefuse_adapter
     )
 
 
+@current_orientation
 def test_shared_gate_up_a_gives_rank_r_and_round_trips(moefuse_adapter, tmp_path):
     path, logits = moefuse_adapter
     source = tmp_path / "shared"
@@ -191,6 +202,7 @@ def _same_tensors_dict(x: dict, y: dict) -> bool:
     return sorted(x) == sorted(y) and all(x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]) for k in x)
 
 
+@current_orientation
 def test_legacy_orientation_and_bad_shapes_are_refused(peft_adapter, tmp_path):
     path, _ = peft_adapter
     tensors = load_file(path / WEIGHTS)
@@ -220,6 +232,7 @@ def test_legacy_orientation_and_bad_shapes_are_refused(peft_adapter, tmp_path):
     )
 
 
+@current_orientation
 def test_cli_converts_to_and_from_peft_target_parameters(moefuse_adapter, tmp_path, capsys):
     path, _ = moefuse_adapter
     assert main(["convert", "--to", "peft_target_parameters", str(path), str(tmp_path / "a"), "--quiet"]) == 0
@@ -228,3 +241,10 @@ def test_cli_converts_to_and_from_peft_target_parameters(moefuse_adapter, tmp_pa
     assert main(["inspect", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
     assert "peft_target_parameters" in out and "lora_A [E*r, in], lora_B [out, E*r] (PEFT >= 0.19.1" in out
+
+
+@pytest.mark.skipif(CURRENT_PEFT, reason="this PEFT saves the orientation moefuse reads")
+def test_older_peft_orientation_is_refused(peft_adapter, tmp_path):
+    with pytest.raises(CheckpointError, match=r"orientation PEFT < 0\.19\.1 wrote"):
+        convert_lora(peft_adapter[0], tmp_path / "out", layout="per_expert")
+    assert not (tmp_path / "out").exists()
