@@ -10,10 +10,13 @@ export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 what=$1 out=$2
 mkdir -p "$out"
 commit=$(python -c "from moefuse.bench.provenance import commit_label, source_provenance as s; print(commit_label(s()))")
+# In file names '-dirty', not '+dirty': the GPU machines' output folder hands back letters, digits, '_' and '-' only.
+label=${commit:0:7}
+if [[ $commit == *+dirty ]]; then label+=-dirty; fi
 
 case "$what" in
 tests)
-    log="$out/gpu-tests-${commit:0:7}${commit:40}.txt"
+    log="$out/gpu-tests-$label.txt"
     { echo "commit: $commit"; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
       python -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
       echo "command: python -m pytest -q -m gpu -n 8 -p no:cacheprovider tests"; } >"$log"
@@ -25,7 +28,7 @@ block)
     for i in $(seq "$runs"); do
         python -m moefuse.cli bench --level block --config qwen3-30b-a3b --tokens 4096,16384 --modes fwd+bwd \
             --implementations moefuse,grouped_mm,moefuse+compile,grouped_mm+compile --quiet \
-            --output "$out/block_compile_qwen3-30b-a3b_${commit:0:7}${commit:40}_run$i.json"
+            --output "$out/block_compile_qwen3-30b-a3b_${label}_run$i.json"
     done
     ;;
 *)

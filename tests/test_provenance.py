@@ -66,7 +66,7 @@ def test_no_source_tree_is_unknown(tmp_path: Path):
 def test_runs_are_kept_not_overwritten(tmp_path: Path):
     env = {"moefuse_commit": "0123456789abcdef+dirty"}
     path = kept_path(tmp_path / "block_H100.json", env)
-    assert path.name.startswith("block_H100_0123456+dirty_") and path.suffix == ".json"
+    assert path.name.startswith("block_H100_0123456-dirty_") and path.suffix == ".json"
     write_report({"a": 1}, path)
     with pytest.raises(SystemExit, match="runs are kept, not overwritten"):
         write_report({"a": 2}, path)

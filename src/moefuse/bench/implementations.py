@@ -154,7 +154,7 @@ def baseline_name(name: str, *, compiled: bool | None = None) -> str:
     _, *modifiers = name.split("+")
     if compiled is not None:
         modifiers = [m for m in modifiers if m != "compile"] + (["compile"] if compiled else [])
-    return "+".join([BASELINE_EXPERTS, *(m for m in MODIFIERS if m in modifiers)])
+    return canonical_name("+".join([BASELINE_EXPERTS, *modifiers]))
 
 
 def canonical_name(name: str) -> str:

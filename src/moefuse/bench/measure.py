@@ -31,9 +31,10 @@ def script_command(argv: list[str] | None) -> str:
 
 
 def kept_path(path: Path, environment: dict) -> Path:
-    """``path`` named for one run: ``<stem>_<commit7>[+dirty]_<UTC time><suffix>``, so runs are kept side by side."""
+    """``path`` named for one run: ``<stem>_<commit7>[-dirty]_<UTC time><suffix>``, so runs are kept side by side
+    (letters, digits, ``_`` and ``-`` only: the names the GPU machines' output folder hands back)."""
     commit = environment.get("moefuse_commit", "unknown")
-    label = commit[:7] + ("+dirty" if commit.endswith("+dirty") else "")
+    label = commit[:7] + ("-dirty" if commit.endswith("+dirty") else "")
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     return path.with_name(f"{path.stem}_{label}_{stamp}{path.suffix}")
 
