@@ -59,6 +59,14 @@ def test_stamp_of_a_dirty_tree_stays_dirty(checkout: Path, tmp_path: Path):
     assert source_provenance(copy)["dirty"] is True
 
 
+def test_unreadable_stamp_is_a_clear_error(checkout: Path, tmp_path: Path):
+    copy = tmp_path / "copy"
+    shutil.copytree(checkout, copy, ignore=shutil.ignore_patterns(".git"))
+    (copy / STAMP_FILE).write_text('{"commit": "abc"}')  # no file list, no hash
+    with pytest.raises(RuntimeError, match="is not a stamp written by"):
+        source_provenance(copy)
+
+
 def test_no_source_tree_is_unknown(tmp_path: Path):
     assert source_provenance(tmp_path)["commit"] == "unknown"
 

@@ -47,3 +47,8 @@ def test_qlora_benchmark_refuses_bad_arguments_before_building(monkeypatch, caps
         qlora.parse_args(["--loss", "trl-fused"])
     assert "needs TRL >= 1.0" in capsys.readouterr().err
     assert qlora.parse_args([]).loss == "chunked"  # the default falls back
+
+
+def test_qlora_memory_cap_needs_a_gpu():
+    with pytest.raises(SystemExit, match="--memory-cap-gib caps GPU memory; it needs --device cuda"):
+        load_benchmark("qlora").main("--device cpu --tiny --layers 1 --memory-cap-gib 20".split())

@@ -70,9 +70,15 @@ def _from_stamp(root: Path) -> dict | None:
     path = root / STAMP_FILE
     if not path.is_file():
         return None
-    stamp = json.loads(path.read_text())
-    changed = tree_hash(root, stamp["files"]) != stamp["sha256"]
-    return {"commit": stamp["commit"], "dirty": stamp["dirty"] or changed, "source": STAMP_FILE}
+    try:
+        stamp = json.loads(path.read_text())
+        changed = tree_hash(root, stamp["files"]) != stamp["sha256"]
+        return {"commit": stamp["commit"], "dirty": stamp["dirty"] or changed, "source": STAMP_FILE}
+    except (ValueError, KeyError, TypeError) as error:  # no result is written under an unreadable provenance
+        raise RuntimeError(
+            f"{path} is not a stamp written by `python -m moefuse.bench.provenance` ({type(error).__name__}: "
+            f"{error}); write it again in the checkout before copying the tree"
+        ) from None
 
 
 def source_provenance(root: Path = SOURCE_ROOT) -> dict:
