@@ -10,7 +10,7 @@ import pytest
 from conftest import load_benchmark
 
 
-@pytest.mark.interpreter  # the fused 4-bit kernels, on CPU tensors
+@pytest.mark.interpreter  # the dequantisation and dense kernels, on CPU tensors
 def test_quant_gemm_benchmark_runs_on_cpu(tmp_path):
     out = tmp_path / "quant_gemm.json"
     args = "--device cpu --tiny --tokens 8 --kernels down --iters 1 --warmup 1 --max-seconds 0"
@@ -19,8 +19,8 @@ def test_quant_gemm_benchmark_runs_on_cpu(tmp_path):
     assert not report["failures"]
     assert [(r["tokens"], r["kernel"]) for r in report["results"]] == [(8, "down")]
     for result in report["results"]:
-        assert set(result["median_ms"]) == {"fused", "dequantize", "bf16"}
-        assert all(error < 1e-4 for error in result["relative_error"].values())  # fp32 on the CPU
+        assert set(result["median_ms"]) == {"4bit", "bf16"}
+        assert result["relative_error"] < 1e-4  # fp32 on the CPU
 
 
 @pytest.mark.parametrize("mode", ["qlora", "lora"])

@@ -1,23 +1,19 @@
-"""The 4-bit grouped-GEMM kernels and the experts ops on 4-bit weights, against fp64 references on the
+"""The 4-bit dequantisation kernel and the experts ops on 4-bit weights, against fp64 references on the
 dequantised weights.
 
-On a CPU machine the kernels run in Triton's interpreter (fp32/fp16, shapes of one or two tiles so the whole
-file stays within seconds); the ``gpu`` tests repeat them in bf16 at larger shapes on a CUDA GPU. Weight shapes
-are chosen so quantisation blocks straddle rows and rows start on odd nibbles (``out * in`` no multiple of 64,
-odd ``in``: the kernels' per-value fallback), and, in :func:`test_weight_tile_paths` and the even-width cases,
-so every path of the tile read runs: even ``in`` (packed bytes read as vectors), rows a whole number of blocks
-(one absmax per row and block, a tile inside one block or spanning several) or not, nested statistics or not.
+On a CPU machine the kernels run in Triton's interpreter (fp32/fp16, small shapes); the ``gpu`` test repeats the
+experts in bf16 at Qwen3-30B-A3B widths on a CUDA GPU. Weight shapes are chosen so quantisation blocks straddle
+rows and rows start on odd nibbles (``out * in`` no multiple of 64).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import moefuse
-from moefuse.ops import triton_gemm_4bit as q4
 from moefuse.ops.backend import use_backend
+from moefuse.ops.dequantize_4bit import dequantize
 from moefuse.ops.lora import ExpertsLora, LoraWeights
 from moefuse.ops.moe import fused_experts_reference
 from moefuse.ops.moe_4bit import moe_fused_linear_4bit
@@ -25,25 +21,11 @@ from moefuse.quant import ExpertWeights4bit
 from test_triton_kernels import (  # the dense kernels' checks
     CPU_DTYPES,
     DEVICE,
-    M_SIZES,
-    _FakeCudaTensor,
     assert_close,
-    lora_term,
     randn,
 )
 
 FORMATS = [("nf4", True), ("fp4", False)]  # (quant_type, nested statistics)
-CASES = [(m, dtype, fmt) for m in M_SIZES for dtype in CPU_DTYPES for fmt in FORMATS[:1]] + [
-    pytest.param([5, 1, 0], torch.float16, FORMATS[1], id="fp4-plain"),
-    pytest.param([2] * 128, torch.float32, FORMATS[0], id="E128-fp32"),
-]
-
-
-@pytest.fixture(params=["fused", "dequantize"])
-def gemm_mode(request):
-    q4.set_gemm_mode(request.param)
-    yield request.param
-    q4.set_gemm_mode(None)
 
 
 def quantized(
@@ -70,137 +52,17 @@ def _m(m_sizes: list[int]) -> torch.Tensor:
 def test_dequantize_kernel(dtype, fmt):
     w = quantized(3, 40, 25, dtype=dtype, fmt=fmt)  # 1000 values per expert: a short last block
     ref = w.dequantize(dtype=torch.float32)
-    out = q4.dequantize(w, torch.float32)
+    with use_backend("triton"):
+        out = dequantize(w, torch.float32)
+        transposed = dequantize(w.transpose(1, 2), torch.float32)
     # The kernel may fuse the nested absmax's multiply-add: an ulp of the scale at most.
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=0)
-    assert torch.equal(q4.dequantize(w.transpose(1, 2), torch.float32), out.transpose(1, 2))
-
-
-@pytest.mark.parametrize("m_sizes,dtype,fmt", CASES)
-def test_grouped_gemm_forward_and_input_gradient_orientation(m_sizes, dtype, fmt, gemm_mode):
-    rows, experts = sum(m_sizes), len(m_sizes)
-    ids = group_ids(m_sizes)
-    w = quantized(experts, 40, 25, dtype=dtype, fmt=fmt)
-    dense = w.dequantize().double()
-    a = randn(rows, 25, dtype=dtype)
-    ref = torch.einsum("rk,rnk->rn", a.double(), dense[ids])
-    assert_close(q4.grouped_gemm(a, w, _m(m_sizes)), ref, dtype, "forward x·Wᵀ")
-    dy = randn(rows, 40, dtype=dtype)
-    ref_t = torch.einsum("rn,rnk->rk", dy.double(), dense[ids])
-    assert_close(q4.grouped_gemm(dy, w.transpose(1, 2), _m(m_sizes)), ref_t, dtype, "input gradient dY·W")
-
-
-# (blocksize, nested, in): with the interpreter's 32 x 64 x 32 tiles, forward tiles are 32 columns of W and
-# transposed ones 64. in=256: rows of whole blocks, a tile inside one block or (blocksize 32, transposed) two;
-# in=96 / 48: even rows that are no whole number of blocks, so tiles cross block boundaries (per-value absmax).
-TILE_PATHS = [
-    (32, True, 256),
-    (64, False, 256),
-    (128, True, 256),
-    (256, False, 256),
-    (64, True, 96),
-    (32, False, 48),
-    (256, True, 48),
-]
-
-
-@pytest.mark.parametrize("blocksize,nested,in_features", TILE_PATHS)
-def test_weight_tile_paths(blocksize, nested, in_features):
-    """The fused kernels' weight-tile reads, forward and transposed, for each blocksize/nesting/width path."""
-    q4.set_gemm_mode("fused")
-    try:
-        m_sizes = [5, 0, 9]
-        ids = group_ids(m_sizes)
-        w = quantized(3, 40, in_features, dtype=torch.float32, fmt=("nf4", nested), blocksize=blocksize)
-        dense = w.dequantize().double()
-        a = randn(sum(m_sizes), in_features, dtype=torch.float32)
-        ref = torch.einsum("rk,rnk->rn", a.double(), dense[ids])
-        assert_close(q4.grouped_gemm(a, w, _m(m_sizes)), ref, torch.float32, "forward x·Wᵀ")
-        dy = randn(sum(m_sizes), 40, dtype=torch.float32)
-        ref_t = torch.einsum("rn,rnk->rk", dy.double(), dense[ids])
-        assert_close(q4.grouped_gemm(dy, w.transpose(1, 2), _m(m_sizes)), ref_t, torch.float32, "dY·W")
-    finally:
-        q4.set_gemm_mode(None)
-
-
-@pytest.mark.parametrize("dtype", CPU_DTYPES)
-@pytest.mark.parametrize("masked", [False, True])
-def test_grouped_gemm_gather_scale_scatter_and_lora(dtype, masked, gemm_mode):
-    m_sizes, tokens, top_k = [5, 0, 9, 1, 7], 11, 2
-    ids = group_ids(m_sizes)
-    rows = sum(m_sizes)
-    token_index = torch.randint(0, tokens, (rows,), device=DEVICE)
-    x = randn(tokens, 3 * 21, dtype=dtype)[:, ::3]  # non-contiguous rows
-    w = quantized(len(m_sizes), 36, 21, dtype=dtype)
-    scale = torch.rand(rows, device=DEVICE)
-    lora, lora_value = lora_term(ids, len(m_sizes), 36, dtype, masked=masked)
-    grouped = torch.einsum("rk,rnk->rn", x.double()[token_index], w.dequantize().double()[ids]) + lora_value
-    grouped = grouped * scale.double()[:, None]
-    slots = torch.randperm(tokens * top_k, device=DEVICE)[:rows]
-    out = torch.full((tokens * top_k, 36), float("nan"), device=DEVICE, dtype=dtype)
-    q4.grouped_gemm(
-        x, w, _m(m_sizes), out=out, out_index=slots, a_index=token_index, row_scale=scale, lora=lora
-    )
-    out, ref = out[slots], grouped
-    assert_close(out, ref, dtype, "scattered")
-
-
-@pytest.mark.parametrize("dtype", CPU_DTYPES)
-@pytest.mark.parametrize("m_sizes", [[3, 0, 5, 1], [17, 33, 2]])
-@pytest.mark.parametrize("hidden", [25, 128])  # odd: per-value reads; 128: vector reads, rows of whole blocks
-def test_gate_up_swiglu(m_sizes, dtype, hidden, gemm_mode):
-    tokens, inter = 7, 20
-    ids = group_ids(m_sizes)
-    token_index = torch.randint(0, tokens, (sum(m_sizes),), device=DEVICE)
-    x = randn(tokens, hidden, dtype=dtype)
-    w = quantized(len(m_sizes), 2 * inter, hidden, dtype=dtype)
-    lora, lora_value = lora_term(ids, len(m_sizes), 2 * inter, dtype)
-    gate_up_ref = (
-        torch.einsum("rk,rnk->rn", x.double()[token_index], w.dequantize().double()[ids]) + lora_value
-    )
-    gate, up = gate_up_ref.chunk(2, dim=-1)
-    scale = torch.rand(sum(m_sizes), device=DEVICE)
-    h, gate_up = q4.gate_up_swiglu(
-        x, w, _m(m_sizes), token_index, store_gate_up=True, lora=lora, row_scale=scale
-    )
-    assert_close(gate_up, gate_up_ref, dtype, "gate_up")
-    assert_close(h, F.silu(gate) * up * scale.double()[:, None], dtype, "h")
-    h_only, none = q4.gate_up_swiglu(
-        x, w, _m(m_sizes), token_index, store_gate_up=False, lora=lora, row_scale=scale
-    )
-    assert none is None and torch.equal(h_only, h)
-
-
-@pytest.mark.parametrize("dtype", CPU_DTYPES)
-@pytest.mark.parametrize("m_sizes", [[3, 0, 5, 1], [17, 33, 2]])
-@pytest.mark.parametrize("inter", [21, 64])  # the transposed read's rows: odd, or whole blocks
-def test_swiglu_backward(m_sizes, dtype, inter, gemm_mode):
-    tokens, hidden = 6, 24
-    ids = group_ids(m_sizes)
-    token_index = torch.randint(0, tokens, (sum(m_sizes),), device=DEVICE)
-    gate_up = randn(sum(m_sizes), 2 * inter, dtype=dtype)
-    down = quantized(len(m_sizes), hidden, inter, dtype=dtype, fmt=FORMATS[1])
-    scale = torch.rand(sum(m_sizes), device=DEVICE)
-    grad_out = randn(tokens, hidden, dtype=dtype)
-    lora, lora_value = lora_term(ids, len(m_sizes), inter, dtype, masked=True)
-
-    g64 = gate_up.double().requires_grad_()
-    s64 = scale.double().requires_grad_()
-    gate, up = g64.chunk(2, dim=-1)
-    h = F.silu(gate) * up
-    y = torch.einsum("rn,rkn->rk", h, down.dequantize().double()[ids]) * s64[:, None]
-    ((y * grad_out.double()[token_index]).sum() + (h * lora_value * s64[:, None]).sum()).backward()
-
-    d_gate_up, d_scale = q4.swiglu_backward(
-        grad_out, down, gate_up, scale, _m(m_sizes), token_index, lora=lora
-    )
-    assert_close(d_gate_up, g64.grad, dtype, "d_gate_up")
-    assert_close(d_scale, s64.grad, dtype, "d_scale")
+    assert torch.equal(transposed, out.transpose(1, 2))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
-def test_moe_fused_linear_4bit(backend, dtype, gemm_mode):
+def test_moe_fused_linear_4bit(backend, dtype):
     m_sizes = [3, 0, 6, 1]
     ids = group_ids(m_sizes)
     w = quantized(len(m_sizes), 16, 25, dtype=dtype, fmt=FORMATS[1])
@@ -280,7 +142,7 @@ def _check_fused_experts(
 
 
 @pytest.mark.parametrize("backend,tokens,experts,top_k,unused,adapters", EXPERT_CASES)
-def test_fused_experts_on_4bit_weights(backend, tokens, experts, top_k, unused, adapters, gemm_mode):
+def test_fused_experts_on_4bit_weights(backend, tokens, experts, top_k, unused, adapters):
     with use_backend(backend):
         _check_fused_experts(tokens, 32, 13, experts, top_k, unused, adapters, 4, torch.float32)
 
@@ -296,76 +158,9 @@ def test_4bit_weights_must_be_frozen():
         )
 
 
-def test_gemm_mode_setting(monkeypatch):
-    monkeypatch.setenv("MOEFUSE_4BIT_GEMM", "dequantize")
-    assert q4.gemm_mode() == "dequantize"
-    monkeypatch.setenv("MOEFUSE_4BIT_GEMM", "sometimes")
-    with pytest.raises(ValueError, match="MOEFUSE_4BIT_GEMM"):
-        q4.gemm_mode()
-    with pytest.raises(ValueError, match="4-bit GEMM mode"):
-        q4.set_gemm_mode("fast")
-
-
-# Shared memory Triton allocated for the 4-bit kernels (bf16, compiled for sm90; Triton 3.6 and 3.9 alike), per
-# tile config (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): (largest of the one-weight-tile kernels, gate/up).
-TRITON_SHARED_MEMORY = {
-    (128, 128, 64, 8, 3): (87040, 124928),
-    (128, 256, 64, 8, 4): (141312, 217088),
-    (128, 128, 64, 8, 4): (87040, 124928),
-    (64, 128, 64, 4, 4): (70656, 108544),
-    (64, 64, 64, 4, 4): (43520, 62464),
-    (128, 64, 64, 4, 4): (59904, 78848),
-    (64, 32, 64, 4, 4): (30208, 39424),
-    (64, 16, 128, 4, 4): (47104, 55808),
-}
-
-
-def _key(config) -> tuple[int, ...]:
-    return (
-        *(config.kwargs[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
-        config.num_warps,
-        config.num_stages,
-    )
-
-
-@pytest.mark.parametrize("limit,gpu", [(232448, "H100"), (166912, "A100"), (101376, "RTX 4090 / L40 (sm89)")])
-@pytest.mark.parametrize("autotune", [True, False])
-def test_4bit_configs_fit_the_gpus_shared_memory(monkeypatch, limit, gpu, autotune):
-    """The 4-bit kernels' pruning keeps only configs whose estimate fits the GPU, and the estimate bounds what
-    Triton allocated: without tuning, the first config kept runs (it did not, with the dense kernels' count)."""
-    from moefuse.kernels import grouped_gemm as dense_kernels
-    from moefuse.kernels import grouped_gemm_4bit as kernels
-
-    def needs(config, tiles: int) -> int:
-        return dense_kernels.shared_memory(config, 2, tiles, False, four_bit=True)
-
-    assert {_key(c) for c in dense_kernels.TILE_CONFIGS} == set(TRITON_SHARED_MEMORY)
-    for config in dense_kernels.TILE_CONFIGS:
-        one_tile, gate_up = TRITON_SHARED_MEMORY[_key(config)]
-        assert needs(config, 1) >= one_tile and needs(config, 2) >= gate_up, _key(config)
-    monkeypatch.setattr(dense_kernels, "INTERPRET", False)
-    monkeypatch.setattr(dense_kernels, "AUTOTUNE", autotune)
-    monkeypatch.setattr(dense_kernels, "shared_memory_limit", lambda index: limit)
-    cases = [  # (kernel, operand, weight tiles, N, K): Qwen3-30B-A3B's 4-bit GEMMs
-        (kernels.gate_up_swiglu_4bit_kernel, "x_ptr", 2, 768, 2048),
-        (kernels.grouped_gemm_4bit_kernel, "a_ptr", 1, 2048, 768),  # down
-        (kernels.grouped_gemm_4bit_kernel, "a_ptr", 1, 2048, 1536),  # gate/up's input gradient
-        (kernels.grouped_gemm_4bit_kernel, "a_ptr", 1, 768, 2048),  # down's input gradient
-    ]
-    for kernel, operand, tiles, n, k in cases:
-        for rows_per_expert in (16, 256, 1024):
-            args = {"N": n, "K": k, "ROWS_PER_EXPERT": rows_per_expert, operand: _FakeCudaTensor()}
-            kept = kernel.early_config_prune(dense_kernels.TILE_CONFIGS, args)
-            assert kept, (gpu, operand)
-            assert all(needs(c, tiles) <= limit for c in kept), (gpu, operand)
-            assert TRITON_SHARED_MEMORY[_key(kept[0])][tiles - 1] <= limit, (gpu, operand)
-            if not autotune or rows_per_expert < 64:
-                assert len(kept) == 1
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [64, 2048])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_fused_experts_4bit_bf16_gpu(tokens, fmt, gemm_mode):
+def test_fused_experts_4bit_bf16_gpu(tokens, fmt):
     """bf16 on the GPU at Qwen3-30B-A3B widths (32 experts to keep it short), LoRA r16."""
     _check_fused_experts(tokens, 2048, 768, 32, 8, 0, 1, 16, torch.bfloat16, fmt)

@@ -74,22 +74,14 @@ def shared_memory_limit(device_index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
-def shared_memory(
-    config: triton.Config, element_size: int, weight_tiles: int, weight_grad: bool, four_bit: bool = False
-) -> int:
+def shared_memory(config: triton.Config, element_size: int, weight_tiles: int, weight_grad: bool) -> int:
     """Shared memory a config's software pipeline holds: ``num_stages`` copies of the tiles loaded per step.
 
     Row kernels load ``BLOCK_M x BLOCK_K`` of the activations and ``weight_tiles`` ``BLOCK_K x BLOCK_N`` weight
     tiles (gate/up loads two); the weight-gradient kernel loads ``BLOCK_M x BLOCK_N`` and ``BLOCK_M x BLOCK_K``.
     (Checked against Triton's own count for a config it refused: docs/measurements.md.)
-    The ``four_bit`` kernels load half a byte per weight value, and each weight tile also sits in shared memory
-    once as its gathered fp32 code values and once as the dequantised MMA operand (an upper bound of what
-    Triton 3.6 and 3.9 allocate for every config of :data:`TILE_CONFIGS`, sm89 and sm90).
     """
     m, n, k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-    if four_bit:
-        per_step = m * k * element_size + weight_tiles * k * n // 2
-        return config.num_stages * per_step + weight_tiles * k * n * (4 + element_size)
     per_step = m * n + m * k if weight_grad else m * k + weight_tiles * k * n
     return config.num_stages * per_step * element_size
 
@@ -108,7 +100,6 @@ def _prune(
     operand: str,
     weight_tiles: int = 1,
     weight_grad: bool = False,
-    four_bit: bool = False,
 ):
     """Keep the configs that suit the problem and the GPU.
 
@@ -128,7 +119,7 @@ def _prune(
         if not INTERPRET and tensor.is_cuda:
 
             def needs(c: triton.Config) -> int:
-                return shared_memory(c, tensor.element_size(), weight_tiles, weight_grad, four_bit)
+                return shared_memory(c, tensor.element_size(), weight_tiles, weight_grad)
 
             limit = shared_memory_limit(tensor.device.index)
             kept = [c for c in kept if needs(c) <= limit] or [min(kept, key=needs)]

@@ -1,20 +1,19 @@
 """The experts' grouped GEMMs on 4-bit weights (:class:`moefuse.quant.ExpertWeights4bit`), frozen.
 
-:func:`moefuse.fused_experts` takes 4-bit ``gate_up_proj`` / ``down_proj`` as it takes dense ones: on the Triton
-path its one autograd function calls :func:`gemms_for`'s launchers, which for 4-bit weights are those of
-:mod:`moefuse.ops.triton_gemm_4bit` (same signatures); the composed path (PyTorch backend, several LoRA adapters)
-projects through :func:`moe_fused_linear_4bit`. Backward gives the input gradient only: 4-bit weights are not
-trained (LoRA adapters on top are), and what is saved for backward is the 4-bit tensor itself, never a dense copy.
+:func:`moefuse.fused_experts` takes 4-bit ``gate_up_proj`` / ``down_proj`` as it takes dense ones: the Triton
+path dequantises each stack for the GEMMs that read it (:func:`moefuse.ops.dequantize_4bit.dense`); the composed
+path (PyTorch backend, several LoRA adapters) projects through :func:`moe_fused_linear_4bit`. Backward gives the
+input gradient only: 4-bit weights are not trained (LoRA adapters on top are), and what is saved for backward is
+the 4-bit tensor itself, never a dense copy.
 """
 
 from __future__ import annotations
-
-from types import ModuleType
 
 import torch
 
 from ..quant.tensor import ExpertWeights4bit, is_4bit
 from .backend import use_triton
+from .dequantize_4bit import dequantize
 from .grouped_gemm import check_grouped_inputs, grouped_mm, moe_fused_linear
 
 
@@ -27,25 +26,13 @@ def check_frozen(name: str, weight: torch.Tensor) -> None:
         )
 
 
-def gemms_for(weight: torch.Tensor) -> ModuleType:
-    """The Triton launchers that take ``weight``: :mod:`~moefuse.ops.triton_gemm_4bit` for 4-bit weights, else
-    :mod:`~moefuse.ops.triton_gemm`."""
-    if is_4bit(weight):
-        from . import triton_gemm_4bit
-
-        return triton_gemm_4bit
-    from . import triton_gemm
-
-    return triton_gemm
-
-
 def _project(x: torch.Tensor, weight: ExpertWeights4bit, m_sizes: torch.Tensor, triton: bool) -> torch.Tensor:
-    """``x[rows of e] @ weight[e]ᵀ`` for 4-bit ``weight`` (logical ``[E, N, K]``, maybe a transposed view)."""
+    """``x[rows of e] @ weight[e]ᵀ`` for 4-bit ``weight`` (logical ``[E, N, K]``, maybe a transposed view), on a
+    dense copy for this call only."""
     if triton:
-        from . import triton_gemm_4bit
+        from . import triton_gemm
 
-        return triton_gemm_4bit.grouped_gemm(x, weight, m_sizes)
-    # PyTorch: a dense copy for this call only.
+        return triton_gemm.grouped_gemm(x, dequantize(weight), m_sizes)
     return grouped_mm(x, weight.dequantize().transpose(1, 2), m_sizes)
 
 

@@ -10,7 +10,7 @@ is trained: its gradient then reads it as is) and the thin ``t``s (plus the drop
 nothing of size ``[S, H]``.
 
 Backward computes only what is asked for: with frozen base weights (LoRA) there is no base ``dW``. 4-bit base
-weights (:mod:`moefuse.quant`) run the same way on their own launchers (:func:`~moefuse.ops.moe_4bit.gemms_for`).
+weights (:mod:`moefuse.quant`) are dequantised for each GEMM that reads them (:func:`~moefuse.ops.dequantize_4bit.dense`).
 
 On Hopper in bf16, products with nothing of ours in their epilogue run on ``torch.nn.functional.grouped_mm``
 (CUTLASS) where it beat the Triton kernels when measured: the base weights' gradients
@@ -25,12 +25,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..quant.tensor import is_4bit
 from . import triton_gemm as tg
 from .backend import device_capability
+from .dequantize_4bit import dense
 from .grouped_gemm import HAS_GROUPED_MM, grouped_mm, grouped_mm_supports, grouped_mm_weight_grad
 from .lora import ExpertsLora, LoraWeights, down_factors, gate_up_factors
-from .moe_4bit import gemms_for
 from .routing import ExpertRouting
 
 
@@ -91,10 +90,10 @@ def combine(
     adds into ``[T, N]`` (docs/measurements.md). Where
     :func:`combine_on_grouped_mm` says so and nothing joins the epilogue (no row scale, no LoRA, dense weights),
     the product runs on ``grouped_mm`` in grouped order and :meth:`ExpertRouting.token_sums` sums it."""
+    weight = dense(weight)
     if (
         row_scale is None
         and lora is None
-        and not is_4bit(weight)
         and combine_on_grouped_mm(a, _rows_per_expert(a.shape[0], routing))
         and grouped_mm_supports(a, weight.transpose(1, 2))
     ):
@@ -102,7 +101,7 @@ def combine(
     num_tokens = routing.inverse.numel() // routing.top_k
     width = weight.shape[1]
     slots = torch.empty(num_tokens * routing.top_k, width, device=a.device, dtype=weight.dtype)
-    gemms_for(weight).grouped_gemm(
+    tg.grouped_gemm(
         a, weight, routing.m_sizes, row_scale=row_scale, lora=lora, out=slots, out_index=routing.sorted_slots
     )
     return slots.view(num_tokens, routing.top_k, width).sum(dim=1)
@@ -201,9 +200,9 @@ class _TritonExperts(torch.autograd.Function):
         # When the down weight's gradient will be taken (and no LoRA reads h), h is stored already multiplied by
         # the routing weight: the down GEMM then needs no row scale, nor does its weight gradient's operand.
         prescaled = down_proj.requires_grad and down_a is None
-        h, gate_up = gemms_for(gate_up_proj).gate_up_swiglu(
+        h, gate_up = tg.gate_up_swiglu(
             x,
-            gate_up_proj,
+            dense(gate_up_proj),
             m_sizes,
             token_index,
             store_gate_up=needs_grad,
@@ -290,9 +289,9 @@ class _TritonExperts(torch.autograd.Function):
                 )
         # The routing weights' gradient comes out of SwiGLU's row kernel in their (token, k) order and dtype.
         weights_grad = x.new_empty(x.shape[0] * routing.top_k, dtype=ctx.weights_dtype) if needs[3] else None
-        d_gate_up, _ = gemms_for(down_proj).swiglu_backward(
+        d_gate_up, _ = tg.swiglu_backward(
             grad_out,
-            down_proj,
+            dense(down_proj),
             gate_up,
             scale,
             m_sizes,

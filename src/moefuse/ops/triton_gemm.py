@@ -6,17 +6,12 @@ grid is an upper bound on the tiles, and the kernels find their own tile (see :m
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
-from triton.runtime.autotuner import Autotuner
 
 from ..kernels import grouped_gemm as kernels
 from .launch import cdiv, launch, next_power_of_2, unit_columns
-
-if TYPE_CHECKING:
-    from ..quant.tensor import ExpertWeights4bit
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -95,22 +90,6 @@ class _LoraOperands:
         )
 
 
-class WeightOperands(NamedTuple):
-    """A kernel's weight arguments, in the places every grouped-GEMM kernel takes them: ``pointers`` after the
-    input, ``sizes`` after ``N, K``, ``strides`` after the input's, and constexpr ``flags``. A dense ``[E, N, K]``
-    tensor is one pointer and three strides (:func:`dense_weight`); a 4-bit stack brings its own
-    (:mod:`moefuse.ops.triton_gemm_4bit`)."""
-
-    pointers: tuple
-    sizes: tuple
-    strides: tuple
-    flags: dict
-
-
-def dense_weight(b: torch.Tensor) -> WeightOperands:
-    return WeightOperands((b,), (), (b.stride(0), b.stride(1), b.stride(2)), {})
-
-
 def grouped_gemm(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -134,24 +113,6 @@ def grouped_gemm(
         row_scale: ``[R]`` per-row factor applied in the epilogue.
         lora: a LoRA term added in the epilogue, before the scale (:class:`LoraTerm`).
     """
-    return launch_grouped_gemm(
-        kernels.grouped_gemm_kernel, b, dense_weight(b), a, m_sizes, a_index, out, out_index, row_scale, lora
-    )
-
-
-def launch_grouped_gemm(
-    kernel: Autotuner,
-    b: torch.Tensor | ExpertWeights4bit,
-    weight: WeightOperands,
-    a: torch.Tensor,
-    m_sizes: torch.Tensor,
-    a_index: torch.Tensor | None,
-    out: torch.Tensor | None,
-    out_index: torch.Tensor | None,
-    row_scale: torch.Tensor | None,
-    lora: LoraTerm | None,
-) -> torch.Tensor:
-    """:func:`grouped_gemm` on ``kernel`` with the weight ``b`` (its ``shape``, ``dtype``) passed as ``weight``."""
     num_experts, n, k = b.shape
     rows = a_index.numel() if a_index is not None else a.shape[0]
     if out is None:
@@ -160,10 +121,10 @@ def launch_grouped_gemm(
         return out
     lora_ops = _LoraOperands(lora, out)
     launch(
-        kernel,
+        kernels.grouped_gemm_kernel,
         _tile_grid(m_sizes, rows, n),
         a,
-        *weight.pointers,
+        b,
         out,
         m_sizes,
         _index(a_index, m_sizes),
@@ -172,17 +133,17 @@ def launch_grouped_gemm(
         *lora_ops.pointers,
         n,
         k,
-        *weight.sizes,
         num_experts,
         _rows_per_expert(rows, num_experts),
         lora_ops.rank,
         a.stride(0),
         a.stride(1),
-        *weight.strides,
+        b.stride(0),
+        b.stride(1),
+        b.stride(2),
         out.stride(0),
         out.stride(1),
         *lora_ops.strides,
-        **weight.flags,
         GATHER_A=a_index is not None,
         SCATTER_C=out_index is not None,
         SCALE_ROWS=row_scale is not None,
@@ -206,31 +167,6 @@ def gate_up_swiglu(
     """``h = silu(gate) * up`` for the grouped rows ``x[x_index]``: ``(h [R, I], gate_up [R, 2I] or None)``;
     ``lora`` (its ``b`` ``[E, 2I, rank]``) joins the pre-activations; ``h`` is multiplied by ``row_scale [R]``
     when given."""
-    return launch_gate_up_swiglu(
-        kernels.gate_up_swiglu_kernel,
-        gate_up_proj,
-        dense_weight(gate_up_proj),
-        x,
-        m_sizes,
-        x_index,
-        store_gate_up,
-        lora,
-        row_scale,
-    )
-
-
-def launch_gate_up_swiglu(
-    kernel: Autotuner,
-    gate_up_proj: torch.Tensor | ExpertWeights4bit,
-    weight: WeightOperands,
-    x: torch.Tensor,
-    m_sizes: torch.Tensor,
-    x_index: torch.Tensor,
-    store_gate_up: bool,
-    lora: LoraTerm | None,
-    row_scale: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`gate_up_swiglu` on ``kernel`` with the weight ``gate_up_proj`` passed as ``weight``."""
     num_experts, two_i, hidden = gate_up_proj.shape
     inter = two_i // 2
     rows = x_index.numel()
@@ -240,10 +176,10 @@ def launch_gate_up_swiglu(
         return h, gate_up
     lora_ops = _LoraOperands(lora, h)
     launch(
-        kernel,
+        kernels.gate_up_swiglu_kernel,
         _tile_grid(m_sizes, rows, inter),
         x,
-        *weight.pointers,
+        gate_up_proj,
         h if gate_up is None else gate_up,
         h,
         _index(row_scale, h),
@@ -252,19 +188,19 @@ def launch_gate_up_swiglu(
         *lora_ops.pointers,
         inter,
         hidden,
-        *weight.sizes,
         num_experts,
         _rows_per_expert(rows, num_experts),
         lora_ops.rank,
         x.stride(0),
         x.stride(1),
-        *weight.strides,
+        gate_up_proj.stride(0),
+        gate_up_proj.stride(1),
+        gate_up_proj.stride(2),
         0 if gate_up is None else gate_up.stride(0),
         0 if gate_up is None else gate_up.stride(1),
         h.stride(0),
         h.stride(1),
         *lora_ops.strides,
-        **weight.flags,
         STORE_GATE_UP=store_gate_up,
         SCALE_H=row_scale is not None,
         **lora_ops.flags,
@@ -283,7 +219,6 @@ def swiglu_backward(
     grad_index: torch.Tensor,
     lora: LoraTerm | None = None,
     *,
-    gemm: Callable[..., torch.Tensor] | None = None,
     d_scale_out: torch.Tensor | None = None,
     d_scale_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,7 +226,7 @@ def swiglu_backward(
 
     ``grad_out [T, H]`` is read through ``grad_index`` (each grouped row's token); ``down_proj [E, H, I]``;
     ``lora`` (its ``b`` ``[E, I, rank]``) joins the gradient reaching ``silu(gate) * up`` (from a LoRA on the
-    down projection). ``gemm`` is the grouped GEMM that takes ``down_proj`` (default :func:`grouped_gemm`).
+    down projection).
     ``d_scale`` is ``[R]`` fp32 in grouped order, or ``d_scale_out`` with row ``r``'s at ``d_scale_index[r]``
     (see :func:`swiglu_backward_rows`).
 
@@ -300,7 +235,7 @@ def swiglu_backward(
     ``d_gate_up`` sit idle beside the mainloop (one program per SM), while the row-wise pass streams them at
     memory speed (the comparison: docs/measurements.md).
     """
-    g = (gemm or grouped_gemm)(grad_out, down_proj.transpose(1, 2), m_sizes, a_index=grad_index, lora=lora)
+    g = grouped_gemm(grad_out, down_proj.transpose(1, 2), m_sizes, a_index=grad_index, lora=lora)
     return swiglu_backward_rows(g, gate_up, row_scale, d_scale_out=d_scale_out, d_scale_index=d_scale_index)
 
 
