@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .checkpoint import CheckpointError
+from .engines import ALIASES, FORMATS, resolve
 from .layouts import FUSED_LAYOUTS, LAYOUTS, LORA_LAYOUTS, lora_layout_for
 
 _USAGE = "moefuse convert {to-fused [--layout L] | to-unfused | --to LAYOUT} IN OUT [--overwrite]"
@@ -30,7 +31,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     options = dict(overwrite=args.overwrite, progress=not args.quiet)
     try:
         if lora.is_adapter(source):
-            layout = lora_layout_for(layout)
+            layout = lora_layout_for(resolve(layout))
             lora.convert_lora(source, target, layout, **options)
         else:
             if layout not in LAYOUTS:
@@ -44,6 +45,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"moefuse convert: {e}", file=sys.stderr)
         return 1
     print(f"wrote {target} ({layout} layout)")
+    if layout in FORMATS:
+        engines = sorted({reader.engine for reader in FORMATS[layout].readers})
+        print(f"read as is by {', '.join(engines)}: moefuse inspect {target} says which versions and models")
     return 0
 
 
@@ -70,7 +74,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for path in args.paths:
             rows = describe(path)
             width = max(map(len, rows))
-            print("\n".join(f"{key:<{width}}  {value}" for key, value in rows.items()))
+            for key, value in rows.items():
+                lines = value if isinstance(value, list) else [value]
+                print(f"{key:<{width}}  {lines[0]}")
+                print("".join(f"{'':<{width}}  {line}\n" for line in lines[1:]), end="")
         return 0
     except CheckpointError as e:
         print(f"moefuse inspect: {e}", file=sys.stderr)
@@ -89,8 +96,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     convert.add_argument("args", nargs="+", metavar="[to-fused|to-unfused] IN OUT")
     convert.add_argument(
         "--to",
-        choices=LAYOUTS + tuple(layout for layout in LORA_LAYOUTS if layout not in LAYOUTS),
-        help="target layout (from any layout); adapters also take fused and peft_target_parameters",
+        choices=LAYOUTS + tuple(layout for layout in LORA_LAYOUTS if layout not in LAYOUTS) + tuple(ALIASES),
+        help="target layout (from any layout); adapters also take fused and peft_target_parameters, and "
+        + ", ".join(f"{alias} (= {resolve(alias)})" for alias in ALIASES),
     )
     convert.add_argument(
         "--layout", choices=FUSED_LAYOUTS, help="fused layout of to-fused (default: transformers)"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import lora
+from . import engines, lora
 from .layouts import LORA, MODEL, plan_conversion
 from .model import open_model
 from .peft_params import PEFT_LAYOUT, orientation
@@ -61,7 +61,8 @@ def compare(first: str | os.PathLike, second: str | os.PathLike) -> list[Differe
 
 
 def describe(path: str | os.PathLike) -> dict[str, object]:
-    """Kind, layout, family, experts, dtypes, size and shards of a model or adapter folder, from headers only."""
+    """Kind, layout, family, experts, dtypes, size and shards of a model or adapter folder, from headers only; for
+    an adapter also the engines that read its layout as it is (a list, one line each)."""
     path = Path(path)
     kind, ckpt, config, layout, blocks = _open(path)
     dtypes = Counter(ckpt.dtypes.values())
@@ -84,6 +85,11 @@ def describe(path: str | os.PathLike) -> dict[str, object]:
         if layout == PEFT_LAYOUT:
             rows["target parameters"] = ", ".join(config.get("target_parameters") or []) or "-"
             rows["orientation"] = orientation(config)
+        rows["engine names"] = ", ".join(engines.aliases_of(layout)) or "-"
+        rows["read as is by"] = engines.readers(layout)
+        warning = engines.single_scaling_warning(config)
+        if warning:
+            rows["scaling"] = warning
     rows["MoE blocks"] = len(blocks)
     rows["experts per block"] = ", ".join(sorted({str(b.num_experts) for b in blocks}))
     rows["tensors"] = len(ckpt.shapes)

@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 
 from .checkpoint import Checkpoint, CheckpointError
+from .engines import ALIASES, resolve
 from .layouts import (
     LORA,
     LORA_LAYOUTS,
@@ -98,9 +99,13 @@ def convert_lora(
     progress: bool = True,
 ) -> Path:
     """Write the PEFT adapter folder ``in_dir`` to ``out_dir`` with its expert LoRA in ``layout`` (any of
-    :data:`~moefuse.convert.LORA_LAYOUTS`); the input may be in any of them. Returns ``out_dir``."""
+    :data:`~moefuse.convert.LORA_LAYOUTS`, or an engine's name for one of them, :data:`.engines.ALIASES`); the input
+    may be in any of them. Returns ``out_dir``."""
+    layout = resolve(layout)
     if layout not in LORA_LAYOUTS:
-        raise ValueError(f"unknown LoRA layout {layout!r}; choose one of {', '.join(LORA_LAYOUTS)}")
+        raise ValueError(
+            f"unknown LoRA layout {layout!r}; choose one of {', '.join((*LORA_LAYOUTS, *ALIASES))}"
+        )
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     check_destination(in_dir, out_dir, overwrite)
     ckpt, config, in_layout, blocks = open_adapter(in_dir)
