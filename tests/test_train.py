@@ -16,7 +16,7 @@ from moefuse import cli
 from moefuse.ops.cross_entropy import causal_lm_loss
 from moefuse.train import TrainConfigError, run_train
 from moefuse.train.builtin import DATASET, TOKENIZER_DIR, build_dataset, build_tokenizer
-from moefuse.train.callbacks import FlopsModel, _batch_shape
+from moefuse.train.callbacks import FlopsModel, _batch_counts
 from moefuse.train.config import parse_train_args, trl_fused_lm_head
 from moefuse.train.data import to_sft_format
 from moefuse.train.model import apply_lora, load_model, resolve_model
@@ -49,7 +49,7 @@ def test_default_run_loss_falls_and_writes_everything(default_run):
         assert base.loss_function is causal_lm_loss  # chunked_loss is on by default
     norms = [m for m in base.modules() if type(m).__name__ == "Qwen3MoeRMSNorm"]
     assert norms and all("forward" in vars(m) for m in norms)  # fused_norm is on by default
-    steady = result.throughput["after_first_log"]  # 4 logs: the last 3 intervals' tokens
+    steady = result.throughput["after_warmup"]  # 4 logs: the last 3 intervals' tokens
     assert (
         0 < steady["tokens"] < result.throughput["tokens"]
         and steady["seconds"] < result.throughput["seconds"]
@@ -347,16 +347,15 @@ def test_flops_model_counts_the_parameters_a_token_meets():
     assert flops.flops(10, 100) == pytest.approx(6 * dense * 10 + 12 * 2 * q * 100)
 
 
-def test_batch_shape_counts_real_tokens_and_sequences():
-    assert _batch_shape(
-        (), {"input_ids": torch.zeros(2, 4), "attention_mask": torch.tensor([[1, 1, 1, 0], [1] * 4])}
-    ) == (
-        7,
-        9 + 16,
-    )
-    packed = {"input_ids": torch.zeros(1, 10), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 4]])}
-    assert _batch_shape((), packed) == (10, 9 + 4 + 25)
-    assert _batch_shape((torch.zeros(2, 4),), {}) == (8, 32)
+def test_batch_counts_count_real_tokens_and_sequences():
+    def counts(*args, **kwargs):
+        return tuple(int(c) for c in _batch_counts(args, kwargs))
+
+    mask = torch.tensor([[1, 1, 1, 0], [1] * 4])
+    assert counts(input_ids=torch.zeros(2, 4), attention_mask=mask) == (7, 9 + 16)
+    packed = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 4]])
+    assert counts(input_ids=torch.zeros(1, 10), position_ids=packed) == (10, 9 + 4 + 25)
+    assert counts(torch.zeros(2, 4)) == (8, 32)
 
 
 def test_builtin_dataset_and_tokenizer_are_what_the_builder_makes(tmp_path):

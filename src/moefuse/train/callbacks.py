@@ -1,11 +1,17 @@
-"""Throughput of a Trainer run: tokens per second and model FLOPs utilisation (MFU), logged with the loss.
+"""Throughput of a Trainer run: tokens per second, model FLOPs utilisation (MFU), the GPU-busy fraction and peak
+memory, logged with the loss and summed up in :attr:`ThroughputCallback.totals`.
 
 Tokens are counted where they enter the model (a forward pre-hook: the non-padding tokens of each training
-micro-batch), so the figures hold for any data collator, packing included. Model FLOPs per token follow
-PaLM's convention: ``2·N`` forward for the ``N`` parameters a token meets (the experts' share is
-``top_k / num_experts`` of theirs; the input embedding is a lookup, not a matmul), ``2·N`` backward for the
-activations, ``2·N_trainable`` for the weight gradients (LoRA trains few), plus ``12·L·d_attn·S`` for attention
-over a sequence of ``S`` tokens. Recomputation (gradient checkpointing) is not counted, as MFU prescribes.
+micro-batch), so the figures hold for any data collator, packing included. The counts stay on the device until a
+log (which synchronises once), so counting adds no host sync to a step.
+
+Model FLOPs per token follow PaLM's convention: ``2·N`` forward for the ``N`` parameters a token meets (the experts'
+share is ``top_k / num_experts`` of theirs; the input embedding is a lookup, not a matmul), ``2·N`` backward for
+the activations, ``2·N_trainable`` for the weight gradients (LoRA trains few), plus ``12·L·d_attn·S`` for
+attention over a sequence of ``S`` tokens (``4·L·d_attn·S`` forward, twice that backward). MFU counts these alone.
+Gradient checkpointing runs each checkpointed layer's forward again in the backward: ``2·N_layers +
+4·L·d_attn·S`` more per token (``N_layers`` the parameters inside the checkpointed decoder layers, so not the
+output head); ``hfu`` (hardware FLOPs utilisation) counts them too.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from transformers import PretrainedConfig, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 # Datasheet dense bf16/fp16 tensor-core peaks, TFLOP/s per GPU (matched on torch.cuda.get_device_name()).
 GPU_PEAK_TFLOPS = (
@@ -30,6 +37,9 @@ GPU_PEAK_TFLOPS = (
     ("L4", 121.0),
 )
 _EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
+GIB = 2**30
+GPU_BUSY_STEPS = 3  # profiled steps on a GPU unless gpu_busy_steps says otherwise
+CPU_NO_GPU_BUSY = "not measured: a CPU run has no GPU kernels to profile"
 
 
 def num_experts(config: PretrainedConfig) -> int | None:
@@ -45,41 +55,69 @@ def device_peak_tflops(device: torch.device) -> float | None:
     return next((peak for key, peak in GPU_PEAK_TFLOPS if key in name), None)
 
 
+def _numel(param: torch.Tensor) -> int:
+    # bitsandbytes' 4-bit linear weights hold two values a byte; their quant state keeps the matrix's shape.
+    state = getattr(param, "quant_state", None)
+    return state.shape.numel() if state is not None and hasattr(state, "shape") else param.numel()
+
+
 @dataclass
 class FlopsModel:
-    """Training FLOPs of one token and of attention, from a model's parameters and config."""
+    """Training FLOPs of one token and of attention, from a model's parameters and config.
+
+    ``active_params`` (N), ``trainable_active_params`` (N_trainable) and ``checkpointed_params`` (N_layers, zero
+    without gradient checkpointing) count each expert parameter at ``top_k / num_experts``."""
 
     active_params: float
     trainable_active_params: float
     attention_width: int  # layers x attention heads x head dim
-    per_token: float = field(init=False)
+    checkpointed_params: float = 0.0
+    checkpointing: bool = False
+    per_token: float = field(init=False)  # model FLOPs (MFU)
+    recompute_per_token: float = field(init=False)  # checkpointing's second forward of the layers
 
     def __post_init__(self) -> None:
         self.per_token = 4 * self.active_params + 2 * self.trainable_active_params
+        self.recompute_per_token = 2 * self.checkpointed_params if self.checkpointing else 0.0
 
     @classmethod
-    def of(cls, model: nn.Module, config: PretrainedConfig) -> FlopsModel:
+    def of(cls, model: nn.Module, config: PretrainedConfig, checkpointing: bool = False) -> FlopsModel:
         experts = num_experts(config)
         expert_share = config.num_experts_per_tok / experts if experts else 1.0
         embedding = model.get_input_embeddings().weight
         tied = getattr(config, "tie_word_embeddings", False)
-        active = trainable = 0.0
+        in_layers = {
+            id(p)
+            for m in model.modules()
+            if isinstance(m, GradientCheckpointingLayer)
+            for p in m.parameters()
+        }
+        active = trainable = layers = 0.0
         for name, param in model.named_parameters():
             if param is embedding and not tied:
                 continue  # a lookup; when tied, the same matrix is the output projection, a matmul
-            count = param.numel() * (expert_share if ".experts." in f".{name}" else 1.0)
+            count = _numel(param) * (expert_share if ".experts." in f".{name}" else 1.0)
             active += count
             trainable += count if param.requires_grad else 0.0
+            layers += count if id(param) in in_layers else 0.0
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         width = config.num_hidden_layers * config.num_attention_heads * head_dim
-        return cls(active, trainable, width)
+        return cls(active, trainable, width, layers, checkpointing)
 
-    def flops(self, tokens: int, sum_squared_lengths: int) -> float:
+    def flops(self, tokens: float, sum_squared_lengths: float) -> float:
+        """Model FLOPs (MFU's numerator) of ``tokens`` tokens in sequences whose squared lengths sum as given."""
         return self.per_token * tokens + 12 * self.attention_width * sum_squared_lengths
 
+    def recompute_flops(self, tokens: float, sum_squared_lengths: float) -> float:
+        """The FLOPs gradient checkpointing adds (zero without it)."""
+        if not self.checkpointing:
+            return 0.0
+        return self.recompute_per_token * tokens + 4 * self.attention_width * sum_squared_lengths
 
-def _batch_shape(args: tuple, kwargs: dict) -> tuple[int, int] | None:
-    """``(tokens, sum of squared sequence lengths)`` of one model input, padding left out."""
+
+def _batch_counts(args: tuple, kwargs: dict) -> tuple[torch.Tensor | int, torch.Tensor | int] | None:
+    """``(tokens, sum of squared sequence lengths)`` of one model input, padding left out; tensors where they
+    come from the input (left on its device: reading them would synchronise)."""
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     if input_ids is None:
         embeds = kwargs.get("inputs_embeds")
@@ -88,110 +126,222 @@ def _batch_shape(args: tuple, kwargs: dict) -> tuple[int, int] | None:
         input_ids = embeds[..., 0]
     mask, position_ids = kwargs.get("attention_mask"), kwargs.get("position_ids")
     if mask is not None and mask.dim() == 2:
-        lengths = mask.sum(dim=-1)
-    elif position_ids is not None and input_ids.shape[0] == 1:
-        # Packed without padding: a new sequence starts wherever the positions restart at 0.
-        starts = torch.nonzero(position_ids.flatten().cpu() == 0).flatten()
-        lengths = torch.diff(
-            torch.cat([torch.tensor([0]), starts, torch.tensor([position_ids.numel()])]).unique()
-        )
-    else:
-        lengths = torch.full((input_ids.shape[0],), input_ids.shape[-1])
-    return int(lengths.sum()), int((lengths.long() ** 2).sum())
+        lengths = mask.sum(dim=-1, dtype=torch.int64)
+        return lengths.sum(), (lengths**2).sum()
+    if position_ids is not None and input_ids.shape[0] == 1:
+        # Packed without padding: a sequence of L tokens has positions 0..L-1, and the sum of 2p+1 over them is L².
+        return position_ids.numel(), (2 * position_ids.long() + 1).sum()
+    rows, length = input_ids.shape[0], input_ids.shape[-1]
+    return rows * length, rows * length**2
+
+
+def busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """The time covered by the union of ``(start, end)`` intervals (kernels on several streams overlap)."""
+    busy, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end <= reach:
+            continue
+        busy += end - max(start, reach)
+        reach = end
+    return busy
+
+
+@dataclass
+class _Mark:
+    """The clock and the token counts at one point of the run, read after the device caught up."""
+
+    time: float
+    tokens: int
+    squares: int
+
+    def until(self, later: _Mark) -> tuple[float, int, int]:
+        return later.time - self.time, later.tokens - self.tokens, later.squares - self.squares
 
 
 class ThroughputCallback(TrainerCallback):
-    """Adds ``tokens_per_second`` and (when the device's peak is known) ``mfu`` to each training log, measured
-    on this process since the previous log; :attr:`totals` holds the whole run's figures, and under
-    ``"after_first_log"`` those from the first log to the end (the steady state: Triton compiles and tunes its
-    kernels in the first steps).
+    """Adds ``tokens_per_second`` and (when the device's peak is known) ``mfu`` and ``hfu`` to each training log,
+    measured on this process since the previous log. :attr:`totals` holds the whole run's figures; under
+    ``"after_warmup"`` those from the first log at or after ``warmup_steps`` (default: the first log) to the end,
+    less the profiled steps (the steady state: Triton compiles and tunes its kernels in the first steps);
+    ``gpu_busy`` (CUDA): the device's busy time over the wall time of ``gpu_busy_steps`` steps profiled with
+    ``torch.profiler`` right after the warm-up (kernels, copies and fills; overlapping ones counted once);
+    ``memory``: CUDA's peak allocated and reserved memory over the training.
 
     Attach it with :func:`add_throughput_callback` so that the reporting integrations (TensorBoard, W&B) see
     its figures too, or pass it in ``callbacks=[...]`` (then only the console and ``log_history`` do).
     """
 
-    def __init__(self, peak_tflops: float | None = None):
+    def __init__(
+        self,
+        peak_tflops: float | None = None,
+        warmup_steps: int | None = None,
+        gpu_busy_steps: int | None = None,
+    ):
         self.peak_tflops = peak_tflops
+        self.warmup_steps = warmup_steps
+        self.gpu_busy_steps = gpu_busy_steps
         self.flops_model: FlopsModel | None = None
         self._hook = None
-        self._tokens = 0
-        self._flops = 0.0
-        self._since = 0.0
-        self._run_start = 0.0
-        self._run_tokens = 0
-        self._run_flops = 0.0
-        self._first_log: tuple[float, int, float] | None = None  # (time, tokens, flops) at the first log
+        self._tokens: torch.Tensor | int = 0  # since the start, on the device until a mark reads them
+        self._squares: torch.Tensor | int = 0
+        self._start: _Mark | None = None
+        self._last_log: _Mark | None = None
+        self._steady: _Mark | None = None
+        self._profiler = None
+        self._profile_marks: tuple[_Mark, float, int] | None = None  # (mark, clock after start, first step)
+        self._profiled = (0.0, 0, 0)  # (seconds, tokens, squares) the steady figures leave out
+        self._gpu_busy: dict | None = None
         self.totals: dict = {}
 
     def _count(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not module.training:
             return  # evaluation batches are not training throughput
-        shape = _batch_shape(args, kwargs)
-        if shape is not None:
-            self._tokens += shape[0]
-            self._flops += self.flops_model.flops(*shape)
+        counts = _batch_counts(args, kwargs)
+        if counts is not None:
+            self._tokens = self._tokens + counts[0]
+            self._squares = self._squares + counts[1]
+
+    def _mark(self, args: TrainingArguments) -> _Mark:
+        if args.device.type == "cuda":
+            torch.cuda.synchronize(args.device)
+        return _Mark(time.perf_counter(), int(self._tokens), int(self._squares))
 
     def on_train_begin(self, args: TrainingArguments, state, control, model=None, **kwargs):
         config = model.config if not hasattr(model, "get_base_model") else model.get_base_model().config
-        self.flops_model = FlopsModel.of(model, config)
+        self.flops_model = FlopsModel.of(model, config, checkpointing=bool(args.gradient_checkpointing))
         if self.peak_tflops is None:
             self.peak_tflops = device_peak_tflops(args.device) if (args.bf16 or args.fp16) else None
-        self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
-        self._sync(args)
-        self._since = self._run_start = time.perf_counter()
-
-    @staticmethod
-    def _sync(args: TrainingArguments) -> None:
+        if self.gpu_busy_steps is None:
+            self.gpu_busy_steps = GPU_BUSY_STEPS if args.device.type == "cuda" else 0
         if args.device.type == "cuda":
-            torch.cuda.synchronize(args.device)
+            torch.cuda.reset_peak_memory_stats(args.device)
+        self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
+        self._start = self._last_log = self._mark(args)
 
-    def _figures(self, tokens: int, flops: float, seconds: float) -> dict[str, float]:
+    def _figures(self, seconds: float, tokens: int, squares: int) -> dict[str, float]:
         figures = {"tokens_per_second": round(tokens / seconds, 1)}
         if self.peak_tflops:
+            flops = self.flops_model.flops(tokens, squares)
+            recompute = self.flops_model.recompute_flops(tokens, squares)
             figures["mfu"] = round(flops / seconds / (self.peak_tflops * 1e12), 4)
+            figures["hfu"] = round((flops + recompute) / seconds / (self.peak_tflops * 1e12), 4)
         return figures
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self._steady is None or self._profile_marks is not None or self._gpu_busy is not None:
+            return
+        if not self.gpu_busy_steps:
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        mark = self._mark(args)
+        self._profiler = profile(activities=[ProfilerActivity.CUDA])
+        self._profiler.start()
+        torch.cuda.synchronize(args.device)
+        self._profile_marks = (mark, time.perf_counter(), state.global_step)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self._profile_marks is None or state.global_step - self._profile_marks[2] < self.gpu_busy_steps:
+            return
+        self._stop_profiler(args, state.global_step)
+
+    def _stop_profiler(self, args: TrainingArguments, step: int) -> None:
+        from torch.autograd import DeviceType
+
+        before, started, first_step = self._profile_marks
+        torch.cuda.synchronize(args.device)
+        wall = time.perf_counter() - started
+        self._profiler.stop()
+        index = args.device.index if args.device.index is not None else torch.cuda.current_device()
+        intervals = [
+            (e.time_range.start, e.time_range.end)
+            for e in self._profiler.events()
+            if e.device_type == DeviceType.CUDA and e.device_index == index
+        ]
+        busy = busy_seconds(intervals) / 1e6  # the profiler's clock is in microseconds
+        self._gpu_busy = {
+            "fraction": round(busy / wall, 4),
+            "busy_seconds": busy,
+            "wall_seconds": wall,
+            "steps": [first_step + 1, step],
+        }
+        self._profiler = self._profile_marks = None
+        self._profiled = before.until(self._mark(args))
 
     def on_log(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs
     ):
-        if logs is None or "loss" not in logs or self._tokens == 0:
+        if logs is None or "loss" not in logs or self._start is None:
             return
-        self._sync(args)
-        now = time.perf_counter()
-        figures = self._figures(self._tokens, self._flops, now - self._since)
+        mark = self._mark(args)
+        seconds, tokens, squares = self._last_log.until(mark)
+        if tokens == 0:
+            return
+        figures = self._figures(seconds, tokens, squares)
         logs.update(figures)
         # Trainer.log appended a copy of `logs` to the history before calling us.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(figures)
-        self._run_tokens += self._tokens
-        self._run_flops += self._flops
-        self._tokens, self._flops, self._since = 0, 0.0, now
-        if self._first_log is None:
-            self._first_log = (now, self._run_tokens, self._run_flops)
+        self._last_log = mark
+        if self._steady is None and state.global_step >= (self.warmup_steps or 0):
+            self._steady = mark
 
     def on_train_end(self, args: TrainingArguments, state, control, **kwargs):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        self._sync(args)
-        tokens, flops = self._run_tokens + self._tokens, self._run_flops + self._flops
-        now = time.perf_counter()
-        seconds = now - self._run_start
+        if self._profile_marks is not None:  # the run ended inside the profiled steps
+            self._stop_profiler(args, state.global_step)
+        end = self._mark(args)
+        seconds, tokens, squares = self._start.until(end)
         if tokens:
-            self.totals = {"tokens": tokens, "seconds": seconds, **self._figures(tokens, flops, seconds)}
-        if self._first_log is not None and tokens > self._first_log[1]:
-            since, tokens0, flops0 = self._first_log
-            steady = tokens - tokens0, now - since
-            self.totals["after_first_log"] = {
-                "tokens": steady[0],
-                "seconds": steady[1],
-                **self._figures(steady[0], flops - flops0, steady[1]),
+            self.totals = {"tokens": tokens, "seconds": seconds, **self._figures(seconds, tokens, squares)}
+        self.totals["flops_per_token"] = {
+            "model": self.flops_model.per_token,
+            "recompute": self.flops_model.recompute_per_token,
+            "attention_per_squared_length": 12 * self.flops_model.attention_width,
+        }
+        if self._steady is not None:
+            seconds, tokens, squares = self._steady.until(end)
+            seconds, tokens, squares = (
+                a - b for a, b in zip((seconds, tokens, squares), self._profiled, strict=True)
+            )
+            if tokens > 0:
+                self.totals["after_warmup"] = {
+                    "from_step": self._steady_step(state),
+                    "tokens": tokens,
+                    "seconds": seconds,
+                    **self._figures(seconds, tokens, squares),
+                }
+        self.totals["gpu_busy"] = self._gpu_busy or {"not_measured": self._why_no_gpu_busy(args)}
+        if args.device.type == "cuda":
+            self.totals["memory"] = {
+                "peak_allocated_gib": torch.cuda.max_memory_allocated(args.device) / GIB,
+                "peak_reserved_gib": torch.cuda.max_memory_reserved(args.device) / GIB,
             }
+        else:
+            self.totals["memory"] = {"not_measured": "a CPU run: PyTorch tracks peak memory on GPUs"}
+
+    def _steady_step(self, state: TrainerState) -> int | None:
+        logged = [log["step"] for log in state.log_history if "loss" in log]
+        return next((s for s in logged if s >= (self.warmup_steps or 0)), None)
+
+    def _why_no_gpu_busy(self, args: TrainingArguments) -> str:
+        if args.device.type != "cuda":
+            return CPU_NO_GPU_BUSY
+        if not self.gpu_busy_steps:
+            return "turned off (gpu_busy_steps: 0)"
+        return "the run ended before the warm-up was over"
 
 
-def add_throughput_callback(trainer, peak_tflops: float | None = None) -> ThroughputCallback:
+def add_throughput_callback(
+    trainer,
+    peak_tflops: float | None = None,
+    warmup_steps: int | None = None,
+    gpu_busy_steps: int | None = None,
+) -> ThroughputCallback:
     """Attach a :class:`ThroughputCallback` first in ``trainer``'s callbacks, ahead of the reporting
     integrations and the progress bar, so all of them log its figures."""
-    callback = ThroughputCallback(peak_tflops)
+    callback = ThroughputCallback(peak_tflops, warmup_steps, gpu_busy_steps)
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback

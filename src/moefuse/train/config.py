@@ -147,6 +147,43 @@ class MoefuseTrainArguments:
         default=None,
         metadata={"help": "per-device peak for the MFU figure (default: the GPU's bf16 datasheet value)"},
     )
+    throughput_warmup_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "steps the after-warm-up tokens/s and MFU leave out: they count from the first log at or "
+            "after this step (default: from the first log)"
+        },
+    )
+    gpu_busy_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "steps profiled with torch.profiler right after the warm-up for the GPU-busy fraction (kernel "
+            "time over wall time; left out of the after-warm-up tokens/s); 0 turns it off. Default: 3 on a CUDA "
+            "GPU; refused on the CPU (no GPU kernels)"
+        },
+    )
+    step_in_backward: bool = field(
+        default=False,
+        metadata={
+            "help": "one optimizer per trainable tensor, stepped by a hook as soon as backward has its gradient "
+            "(Transformers' layer-wise optimizer), so the gradients are never all held at once; no gradient "
+            "clipping (max_grad_norm 0), no gradient accumulation"
+        },
+    )
+    offload_activations: bool = field(
+        default=False,
+        metadata={
+            "help": "tensors saved for the backward (with gradient_checkpointing: each layer's input) wait in "
+            "pinned CPU memory (torch.autograd.graph.save_on_cpu)"
+        },
+    )
+    memory_cap_gib: float | None = field(
+        default=None,
+        metadata={
+            "help": "cap this process's GPU memory at this many GiB (torch.cuda.set_per_process_memory_fraction): "
+            "PyTorch's allocator raises out-of-memory above it"
+        },
+    )
 
 
 # Where moefuse train's defaults differ from TRL's: the same behaviour with TRL 0.24 and 1.x, bf16 only where
@@ -158,6 +195,12 @@ def _moefuse_defaults() -> dict[str, Any]:
         "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         "use_cpu": not torch.accelerator.is_available(),
         "report_to": "none",
+        # A fused AdamW: one kernel for all the adapter tensors, its step counts on the device (no host sync).
+        "optim": "adamw_torch_fused",
+        # The Trainer's check reads the loss on the host after every micro-batch; a NaN loss is logged as it is.
+        "logging_nan_inf_filter": False,
+        # Batches reach the GPU from pinned memory without the host waiting for the copy.
+        **({"accelerator_config": {"non_blocking": True}} if torch.cuda.is_available() else {}),
     }
 
 
@@ -225,6 +268,8 @@ def parse_train_args(
         moefuse_args, sft_config = parser.parse_args_into_dataclasses(args=overrides)
     except (ValueError, TypeError) as e:
         raise TrainConfigError(f"{path}: {e}") from e
+    if moefuse_args.step_in_backward and "max_grad_norm" not in {*values, *_cli_keys(overrides)}:
+        sft_config.max_grad_norm = 0.0  # the step runs before the whole gradient's norm is known
     check_train_args(moefuse_args, sft_config)
     return moefuse_args, sft_config
 
@@ -291,6 +336,52 @@ def check_train_args(args: MoefuseTrainArguments, sft_config: SFTConfig) -> None
         )
     if args.finetuning_type in LORA_TYPES and args.lora_rank < 1:
         raise TrainConfigError(f"lora_rank: {args.lora_rank} must be at least 1")
+    check_memory_args(args, sft_config)
+
+
+def check_memory_args(args: MoefuseTrainArguments, sft_config: SFTConfig) -> None:
+    """Refuse the measurement and memory keys where they cannot work."""
+    cuda = torch.cuda.is_available() and not sft_config.use_cpu
+    if args.gpu_busy_steps is not None and args.gpu_busy_steps < 0:
+        raise TrainConfigError(f"gpu_busy_steps: {args.gpu_busy_steps} must be 0 (off) or more")
+    if args.gpu_busy_steps and not cuda:
+        raise TrainConfigError(
+            f"gpu_busy_steps: {args.gpu_busy_steps}: the GPU-busy fraction profiles CUDA kernels, and this run "
+            "is on the CPU; leave gpu_busy_steps unset (or 0)"
+        )
+    if args.memory_cap_gib is not None:
+        if not cuda:
+            raise TrainConfigError(
+                f"memory_cap_gib: {args.memory_cap_gib}: the cap is on GPU memory "
+                "(torch.cuda.set_per_process_memory_fraction), and this run is on the CPU; leave it unset"
+            )
+        if args.memory_cap_gib <= 0:
+            raise TrainConfigError(f"memory_cap_gib: {args.memory_cap_gib} must be positive")
+    if args.offload_activations and sft_config.activation_offloading:
+        raise TrainConfigError(
+            "offload_activations and activation_offloading both offload the saved activations; set one"
+        )
+    if args.step_in_backward:
+        if sft_config.max_grad_norm and sft_config.max_grad_norm > 0:
+            raise TrainConfigError(
+                f"max_grad_norm: {sft_config.max_grad_norm} with step_in_backward: each tensor steps as soon as "
+                "its gradient is ready, before the norm of the whole gradient is known; set max_grad_norm: 0"
+            )
+        if sft_config.gradient_accumulation_steps != 1:
+            raise TrainConfigError(
+                f"gradient_accumulation_steps: {sft_config.gradient_accumulation_steps} with step_in_backward: "
+                "the step runs in every backward; use 1 (and a larger per_device_train_batch_size)"
+            )
+        if sft_config.resume_from_checkpoint not in (None, False, "", "false", "no"):
+            raise TrainConfigError(
+                "resume_from_checkpoint with step_in_backward: the per-tensor optimizers' states are not in the "
+                "checkpoint; resume without step_in_backward"
+            )
+        if sft_config.world_size > 1:
+            raise TrainConfigError(
+                "step_in_backward on several processes: each tensor would step before its gradient is reduced "
+                "across them; train on one process"
+            )
 
 
 def help_text() -> str:
@@ -317,6 +408,7 @@ def help_text() -> str:
         "optim, logging_steps, save_steps, eval_strategy, eval_steps, resume_from_checkpoint (a checkpoint",
         "folder, or true for the last one in output_dir), report_to, seed.",
         "moefuse train defaults gradient_checkpointing to false, bf16 to true only on GPUs that have it,",
-        "report_to to none.",
+        "report_to to none, optim to adamw_torch_fused (paged_adamw_8bit: bitsandbytes' paged 8-bit AdamW),",
+        "logging_nan_inf_filter to false, and on CUDA accelerator_config to {non_blocking: true}.",
     ]
     return "\n".join(lines)

@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, set_seed
 from transformers.trainer_utils import get_last_checkpoint
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig
 
 from ..convert import convert_lora_to_unfused
 from ..experts import EXPERTS_IMPLEMENTATION
 from ..ops.cross_entropy import causal_lm_loss, use_chunked_loss
 from ..ops.rms_norm import use_fused_rms_norm
-from .callbacks import ThroughputCallback, add_throughput_callback, num_experts
+from .callbacks import GIB, ThroughputCallback, add_throughput_callback, num_experts
 from .config import LORA_TYPES, MoefuseTrainArguments, TrainConfigError, parse_train_args, trl_fused_lm_head
 from .data import is_conversational, load_train_dataset
 from .model import (
@@ -32,6 +32,7 @@ from .model import (
     resolve_dtype,
     resolve_model,
 )
+from .trainer import MoefuseSFTTrainer
 
 BASE_MODEL_DIR = "base-model"  # the random initial weights of a config: model
 ADAPTER_DIR = "adapter"  # LoRA adapter as moefuse trains it (fused expert factors)
@@ -97,8 +98,33 @@ def _describe(
         f"{sft.gradient_accumulation_steps} accumulation; "
         f"{f'{sft.max_steps} steps' if sft.max_steps > 0 else f'{sft.num_train_epochs} epochs'}, "
         f"lr {sft.learning_rate}, bf16 {sft.bf16}; loss {_loss_path(model)}\n"
+        f"  optimizer  {_optimizer(args, sft)}\n"
+        f"  memory     {_memory_savers(args, sft)}\n"
         f"  output     {sft.output_dir}"
     )
+
+
+def _optimizer(args: MoefuseTrainArguments, sft) -> str:
+    name = sft.optim.value if hasattr(sft.optim, "value") else str(sft.optim)
+    what = {
+        "adamw_torch_fused": "PyTorch's fused AdamW (the default)",
+        "adamw_torch": "PyTorch's AdamW",
+        "paged_adamw_8bit": "bitsandbytes' paged 8-bit AdamW",
+        "adamw_8bit": "bitsandbytes' 8-bit AdamW",
+    }.get(name, "set by optim")
+    clip = f"gradients clipped at norm {sft.max_grad_norm}" if sft.max_grad_norm else "no gradient clipping"
+    where = "; stepped in the backward, one tensor at a time" if args.step_in_backward else ""
+    return f"{name}: {what}{where}; {clip}"
+
+
+def _memory_savers(args: MoefuseTrainArguments, sft) -> str:
+    savers = [
+        "gradient checkpointing" if sft.gradient_checkpointing else "",
+        "optimizer step in backward" if args.step_in_backward else "",
+        "activations offloaded to CPU" if args.offload_activations or sft.activation_offloading else "",
+        f"capped at {args.memory_cap_gib:g} GiB" if args.memory_cap_gib else "",
+    ]
+    return ", ".join(s for s in savers if s) or "no savers"
 
 
 def _loss_path(model: PreTrainedModel) -> str:
@@ -121,10 +147,26 @@ def _cpu_threads(args: MoefuseTrainArguments, sft_config: SFTConfig) -> Iterator
         torch.set_num_threads(before)
 
 
+@contextmanager
+def _memory_cap(args: MoefuseTrainArguments, sft_config: SFTConfig) -> Iterator[None]:
+    """``memory_cap_gib``: PyTorch's allocator on this process's GPU refuses to hold more, for the run."""
+    if args.memory_cap_gib is None:
+        yield
+        return
+    device = sft_config.device
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * GIB / total), index)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
+
+
 def run_train(config_file: str | Path | None = None, overrides: list[str] | None = None) -> TrainResult:
     """Run ``moefuse train [config_file] [overrides...]`` (see :mod:`moefuse.train.config`)."""
     args, sft_config = parse_train_args(config_file, overrides)
-    with _cpu_threads(args, sft_config):
+    with _cpu_threads(args, sft_config), _memory_cap(args, sft_config):
         return train(args, sft_config)
 
 
@@ -171,14 +213,18 @@ def train(args: MoefuseTrainArguments, sft_config: SFTConfig) -> TrainResult:
     if args.finetuning_type in LORA_TYPES:
         model = apply_lora(model, args)
 
-    trainer = SFTTrainer(
+    trainer = MoefuseSFTTrainer(
         model=model,
         args=sft_config,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
+        step_in_backward=args.step_in_backward,
+        offload_activations=args.offload_activations,
     )
-    throughput = add_throughput_callback(trainer, args.peak_tflops)
+    throughput = add_throughput_callback(
+        trainer, args.peak_tflops, args.throughput_warmup_steps, args.gpu_busy_steps
+    )
     if is_main:
         print(_describe(model, args, source, len(train_dataset), sft_config), flush=True)
     trainer.train(resume_from_checkpoint=resume)
@@ -202,15 +248,19 @@ def train(args: MoefuseTrainArguments, sft_config: SFTConfig) -> TrainResult:
         model=trainer.model,
     )
     if trainer.is_world_process_zero():
-        (output_dir / SUMMARY_FILE).write_text(json.dumps(_summary_record(result, args), indent=2) + "\n")
+        (output_dir / SUMMARY_FILE).write_text(
+            json.dumps(_summary_record(result, args, sft_config), indent=2) + "\n"
+        )
         print(summary(result, args, source), flush=True)
     return result
 
 
-def _summary_record(result: TrainResult, args: MoefuseTrainArguments) -> dict:
+def _summary_record(result: TrainResult, args: MoefuseTrainArguments, sft_config: SFTConfig) -> dict:
     return {
         "finetuning_type": args.finetuning_type,
         "experts_implementation": args.experts_implementation,
+        "optim": str(getattr(sft_config.optim, "value", sft_config.optim)),
+        "memory_savers": _memory_savers(args, sft_config),
         "global_step": result.global_step,
         "losses": result.losses,
         "throughput": result.throughput,
@@ -221,6 +271,44 @@ def _summary_record(result: TrainResult, args: MoefuseTrainArguments) -> dict:
     }
 
 
+def _utilisation(figures: dict) -> str:
+    if "mfu" not in figures:
+        return ""
+    return f", MFU {figures['mfu']:.1%} (with checkpointing's recompute {figures['hfu']:.1%})"
+
+
+def _throughput_lines(t: dict) -> list[str]:
+    """The closing summary's measurements (``ThroughputCallback.totals``)."""
+    if "tokens" not in t:
+        return []
+    lines = [
+        f"  throughput {t['tokens_per_second']:.0f} tokens/s on this device{_utilisation(t)} "
+        f"({t['tokens']} tokens, whole run)"
+    ]
+    if "after_warmup" in t:
+        steady = t["after_warmup"]
+        lines.append(
+            f"             {steady['tokens_per_second']:.0f} tokens/s after warm-up{_utilisation(steady)} (from "
+            f"the log at step {steady['from_step']}, profiled steps left out: kernels compile and tune first)"
+        )
+    busy = t.get("gpu_busy", {})
+    if "fraction" in busy:
+        first, last = busy["steps"]
+        lines.append(
+            f"  GPU busy   {busy['fraction']:.1%} of the wall time (steps {first}-{last}, torch.profiler: kernel "
+            "and copy time over wall time)"
+        )
+    elif busy:
+        lines.append(f"  GPU busy   {busy['not_measured']}")
+    memory = t.get("memory", {})
+    if "peak_reserved_gib" in memory:
+        lines.append(
+            f"  memory     peak {memory['peak_allocated_gib']:.2f} GiB allocated, "
+            f"{memory['peak_reserved_gib']:.2f} GiB reserved (PyTorch's allocator, during training)"
+        )
+    return lines
+
+
 def summary(result: TrainResult, args: MoefuseTrainArguments, source: ModelSource) -> str:
     """The closing message: what was measured, where things are, how to load and serve them."""
     lines = ["", "moefuse train: done"]
@@ -229,19 +317,7 @@ def summary(result: TrainResult, args: MoefuseTrainArguments, source: ModelSourc
             f"  loss       {result.losses[0]:.4f} (first log) -> {result.losses[-1]:.4f} (last log), "
             f"{result.global_step} steps"
         )
-    if result.throughput:
-        t = result.throughput
-        mfu = f", MFU {t['mfu']:.1%}" if "mfu" in t else ""
-        lines.append(
-            f"  throughput {t['tokens_per_second']:.0f} tokens/s on this device{mfu} ({t['tokens']} tokens)"
-        )
-        if "after_first_log" in t:
-            steady = t["after_first_log"]
-            mfu = f", MFU {steady['mfu']:.1%}" if "mfu" in steady else ""
-            lines.append(
-                f"             {steady['tokens_per_second']:.0f} tokens/s after the first log{mfu} (the steady state: "
-                "kernels compile and tune in the first steps)"
-            )
+    lines += _throughput_lines(result.throughput)
     on_moefuse = args.experts_implementation == EXPERTS_IMPLEMENTATION
     if source.config.model_type == "qwen3_moe" and on_moefuse:
         imports, cls, load_kwargs = "import moefuse", "moefuse.Qwen3MoeFusedForCausalLM", ""

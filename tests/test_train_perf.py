@@ -1,0 +1,314 @@
+"""``moefuse train``'s speed and memory keys: the optimizer default, the FLOP count behind MFU, the summary's
+measurements, the loss metrics and packed masks that need no host sync, and the memory savers (issues 21, 25)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers.masking_utils import create_causal_mask
+from transformers.trainer_pt_utils import LayerWiseDummyOptimizer
+
+from moefuse.train import TrainConfigError, run_train
+from moefuse.train import trainer as trainer_module
+from moefuse.train.callbacks import FlopsModel, busy_seconds
+from moefuse.train.run import SUMMARY_FILE
+from moefuse.train.trainer import MoefuseSFTTrainer, packed_causal_mask, packed_sequence_index
+
+FEW_ROWS = ["--max_samples", "48", "--save_steps", "1000"]
+
+
+@pytest.fixture
+def built_optimizers(monkeypatch):
+    """The optimizer each run's Trainer built."""
+    built = []
+    create = MoefuseSFTTrainer.create_optimizer
+
+    def spy(self, model=None):
+        built.append(create(self, model))
+        return built[-1]
+
+    monkeypatch.setattr(MoefuseSFTTrainer, "create_optimizer", spy)
+    return built
+
+
+def test_default_optimizer_is_fused_adamw_and_the_run_says_so(tmp_path, built_optimizers, capsys):
+    run_train(None, [*FEW_ROWS, "--max_steps", "1", "--output_dir", str(tmp_path / "a")])
+    optimizer = built_optimizers[-1]
+    assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["fused"] is True
+    out = capsys.readouterr().out
+    assert "optimizer  adamw_torch_fused: PyTorch's fused AdamW (the default)" in out
+    summary = json.loads((tmp_path / "a" / SUMMARY_FILE).read_text())
+    assert summary["optim"] == "adamw_torch_fused"
+
+    run_train(
+        None, [*FEW_ROWS, "--max_steps", "1", "--optim", "adamw_torch", "--output_dir", str(tmp_path / "b")]
+    )
+    assert type(built_optimizers[-1]) is torch.optim.AdamW and not built_optimizers[-1].defaults["fused"]
+
+
+def test_paged_8bit_adamw_stays_an_option(tmp_path, built_optimizers):
+    bnb = pytest.importorskip("bitsandbytes")
+    result = run_train(
+        None,
+        [*FEW_ROWS, "--max_steps", "4", "--logging_steps", "1", "--optim", "paged_adamw_8bit"]
+        + ["--output_dir", str(tmp_path)],
+    )
+    optimizer = built_optimizers[-1]  # Transformers builds bitsandbytes' AdamW, paged, in 8 bits
+    assert isinstance(optimizer, bnb.optim.AdamW) and optimizer.is_paged and optimizer.args.optim_bits == 8
+    assert result.losses[-1] < result.losses[0]
+
+
+def _tiny_qwen3_moe() -> tuple[Qwen3MoeConfig, Qwen3MoeForCausalLM]:
+    config = Qwen3MoeConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    return config, Qwen3MoeForCausalLM(config)
+
+
+def test_lora_flops_with_and_without_checkpointing_match_a_hand_count():
+    config, model = _tiny_qwen3_moe()
+    h, q, kv, i, r, layers = 32, 4 * 8, 2 * 8, 16, 4, 2
+    attention = h * q + 2 * h * kv + q * h + 2 * 8  # q, k, v, o and the q/k norms
+    experts = 8 * 3 * h * i  # 8 experts; a token meets top-2 of them
+    lora_attention = r * (h + q) + 2 * r * (h + kv) + r * (q + h)  # A [r, in] and B [out, r] of q, k, v, o
+    frozen_layer = attention + 2 * h + 8 * h + experts * 2 / 8  # + norms, router
+    head = h + 100 * h  # final norm, output head; the input embedding is a lookup
+    model = get_peft_model(model, LoraConfig(r=r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    n_layers = layers * (frozen_layer + lora_attention)
+    n = n_layers + head
+    n_trainable = layers * lora_attention
+
+    plain = FlopsModel.of(model, config)
+    assert plain.active_params == pytest.approx(n)
+    assert plain.trainable_active_params == pytest.approx(n_trainable)
+    assert plain.per_token == pytest.approx(
+        4 * n + 2 * n_trainable
+    )  # forward, activation grads, LoRA's grads
+    assert plain.recompute_flops(10, 100) == 0
+    width = layers * q
+    assert plain.flops(10, 100) == pytest.approx((4 * n + 2 * n_trainable) * 10 + 12 * width * 100)
+
+    checkpointed = FlopsModel.of(model, config, checkpointing=True)
+    assert checkpointed.per_token == plain.per_token  # MFU leaves the recompute out
+    # the second forward of each decoder layer: not of the output head
+    assert checkpointed.recompute_per_token == pytest.approx(2 * n_layers)
+    assert checkpointed.recompute_flops(10, 100) == pytest.approx(2 * n_layers * 10 + 4 * width * 100)
+
+
+def test_qwen3_30b_a3b_lora_with_checkpointing_costs_about_23_gflop_a_token():
+    """The issue's figure by count: 48 layers at Qwen3-30B-A3B dims, LoRA r16 on attention and every expert,
+    2048-token sequences, with checkpointing (built on the meta device: nothing allocated)."""
+    from moefuse.bench.configs import BUILTIN_CONFIGS
+    from moefuse.lora import get_peft_model as moefuse_lora
+    from moefuse.models import Qwen3MoeFusedForCausalLM
+
+    fields = dict(BUILTIN_CONFIGS["qwen3-30b-a3b"])
+    fields.pop("model_type")
+    config = Qwen3MoeConfig(**fields)
+    with torch.device("meta"):
+        model = moefuse_lora(Qwen3MoeFusedForCausalLM(config), r=16)
+    flops = FlopsModel.of(model, config, checkpointing=True)
+    per_token = (flops.flops(2048, 2048**2) + flops.recompute_flops(2048, 2048**2)) / 2048
+    assert 21e9 < per_token < 25e9
+    assert 3.0e9 < flops.active_params < 3.6e9  # Qwen3-30B-A3B: "3B active"
+
+
+def test_busy_seconds_counts_overlapping_kernels_once():
+    assert busy_seconds([(0, 2), (1, 3), (5, 6), (5.5, 5.8), (10, 10)]) == pytest.approx(4.0)
+    assert busy_seconds([]) == 0
+
+
+def test_cpu_summary_reports_what_it_measured_and_why_not_the_rest(tmp_path, capsys):
+    result = run_train(
+        None, [*FEW_ROWS, "--max_steps", "6", "--logging_steps", "2", "--output_dir", str(tmp_path)]
+    )
+    totals = json.loads((tmp_path / SUMMARY_FILE).read_text())["throughput"]
+    assert totals == json.loads(json.dumps(result.throughput))
+    steady = totals["after_warmup"]
+    assert steady["from_step"] == 2 and 0 < steady["tokens"] < totals["tokens"]
+    assert "CPU" in totals["gpu_busy"]["not_measured"] and "CPU" in totals["memory"]["not_measured"]
+    assert totals["flops_per_token"]["model"] > 0 and totals["flops_per_token"]["recompute"] == 0
+    out = capsys.readouterr().out
+    assert "tokens/s after warm-up" in out and "GPU busy   not measured: a CPU run" in out
+
+
+def test_throughput_warmup_steps_moves_the_steady_window(tmp_path):
+    result = run_train(
+        None,
+        [*FEW_ROWS, "--max_steps", "6", "--logging_steps", "1", "--throughput_warmup_steps", "3"]
+        + ["--output_dir", str(tmp_path)],
+    )
+    assert result.throughput["after_warmup"]["from_step"] == 3
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--gpu_busy_steps", "3"], "this run is on the CPU"),
+        (["--memory_cap_gib", "20"], "memory_cap_gib: 20.0: the cap is on GPU memory"),
+        (["--step_in_backward", "true", "--max_grad_norm", "1.0"], "set max_grad_norm: 0"),
+        (
+            ["--step_in_backward", "true", "--gradient_accumulation_steps", "2"],
+            "the step runs in every backward",
+        ),
+        (["--offload_activations", "true", "--activation_offloading", "true"], "set one"),
+    ],
+)
+def test_keys_that_cannot_work_here_are_refused(tmp_path, overrides, message):
+    if torch.cuda.is_available() and "CPU" in message.upper():
+        pytest.skip("the refusal is for CPU runs")
+    with pytest.raises(TrainConfigError, match=message.replace("(", r"\(")):
+        run_train(None, [*overrides, "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def _history(run_dir) -> list[dict]:
+    history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+    return [log for log in history if "loss" in log]
+
+
+def test_loss_metrics_kept_on_the_device_are_trls(tmp_path, monkeypatch):
+    """The per-step loss, entropy, token accuracy, auxiliary loss and token count logged from the device once
+    a log are those TRL's own compute_loss logs (which reads them on the host every micro-batch)."""
+    common = [*FEW_ROWS, "--max_steps", "4", "--logging_steps", "2", "--gradient_accumulation_steps", "2"]
+    run_train(None, [*common, "--output_dir", str(tmp_path / "deferred")])
+    monkeypatch.setattr(MoefuseSFTTrainer, "_deferred_metrics_path", lambda *a: False)
+    run_train(None, [*common, "--output_dir", str(tmp_path / "trl")])
+    keys = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "aux_loss", "num_tokens")
+    deferred, trl = _history(tmp_path / "deferred"), _history(tmp_path / "trl")
+    assert len(deferred) == len(trl) == 2
+    for ours, theirs in zip(deferred, trl, strict=True):
+        assert set(keys) <= set(ours)
+        assert {k: ours[k] for k in keys} == pytest.approx({k: theirs[k] for k in keys}, rel=1e-5)
+
+
+def test_packed_mask_is_transformers_own():
+    config, _ = _tiny_qwen3_moe()
+    config._attn_implementation = "sdpa"
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 0]])
+    embeds = torch.zeros(1, 10, 32)
+    expected = create_causal_mask(
+        config=config, inputs_embeds=embeds, attention_mask=None, cache=None, position_ids=position_ids
+    )
+    index = packed_sequence_index({"position_ids": position_ids})
+    assert index.tolist() == [[0, 0, 0, 1, 1, 2, 2, 2, 2, 3]]
+    assert torch.equal(packed_causal_mask(config, index, torch.float32), expected)
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, 3]], dtype=torch.int32)  # TRL's collator, on the CPU
+    assert torch.equal(packed_causal_mask(config, seq_idx, torch.float32), expected)
+    assert packed_sequence_index({"position_ids": position_ids, "attention_mask": torch.ones(1, 10)}) is None
+
+
+def test_packed_rows_train_alike_with_the_prepared_mask(tmp_path, monkeypatch):
+    common = [*FEW_ROWS, "--max_steps", "3", "--logging_steps", "1", "--packing", "true"]
+    built = []
+    make = trainer_module.packed_causal_mask
+    monkeypatch.setattr(trainer_module, "packed_causal_mask", lambda *a: built.append(1) or make(*a))
+    prepared = run_train(None, [*common, "--output_dir", str(tmp_path / "a")])
+    assert built  # the decoder got the mask ready-made
+    monkeypatch.setattr(trainer_module, "takes_prepared_mask", lambda config: False)
+    own = run_train(None, [*common, "--output_dir", str(tmp_path / "b")])
+    assert prepared.losses == pytest.approx(own.losses, rel=1e-5)
+
+
+def _frozen_loss(result) -> float:
+    """The first logged loss: the model before any step (B factors start at zero: the frozen base's loss)."""
+    return result.losses[0]
+
+
+def test_step_in_backward_trains_like_the_usual_step(tmp_path, built_optimizers):
+    common = [*FEW_ROWS, "--max_steps", "6", "--logging_steps", "1"]
+    usual = run_train(None, [*common, "--max_grad_norm", "0", "--output_dir", str(tmp_path / "a")])
+    in_backward = run_train(
+        None, [*common, "--step_in_backward", "true", "--output_dir", str(tmp_path / "b")]
+    )
+    optimizer = built_optimizers[-1]
+    assert isinstance(optimizer, LayerWiseDummyOptimizer)
+    trainable = [p for p in in_backward.model.parameters() if p.requires_grad]
+    assert set(map(id, optimizer.optimizer_dict)) == set(map(id, trainable))
+    assert all(p.grad is None for p in trainable)  # each gradient freed as soon as its step used it
+    assert in_backward.losses == pytest.approx(usual.losses, rel=1e-4)
+    assert in_backward.losses[-1] < _frozen_loss(in_backward) - 0.1
+    # the learning-rate schedule reached the per-tensor optimizers
+    lrs = {o.param_groups[0]["lr"] for o in optimizer.optimizer_dict.values()}
+    assert len(lrs) == 1 and lrs.pop() == pytest.approx(3e-3)
+
+
+def test_offload_activations_moves_saved_tensors_and_trains_alike(tmp_path, monkeypatch):
+    packed = []
+
+    class CountingSaveOnCpu(torch.autograd.graph.saved_tensors_hooks):
+        def __init__(self, pin_memory: bool):
+            super().__init__(lambda t: packed.append(1) or t.to("cpu"), lambda t: t)
+
+    common = [*FEW_ROWS, "--max_steps", "4", "--logging_steps", "1"]
+    plain = run_train(None, [*common, "--output_dir", str(tmp_path / "a")])
+    monkeypatch.setattr(trainer_module, "save_on_cpu", CountingSaveOnCpu)
+    offloaded = run_train(
+        None, [*common, "--offload_activations", "true", "--output_dir", str(tmp_path / "b")]
+    )
+    assert len(packed) > 100  # every tensor saved for the backward
+    assert offloaded.losses == pytest.approx(plain.losses, rel=1e-5)
+    assert offloaded.losses[-1] < _frozen_loss(offloaded)
+
+
+def test_all_savers_together_with_checkpointing_still_train(tmp_path, capsys):
+    result = run_train(
+        None,
+        [*FEW_ROWS, "--max_steps", "6", "--logging_steps", "1", "--step_in_backward", "true"]
+        + [
+            "--offload_activations",
+            "true",
+            "--gradient_checkpointing",
+            "true",
+            "--output_dir",
+            str(tmp_path),
+        ],
+    )
+    assert result.losses[-1] < _frozen_loss(result) - 0.1
+    out = capsys.readouterr().out
+    assert "gradient checkpointing, optimizer step in backward, activations offloaded to CPU" in out
+    assert result.throughput["flops_per_token"]["recompute"] > 0
+
+
+@pytest.mark.gpu
+def test_a_step_after_warmup_never_waits_for_the_gpu(tmp_path, monkeypatch):
+    """A few steps of the tiny built-in model on packed rows, then one whole step (forward, backward, clipping,
+    optimizer, scheduler, callbacks) under torch.cuda.set_sync_debug_mode("error"): any host sync raises, with
+    its stack."""
+    from transformers import TrainerCallback
+
+    checked = []
+
+    class SyncFreeStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 6:
+                torch.cuda.set_sync_debug_mode(0)
+                checked.append(state.global_step)
+
+    original = MoefuseSFTTrainer.__init__
+
+    def with_check(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.add_callback(SyncFreeStep())
+
+    monkeypatch.setattr(MoefuseSFTTrainer, "__init__", with_check)
+    try:
+        run_train(
+            None,
+            [*FEW_ROWS, "--max_steps", "8", "--logging_steps", "4", "--packing", "true"]
+            + ["--gpu_busy_steps", "0", "--output_dir", str(tmp_path)],
+        )
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert checked == [6]
