@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -58,14 +60,157 @@ def test_fast_launch_off_goes_through_the_autotuner(autotuner_calls, monkeypatch
     assert len(autotuner_calls) == 2
 
 
-def test_unknown_constexpr_is_refused(autotuner_calls):
-    """A compiled launch refuses a keyword the kernel does not take and Triton's interpreter ignores it: the
-    launcher refuses it on every backend, so the CPU tests catch a launcher passing a stale flag."""
+def _grouped_gemm_arguments(monkeypatch) -> dict:
+    """The keyword arguments grouped_gemm launches its kernel with (recorded, then launched as usual)."""
+    recorded = {}
+
+    def record(kernel, grid, /, **arguments):
+        recorded.update(arguments)
+        launch_module.launch(kernel, grid, **arguments)
+
+    monkeypatch.setattr(triton_gemm, "launch", record)
     a, w, m_sizes = randn(4, 16, dtype=torch.float32), randn(2, 24, 16, dtype=torch.float32), _m([1, 3])
     with use_backend("triton"):
-        triton_gemm.grouped_gemm(a, w, m_sizes)  # known arguments pass
-        with pytest.raises(TypeError, match="grouped_gemm_kernel has no parameter NOT_A_FLAG"):
-            launch_module.launch(kernels.grouped_gemm_kernel, lambda meta: (1,), NOT_A_FLAG=True)
+        triton_gemm.grouped_gemm(a, w, m_sizes)
+    return recorded
+
+
+def test_unknown_or_missing_keyword_is_refused(autotuner_calls, monkeypatch):
+    """A compiled launch refuses a keyword the kernel does not take and Triton's interpreter ignores it: the
+    launcher refuses unknown and missing names on every backend, naming the kernel, so the CPU tests catch a
+    launcher passing a stale flag or forgetting an argument."""
+    arguments = _grouped_gemm_arguments(monkeypatch)  # the known arguments pass
+    kernel, grid = kernels.grouped_gemm_kernel, lambda meta: (1,)
+    with pytest.raises(TypeError, match="grouped_gemm_kernel has no parameter NOT_A_FLAG"):
+        launch_module.launch(kernel, grid, **arguments, NOT_A_FLAG=True)
+    with pytest.raises(TypeError, match="grouped_gemm_kernel: BLOCK_M set by its autotuner configs"):
+        launch_module.launch(kernel, grid, **arguments, BLOCK_M=16)
+    for missing in (["a_ptr"], ["lora_rank", "stride_bk", "LORA_R"]):  # in parameter order
+        partial = {name: value for name, value in arguments.items() if name not in missing}
+        with pytest.raises(TypeError, match=f"grouped_gemm_kernel: missing argument {', '.join(missing)}$"):
+            launch_module.launch(kernel, grid, **partial)
+
+
+def test_constexprs_must_come_last():
+    """The fast path passes the runtime arguments, then the constexprs: a kernel that mixes them is refused."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def mixed_kernel(x_ptr, BLOCK: tl.constexpr, n):
+        pass
+
+    with pytest.raises(
+        TypeError, match="mixed_kernel: launch\\(\\) takes kernels whose constexpr parameters"
+    ):
+        launch_module.launch(mixed_kernel, lambda meta: (1,), x_ptr=None, BLOCK=1, n=1)
+
+
+class _Compiled:
+    """A compiled kernel's stand-in on the CPU: ``run`` takes every parameter in order after the launch's own
+    arguments, as the compiled launcher does, and runs them through Triton's interpreter, so a wrong order gives
+    wrong results."""
+
+    function = packed_metadata = None
+
+    def __init__(self, interpreted, launches: dict):
+        self.interpreted, self.launches = interpreted, launches
+
+    def run(self, grid_x, grid_y, grid_z, stream, function, metadata, launch_metadata, enter, exit, *params):
+        self.launches["direct"] += 1
+        self.interpreted[(grid_x, grid_y, grid_z)](*params)
+
+
+class _Binder:
+    """The JIT function's binder (``jit[grid](*args, **meta)``), counted; it returns a :class:`_Compiled`."""
+
+    def __init__(self, interpreted, launches: dict):
+        self.interpreted, self.launches = interpreted, launches
+
+    def __getitem__(self, grid):
+        def bind(*args, **meta):
+            self.launches["binder"] += 1
+            self.interpreted[grid](*args, **meta)
+            return _Compiled(self.interpreted, self.launches)
+
+        return bind
+
+
+@pytest.fixture
+def compiled_launches(monkeypatch):
+    """Launches as on a GPU, on the CPU: the fast path is on (it is off under the interpreter, which compiles
+    nothing), each launcher's JIT function is a counted :class:`_Binder`, the driver a stand-in."""
+    launches = {"binder": 0, "direct": 0}
+
+    class Launcher(launch_module._Launcher):
+        def __init__(self, kernel):
+            super().__init__(kernel)
+            self.jit = _Binder(self.jit, launches)
+
+    active = SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda device: None)
+    monkeypatch.setattr(launch_module, "_COMPILED", True)
+    monkeypatch.setattr(launch_module, "driver", SimpleNamespace(active=active))
+    monkeypatch.setattr(launch_module, "_Launcher", Launcher)
+    return launches
+
+
+def test_keyword_launch_takes_the_fast_path(autotuner_calls, compiled_launches):
+    """By keyword, a launch with the same arguments finds its compiled kernel: the autotuner is asked on the first
+    call of a key, the binder on the second, and from the third on the kernel is launched directly, with every
+    parameter in order (checked by the results). Another N is another key."""
+    expected = [(1, 0, 0), (1, 1, 0), (1, 1, 1), (1, 1, 2)]
+    for autotuned, binder, direct in expected:
+        out, ref = _gemm([3, 0, 5], 24, 16)
+        assert_close(out, ref, torch.float32)
+        assert (len(autotuner_calls), compiled_launches["binder"], compiled_launches["direct"]) == (
+            autotuned,
+            binder,
+            direct,
+        )
+    assert len(launch_module._launchers[id(kernels.grouped_gemm_kernel)].compiled) == 1
+    out, ref = _gemm([3, 0, 5], 40, 16)
+    assert_close(out, ref, torch.float32, "new N")
+    assert (len(autotuner_calls), compiled_launches["binder"]) == (2, 1)
+    # Only a constexpr differs (SCALE_ROWS; the stand-in for an absent scale has the scale's dtype): the
+    # autotuner's choice holds (not in its key), the binder compiles another kernel.
+    a, w = randn(8, 16, dtype=torch.float32), randn(3, 24, 16, dtype=torch.float32)
+    scale = randn(8, dtype=torch.float32)
+    with use_backend("triton"):
+        out = triton_gemm.grouped_gemm(a, w, _m([3, 0, 5]), row_scale=scale)
+    ref = torch.einsum("rk,rnk->rn", a.double(), w.double()[group_ids([3, 0, 5]).to(DEVICE)])
+    assert_close(out, ref * scale.double()[:, None], torch.float32, "scaled rows")
+    assert (len(autotuner_calls), compiled_launches["binder"]) == (2, 2)
+
+
+def test_keyword_order_does_not_split_the_cache(compiled_launches, monkeypatch):
+    """The compiled-kernel key is built in parameter order, whatever order the caller names them in: a plain JIT
+    kernel is bound on its first call and launched directly after, the arguments reversed included."""
+    recorded = {}
+
+    def record(kernel, grid, /, **arguments):
+        recorded.update(arguments, grid=grid)
+        launch_module.launch(kernel, grid, **arguments)
+
+    monkeypatch.setattr(launch_module, "_launchers", {})
+    monkeypatch.setattr(triton_gemm, "launch", record)
+    rows, inter = 5, 12
+    g, gate_up, scale = (
+        randn(rows, inter, dtype=torch.float32),
+        randn(rows, 2 * inter, dtype=torch.float32),
+        randn(rows, dtype=torch.float32),
+    )
+    first = triton_gemm.swiglu_backward_rows(g, gate_up, scale)
+    again = triton_gemm.swiglu_backward_rows(g, gate_up, scale)
+    assert (compiled_launches["binder"], compiled_launches["direct"]) == (1, 1)
+    for value, ref in zip(again, first, strict=True):
+        assert torch.equal(value, ref)
+    grid = recorded.pop("grid")
+    recorded["d_gate_up_ptr"] = torch.empty_like(gate_up)
+    launch_module.launch(kernels.swiglu_backward_rows_kernel, grid, **dict(reversed(recorded.items())))
+    assert (compiled_launches["binder"], compiled_launches["direct"]) == (1, 2)
+    assert torch.equal(recorded["d_gate_up_ptr"], first[0])
+    compiled = launch_module._launchers[id(kernels.swiglu_backward_rows_kernel)].compiled
+    assert len(compiled) == 1
 
 
 @pytest.mark.gpu

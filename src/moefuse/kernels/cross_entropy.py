@@ -25,15 +25,21 @@ def _row(logits_ptr, target_ptr, stride_row, ignore_index):
 
 @triton.jit
 def cross_entropy_forward_kernel(
-    logits_ptr,
-    target_ptr,
-    loss_ptr,
-    lse_ptr,
-    V,
+    # Pointers
+    logits_ptr,  # [rows, V], unit column stride
+    target_ptr,  # [rows] integer
+    loss_ptr,  # [rows] fp32 out
+    lse_ptr,  # [rows] fp32 out: logsumexp of each row, for backward
+    # Dimensions
+    V,  # the vocabulary
+    # Strides
     stride_row,
-    ignore_index,
-    BLOCK_V: tl.constexpr,
+    # Scalars
+    ignore_index,  # the target of a row that adds no loss
+    # Metadata
+    BLOCK_V: tl.constexpr,  # columns per step
 ):
+    """``loss[r] = logsumexp(x[r]) - x[r, target[r]]`` (0 where ``target[r] == ignore_index``), one row a program."""
     row, row_ptr, target, valid = _row(logits_ptr, target_ptr, stride_row, ignore_index)
     cols = tl.arange(0, BLOCK_V)
     # Per lane: the running maximum and the sum of exp(x - maximum). Lanes that have seen only -inf (the tail
@@ -59,18 +65,24 @@ def cross_entropy_forward_kernel(
 
 @triton.jit
 def cross_entropy_backward_kernel(
-    logits_ptr,
-    target_ptr,
-    lse_ptr,
-    grad_loss_ptr,
-    grad_ptr,
-    V,
+    # Pointers
+    logits_ptr,  # [rows, V], unit column stride
+    target_ptr,  # [rows] integer
+    lse_ptr,  # [rows] fp32: the forward's
+    grad_loss_ptr,  # [rows] the loss's gradient, any stride
+    grad_ptr,  # [rows, V] out, unit column stride
+    # Dimensions
+    V,  # the vocabulary
+    # Strides
     stride_row,
     stride_grad_row,
     stride_grad_loss,
-    ignore_index,
-    BLOCK_V: tl.constexpr,
+    # Scalars
+    ignore_index,  # the target of a row that adds no loss
+    # Metadata
+    BLOCK_V: tl.constexpr,  # columns per step
 ):
+    """``dx[r] = (softmax(x[r]) - onehot(target[r])) * dloss[r]`` (0 where ignored), one row a program."""
     row, row_ptr, target, valid = _row(logits_ptr, target_ptr, stride_row, ignore_index)
     grad_row_ptr = grad_ptr + row.to(tl.int64) * stride_grad_row
     lse = tl.load(lse_ptr + row)

@@ -9,13 +9,17 @@ The activations need not be in grouped order: a kernel can gather its input rows
 (``token_index[r]``: the token of grouped row ``r``) and scatter its output rows through another, so the
 permuted copy of the hidden states is never materialised.
 
+Shapes in the kernels' parameter lists: ``E`` experts, ``R`` grouped rows (``m_sizes``' sum), ``T`` rows of an
+operand read or written through an index (tokens), ``N`` and ``K`` a weight's output and input sizes.
+
 - :func:`grouped_gemm_kernel`: ``C[c_row(r)] = scale[r] * A[a_row(r)] @ B[e]ᵀ``.
 - :func:`gate_up_swiglu_kernel`: the gate/up projection with SwiGLU in its epilogue.
 - :func:`swiglu_backward_rows_kernel`: SwiGLU's backward and the routing weights' gradient, row by row, from the
   down projection's input gradient (a plain grouped GEMM).
 - :func:`grouped_weight_grad_kernel`: ``dW[e] = (scale * A[a_row(rows of e)])ᵀ @ B[b_row(rows of e)]``.
 
-The launchers and the autograd live in :mod:`moefuse.ops.triton_gemm`.
+The launchers and the autograd live in :mod:`moefuse.ops.triton_gemm`. They launch by keyword
+(:func:`moefuse.ops.launch.launch`): parameters may move, as long as the constexprs stay last.
 """
 
 from __future__ import annotations
@@ -44,9 +48,8 @@ def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -
 # the winners of a wider sweep at 4k and 16k tokens on Hopper (docs/measurements.md).
 TILE_CONFIGS = [
     _config(128, 128, 64, 8, 3),  # first: fits every kernel, so it is the one taken without tuning
-    _config(
-        128, 256, 64, 8, 4
-    ),  # too much shared memory for gate/up's two weight tiles: tuning skips it there
+    # Too much shared memory for gate/up's two weight tiles: tuning skips it there.
+    _config(128, 256, 64, 8, 4),
     _config(128, 128, 64, 8, 4),
     _config(64, 128, 64, 4, 4),
     _config(64, 64, 64, 4, 4),
@@ -156,6 +159,20 @@ def _expert_tile(pid, m_sizes_ptr, num_experts, num_n_tiles, BLOCK_M: tl.constex
 
 
 @triton.jit
+def _row_tile(
+    m_sizes_ptr, num_experts, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, E_POW2: tl.constexpr
+):
+    """This program's tile of a row-tiled kernel (:func:`_expert_tile`): ``(expert, rows, row_mask, cols,
+    col_mask)``, ``BLOCK_M`` grouped rows by ``BLOCK_N`` of ``N`` columns."""
+    expert, row0, row_end, pid_n = _expert_tile(
+        tl.program_id(0), m_sizes_ptr, num_experts, (N + BLOCK_N - 1) // BLOCK_N, BLOCK_M, E_POW2
+    )
+    rows = row0 + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return expert, rows, rows < row_end, cols, cols < N
+
+
+@triton.jit
 def _row_offsets(index_ptr, rows, row_mask, GATHER: tl.constexpr):
     """int64 offsets of the rows a tile reads: ``index[rows]`` when gathering, else the grouped rows."""
     if GATHER:
@@ -164,7 +181,7 @@ def _row_offsets(index_ptr, rows, row_mask, GATHER: tl.constexpr):
 
 
 @triton.jit
-def _matmul_tile(
+def _row_products(
     a_ptr,
     a_rows,
     row_mask,
@@ -175,30 +192,43 @@ def _matmul_tile(
     n_mask,
     stride_bn,
     stride_bk,
+    second_n,
     K,
+    PAIR: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    """``sum_k A[a_rows, k] * B[offs_n, k]`` as an fp32 ``[BLOCK_M, BLOCK_N]`` tile (``b_ptr``: this expert's ``B``)."""
+    """``(A[a_rows] @ B[offs_n]ᵀ, A[a_rows] @ B[second_n + offs_n]ᵀ)`` as fp32 ``[BLOCK_M, BLOCK_N]`` tiles
+    (``b_ptr``: this expert's ``B``). The second product only with ``PAIR`` (else zeros), from the same loads of
+    ``A``: gate/up's two halves."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    b2_ptrs = b_ptrs + second_n * stride_bn
+    first = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    second = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
         if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
+            a_mask = row_mask[:, None]
+            b_mask = n_mask[None, :]
         else:
             k_mask = offs_k < K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            a_mask = row_mask[:, None] & k_mask[None, :]
+            b_mask = k_mask[:, None] & n_mask[None, :]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+        if PAIR:
+            b2 = tl.load(b2_ptrs, mask=b_mask, other=0.0)
+        first = tl.dot(a, b, first, input_precision=PRECISION)
+        if PAIR:
+            second = tl.dot(a, b2, second, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-    return acc
+        b2_ptrs += BLOCK_K * stride_bk
+    return first, second
 
 
 @triton.jit
@@ -240,48 +270,94 @@ def _lora_term(
     return tl.dot(t, b, acc, input_precision=PRECISION)
 
 
+@triton.autotune(
+    configs=_configs(TILE_CONFIGS),
+    key=["N", "K", "ROWS_PER_EXPERT", "GATHER_A", "SCATTER_C", "HAS_LORA"],
+    prune_configs_by=_prune("N", "K", "b_ptr"),
+    cache_results=True,  # tuned configs persist in Triton's cache: a second run does not tune again
+)
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
-def _gate_up_lora_terms(
-    gate,
-    up,
-    lora,
-    lora_strides,
-    expert,
-    rows,
-    offs_n,
-    row_mask,
-    n_mask,
+def grouped_gemm_kernel(
+    # Pointers
+    a_ptr,  # [R, K] in grouped order, or [T, K] read through a_index
+    b_ptr,  # [E, N, K], any strides
+    c_ptr,  # [R, N] in grouped order, or [T, N] written through c_index
+    m_sizes_ptr,  # [E] rows per expert; R = their sum
+    a_index_ptr,  # [R] a's row of each grouped row (GATHER_A; else never read)
+    c_index_ptr,  # [R] c's row of each grouped row (SCATTER_C; else never read)
+    scale_ptr,  # [R] each grouped row's factor (SCALE_ROWS; else never read)
+    lora_t_ptr,  # [R, lora_rank] (HAS_LORA; else never read)
+    lora_b_ptr,  # [E, N, lora_rank], any strides (HAS_LORA; else never read)
+    lora_mask_ptr,  # [R, N] (LORA_MASK; else never read)
+    # Dimensions
     N,
-    LORA_MASK: tl.constexpr,
-    LORA_R: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """The LoRA term of a gate/up tile: ``B`` is ``[E, 2N, r]``, gate rows then up rows (see :func:`_lora_term`)."""
-    gate = _lora_term(
-        gate, lora, lora_strides, expert, rows, offs_n, row_mask, n_mask, LORA_MASK, LORA_R, PRECISION
-    )
-    up = _lora_term(
-        up, lora, lora_strides, expert, rows, N + offs_n, row_mask, n_mask, LORA_MASK, LORA_R, PRECISION
-    )
-    return gate, up
-
-
-@triton.jit
-def _rows_epilogue(
-    acc,
-    c_ptr,
-    c_index_ptr,
-    scale_ptr,
-    rows,
-    offs_n,
-    row_mask,
-    n_mask,
+    K,
+    num_experts,  # E
+    ROWS_PER_EXPERT,  # R / E as a power of two: a tuning key, not read by the kernel
+    lora_rank,
+    # Strides
+    stride_am,
+    stride_ak,
+    stride_be,
+    stride_bn,
+    stride_bk,
     stride_cm,
     stride_cn,
-    SCATTER_C: tl.constexpr,
-    SCALE_ROWS: tl.constexpr,
+    stride_ltm,  # lora_t's rows (its columns: unit stride)
+    stride_lbe,
+    stride_lbn,
+    stride_lbr,
+    stride_lmm,  # lora_mask's rows (its columns: unit stride)
+    # Metadata
+    GATHER_A: tl.constexpr,  # a's rows through a_index
+    SCATTER_C: tl.constexpr,  # c's rows through c_index
+    SCALE_ROWS: tl.constexpr,  # each row times scale
+    HAS_LORA: tl.constexpr,  # the LoRA term joins the product
+    LORA_MASK: tl.constexpr,  # the LoRA term times lora_mask
+    LORA_R: tl.constexpr,  # lora_rank's block: a power of two, at least 16
+    PRECISION: tl.constexpr,  # tl.dot's input precision ("ieee" or "tf32")
+    E_POW2: tl.constexpr,  # num_experts' block: a power of two, at least 16
+    BLOCK_M: tl.constexpr,  # tile (autotuned)
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K mask (heuristic)
 ):
-    """``C[c_row(r), n] = scale[r] * acc``: the grouped GEMM's epilogue."""
+    """``C[c_row(r)] = scale[r] * (A[a_row(r)] @ B[e(r)]ᵀ + T[r] @ LB[e(r)]ᵀ)`` over grouped rows ``r``.
+
+    ``e(r)`` is the expert owning row ``r``; the LoRA term ``T @ LBᵀ`` (``HAS_LORA``, times a mask with
+    ``LORA_MASK``; :func:`_lora_term`) and the scale are optional.
+    """
+    expert, rows, row_mask, offs_n, n_mask = _row_tile(m_sizes_ptr, num_experts, N, BLOCK_M, BLOCK_N, E_POW2)
+    if expert >= num_experts:
+        return
+    a_rows = _row_offsets(a_index_ptr, rows, row_mask, GATHER_A)
+    acc, _ = _row_products(
+        a_ptr,
+        a_rows,
+        row_mask,
+        stride_am,
+        stride_ak,
+        b_ptr + expert.to(tl.int64) * stride_be,
+        offs_n,
+        n_mask,
+        stride_bn,
+        stride_bk,
+        0,
+        K,
+        False,
+        PRECISION,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        EVEN_K,
+    )
+    if HAS_LORA:
+        lora = (lora_t_ptr, lora_b_ptr, lora_mask_ptr, lora_rank)
+        lora_strides = (stride_ltm, stride_lbe, stride_lbn, stride_lbr, stride_lmm)
+        acc = _lora_term(
+            acc, lora, lora_strides, expert, rows, offs_n, row_mask, n_mask, LORA_MASK, LORA_R, PRECISION
+        )
     if SCALE_ROWS:
         acc = acc * tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     c_rows = _row_offsets(c_index_ptr, rows, row_mask, SCATTER_C)
@@ -289,27 +365,98 @@ def _rows_epilogue(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
 
+@triton.autotune(
+    configs=_configs(TILE_CONFIGS),
+    key=["N", "K", "ROWS_PER_EXPERT", "STORE_GATE_UP", "HAS_LORA"],
+    prune_configs_by=_prune("N", "K", "w_ptr", weight_tiles=2),
+    cache_results=True,  # tuned configs persist in Triton's cache: a second run does not tune again
+)
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
-def _swiglu_epilogue(
-    gate,
-    up,
-    gate_up_ptr,
-    h_ptr,
-    scale_ptr,
-    rows,
-    offs_n,
-    row_mask,
-    n_mask,
-    N,
-    stride_gm,
+def gate_up_swiglu_kernel(
+    # Pointers
+    x_ptr,  # [T, K] read through x_index
+    w_ptr,  # [E, 2N, K]: gate rows, then up rows; any strides
+    gate_up_ptr,  # [R, 2N] pre-activations, for backward (STORE_GATE_UP; else never written)
+    h_ptr,  # [R, N] silu(gate) * up
+    scale_ptr,  # [R] each grouped row's factor on h (SCALE_H; else never read)
+    m_sizes_ptr,  # [E] rows per expert; R = their sum
+    x_index_ptr,  # [R] x's row (token) of each grouped row
+    lora_t_ptr,  # [R, lora_rank] (HAS_LORA; else never read)
+    lora_b_ptr,  # [E, 2N, lora_rank], gate rows then up rows, any strides (HAS_LORA; else never read)
+    lora_mask_ptr,  # [R, 2N] (LORA_MASK; else never read)
+    # Dimensions
+    N,  # the intermediate size: half of w's rows
+    K,  # the hidden size
+    num_experts,  # E
+    ROWS_PER_EXPERT,  # R / E as a power of two: a tuning key, not read by the kernel
+    lora_rank,
+    # Strides
+    stride_xm,
+    stride_xk,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_gm,  # gate_up's
     stride_gn,
     stride_hm,
     stride_hn,
-    STORE_GATE_UP: tl.constexpr,
-    SCALE_H: tl.constexpr,
+    stride_ltm,  # lora_t's rows (its columns: unit stride)
+    stride_lbe,
+    stride_lbn,
+    stride_lbr,
+    stride_lmm,  # lora_mask's rows (its columns: unit stride)
+    # Metadata
+    STORE_GATE_UP: tl.constexpr,  # write gate_up
+    SCALE_H: tl.constexpr,  # h's rows times scale
+    HAS_LORA: tl.constexpr,  # the LoRA term joins the pre-activations
+    LORA_MASK: tl.constexpr,  # the LoRA term times lora_mask
+    LORA_R: tl.constexpr,  # lora_rank's block: a power of two, at least 16
+    PRECISION: tl.constexpr,  # tl.dot's input precision ("ieee" or "tf32")
+    E_POW2: tl.constexpr,  # num_experts' block: a power of two, at least 16
+    BLOCK_M: tl.constexpr,  # tile (autotuned)
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K mask (heuristic)
 ):
-    """``h = silu(gate) * up`` from the two accumulators (times ``scale[r]`` when ``SCALE_H``): the gate/up
-    kernels' epilogue. The pre-activations are written to ``gate_up [rows, 2N]`` when ``STORE_GATE_UP``."""
+    """``h[r] = scale[r] * silu(gate) * up`` with ``[gate, up] = X[x_row(r)] @ W[e(r)]ᵀ + T[r] @ LB[e(r)]ᵀ``.
+
+    One program computes a column tile of both halves from the same loaded rows of ``X``. The LoRA term
+    (``HAS_LORA``) joins the pre-activations, which are written to ``gate_up`` with ``STORE_GATE_UP``.
+    """
+    expert, rows, row_mask, offs_n, n_mask = _row_tile(m_sizes_ptr, num_experts, N, BLOCK_M, BLOCK_N, E_POW2)
+    if expert >= num_experts:
+        return
+    x_rows = _row_offsets(x_index_ptr, rows, row_mask, True)
+    gate, up = _row_products(
+        x_ptr,
+        x_rows,
+        row_mask,
+        stride_xm,
+        stride_xk,
+        w_ptr + expert.to(tl.int64) * stride_we,
+        offs_n,
+        n_mask,
+        stride_wn,
+        stride_wk,
+        N,  # up's rows follow gate's
+        K,
+        True,
+        PRECISION,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        EVEN_K,
+    )
+    if HAS_LORA:
+        lora = (lora_t_ptr, lora_b_ptr, lora_mask_ptr, lora_rank)
+        lora_strides = (stride_ltm, stride_lbe, stride_lbn, stride_lbr, stride_lmm)
+        gate = _lora_term(
+            gate, lora, lora_strides, expert, rows, offs_n, row_mask, n_mask, LORA_MASK, LORA_R, PRECISION
+        )
+        up = _lora_term(
+            up, lora, lora_strides, expert, rows, N + offs_n, row_mask, n_mask, LORA_MASK, LORA_R, PRECISION
+        )
     mask = row_mask[:, None] & n_mask[None, :]
     out_type = h_ptr.dtype.element_ty
     if STORE_GATE_UP:
@@ -327,237 +474,6 @@ def _swiglu_epilogue(
 
 
 @triton.autotune(
-    configs=_configs(TILE_CONFIGS),
-    key=["N", "K", "ROWS_PER_EXPERT", "GATHER_A", "SCATTER_C", "HAS_LORA"],
-    prune_configs_by=_prune("N", "K", "b_ptr"),
-    cache_results=True,  # tuned configs persist in Triton's cache: a second run does not tune again
-)
-@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
-@triton.jit
-def grouped_gemm_kernel(
-    a_ptr,
-    b_ptr,
-    c_ptr,
-    m_sizes_ptr,
-    a_index_ptr,
-    c_index_ptr,
-    scale_ptr,
-    lora_t_ptr,
-    lora_b_ptr,
-    lora_mask_ptr,
-    N,
-    K,
-    num_experts,
-    ROWS_PER_EXPERT,
-    lora_rank,
-    stride_am,
-    stride_ak,
-    stride_be,
-    stride_bn,
-    stride_bk,
-    stride_cm,
-    stride_cn,
-    stride_ltm,
-    stride_lbe,
-    stride_lbn,
-    stride_lbr,
-    stride_lmm,
-    GATHER_A: tl.constexpr,
-    SCATTER_C: tl.constexpr,
-    SCALE_ROWS: tl.constexpr,
-    HAS_LORA: tl.constexpr,
-    LORA_MASK: tl.constexpr,
-    LORA_R: tl.constexpr,
-    PRECISION: tl.constexpr,
-    E_POW2: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr,
-):
-    """``C[c_row(r), n] = scale[r] * (sum_k A[a_row(r), k] * B[e(r), n, k] + LoRA[r, n])`` over grouped rows
-    ``r``; the LoRA term (``HAS_LORA``, see :func:`_lora_term`) is ``T[r] @ LB[e(r), n]ᵀ`` (times a mask).
-    """
-    pid = tl.program_id(0)
-    expert, row0, row_end, pid_n = _expert_tile(
-        pid, m_sizes_ptr, num_experts, (N + BLOCK_N - 1) // BLOCK_N, BLOCK_M, E_POW2
-    )
-    if expert >= num_experts:
-        return
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    a_rows = _row_offsets(a_index_ptr, rows, row_mask, GATHER_A)
-    acc = _matmul_tile(
-        a_ptr,
-        a_rows,
-        row_mask,
-        stride_am,
-        stride_ak,
-        b_ptr + expert.to(tl.int64) * stride_be,
-        offs_n,
-        n_mask,
-        stride_bn,
-        stride_bk,
-        K,
-        PRECISION,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_K,
-        EVEN_K,
-    )
-    if HAS_LORA:
-        lora = (lora_t_ptr, lora_b_ptr, lora_mask_ptr, lora_rank)
-        lora_strides = (stride_ltm, stride_lbe, stride_lbn, stride_lbr, stride_lmm)
-        acc = _lora_term(
-            acc, lora, lora_strides, expert, rows, offs_n, row_mask, n_mask, LORA_MASK, LORA_R, PRECISION
-        )
-    _rows_epilogue(
-        acc,
-        c_ptr,
-        c_index_ptr,
-        scale_ptr,
-        rows,
-        offs_n,
-        row_mask,
-        n_mask,
-        stride_cm,
-        stride_cn,
-        SCATTER_C,
-        SCALE_ROWS,
-    )
-
-
-@triton.autotune(
-    configs=_configs(TILE_CONFIGS),
-    key=["N", "K", "ROWS_PER_EXPERT", "STORE_GATE_UP", "HAS_LORA"],
-    prune_configs_by=_prune("N", "K", "w_ptr", weight_tiles=2),
-    cache_results=True,  # tuned configs persist in Triton's cache: a second run does not tune again
-)
-@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
-@triton.jit
-def gate_up_swiglu_kernel(
-    x_ptr,
-    w_ptr,
-    gate_up_ptr,
-    h_ptr,
-    scale_ptr,
-    m_sizes_ptr,
-    x_index_ptr,
-    lora_t_ptr,
-    lora_b_ptr,
-    lora_mask_ptr,
-    N,
-    K,
-    num_experts,
-    ROWS_PER_EXPERT,
-    lora_rank,
-    stride_xm,
-    stride_xk,
-    stride_we,
-    stride_wn,
-    stride_wk,
-    stride_gm,
-    stride_gn,
-    stride_hm,
-    stride_hn,
-    stride_ltm,
-    stride_lbe,
-    stride_lbn,
-    stride_lbr,
-    stride_lmm,
-    STORE_GATE_UP: tl.constexpr,
-    SCALE_H: tl.constexpr,
-    HAS_LORA: tl.constexpr,
-    LORA_MASK: tl.constexpr,
-    LORA_R: tl.constexpr,
-    PRECISION: tl.constexpr,
-    E_POW2: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr,
-):
-    """``h = silu(gate) * up`` with ``gate = X[x_row(r)] @ W[e, :N]ᵀ`` and ``up = X[x_row(r)] @ W[e, N:]ᵀ``.
-
-    ``W`` is ``[E, 2N, K]`` (gate rows, then up rows); one program computes a column tile of both halves from
-    the same loaded rows of ``X``. A LoRA term (``HAS_LORA``: ``T [rows, r]`` by ``LB [E, 2N, r]``, gate rows then
-    up rows) joins the pre-activations, and ``gate_up [rows, 2N]`` (the pre-activations, for backward) is
-    written when ``STORE_GATE_UP``.
-    """
-    pid = tl.program_id(0)
-    expert, row0, row_end, pid_n = _expert_tile(
-        pid, m_sizes_ptr, num_experts, (N + BLOCK_N - 1) // BLOCK_N, BLOCK_M, E_POW2
-    )
-    if expert >= num_experts:
-        return
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    x_rows = _row_offsets(x_index_ptr, rows, row_mask, True)
-    x_ptrs = x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    gate_ptrs = (
-        w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
-    )
-    up_ptrs = gate_ptrs + N * stride_wn
-
-    gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
-        if EVEN_K:
-            x = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
-            w_gate = tl.load(gate_ptrs, mask=n_mask[None, :], other=0.0)
-            w_up = tl.load(up_ptrs, mask=n_mask[None, :], other=0.0)
-        else:
-            k_mask = offs_k < K - k * BLOCK_K
-            x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w_gate = tl.load(gate_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            w_up = tl.load(up_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        gate = tl.dot(x, w_gate, gate, input_precision=PRECISION)
-        up = tl.dot(x, w_up, up, input_precision=PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        gate_ptrs += BLOCK_K * stride_wk
-        up_ptrs += BLOCK_K * stride_wk
-    if HAS_LORA:
-        gate, up = _gate_up_lora_terms(
-            gate,
-            up,
-            (lora_t_ptr, lora_b_ptr, lora_mask_ptr, lora_rank),
-            (stride_ltm, stride_lbe, stride_lbn, stride_lbr, stride_lmm),
-            expert,
-            rows,
-            offs_n,
-            row_mask,
-            n_mask,
-            N,
-            LORA_MASK,
-            LORA_R,
-            PRECISION,
-        )
-    _swiglu_epilogue(
-        gate,
-        up,
-        gate_up_ptr,
-        h_ptr,
-        scale_ptr,
-        rows,
-        offs_n,
-        row_mask,
-        n_mask,
-        N,
-        stride_gm,
-        stride_gn,
-        stride_hm,
-        stride_hn,
-        STORE_GATE_UP,
-        SCALE_H,
-    )
-
-
-@triton.autotune(
     configs=_configs(WEIGHT_GRAD_CONFIGS),
     key=["N", "K", "ROWS_PER_EXPERT", "GATHER_A", "GATHER_B", "SCALE_ROWS"],
     prune_configs_by=_prune("N", "K", "a_ptr", weight_grad=True),
@@ -565,17 +481,20 @@ def gate_up_swiglu_kernel(
 )
 @triton.jit
 def grouped_weight_grad_kernel(
-    a_ptr,
-    b_ptr,
-    dw_ptr,
-    m_sizes_ptr,
-    a_index_ptr,
-    b_index_ptr,
-    scale_ptr,
+    # Pointers
+    a_ptr,  # [R, N] in grouped order, or [T, N] read through a_index
+    b_ptr,  # [R, K] in grouped order, or [T, K] read through b_index
+    dw_ptr,  # [E, N, K], any strides
+    m_sizes_ptr,  # [E] rows per expert; R = their sum
+    a_index_ptr,  # [R] a's row of each grouped row (GATHER_A; else never read)
+    b_index_ptr,  # [R] b's row of each grouped row (GATHER_B; else never read)
+    scale_ptr,  # [R] each grouped row's factor on a (SCALE_ROWS; else never read)
+    # Dimensions
     N,
     K,
-    num_experts,
-    ROWS_PER_EXPERT,
+    num_experts,  # E
+    ROWS_PER_EXPERT,  # R / E as a power of two: a tuning key, not read by the kernel
+    # Strides
     stride_am,
     stride_an,
     stride_bm,
@@ -583,16 +502,17 @@ def grouped_weight_grad_kernel(
     stride_we,
     stride_wn,
     stride_wk,
-    GATHER_A: tl.constexpr,
-    GATHER_B: tl.constexpr,
-    SCALE_ROWS: tl.constexpr,
-    PRECISION: tl.constexpr,
-    E_POW2: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    # Metadata
+    GATHER_A: tl.constexpr,  # a's rows through a_index
+    GATHER_B: tl.constexpr,  # b's rows through b_index
+    SCALE_ROWS: tl.constexpr,  # each row of a times scale
+    PRECISION: tl.constexpr,  # tl.dot's input precision ("ieee" or "tf32")
+    E_POW2: tl.constexpr,  # num_experts' block: a power of two, at least 16
+    BLOCK_M: tl.constexpr,  # rows reduced per step (autotuned)
+    BLOCK_N: tl.constexpr,  # dW tile (autotuned)
     BLOCK_K: tl.constexpr,
 ):
-    """``dW[e, n, k] = sum_{r of e} scale[r] * A[a_row(r), n] * B[b_row(r), k]``; zeros for experts without rows.
+    """``dW[e] = (scale * A[a_row(rows of e)])ᵀ @ B[b_row(rows of e)]``; zeros for experts without rows.
 
     One program owns a ``BLOCK_N x BLOCK_K`` tile of one expert's ``dW`` and reduces over that expert's rows,
     ``BLOCK_M`` at a time: no atomics, so the result does not depend on scheduling.
@@ -643,26 +563,30 @@ def grouped_weight_grad_kernel(
 
 @triton.jit
 def swiglu_backward_rows_kernel(
-    g_ptr,
-    gate_up_ptr,
-    scale_ptr,
-    d_gate_up_ptr,
-    d_scale_ptr,
-    d_scale_index_ptr,
-    rows,
+    # Pointers
+    g_ptr,  # [R, N] the gradient reaching h = silu(gate) * up, before the row scale
+    gate_up_ptr,  # [R, 2N] the pre-activations: gate, then up
+    scale_ptr,  # [R] each grouped row's factor
+    d_gate_up_ptr,  # [R, 2N] out: d_gate, then d_up
+    d_scale_ptr,  # [R] out, or [S] written through d_scale_index (SCATTER_D_SCALE)
+    d_scale_index_ptr,  # [R] d_scale's element of each row (SCATTER_D_SCALE; else never read)
+    # Dimensions
+    rows,  # R
     N,
+    # Strides (every column stride: 1)
     stride_gm,
     stride_gum,
     stride_dgm,
-    SCATTER_D_SCALE: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    # Metadata
+    SCATTER_D_SCALE: tl.constexpr,  # d_scale's elements through d_scale_index
+    BLOCK_R: tl.constexpr,  # rows per program
+    BLOCK_C: tl.constexpr,  # columns per step
 ):
-    """SwiGLU's backward for ``BLOCK_R`` rows from ``g [rows, N]``, the gradient reaching ``h`` (unscaled):
-    ``d_scale = sum_n g * silu(gate) * up``, ``dh = scale * g``, ``d_up = dh * silu(gate)``,
-    ``d_gate = dh * up * silu'(gate)`` into ``d_gate_up [rows, 2N]`` (unit column strides), ``BLOCK_C`` columns
-    at a time. Each row's ``d_scale`` is summed in fp32 in one program (no atomics) and stored in ``d_scale``'s
-    dtype, at ``d_scale_index[row]`` with ``SCATTER_D_SCALE`` (the routing weights' gradient in their own order)."""
+    """``d_scale = sum_n g * silu(gate) * up``, ``d_up = scale * g * silu(gate)``, ``d_gate = scale * g * up *
+    silu'(gate)``: SwiGLU's backward, ``BLOCK_R`` rows a program.
+
+    Each row's ``d_scale`` is summed in fp32 in one program (no atomics) and stored in ``d_scale``'s dtype, at
+    ``d_scale_index[row]`` with ``SCATTER_D_SCALE`` (the routing weights' gradient in their own order)."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = offs_r < rows
     offs_r64 = offs_r.to(tl.int64)

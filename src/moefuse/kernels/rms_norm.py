@@ -28,18 +28,24 @@ def _rows(x_ptr, stride_x, block, rows, H, BLOCK_R: tl.constexpr, BLOCK_H: tl.co
 
 @triton.jit
 def rms_norm_forward_kernel(
-    x_ptr,
-    w_ptr,
-    y_ptr,
-    rstd_ptr,
+    # Pointers
+    x_ptr,  # [rows, H], unit column stride
+    w_ptr,  # [H] the weight
+    y_ptr,  # [rows, H] out, unit column stride
+    rstd_ptr,  # [rows] fp32 out: each row's rsqrt(mean(x²) + eps), for backward
+    # Dimensions
     rows,
     H,
+    # Strides
     stride_x,
     stride_y,
-    eps,
-    BLOCK_R: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    # Scalars
+    eps,  # a runtime float: one compiled kernel serves every model's eps
+    # Metadata
+    BLOCK_R: tl.constexpr,  # rows per program
+    BLOCK_H: tl.constexpr,  # H as a power of two: a row whole in registers
 ):
+    """``y = w * (x * rstd)``, ``rstd = rsqrt(mean(x²) + eps)``, roundings as in Transformers' RMSNorm."""
     offs_r, cols, mask, x = _rows(x_ptr, stride_x, tl.program_id(0), rows, H, BLOCK_R, BLOCK_H)
     rstd = tl.rsqrt(tl.sum(x * x, 1) / H + eps)
     normed = (x * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
@@ -51,22 +57,28 @@ def rms_norm_forward_kernel(
 
 @triton.jit
 def rms_norm_backward_kernel(
-    dy_ptr,
-    x_ptr,
-    w_ptr,
-    rstd_ptr,
-    dx_ptr,
-    dw_partial_ptr,
+    # Pointers
+    dy_ptr,  # [rows, H], unit column stride
+    x_ptr,  # [rows, H], unit column stride
+    w_ptr,  # [H] the weight
+    rstd_ptr,  # [rows] fp32: the forward's
+    dx_ptr,  # [rows, H] out, unit column stride
+    dw_partial_ptr,  # [programs, H] fp32 out: each program's sum of the weight's gradient (WEIGHT_GRAD)
+    # Dimensions
     rows,
     H,
+    # Strides
     stride_dy,
     stride_x,
     stride_dx,
-    BLOCK_R: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    WEIGHT_GRAD: tl.constexpr,
+    # Metadata
+    BLOCK_R: tl.constexpr,  # rows per step
+    BLOCK_H: tl.constexpr,  # H as a power of two: a row whole in registers
+    WEIGHT_GRAD: tl.constexpr,  # write dw_partial (the weight is trained)
 ):
-    """Programs stride over the row blocks, so the weight's partial sums take one row per program."""
+    """``dx = rstd * (dn - x * rstd² * mean(dn * x))`` with ``dn = dy * w``; ``dw = sum_rows dy * x * rstd``.
+
+    Programs stride over the row blocks, so the weight's partial sums take one row per program."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_H)

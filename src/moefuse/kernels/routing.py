@@ -30,7 +30,18 @@ def _block_ids(ids_ptr, block, S, E, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def routing_count_kernel(ids_ptr, counts_ptr, S, E, BLOCK: tl.constexpr, BINS: tl.constexpr):
+def routing_count_kernel(
+    # Pointers
+    ids_ptr,  # [S] expert id of each assignment (token-major: t * K + k)
+    counts_ptr,  # [num_blocks, E] int32 out: each block's assignments per expert
+    # Dimensions
+    S,  # assignments: tokens * K
+    E,  # experts
+    # Metadata
+    BLOCK: tl.constexpr,  # assignments per program
+    BINS: tl.constexpr,  # E + 1 (the bin of ids out of range) as a power of two
+):
+    """``counts[b, e] = #{i in block b : ids[i] = e}``."""
     block = tl.program_id(0)
     counts = tl.histogram(_block_ids(ids_ptr, block, S, E, BLOCK), BINS)
     bins = tl.arange(0, BINS)
@@ -39,22 +50,27 @@ def routing_count_kernel(ids_ptr, counts_ptr, S, E, BLOCK: tl.constexpr, BINS: t
 
 @triton.jit
 def routing_scatter_kernel(
-    ids_ptr,
-    counts_ptr,
-    base_ptr,
-    m_sizes_ptr,
-    offsets_ptr,
-    sorted_slots_ptr,
-    token_index_ptr,
-    grouped_row_ptr,
-    S,
-    E,
-    num_blocks,
-    top_k,
-    BLOCK: tl.constexpr,
-    BINS: tl.constexpr,
-    CHUNK: tl.constexpr,
+    # Pointers
+    ids_ptr,  # [S] expert id of each assignment (token-major: t * K + k)
+    counts_ptr,  # [num_blocks, E] int32: routing_count_kernel's
+    base_ptr,  # [num_blocks, BINS] int32 scratch: each block's first grouped row per expert
+    m_sizes_ptr,  # [E] int64 out (written by program 0): rows per expert
+    offsets_ptr,  # [E] int32 out (written by program 0): each expert's end row
+    sorted_slots_ptr,  # [S] int64 out: the assignment at each grouped row
+    token_index_ptr,  # [S] int64 out: the token at each grouped row
+    grouped_row_ptr,  # [S] int64 out: each assignment's grouped row (-1 for an id out of range)
+    # Dimensions
+    S,  # assignments: tokens * K
+    E,  # experts
+    num_blocks,  # programs: S / BLOCK, rounded up
+    top_k,  # K
+    # Metadata
+    BLOCK: tl.constexpr,  # assignments per program
+    BINS: tl.constexpr,  # E + 1 (the bin of ids out of range) as a power of two
+    CHUNK: tl.constexpr,  # blocks' counts loaded per step
 ):
+    """``grouped_row[i] = sum_{e < ids[i]} m_sizes[e] + #{j < i : ids[j] = ids[i]}``, and its inverses
+    ``sorted_slots`` and ``token_index`` (``sorted_slots // K``)."""
     block = tl.program_id(0)
     bins = tl.arange(0, BINS)
     # Every expert's rows in all blocks (totals) and in the blocks before this one, CHUNK blocks per load.
@@ -93,20 +109,25 @@ def routing_scatter_kernel(
 
 @triton.jit
 def grouped_rows_kernel(
-    x_ptr,
-    grouped_row_ptr,
-    out_ptr,
+    # Pointers
+    x_ptr,  # [T, H], unit column stride
+    grouped_row_ptr,  # [S] each assignment's grouped row (-1: left out)
+    out_ptr,  # [S, H] out, unit column stride
+    # Dimensions
     T,
     H,
-    top_k,
+    top_k,  # K
+    # Strides
     stride_x,
     stride_out,
-    BLOCK_T: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    # Metadata
+    BLOCK_T: tl.constexpr,  # tokens per program
+    BLOCK_H: tl.constexpr,  # columns per program
 ):
-    """``out[grouped_row[t * K + k]] = x[t]`` for every ``k``: each block of token rows is read once and stored at
-    its ``K`` grouped rows (a gather in grouped order would read every token ``K`` times). Rows of -1 (ids left
-    out) are skipped."""
+    """``out[grouped_row[t * K + k]] = x[t]`` for every ``k``.
+
+    Each block of token rows is read once and stored at its ``K`` grouped rows (a gather in grouped order would
+    read every token ``K`` times). Rows of -1 (ids left out) are skipped."""
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     token_mask = tokens < T
@@ -126,19 +147,24 @@ def grouped_rows_kernel(
 
 @triton.jit
 def token_sums_kernel(
-    y_ptr,
-    grouped_row_ptr,
-    out_ptr,
+    # Pointers
+    y_ptr,  # [S, H] in grouped order, unit column stride
+    grouped_row_ptr,  # [S] each assignment's grouped row (-1: left out)
+    out_ptr,  # [T, H] out, unit column stride
+    # Dimensions
     T,
     H,
+    # Strides
     stride_y,
     stride_out,
-    TOP_K: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    # Metadata
+    TOP_K: tl.constexpr,  # K
+    BLOCK_T: tl.constexpr,  # tokens per program
+    BLOCK_H: tl.constexpr,  # columns per program
 ):
-    """``out[t] = sum_k y[grouped_row[t * K + k]]`` in fp32, rounded once to ``out``'s dtype; rows of -1 (ids left
-    out) add nothing. Each token's sum is taken in one program, in ``k`` order: no atomics."""
+    """``out[t] = sum_k y[grouped_row[t * K + k]]``, in fp32 and ``k`` order, rounded once to ``out``'s dtype.
+
+    Rows of -1 (ids left out) add nothing. Each token's sum is taken in one program: no atomics."""
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     token_mask = tokens < T

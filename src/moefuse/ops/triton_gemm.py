@@ -65,29 +65,64 @@ class LoraTerm(NamedTuple):
     mask: torch.Tensor | None = None  # [R, N]: a dropout mask on the term (backward of a dropped-out input)
 
 
-class _LoraOperands:
-    """The kernels' LoRA arguments: pointers (``t``, ``b``, ``mask``), the rank, strides, and flags."""
+# A launch's LoRA arguments without a LoRA term, besides its pointers.
+_NO_LORA = dict(
+    lora_rank=0,
+    stride_ltm=0,
+    stride_lbe=0,
+    stride_lbn=0,
+    stride_lbr=0,
+    stride_lmm=0,
+    HAS_LORA=False,
+    LORA_MASK=False,
+    LORA_R=16,
+)
 
-    def __init__(self, lora: LoraTerm | None, like: torch.Tensor):
-        if lora is None:
-            self.pointers, self.rank, self.strides = (like, like, like), 0, (0, 0, 0, 0, 0)
-            self.flags = dict(HAS_LORA=False, LORA_MASK=False, LORA_R=16)
-            return
-        t, b, mask = lora
-        t = unit_columns(t)
-        mask = None if mask is None else unit_columns(mask)
-        self.pointers = (t, b, t if mask is None else mask)
-        self.rank = t.shape[1]
-        self.strides = (
-            t.stride(0),
-            b.stride(0),
-            b.stride(1),
-            b.stride(2),
-            0 if mask is None else mask.stride(0),
-        )
-        self.flags = dict(
-            HAS_LORA=True, LORA_MASK=mask is not None, LORA_R=max(16, next_power_of_2(self.rank))
-        )
+
+def _lora_arguments(lora: LoraTerm) -> dict[str, object]:
+    """The row kernels' arguments for a LoRA term, by name: pointers, rank, strides and flags."""
+    t, b, mask = lora
+    t = unit_columns(t)
+    mask = None if mask is None else unit_columns(mask)
+    return dict(
+        lora_t_ptr=t,
+        lora_b_ptr=b,
+        lora_mask_ptr=t if mask is None else mask,
+        lora_rank=t.shape[1],
+        stride_ltm=t.stride(0),
+        stride_lbe=b.stride(0),
+        stride_lbn=b.stride(1),
+        stride_lbr=b.stride(2),
+        stride_lmm=0 if mask is None else mask.stride(0),
+        HAS_LORA=True,
+        LORA_MASK=mask is not None,
+        LORA_R=max(16, next_power_of_2(t.shape[1])),
+    )
+
+
+def _row_kernel_arguments(
+    weight: torch.Tensor, m_sizes: torch.Tensor, rows: int, n: int, lora: LoraTerm | None, like: torch.Tensor
+) -> dict[str, object]:
+    """What the row-tiled kernels (the grouped GEMM, gate/up) take besides their operands, by name: the sizes of
+    ``weight [E, *, K]`` over ``rows`` grouped rows by ``n`` columns, the tuning key, the precision and the
+    LoRA term (``like``: the stand-in for its pointers when there is none, never read)."""
+    num_experts, _, k = weight.shape
+    arguments = {  # a literal: a dict() call with keywords costs more host time, and launchers run on every call
+        "m_sizes_ptr": m_sizes,
+        "N": n,
+        "K": k,
+        "num_experts": num_experts,
+        "ROWS_PER_EXPERT": _rows_per_expert(rows, num_experts),
+        "PRECISION": _precision(weight.dtype),
+        "E_POW2": _experts_pow2(num_experts),
+        "lora_t_ptr": like,
+        "lora_b_ptr": like,
+        "lora_mask_ptr": like,
+        **_NO_LORA,
+    }
+    if lora is not None:
+        arguments.update(_lora_arguments(lora))
+    return arguments
 
 
 def grouped_gemm(
@@ -113,43 +148,32 @@ def grouped_gemm(
         row_scale: ``[R]`` per-row factor applied in the epilogue.
         lora: a LoRA term added in the epilogue, before the scale (:class:`LoraTerm`).
     """
-    num_experts, n, k = b.shape
+    n = b.shape[1]
     rows = a_index.numel() if a_index is not None else a.shape[0]
     if out is None:
         out = a.new_empty(rows, n, dtype=b.dtype)
     if rows == 0:
         return out
-    lora_ops = _LoraOperands(lora, out)
     launch(
         kernels.grouped_gemm_kernel,
         _tile_grid(m_sizes, rows, n),
-        a,
-        b,
-        out,
-        m_sizes,
-        _index(a_index, m_sizes),
-        _index(out_index, m_sizes),
-        _index(row_scale, out),
-        *lora_ops.pointers,
-        n,
-        k,
-        num_experts,
-        _rows_per_expert(rows, num_experts),
-        lora_ops.rank,
-        a.stride(0),
-        a.stride(1),
-        b.stride(0),
-        b.stride(1),
-        b.stride(2),
-        out.stride(0),
-        out.stride(1),
-        *lora_ops.strides,
+        a_ptr=a,
+        b_ptr=b,
+        c_ptr=out,
+        a_index_ptr=_index(a_index, m_sizes),
+        c_index_ptr=_index(out_index, m_sizes),
+        scale_ptr=_index(row_scale, out),
+        stride_am=a.stride(0),
+        stride_ak=a.stride(1),
+        stride_be=b.stride(0),
+        stride_bn=b.stride(1),
+        stride_bk=b.stride(2),
+        stride_cm=out.stride(0),
+        stride_cn=out.stride(1),
         GATHER_A=a_index is not None,
         SCATTER_C=out_index is not None,
         SCALE_ROWS=row_scale is not None,
-        **lora_ops.flags,
-        PRECISION=_precision(b.dtype),
-        E_POW2=_experts_pow2(num_experts),
+        **_row_kernel_arguments(b, m_sizes, rows, n, lora, out),
     )
     return out
 
@@ -167,45 +191,34 @@ def gate_up_swiglu(
     """``h = silu(gate) * up`` for the grouped rows ``x[x_index]``: ``(h [R, I], gate_up [R, 2I] or None)``;
     ``lora`` (its ``b`` ``[E, 2I, rank]``) joins the pre-activations; ``h`` is multiplied by ``row_scale [R]``
     when given."""
-    num_experts, two_i, hidden = gate_up_proj.shape
+    two_i = gate_up_proj.shape[1]
     inter = two_i // 2
     rows = x_index.numel()
     h = x.new_empty(rows, inter, dtype=gate_up_proj.dtype)
     gate_up = x.new_empty(rows, two_i, dtype=gate_up_proj.dtype) if store_gate_up else None
     if rows == 0:
         return h, gate_up
-    lora_ops = _LoraOperands(lora, h)
     launch(
         kernels.gate_up_swiglu_kernel,
         _tile_grid(m_sizes, rows, inter),
-        x,
-        gate_up_proj,
-        h if gate_up is None else gate_up,
-        h,
-        _index(row_scale, h),
-        m_sizes,
-        x_index,
-        *lora_ops.pointers,
-        inter,
-        hidden,
-        num_experts,
-        _rows_per_expert(rows, num_experts),
-        lora_ops.rank,
-        x.stride(0),
-        x.stride(1),
-        gate_up_proj.stride(0),
-        gate_up_proj.stride(1),
-        gate_up_proj.stride(2),
-        0 if gate_up is None else gate_up.stride(0),
-        0 if gate_up is None else gate_up.stride(1),
-        h.stride(0),
-        h.stride(1),
-        *lora_ops.strides,
+        x_ptr=x,
+        w_ptr=gate_up_proj,
+        gate_up_ptr=h if gate_up is None else gate_up,
+        h_ptr=h,
+        scale_ptr=_index(row_scale, h),
+        x_index_ptr=x_index,
+        stride_xm=x.stride(0),
+        stride_xk=x.stride(1),
+        stride_we=gate_up_proj.stride(0),
+        stride_wn=gate_up_proj.stride(1),
+        stride_wk=gate_up_proj.stride(2),
+        stride_gm=0 if gate_up is None else gate_up.stride(0),
+        stride_gn=0 if gate_up is None else gate_up.stride(1),
+        stride_hm=h.stride(0),
+        stride_hn=h.stride(1),
         STORE_GATE_UP=store_gate_up,
         SCALE_H=row_scale is not None,
-        **lora_ops.flags,
-        PRECISION=_precision(gate_up_proj.dtype),
-        E_POW2=_experts_pow2(num_experts),
+        **_row_kernel_arguments(gate_up_proj, m_sizes, rows, inter, lora, h),
     )
     return h, gate_up
 
@@ -269,17 +282,17 @@ def swiglu_backward_rows(
     launch(
         kernels.swiglu_backward_rows_kernel,
         lambda meta: (cdiv(rows, meta["BLOCK_R"]),),
-        g,
-        gate_up,
-        row_scale,
-        d_gate_up,
-        d_scale,
-        _index(d_scale_index, d_scale),
-        rows,
-        inter,
-        g.stride(0),
-        gate_up.stride(0),
-        d_gate_up.stride(0),
+        g_ptr=g,
+        gate_up_ptr=gate_up,
+        scale_ptr=row_scale,
+        d_gate_up_ptr=d_gate_up,
+        d_scale_ptr=d_scale,
+        d_scale_index_ptr=_index(d_scale_index, d_scale),
+        rows=rows,
+        N=inter,
+        stride_gm=g.stride(0),
+        stride_gum=gate_up.stride(0),
+        stride_dgm=d_gate_up.stride(0),
         SCATTER_D_SCALE=scatter,
         BLOCK_R=_SWIGLU_ROWS,
         BLOCK_C=_SWIGLU_COLUMNS,
@@ -315,24 +328,24 @@ def grouped_weight_grad(
     launch(
         kernels.grouped_weight_grad_kernel,
         tiles,
-        a,
-        b,
-        out,
-        m_sizes,
-        _index(a_index, m_sizes),
-        _index(b_index, m_sizes),
-        _index(row_scale, a),
-        n,
-        k,
-        num_experts,
-        _rows_per_expert(a_index.numel() if a_index is not None else a.shape[0], num_experts),
-        a.stride(0),
-        a.stride(1),
-        b.stride(0),
-        b.stride(1),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
+        a_ptr=a,
+        b_ptr=b,
+        dw_ptr=out,
+        m_sizes_ptr=m_sizes,
+        a_index_ptr=_index(a_index, m_sizes),
+        b_index_ptr=_index(b_index, m_sizes),
+        scale_ptr=_index(row_scale, a),
+        N=n,
+        K=k,
+        num_experts=num_experts,
+        ROWS_PER_EXPERT=_rows_per_expert(a_index.numel() if a_index is not None else a.shape[0], num_experts),
+        stride_am=a.stride(0),
+        stride_an=a.stride(1),
+        stride_bm=b.stride(0),
+        stride_bk=b.stride(1),
+        stride_we=out.stride(0),
+        stride_wn=out.stride(1),
+        stride_wk=out.stride(2),
         GATHER_A=a_index is not None,
         GATHER_B=b_index is not None,
         SCALE_ROWS=row_scale is not None,
