@@ -1,7 +1,7 @@
 """A/B of moefuse settings on the MoE block: the variants alternate round by round in one process.
 
     python benchmarks/ab_block.py --tokens 4096,16384 \\
-        --variant triton-dW:moefuse.ops.moe_triton.GROUPED_MM_WEIGHT_GRAD_ROWS=1000000000 --variant current:
+        --variant triton-dW:grouped_mm_weight_grad_rows=1000000000 --variant current:
     python benchmarks/ab_block.py --device cpu --tiny --variant a: --variant b:moefuse.ops.routing.TOKEN_SUMS_COLUMNS=64
 
 Why: a GPU's times drift between processes and within minutes by more than the few percent a kernel change is
@@ -9,8 +9,9 @@ worth (on an H100 one process timed the same forward+backward at 8.31-8.92 ms pe
 same code 8.48 and 8.84 ms). Timing each variant once per round, round after round in one process, exposes all of
 them to the same drift; their medians over rounds compare.
 
-A variant is ``NAME:SETTINGS``, SETTINGS a comma-separated list of ``module.attribute=value`` (a Python literal;
-empty: as installed), set before the variant's turn and restored after it. Each turn times ``--iters``
+A variant is ``NAME:SETTINGS``, SETTINGS a comma-separated list of moefuse settings ``name=value``
+(:mod:`moefuse.settings`) and module constants ``module.attribute=value`` (a Python literal); empty: as installed.
+They are in force for the variant's turn only. Each turn times ``--iters``
 forward+backward calls of the config's sparse MoE block on moefuse's experts, queued back to back as a training
 loop runs them (gradients dropped between calls, as ``moefuse bench --level block`` does), after ``--warmup``
 calls; round 0 warms every variant up and is not counted. Before timing, every variant's output and gradients are
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import dataclasses
 import importlib
 import os
 import statistics
@@ -44,25 +47,37 @@ from moefuse.bench.measure import (  # noqa: E402
     write_report,
 )
 from moefuse.bench.shapes import moe_shape  # noqa: E402
+from moefuse.settings import Settings, override_settings, parse_overrides  # noqa: E402
 
 
 class Variant:
-    """A name and the module attributes it sets: ``apply()`` sets them, ``restore()`` puts the old values back."""
+    """A name, the moefuse settings it overrides and the module attributes it sets: ``apply()`` puts them in force,
+    ``restore()`` puts the old values back."""
 
     def __init__(self, spec: str):
         name, sep, settings = spec.partition(":")
         if not sep or not name:
             raise SystemExit(f"ab_block: --variant {spec!r} is not NAME:SETTINGS (SETTINGS may be empty)")
         self.name = name
-        self.settings = [self._parse(item) for item in settings.split(",") if item.strip()]
+        items = [item.strip() for item in settings.split(",") if item.strip()]
+        setting_names = {f.name for f in dataclasses.fields(Settings)}
+        overrides = [item for item in items if item.partition("=")[0].strip() in setting_names]
+        try:
+            self.overrides = parse_overrides(",".join(overrides))
+        except ValueError as error:
+            raise SystemExit(f"ab_block: {error}") from None
+        self.attributes = [self._parse(item) for item in items if item not in overrides]
         self.saved: list = []
+        self.stack = contextlib.ExitStack()
 
     @staticmethod
     def _parse(item: str) -> tuple[object, str, object]:
         target, sep, text = item.partition("=")
         module_name, _, attribute = target.strip().rpartition(".")
         if not sep or not module_name:
-            raise SystemExit(f"ab_block: setting {item!r} is not module.attribute=value")
+            raise SystemExit(
+                f"ab_block: setting {item!r} is neither a moefuse setting nor module.attribute=value"
+            )
         module = importlib.import_module(module_name)
         if not hasattr(module, attribute):
             raise SystemExit(f"ab_block: {module_name} has no attribute {attribute!r} (setting {item!r})")
@@ -73,19 +88,22 @@ class Variant:
         return module, attribute, value
 
     def apply(self) -> None:
+        self.stack.enter_context(override_settings(**self.overrides))
         self.saved = [
-            (module, attribute, getattr(module, attribute)) for module, attribute, _ in self.settings
+            (module, attribute, getattr(module, attribute)) for module, attribute, _ in self.attributes
         ]
-        for module, attribute, value in self.settings:
+        for module, attribute, value in self.attributes:
             setattr(module, attribute, value)
 
     def restore(self) -> None:
         for module, attribute, value in reversed(self.saved):
             setattr(module, attribute, value)
         self.saved = []
+        self.stack.close()
 
     def describe(self) -> dict:
-        return {"name": self.name, "settings": {f"{m.__name__}.{a}": v for m, a, v in self.settings}}
+        attributes = {f"{m.__name__}.{a}": v for m, a, v in self.attributes}
+        return {"name": self.name, "settings": {**self.overrides, **attributes}}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

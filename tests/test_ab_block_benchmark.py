@@ -7,28 +7,27 @@ import json
 import pytest
 
 from conftest import load_benchmark
-from moefuse.ops import moe_triton, routing
+from moefuse.ops import routing
+from moefuse.settings import settings
 
 TINY = ["--device", "cpu", "--tiny", "--tokens", "16", "--rounds", "2", "--iters", "2", "--warmup", "1"]
 
 
 def test_variants_alternate_and_settings_are_restored(tmp_path):
-    before = (routing.TOKEN_SUMS_COLUMNS, moe_triton.GROUPED_MM_WEIGHT_GRAD_ROWS)
+    before = (routing.TOKEN_SUMS_COLUMNS, settings())
     out = tmp_path / "ab.json"
-    setting = (
-        "b:moefuse.ops.routing.TOKEN_SUMS_COLUMNS=64,moefuse.ops.moe_triton.GROUPED_MM_WEIGHT_GRAD_ROWS=1"
-    )
+    setting = "b:moefuse.ops.routing.TOKEN_SUMS_COLUMNS=64,grouped_mm_weight_grad_rows=1"
     report = load_benchmark("ab_block").main(
         [*TINY, "--variant", "a:", "--variant", setting, "--out", str(out)]
     )
-    assert (routing.TOKEN_SUMS_COLUMNS, moe_triton.GROUPED_MM_WEIGHT_GRAD_ROWS) == before
+    assert (routing.TOKEN_SUMS_COLUMNS, settings()) == before
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert report["failures"] == [] and [row["variant"] for row in report["rows"]] == ["a", "b"]
     first, second = report["rows"]
     assert first["speedup_vs_first"] == 1.0 and len(first["rounds_ms"]) == 2 and second["median_ms"] > 0
     assert report["variants"][1]["settings"] == {
         "moefuse.ops.routing.TOKEN_SUMS_COLUMNS": 64,
-        "moefuse.ops.moe_triton.GROUPED_MM_WEIGHT_GRAD_ROWS": 1,
+        "grouped_mm_weight_grad_rows": 1,
     }
 
 
@@ -38,7 +37,8 @@ def test_variants_alternate_and_settings_are_restored(tmp_path):
         ("nocolon", "is not NAME:SETTINGS"),
         ("x:moefuse.ops.routing.NO_SUCH=1", "has no attribute 'NO_SUCH'"),
         ("x:moefuse.ops.routing.TOKEN_SUMS_COLUMNS=sixty", "is not a Python literal"),
-        ("x:TOKEN_SUMS_COLUMNS=1", "is not module.attribute=value"),
+        ("x:TOKEN_SUMS_COLUMNS=1", "neither a moefuse setting nor module.attribute=value"),
+        ("x:autotune=maybe", "expected 1 or 0"),
     ],
 )
 def test_bad_variant_is_a_clear_error(variant, message):

@@ -1,7 +1,10 @@
 import subprocess
 import sys
 
+import pytest
+
 from moefuse.cli import main
+from moefuse.settings import reload_settings
 
 
 def test_help_lists_commands(capsys):
@@ -27,10 +30,38 @@ def test_info_prints_versions_and_kernels(capsys):
 
 
 def test_info_names_the_forced_backend(capsys, monkeypatch):
-    monkeypatch.setenv("MOEFUSE_BACKEND", "torch")
-    assert main(["info"]) == 0
+    with monkeypatch.context() as environment:
+        environment.setenv("MOEFUSE_BACKEND", "torch")
+        reload_settings()
+        try:
+            assert main(["info"]) == 0
+        finally:
+            environment.undo()
+            reload_settings()
     out = capsys.readouterr().out
     assert "torch (MOEFUSE_BACKEND" in out and "PyTorch: torch.nn.functional.grouped_mm" in out
+
+
+@pytest.mark.parametrize(
+    "finetuning_type,expected",
+    [
+        ("lora", "torch, composed (the PyTorch backend runs these tensors); weights dense, LoRA composed"),
+        ("full", "torch, composed (the PyTorch backend runs these tensors); weights dense, LoRA none"),
+    ],
+)
+def test_info_prints_a_models_experts_plan(capsys, finetuning_type, expected):
+    argv = ["info", "--model", "qwen3-30b-a3b", "--tokens", "8192", "--finetuning_type", finetuning_type]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"plan (qwen3-30b-a3b, 8192 tokens, {finetuning_type}, cpu)  {expected}" in out
+
+
+def test_info_plan_of_a_dense_model_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1}'
+    )
+    with pytest.raises(SystemExit, match="is not a Mixture-of-Experts config"):
+        main(["info", "--model", str(tmp_path)])
 
 
 def test_demo_agrees_with_eager(capsys):

@@ -1,22 +1,165 @@
-"""moefuse's experts under torch.compile: they run eagerly between the compiled graphs, with the same results as
-without compile; a ``fullgraph=True`` compile is refused with moefuse's reason."""
+"""moefuse's experts under torch.compile: the fused experts are the custom operators ``moefuse::experts`` and
+``moefuse::experts_backward`` (checked with ``torch.library.opcheck``), so a decoder layer with moefuse experts and
+PEFT LoRA compiles with ``fullgraph=True`` and gives eager's results; paths that launch Triton kernels outside the
+operators run eagerly between the compiled graphs, with their reason."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 import moefuse
 from conftest import randomize_, tiny_config
+from moefuse.ops.backend import use_backend
+from moefuse.ops.moe_triton import _experts_backward_op, _experts_op, _saved_present
+
+pytestmark = pytest.mark.interpreter  # the operators run the Triton kernels (interpreted on the CPU)
 
 
-def _model(implementation: str) -> torch.nn.Module:
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    with use_backend("triton"):
+        yield
+    torch._dynamo.reset()
+
+
+def _operator_args(lora: bool, trained: bool, tokens: int = 7) -> tuple:
+    torch.manual_seed(0)
+    experts, hidden, inter, top_k = 4, 16, 8, 2
+    x = torch.randn(tokens, hidden, requires_grad=True)
+    gate_up = (torch.randn(experts, 2 * inter, hidden) * 0.3).requires_grad_(trained)
+    down = (torch.randn(experts, hidden, inter) * 0.3).requires_grad_(trained)
+    weights, index = torch.randn(tokens, experts).softmax(-1).topk(top_k, dim=-1)
+    weights = weights.detach().requires_grad_()
+    factors = [None] * 6
+    if lora:
+        rank = 2
+        factors = [
+            torch.randn(experts, rank, hidden, requires_grad=True),
+            torch.randn(experts, inter, rank, requires_grad=True),
+            torch.randn(experts, rank, hidden, requires_grad=True),
+            torch.randn(experts, inter, rank, requires_grad=True),
+            torch.randn(experts, rank, inter, requires_grad=True),
+            torch.randn(experts, hidden, rank, requires_grad=True),
+        ]
+    scalings = [2.0, 2.0, 0.5] if lora else [0.0, 0.0, 0.0]
+    # ..., scalings, lora_dropout, store_gate_up, prescaled_h, and the three grouped_mm choices
+    return (
+        x,
+        gate_up,
+        down,
+        index,
+        weights,
+        *factors,
+        scalings,
+        0.0,
+        True,
+        trained and not lora,
+        False,
+        False,
+        False,
+    )
+
+
+@pytest.mark.parametrize(
+    "lora,trained,tokens",
+    [(False, True, 7), (True, False, 7), (True, True, 7), (True, False, 0), (False, True, 1)],
+)
+def test_experts_operator_opcheck(lora, trained, tokens):
+    torch.library.opcheck(_experts_op, _operator_args(lora, trained, tokens))
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_experts_backward_operator_opcheck(lora):
+    args = _operator_args(lora, trained=not lora)
+    outputs = _experts_op(*args)
+    x, gate_up, down, index = args[:4]
+    ranks = [2, 2, 2] if lora else [0, 0, 0]
+    present = _saved_present(ranks, lora_dropout=0.0, store_gate_up=True)
+    saved = [t if there else None for t, there in zip(outputs[6:], present, strict=True)]
+    needs = [True, not lora, not lora, True, *([lora] * 6)]
+    backward_args = (
+        torch.randn_like(outputs[0]),
+        x.detach(),
+        gate_up.detach(),
+        down.detach(),
+        *outputs[1:6],
+        index.shape[1],
+        saved,
+        ranks,
+        list(args[11]),
+        torch.float32,
+        torch.float32,
+        needs,
+        0.0,
+        not lora,
+        False,
+        False,
+    )
+    torch.library.opcheck(_experts_backward_op, backward_args)
+
+
+_SAVED = (
+    "scale",
+    "gate_up",
+    "h",
+    "gate_up_a",
+    "gate_up_b",
+    "t",
+    "x_mask",
+    "down_a",
+    "down_b",
+    "td",
+    "h_mask",
+)
+
+
+def _lora_model() -> torch.nn.Module:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(
-        tiny_config("qwen3_moe", num_experts=8, top_k=2), experts_implementation=implementation
+        tiny_config("qwen3_moe", num_experts=8, top_k=2),
+        experts_implementation=moefuse.EXPERTS_IMPLEMENTATION,
     )
-    return randomize_(model, std=0.1).float()
+    model = randomize_(model, std=0.1).float()
+    targets = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=targets))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero: make every factor's gradient count
+            torch.nn.init.normal_(param, std=0.1)
+    return model
+
+
+def _layer_step(layer: torch.nn.Module, inner: torch.nn.Module, call) -> tuple[torch.Tensor, dict]:
+    torch.manual_seed(1)
+    tokens = 12
+    hidden = torch.randn(1, tokens, inner.config.hidden_size, requires_grad=True)
+    positions = torch.arange(tokens)[None]
+    layer.zero_grad(set_to_none=True)
+    out = call(
+        hidden,
+        position_embeddings=inner.rotary_emb(hidden, positions),
+        attention_mask=None,
+        position_ids=positions,
+    )
+    out = out[0] if isinstance(out, tuple) else out
+    out.square().sum().backward()
+    grads = {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+    return out.detach(), {**grads, "input": hidden.grad}
+
+
+def test_decoder_layer_with_lora_compiles_fullgraph():
+    model = _lora_model()
+    inner = model.base_model.model.model
+    layer = inner.layers[0]
+    ref, ref_grads = _layer_step(layer, inner, layer)
+    out, grads = _layer_step(layer, inner, torch.compile(layer, backend="aot_eager", fullgraph=True))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys() and any("experts.down_proj.lora_A" in n for n in grads)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def _loss_and_grads(
@@ -33,31 +176,38 @@ def _loss_and_grads(
     return loss.detach(), grads
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-def test_compiled_model_matches_eager_with_experts_run_eagerly():
-    model = _model(moefuse.EXPERTS_IMPLEMENTATION)
+def test_compiled_model_matches_eager_with_the_experts_in_the_graph():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        tiny_config("qwen3_moe", num_experts=8, top_k=2),
+        experts_implementation=moefuse.EXPERTS_IMPLEMENTATION,
+    )
+    model = randomize_(model, std=0.1).float()
     ids = torch.randint(0, 128, (2, 12))
     loss, grads = _loss_and_grads(model, ids)
-    compiled = torch.compile(model, backend="aot_eager")
-    compiled_loss, compiled_grads = _loss_and_grads(compiled, ids)
+    compiled_loss, compiled_grads = _loss_and_grads(torch.compile(model, backend="aot_eager"), ids)
     torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)
     assert compiled_grads.keys() == grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    explained = torch._dynamo.explain(model)(ids)
+    ops = [str(op) for graph in explained.ops_per_graph for op in graph]
+    # Each layer's experts are one operator call (a frame compiled for one layer may serve the next).
+    assert any("moefuse.experts" in op for op in ops)
+    assert not any("moefuse" in str(b.reason) for b in explained.break_reasons)
 
-    # The experts are the only graph breaks: the rest of the model compiles whole.
-    reasons = [str(b.reason) for b in torch._dynamo.explain(model)(ids).break_reasons]
-    assert reasons and all("moefuse's experts run eagerly" in r for r in reasons), reasons
 
+def test_composed_experts_on_triton_run_eagerly_with_their_reason():
+    """A structure the fused operator does not take (here a gate function) runs composed, eagerly under compile."""
+    torch.manual_seed(0)
+    x, gate_up, down, index, weights = _operator_args(lora=False, trained=False)[:5]
 
-def test_fullgraph_compile_is_refused_with_the_reason():
-    model = _model(moefuse.EXPERTS_IMPLEMENTATION)
-    ids = torch.randint(0, 128, (1, 8))
-    with pytest.raises(Exception, match="moefuse's experts run eagerly"):
-        torch.compile(model, backend="eager", fullgraph=True)(ids)
+    def experts(x: torch.Tensor) -> torch.Tensor:
+        return moefuse.fused_experts(
+            x, gate_up, down, index, weights, gate_fn=lambda g: g[:, : g.shape[1] // 2]
+        )
+
+    with pytest.raises(Exception, match="composed experts on the Triton kernels run eagerly"):
+        torch.compile(experts, backend="eager", fullgraph=True)(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(experts, backend="eager")(x), experts(x))

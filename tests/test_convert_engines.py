@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import randomize_, tiny_config
+from conftest import current_orientation, randomize_, tiny_config
 from moefuse.cli import main
 from moefuse.convert import LORA_LAYOUTS, convert_lora, detect_layout
 from moefuse.convert.engines import ALIASES, FORMATS, resolve, single_scaling_warning
@@ -24,6 +24,9 @@ WEIGHTS = "adapter_model.safetensors"
 E, R, H, INTER, LAYERS = 8, 4, 32, 16, 2
 IN_OUT = {"gate_proj": (H, INTER), "up_proj": (H, INTER), "down_proj": (INTER, H)}
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+
+# Every test here reads an adapter PEFT saved in the current orientation.
+pytestmark = current_orientation
 
 
 def _base():

@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import peft
 import pytest
 import torch
-from packaging.version import Version
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import randomize_, tiny_config
+from conftest import CURRENT_PEFT, current_orientation, randomize_, tiny_config
 from moefuse.cli import main
 from moefuse.convert import CheckpointError, convert_lora
 from moefuse.convert.inspect import describe, tensor_hashes
@@ -23,10 +21,6 @@ IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 EXPERTS = "base_model.model.model.layers.{}.mlp.experts"
 E, R = 8, 4
-# PEFT 0.19.1 changed the orientation target_parameters adapters are saved in; moefuse reads the new one and
-# refuses the old (test_older_peft_orientation_is_refused, run on such a PEFT: CI's oldest pass).
-CURRENT_PEFT = Version(peft.__version__) >= Version("0.19.1")
-current_orientation = pytest.mark.skipif(not CURRENT_PEFT, reason="PEFT < 0.19.1 saves the older orientation")
 
 
 def _base(experts_implementation: str):

@@ -3,6 +3,7 @@ measurements, the loss metrics and packed masks that need no host sync, and the 
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -193,8 +194,11 @@ def test_packed_mask_is_transformers_own():
     config._attn_implementation = "sdpa"
     position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 0]])
     embeds = torch.zeros(1, 10, 32)
+    # No cache: Transformers 5.6 names it past_key_values, newer releases cache.
+    parameters = inspect.signature(create_causal_mask).parameters
+    no_cache = {"cache": None} if "cache" in parameters else {"past_key_values": None}
     expected = create_causal_mask(
-        config=config, inputs_embeds=embeds, attention_mask=None, cache=None, position_ids=position_ids
+        config=config, inputs_embeds=embeds, attention_mask=None, position_ids=position_ids, **no_cache
     )
     index = packed_sequence_index({"position_ids": position_ids})
     assert index.tolist() == [[0, 0, 0, 1, 1, 2, 2, 2, 2, 3]]

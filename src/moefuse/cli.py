@@ -30,10 +30,68 @@ def _device_description() -> str:
     return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
+def experts_plan_rows(
+    model: str, tokens: int, finetuning_type: str, device: torch.device
+) -> list[tuple[str, str]]:
+    """``moefuse info --model``: the plan (:mod:`moefuse.ops.plan`) of one MoE layer's experts call of ``model``
+    with ``tokens`` tokens, on ``device`` under the current settings. The experts' weights are stand-ins of the
+    model's shapes and strides (one expert's storage, expanded), so no checkpoint is read or allocated."""
+    from transformers import AutoModelForCausalLM
+
+    from .bench.configs import load_config
+    from .experts import UnsupportedExpertsError, experts_structure, stacked_expert_weights
+    from .ops.lora import ExpertsLora, LoraWeights
+    from .ops.plan import is_silu, plan_experts
+
+    label, config = load_config(model)
+    with torch.device("meta"):
+        meta_model = AutoModelForCausalLM.from_config(config)
+    experts = next((m.experts for m in meta_model.modules() if hasattr(m, "experts")), None)
+    if experts is None or not isinstance(getattr(experts, "down_proj", None), torch.Tensor):
+        raise UnsupportedExpertsError(
+            f"{label}: model type '{config.model_type}' has no experts module with stacked 3-D weights"
+        )
+    structure = experts_structure(experts)
+    swiglu = set(structure) == {"act_fn"} and is_silu(structure["act_fn"])
+    gate_up_meta, down_meta = stacked_expert_weights(experts)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    experts_count, hidden, intermediate = down_meta.shape
+
+    def stand_in(like: torch.Tensor, trained: bool = False) -> torch.Tensor:
+        one = torch.empty(like.shape[1:], dtype=dtype, device=device).as_strided(
+            like.shape[1:], like.stride()[1:]
+        )
+        return one.expand(like.shape).requires_grad_(trained)
+
+    def factors(out_features: int, in_features: int, rank: int = 16) -> LoraWeights:
+        return LoraWeights(
+            lora_A=stand_in(torch.empty(experts_count, rank, in_features, device="meta")),
+            lora_B=stand_in(torch.empty(experts_count, out_features, rank, device="meta")),
+        )
+
+    gate_up = stand_in(gate_up_meta, finetuning_type == "full")
+    down = stand_in(down_meta, finetuning_type == "full")
+    lora = ()
+    if finetuning_type == "lora":
+        lora = (
+            ExpertsLora(
+                gate=factors(intermediate, hidden),
+                up=factors(intermediate, hidden),
+                down=factors(hidden, intermediate),
+            ),
+        )
+    hidden_states = torch.empty(1, hidden, dtype=dtype, device=device).expand(tokens, -1)
+    plan = plan_experts(hidden_states, gate_up, down, config.num_experts_per_tok, swiglu=swiglu, lora=lora)
+    where = f"{label}, {tokens} tokens, {finetuning_type}, {device.type}"
+    return [(f"plan ({where})", plan.describe())]
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import moefuse
     from moefuse.ops.backend import active_backend_description, get_backend
 
+    devices = ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
     rows = [
         ("moefuse", moefuse.__version__),
         ("python", platform.python_version()),
@@ -44,16 +102,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("device", _device_description()),
         ("experts implementation", f"'{moefuse.EXPERTS_IMPLEMENTATION}' registered in transformers"),
         ("backend", f"{get_backend()} (MOEFUSE_BACKEND=auto|triton|torch)"),
-        *(
-            (f"experts on {device}", active_backend_description(torch.device(device)))
-            for device in (["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"])
-        ),
+        *((f"experts on {device}", active_backend_description(torch.device(device))) for device in devices),
         (
             "under torch.compile",
-            "the experts run eagerly between the compiled graphs (one graph break per MoE layer); "
-            "fullgraph=True is refused",
+            "the fused experts are one custom operator in the graph (no graph break); composed experts on the "
+            "Triton kernels run eagerly between graphs",
         ),
     ]
+    if args.model:
+        rows += experts_plan_rows(args.model, args.tokens, args.finetuning_type, torch.device(devices[0]))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -122,7 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fast, small fine-tuning of Mixture-of-Experts models inside the Hugging Face ecosystem.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    info = sub.add_parser("info", help="versions, device and which kernels are active")
+    info = sub.add_parser(
+        "info", help="versions, device, which kernels are active and a model's experts plan"
+    )
+    info.add_argument(
+        "--model", help="print the experts plan of this model: built-in name, config.json or Hub id"
+    )
+    info.add_argument("--tokens", type=int, default=4096, help="tokens in the planned call (default 4096)")
+    info.add_argument(
+        "--finetuning_type",
+        choices=("lora", "full"),
+        default="lora",
+        help="LoRA r=16 on every expert projection, frozen weights (default), or trained weights",
+    )
     info.set_defaults(func=cmd_info)
     demo = sub.add_parser(
         "demo",

@@ -129,10 +129,6 @@ def stacked_expert_weights(experts: torch.nn.Module) -> tuple[torch.Tensor, torc
     return gate_up_proj, down_proj
 
 
-# Under torch.compile the experts run eagerly between the compiled graphs (one graph break per layer): Dynamo
-# traced through the kernels' launches and routing otherwise, which ran many times slower than eager. A
-# ``fullgraph=True`` compile is refused with this reason.
-@torch.compiler.disable(reason="moefuse's experts run eagerly under torch.compile (not yet custom operators)")
 def moefuse_experts_forward(
     self: torch.nn.Module,
     hidden_states: torch.Tensor,

@@ -1,69 +1,53 @@
 """Which implementation runs the grouped GEMMs: the Triton kernels or the PyTorch path.
 
 ``auto`` (the default) takes Triton for CUDA tensors on sm80+ when Triton is installed, and the PyTorch path
-everywhere else. Force one with the environment variable ``MOEFUSE_BACKEND=triton|torch|auto``, with
-:func:`set_backend`, or for a block of code with ``with use_backend("torch"): ...``. Forcing ``triton`` on CPU
-tensors needs ``TRITON_INTERPRET=1`` set before ``moefuse`` is imported (Triton's interpreter; for tests).
+everywhere else. The setting is :attr:`moefuse.settings.Settings.backend`: ``MOEFUSE_BACKEND=triton|torch|auto``,
+or for a block of code ``with use_backend("torch"): ...``. Forcing ``triton`` on CPU tensors needs
+``TRITON_INTERPRET=1`` set before ``moefuse`` is imported (Triton's interpreter; for tests).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 from collections.abc import Iterator
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
-_ENV = "MOEFUSE_BACKEND"
-_forced: str | None = None
+from ..settings import BACKENDS, override_settings, settings
 
-
-def _check(name: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown moefuse backend {name!r}: choose one of {', '.join(BACKENDS)}")
-    return name
+__all__ = ["BACKENDS", "get_backend", "use_backend", "use_triton"]
 
 
 def get_backend() -> str:
-    """The backend asked for: :func:`set_backend`'s, else ``$MOEFUSE_BACKEND``, else ``auto``."""
-    if _forced is not None:
-        return _forced
-    value = os.environ.get(_ENV, "auto").strip().lower() or "auto"
-    if value not in BACKENDS:
-        raise ValueError(f"{_ENV}={value!r} is not a moefuse backend: choose one of {', '.join(BACKENDS)}")
-    return value
-
-
-def set_backend(name: str | None) -> None:
-    """Force ``"triton"`` or ``"torch"`` (or ``"auto"``) for every later call; ``None`` goes back to the env var."""
-    global _forced
-    _forced = None if name is None else _check(name)
+    """The backend asked for: ``auto``, ``triton`` or ``torch``."""
+    return settings().backend
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """``with use_backend("torch"): ...`` runs the block on that backend."""
-    global _forced
-    previous, _forced = _forced, _check(name)
-    try:
+    """``with use_backend("torch"): ...`` runs the block on that backend (``override_settings(backend=name)``)."""
+    with override_settings(backend=name):
         yield
-    finally:
-        _forced = previous
 
 
-@functools.cache
+# Read once: the plan asks on every call, also while torch.compile traces it.
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+_capabilities: dict[int | None, tuple[int, int]] = {}
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return TRITON_AVAILABLE
 
 
-@functools.cache
 def device_capability(index: int | None) -> tuple[int, int]:
-    """``torch.cuda.get_device_capability(index)``, cached: ops ask on every call, and each ask costs host time
-    (docs/measurements.md)."""
-    return torch.cuda.get_device_capability(index)
+    """``torch.cuda.get_device_capability(index)``, asked once per device: ops ask on every call, and each ask
+    costs host time (docs/measurements.md)."""
+    capability = _capabilities.get(index)
+    if capability is None:
+        capability = _capabilities[index] = torch.cuda.get_device_capability(index)
+    return capability
 
 
 def triton_interpreted() -> bool:
@@ -71,8 +55,8 @@ def triton_interpreted() -> bool:
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
-    """Whether the grouped GEMMs on ``tensor``'s device run on the Triton kernels."""
-    backend = get_backend()
+    """Whether the grouped GEMMs on ``tensor``'s device run on the Triton kernels, under the current settings."""
+    backend = settings().backend
     if backend == "torch":
         return False
     on_gpu = tensor.device.type == "cuda" and device_capability(tensor.device.index) >= (8, 0)

@@ -18,10 +18,12 @@ from .launch import cdiv, launch
 _DEQUANTIZE_BLOCK = 1024  # values per program
 
 
-def dequantize(w: ExpertWeights4bit, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize(
+    w: ExpertWeights4bit, dtype: torch.dtype | None = None, *, on_triton: bool | None = None
+) -> torch.Tensor:
     """The dense stack of ``w`` (its shape and orientation; ``dtype`` default its compute dtype): on the Triton
-    kernel where the experts run on Triton, else in PyTorch."""
-    if not use_triton(w.packed):
+    kernel or in PyTorch, as ``on_triton`` says (default: the settings' backend for ``w``'s device)."""
+    if not (use_triton(w.packed) if on_triton is None else on_triton):
         return w.dequantize(dtype=dtype)
     from ..kernels.dequantize_4bit import dequantize_4bit_kernel
 
@@ -53,5 +55,5 @@ def dequantize(w: ExpertWeights4bit, dtype: torch.dtype | None = None) -> torch.
 
 
 def dense(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` as the dense kernels take it: a dequantised copy of a 4-bit stack, any other tensor as is."""
-    return dequantize(weight) if is_4bit(weight) else weight
+    """``weight`` as the dense Triton kernels take it: a dequantised copy of a 4-bit stack, any other tensor as is."""
+    return dequantize(weight, on_triton=True) if is_4bit(weight) else weight

@@ -17,9 +17,10 @@ HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
 
 def _aligned(t: torch.Tensor) -> bool:
-    """grouped_mm needs 16-byte aligned base pointers and non-unit strides."""
+    """grouped_mm needs 16-byte aligned base pointers and non-unit strides. Storages start aligned, so the
+    offset into the storage decides (readable under torch.compile, unlike ``data_ptr``)."""
     size = t.element_size()
-    if t.data_ptr() % 16:
+    if (t.storage_offset() * size) % 16:
         return False
     return all(s == 1 or (s * size) % 16 == 0 for s in t.stride())
 
@@ -28,11 +29,12 @@ def grouped_mm_supports(*tensors: torch.Tensor) -> bool:
     """Whether ``torch.nn.functional.grouped_mm`` takes these operands (dtype, GPU, alignment)."""
     if not HAS_GROUPED_MM:
         return False
-    device = tensors[0].device
-    # On CUDA the grouped_mm kernels are bf16 on sm80+; other dtypes take the loop.
-    if device.type == "cuda" and (
-        tensors[0].dtype != torch.bfloat16 or device_capability(device.index) < (8, 0)
-    ):
+    device, dtype = tensors[0].device, tensors[0].dtype
+    # On CUDA the grouped_mm kernels are bf16 on sm80+, and under torch.compile its shape function takes bf16
+    # only (the CPU's eager kernel takes any float); other dtypes take the loop.
+    if dtype != torch.bfloat16 and (device.type == "cuda" or torch.compiler.is_compiling()):
+        return False
+    if device.type == "cuda" and device_capability(device.index) < (8, 0):
         return False
     return all(_aligned(t) for t in tensors)
 
@@ -80,10 +82,12 @@ def grouped_mm_weight_grad(
 
 class _MoeFusedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, m_sizes: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, m_sizes: torch.Tensor, on_triton: bool
+    ) -> torch.Tensor:
         ctx.save_for_backward(x, weight, m_sizes)
-        ctx.triton = use_triton(x)
-        if ctx.triton:
+        ctx.triton = on_triton
+        if on_triton:
             from . import triton_gemm
 
             return triton_gemm.grouped_gemm(x, weight, m_sizes)
@@ -100,13 +104,13 @@ class _MoeFusedLinear(torch.autograd.Function):
                 grad_x = triton_gemm.grouped_gemm(grad_out, weight.transpose(1, 2), m_sizes)
             if ctx.needs_input_grad[1]:
                 grad_w = triton_gemm.grouped_weight_grad(grad_out, x, m_sizes)
-            return grad_x, grad_w, None
+            return grad_x, grad_w, None, None
         grad_out = grad_out.contiguous()
         if ctx.needs_input_grad[0]:
             grad_x = grouped_mm(grad_out, weight, m_sizes)
         if ctx.needs_input_grad[1]:
             grad_w = grouped_mm_weight_grad(grad_out, x, m_sizes)
-        return grad_x, grad_w, None
+        return grad_x, grad_w, None, None
 
 
 def check_grouped_inputs(x: torch.Tensor, weight: torch.Tensor, m_sizes: torch.Tensor) -> None:
@@ -141,19 +145,23 @@ def check_grouped_inputs(x: torch.Tensor, weight: torch.Tensor, m_sizes: torch.T
             )
 
 
-def moe_fused_linear(input: torch.Tensor, weight: torch.Tensor, m_sizes: torch.Tensor) -> torch.Tensor:
+def moe_fused_linear(
+    input: torch.Tensor, weight: torch.Tensor, m_sizes: torch.Tensor, *, on_triton: bool | None = None
+) -> torch.Tensor:
     """Per-expert linear layer on rows grouped by expert.
 
     Args:
         input: ``[N, in]`` rows sorted by expert.
         weight: ``[E, out, in]`` one weight matrix per expert.
         m_sizes: ``[E]`` integer row counts, summing to ``N``.
+        on_triton: run on the Triton kernels (an experts plan's backend); default: the settings' backend.
 
     Returns:
         ``[N, out]`` in ``weight``'s dtype (``input`` is cast to it, as under autocast).
     """
     check_grouped_inputs(input, weight, m_sizes)
-    return _MoeFusedLinear.apply(input.to(weight.dtype), weight, m_sizes)
+    on_triton = use_triton(input) if on_triton is None else on_triton
+    return _MoeFusedLinear.apply(input.to(weight.dtype), weight, m_sizes, on_triton)
 
 
 def moe_fused_linear_reference(

@@ -65,8 +65,11 @@ def _dropout(adapter: ExpertsLora, x: torch.Tensor) -> torch.Tensor:
     return x if adapter.dropout is None else adapter.dropout(x)
 
 
-def _thin(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, m_sizes: torch.Tensor) -> torch.Tensor:
-    return moe_fused_linear(moe_fused_linear(x, lora_A, m_sizes), lora_B, m_sizes)
+def _thin(
+    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, m_sizes: torch.Tensor, on_triton: bool | None
+) -> torch.Tensor:
+    t = moe_fused_linear(x, lora_A, m_sizes, on_triton=on_triton)
+    return moe_fused_linear(t, lora_B, m_sizes, on_triton=on_triton)
 
 
 def _scaled(factor: torch.Tensor, scaling: float, out: torch.Tensor) -> torch.Tensor:
@@ -112,20 +115,28 @@ def down_factors(
     if down is None:
         return None
     dtype = dtype or down.lora_A.dtype
+    # B copied even in its own dtype: the experts operator may not return one of its inputs.
     return _scaled(
         down.lora_A, down.scaling, down.lora_A.new_empty(down.lora_A.shape, dtype=dtype)
-    ), down.lora_B.to(dtype)
+    ), down.lora_B.to(dtype, copy=True)
 
 
 def gate_up_lora_delta(
-    x: torch.Tensor, adapter: ExpertsLora, intermediate: int, m_sizes: torch.Tensor
+    x: torch.Tensor,
+    adapter: ExpertsLora,
+    intermediate: int,
+    m_sizes: torch.Tensor,
+    *,
+    on_triton: bool | None = None,
 ) -> torch.Tensor | None:
     """The adapter's term for the ``[rows, 2I]`` gate/up output (gate columns first), ``None`` if neither is adapted."""
     factors = gate_up_factors(adapter, intermediate)
-    return None if factors is None else _thin(_dropout(adapter, x), *factors, m_sizes)
+    return None if factors is None else _thin(_dropout(adapter, x), *factors, m_sizes, on_triton)
 
 
-def down_lora_delta(x: torch.Tensor, adapter: ExpertsLora, m_sizes: torch.Tensor) -> torch.Tensor | None:
+def down_lora_delta(
+    x: torch.Tensor, adapter: ExpertsLora, m_sizes: torch.Tensor, *, on_triton: bool | None = None
+) -> torch.Tensor | None:
     """The adapter's term for the down projection's ``[rows, H]`` output, ``None`` if down is not adapted."""
     factors = down_factors(adapter)
-    return None if factors is None else _thin(_dropout(adapter, x), *factors, m_sizes)
+    return None if factors is None else _thin(_dropout(adapter, x), *factors, m_sizes, on_triton)

@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .backend import use_triton
 from .lora import ExpertsLora, check_lora_weights, down_lora_delta, gate_up_lora_delta
 from .moe_4bit import check_frozen, grouped_linear
+from .plan import is_silu, plan_experts
 from .routing import check_top_k_index, route
 
 
@@ -116,11 +116,6 @@ def check_experts_biases(
             raise ValueError(f"{name} must be [E, out] = {shape}, got {tuple(bias.shape)}")
 
 
-def is_silu(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
-    """Whether ``act_fn`` is SiLU (the function, ``nn.SiLU`` or Transformers' ``SiLUActivation``): SwiGLU experts."""
-    return act_fn is F.silu or isinstance(act_fn, torch.nn.SiLU) or type(act_fn).__name__ == "SiLUActivation"
-
-
 def fused_experts(
     hidden_states: torch.Tensor,
     gate_up_proj: torch.Tensor,
@@ -172,7 +167,8 @@ def fused_experts(
         top_k_index,
         top_k_weights,
         paired=gate_fn is None,
-        check_index_range=check_index_range,
+        # A compiled graph cannot read the ids on the host; the compiled model's router picks them in range.
+        check_index_range=check_index_range and not torch.compiler.is_compiling(),
     )
     if lora and gate_fn is not None:
         raise ValueError(
@@ -182,22 +178,61 @@ def fused_experts(
     check_experts_biases(gate_up_bias, down_bias, gate_up_proj, down_proj)
     check_frozen("gate_up_proj", gate_up_proj)
     check_frozen("down_proj", down_proj)
-    num_tokens, hidden = hidden_states.shape
-    routing = route(top_k_index, gate_up_proj.shape[0])
     plain = gate_fn is None and gate_up_bias is None and down_bias is None and post_fn is None
-
-    if plain and is_silu(act_fn) and use_triton(hidden_states):
+    plan = plan_experts(
+        hidden_states,
+        gate_up_proj,
+        down_proj,
+        top_k_index.shape[-1],
+        swiglu=plain and is_silu(act_fn),
+        lora=lora,
+    )
+    if plan.fused:
         from .moe_triton import triton_fused_experts
 
-        out = triton_fused_experts(hidden_states, gate_up_proj, down_proj, top_k_weights, routing, lora)
-        if out is not None:
-            return out
+        return triton_fused_experts(
+            hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights, lora, plan
+        )
+    composed = _composed_on_triton if plan.backend == "triton" else _composed
+    return composed(
+        hidden_states,
+        gate_up_proj,
+        down_proj,
+        top_k_index,
+        top_k_weights,
+        act_fn=act_fn,
+        gate_fn=gate_fn,
+        gate_up_bias=gate_up_bias,
+        down_bias=down_bias,
+        post_fn=post_fn,
+        lora=lora,
+        on_triton=plan.backend == "triton",
+    )
 
-    # The composed path: a grouped copy of the rows, then grouped GEMMs (Triton or PyTorch) and PyTorch ops.
+
+def _composed(
+    hidden_states: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    *,
+    act_fn: Callable[[torch.Tensor], torch.Tensor],
+    gate_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+    gate_up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
+    post_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+    lora: Sequence[ExpertsLora],
+    on_triton: bool,
+) -> torch.Tensor:
+    """The composed path: a grouped copy of the rows, then grouped GEMMs (Triton or PyTorch) and PyTorch ops."""
+    num_tokens, hidden = hidden_states.shape
+    routing = route(top_k_index, gate_up_proj.shape[0], on_triton=on_triton)
+    m_sizes = routing.m_sizes
     x = hidden_states[routing.token_index]
-    gate_up = grouped_linear(x, gate_up_proj, routing.m_sizes)
+    gate_up = grouped_linear(x, gate_up_proj, m_sizes, on_triton=on_triton)
     for adapter in lora:
-        delta = gate_up_lora_delta(x, adapter, down_proj.shape[2], routing.m_sizes)
+        delta = gate_up_lora_delta(x, adapter, down_proj.shape[2], m_sizes, on_triton=on_triton)
         gate_up = gate_up if delta is None else gate_up + delta.to(gate_up.dtype)
     # Each grouped row's expert, for the biases' rows.
     biased = gate_up_bias is not None or down_bias is not None
@@ -209,9 +244,9 @@ def fused_experts(
         h = act_fn(gate) * up
     else:
         h = gate_fn(gate_up)
-    y = grouped_linear(h, down_proj, routing.m_sizes)
+    y = grouped_linear(h, down_proj, m_sizes, on_triton=on_triton)
     for adapter in lora:
-        delta = down_lora_delta(h, adapter, routing.m_sizes)
+        delta = down_lora_delta(h, adapter, m_sizes, on_triton=on_triton)
         y = y if delta is None else y + delta.to(y.dtype)
     if down_bias is not None:
         y = y + down_bias[expert_index].to(y.dtype)
@@ -221,6 +256,13 @@ def fused_experts(
     y = y[routing.inverse].view(num_tokens, routing.top_k, hidden)
     out = (y * top_k_weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
     return out.to(hidden_states.dtype)
+
+
+# The composed path's Triton kernels run eagerly under torch.compile (one graph break): Dynamo would trace into
+# their launches. The fused path is an operator (moe_triton.py) and the PyTorch path traces as it is.
+_composed_on_triton = torch.compiler.disable(
+    _composed, reason="moefuse's composed experts on the Triton kernels run eagerly under torch.compile"
+)
 
 
 def fused_experts_reference(

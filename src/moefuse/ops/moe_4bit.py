@@ -32,16 +32,18 @@ def _project(x: torch.Tensor, weight: ExpertWeights4bit, m_sizes: torch.Tensor, 
     if triton:
         from . import triton_gemm
 
-        return triton_gemm.grouped_gemm(x, dequantize(weight), m_sizes)
+        return triton_gemm.grouped_gemm(x, dequantize(weight, on_triton=True), m_sizes)
     return grouped_mm(x, weight.dequantize().transpose(1, 2), m_sizes)
 
 
 class _MoeFusedLinear4bit(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: ExpertWeights4bit, m_sizes: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, weight: ExpertWeights4bit, m_sizes: torch.Tensor, on_triton: bool
+    ) -> torch.Tensor:
         ctx.save_for_backward(weight, m_sizes)
-        ctx.triton = use_triton(x)
-        return _project(x, weight, m_sizes, ctx.triton)
+        ctx.triton = on_triton
+        return _project(x, weight, m_sizes, on_triton)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -49,21 +51,24 @@ class _MoeFusedLinear4bit(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = _project(grad_out.contiguous(), weight.transpose(1, 2), m_sizes, ctx.triton)
-        return grad_x, None, None
+        return grad_x, None, None, None
 
 
 def moe_fused_linear_4bit(
-    input: torch.Tensor, weight: ExpertWeights4bit, m_sizes: torch.Tensor
+    input: torch.Tensor, weight: ExpertWeights4bit, m_sizes: torch.Tensor, *, on_triton: bool | None = None
 ) -> torch.Tensor:
     """:func:`moefuse.moe_fused_linear` on a frozen 4-bit ``weight [E, out, in]``: ``[N, out]`` in its compute
     dtype, differentiable in ``input`` only."""
     check_grouped_inputs(input, weight, m_sizes)
     check_frozen("weight", weight)
-    return _MoeFusedLinear4bit.apply(input.to(weight.dtype), weight, m_sizes)
+    on_triton = use_triton(input) if on_triton is None else on_triton
+    return _MoeFusedLinear4bit.apply(input.to(weight.dtype), weight, m_sizes, on_triton)
 
 
-def grouped_linear(input: torch.Tensor, weight: torch.Tensor, m_sizes: torch.Tensor) -> torch.Tensor:
+def grouped_linear(
+    input: torch.Tensor, weight: torch.Tensor, m_sizes: torch.Tensor, *, on_triton: bool | None = None
+) -> torch.Tensor:
     """:func:`moe_fused_linear_4bit` for 4-bit weights, :func:`moefuse.moe_fused_linear` otherwise."""
     if is_4bit(weight):
-        return moe_fused_linear_4bit(input, weight, m_sizes)
-    return moe_fused_linear(input, weight, m_sizes)
+        return moe_fused_linear_4bit(input, weight, m_sizes, on_triton=on_triton)
+    return moe_fused_linear(input, weight, m_sizes, on_triton=on_triton)

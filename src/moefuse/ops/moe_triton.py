@@ -1,47 +1,38 @@
-"""The experts on the Triton kernels: one autograd function for the whole SwiGLU experts block, LoRA included.
+"""The experts on the Triton kernels: the whole SwiGLU experts block, LoRA included, as one PyTorch operator.
 
 Forward: the gather of token rows is fused into the gate/up GEMM's loads, SwiGLU into its epilogue, and the
 routing-weight multiply and the scatter of each row to its ``(token, k)`` slot into the down GEMM's epilogue (a
-sum over ``k`` then combines them; no atomics anywhere, so results repeat bit for bit). A LoRA adapter adds, per projection,
-one thin grouped GEMM ``t = x·Aᵀ``; ``t·Bᵀ`` is computed in the base GEMM's epilogue (a rank-deep ``tl.dot``
-per tile), so neither ``W + B·A`` nor the ``[rows, out]`` LoRA term is ever written to memory. Saved for
-backward: the pre-activations ``[S, 2I]``, ``h [S, I]`` (already times the routing weight when the down weight
-is trained: its gradient then reads it as is) and the thin ``t``s (plus the dropout masks when dropout is on);
-nothing of size ``[S, H]``.
+sum over ``k`` then combines them; no atomics anywhere, so results repeat bit for bit). A LoRA adapter adds, per
+projection, one thin grouped GEMM ``t = x·Aᵀ``; ``t·Bᵀ`` is computed in the base GEMM's epilogue (a rank-deep
+``tl.dot`` per tile), so neither ``W + B·A`` nor the ``[rows, out]`` LoRA term is ever written to memory. Saved
+for backward (:class:`Saved`): the pre-activations ``[S, 2I]``, ``h [S, I]`` (already times the routing weight
+when the down weight is trained: its gradient then reads it as is) and the thin ``t``s (plus the dropout masks
+when dropout is on).
 
 Backward computes only what is asked for: with frozen base weights (LoRA) there is no base ``dW``. 4-bit base
-weights (:mod:`moefuse.quant`) are dequantised for each GEMM that reads them (:func:`~moefuse.ops.dequantize_4bit.dense`).
+weights (:mod:`moefuse.quant`) are dequantised for each GEMM that reads them
+(:func:`~moefuse.ops.dequantize_4bit.dense`).
 
-On Hopper in bf16, products with nothing of ours in their epilogue run on ``torch.nn.functional.grouped_mm``
-(CUTLASS) where it beat the Triton kernels when measured: the base weights' gradients
-(:func:`weight_grad_on_grouped_mm`) and, at long per-expert batches, the combined products of full fine-tuning
-(:func:`combine_on_grouped_mm`). The measurements behind each switch: docs/measurements.md.
+Dense weights run as the custom operators ``moefuse::experts`` and ``moefuse::experts_backward`` (so
+``torch.compile`` keeps them in its graph and CUDA graphs can capture them); 4-bit weights run as an eager
+autograd function. Both follow the :class:`~moefuse.ops.plan.ExpertsPlan` they are given, which also says which
+products run on ``torch.nn.functional.grouped_mm`` (CUTLASS) instead of the Triton kernels.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from . import triton_gemm as tg
-from .backend import device_capability
 from .dequantize_4bit import dense
-from .grouped_gemm import HAS_GROUPED_MM, grouped_mm, grouped_mm_supports, grouped_mm_weight_grad
+from .grouped_gemm import grouped_mm, grouped_mm_weight_grad
 from .lora import ExpertsLora, LoraWeights, down_factors, gate_up_factors
-from .routing import ExpertRouting
-
-
-def lora_dropout_p(adapter: ExpertsLora) -> float | None:
-    """The dropout probability the fused path applies for ``adapter``, or ``None`` when it cannot (a custom
-    callable: the composed path runs it as given)."""
-    dropout = adapter.dropout
-    if dropout is None or isinstance(dropout, torch.nn.Identity):
-        return 0.0
-    if isinstance(dropout, torch.nn.Dropout):
-        return dropout.p if dropout.training else 0.0
-    return None
+from .plan import ExpertsPlan
+from .routing import ExpertRouting, route
 
 
 def _mask(like: torch.Tensor, p: float) -> torch.Tensor:
@@ -49,36 +40,12 @@ def _mask(like: torch.Tensor, p: float) -> torch.Tensor:
     return F.dropout(torch.ones_like(like), p, training=True)
 
 
-def _on_hopper_bf16(t: torch.Tensor) -> bool:
-    return (
-        HAS_GROUPED_MM
-        and t.is_cuda
-        and t.dtype == torch.bfloat16
-        and device_capability(t.device.index) >= (9, 0)
-    )
-
-
-def _rows_per_expert(rows: int, routing: ExpertRouting) -> int:
-    return rows // max(1, routing.num_experts)
-
-
-# Rows per expert from which a combined product runs on grouped_mm (see combine_on_grouped_mm).
-GROUPED_MM_COMBINE_ROWS = 1024
-
-
-def combine_on_grouped_mm(t: torch.Tensor, rows_per_expert: int) -> bool:
-    """Whether :func:`combine` runs its product on ``torch.nn.functional.grouped_mm`` (CUTLASS, grouped output)
-    and sums with :meth:`ExpertRouting.token_sums`: on Hopper in bf16, from 1024 rows per expert, where it
-    measured ahead of the Triton kernel with its store to each row's ``(token, k)`` slot. Below 1024 rows the two
-    were level or the Triton kernel ahead, so the Triton kernels stay there (see docs/measurements.md)."""
-    return rows_per_expert >= GROUPED_MM_COMBINE_ROWS and _on_hopper_bf16(t)
-
-
 def combine(
     a: torch.Tensor,
     weight: torch.Tensor,
     routing: ExpertRouting,
     *,
+    on_grouped_mm: bool = False,
     row_scale: torch.Tensor | None = None,
     lora: tg.LoraTerm | None = None,
 ) -> torch.Tensor:
@@ -86,17 +53,11 @@ def combine(
     grouped order, ``weight [E, N, K']`` (any strides) dense or 4-bit.
 
     The GEMM's epilogue stores every row at its slot ``t * K + k`` of a ``[T, K, N]`` buffer, then one sum over
-    ``K``. No atomics, so results repeat bit for bit; the buffer and its sum also measured ahead of fp32 atomic
-    adds into ``[T, N]`` (docs/measurements.md). Where
-    :func:`combine_on_grouped_mm` says so and nothing joins the epilogue (no row scale, no LoRA, dense weights),
-    the product runs on ``grouped_mm`` in grouped order and :meth:`ExpertRouting.token_sums` sums it."""
+    ``K``: no atomics, so results repeat bit for bit. ``on_grouped_mm`` (the plan's choice, taken only where nothing
+    joins the epilogue: no row scale, no LoRA) runs the product on ``grouped_mm`` in grouped order and
+    :meth:`ExpertRouting.token_sums` sums it."""
     weight = dense(weight)
-    if (
-        row_scale is None
-        and lora is None
-        and combine_on_grouped_mm(a, _rows_per_expert(a.shape[0], routing))
-        and grouped_mm_supports(a, weight.transpose(1, 2))
-    ):
+    if on_grouped_mm:
         return routing.token_sums(grouped_mm(a, weight.transpose(1, 2), routing.m_sizes, routing.offsets))
     num_tokens = routing.inverse.numel() // routing.top_k
     width = weight.shape[1]
@@ -107,38 +68,25 @@ def combine(
     return slots.view(num_tokens, routing.top_k, width).sum(dim=1)
 
 
-# Rows per expert from which the base weights' gradients run on grouped_mm (see weight_grad_on_grouped_mm).
-GROUPED_MM_WEIGHT_GRAD_ROWS = 256
-
-
-def weight_grad_on_grouped_mm(t: torch.Tensor, rows_per_expert: int) -> bool:
-    """Whether the base weights' gradients run on ``torch.nn.functional.grouped_mm`` (CUTLASS) instead of the
-    Triton kernel: on Hopper in bf16, from 256 rows per expert, where it measured ahead of the Triton kernel
-    even with the gathered operands copied into grouped order first (:meth:`ExpertRouting.grouped`). Smaller
-    batches were not measured, so the Triton kernel stays there (see docs/measurements.md)."""
-    return rows_per_expert >= GROUPED_MM_WEIGHT_GRAD_ROWS and _on_hopper_bf16(t)
-
-
 def base_weight_grad(
     a: torch.Tensor,
     b: torch.Tensor,
     routing: ExpertRouting,
     *,
+    on_grouped_mm: bool = False,
     gather_a: bool = False,
     gather_b: bool = False,
     row_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`~moefuse.ops.triton_gemm.grouped_weight_grad` for an expert stack's gradient ``[E, N, K]``, ``a`` or
-    ``b`` read through ``routing.token_index`` when gathered. Where :func:`weight_grad_on_grouped_mm` says so (and
-    no row scale is asked), a gathered operand is copied into grouped order (a transient ``[rows, ·]``,
-    :meth:`ExpertRouting.grouped`) and the product runs on ``grouped_mm``."""
+    ``b`` read through ``routing.token_index`` when gathered. ``on_grouped_mm`` (the plan's choice; not with a row
+    scale) copies a gathered operand into grouped order (a transient ``[rows, ·]``, :meth:`ExpertRouting.grouped`)
+    and runs the product on ``grouped_mm``."""
     m_sizes, token_index = routing.m_sizes, routing.token_index
-    rows = token_index.numel() if gather_a or gather_b else a.shape[0]
-    if row_scale is None and weight_grad_on_grouped_mm(a, _rows_per_expert(rows, routing)):
+    if on_grouped_mm and row_scale is None:
         a_rows = routing.grouped(a) if gather_a else a
         b_rows = routing.grouped(b) if gather_b else b
-        if grouped_mm_supports(a_rows.t(), b_rows):
-            return grouped_mm_weight_grad(a_rows, b_rows, m_sizes, routing.offsets)
+        return grouped_mm_weight_grad(a_rows, b_rows, m_sizes, routing.offsets)
     return tg.grouped_weight_grad(
         a,
         b,
@@ -149,19 +97,521 @@ def base_weight_grad(
     )
 
 
+class Saved(NamedTuple):
+    """What the forward keeps for the backward (``None`` where not needed): nothing of size ``[S, H]`` but the
+    dropout mask of the gate/up LoRA's input."""
+
+    scale: torch.Tensor  # [S] each grouped row's routing weight
+    gate_up: torch.Tensor | None  # [S, 2I] pre-activations (when a gradient will be taken)
+    h: torch.Tensor  # [S, I] act(gate) * up, times the routing weight when plan.prescaled_h
+    gate_up_a: torch.Tensor | None  # [E, r_gate + r_up, H] scaled A factors of gate and up, stacked
+    gate_up_b: torch.Tensor | None  # [E, 2I, r_gate + r_up] block-diagonal B factors
+    t: torch.Tensor | None  # [S, r_gate + r_up] x·(s·A)ᵀ
+    x_mask: torch.Tensor | None  # [S, H] dropout mask of the gate/up LoRA's input
+    down_a: torch.Tensor | None  # [E, r_down, I] scaled A factor of down
+    down_b: torch.Tensor | None  # [E, H, r_down]
+    td: torch.Tensor | None  # [S, r_down] h·(s·A)ᵀ
+    h_mask: torch.Tensor | None  # [S, I] dropout mask of the down LoRA's input
+
+
+def experts_forward(
+    hidden_states: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    routing: ExpertRouting,
+    adapter: ExpertsLora | None,
+    plan: ExpertsPlan,
+    store_gate_up: bool,
+) -> tuple[torch.Tensor, Saved]:
+    """The experts' output ``[T, H]`` (in ``hidden_states``' dtype) and what its backward needs."""
+    token_index, m_sizes = routing.token_index, routing.m_sizes
+    dtype = gate_up_proj.dtype
+    x = hidden_states.to(dtype)
+    scale = top_k_weights.reshape(-1).index_select(0, routing.sorted_slots)
+    # The GEMMs run in the base weights' dtype, the scalings folded into the A factors (see lora.py): built
+    # here, without autograd, so the step records no graph for them.
+    gate_up_a = gate_up_b = down_a = down_b = None
+    if adapter is not None:
+        gate_up_a, gate_up_b = gate_up_factors(adapter, down_proj.shape[2], dtype) or (None, None)
+        down_a, down_b = down_factors(adapter, dtype) or (None, None)
+
+    gate_up_lora = t = x_mask = None
+    if gate_up_a is not None:
+        if plan.lora_dropout > 0:  # each (token, expert) row its own mask, as PEFT's per-expert Linear layers
+            rows = x[token_index]
+            x_mask = _mask(rows, plan.lora_dropout)
+            t = tg.grouped_gemm(rows * x_mask, gate_up_a, m_sizes)
+        else:
+            t = tg.grouped_gemm(x, gate_up_a, m_sizes, a_index=token_index)
+        gate_up_lora = tg.LoraTerm(t, gate_up_b)
+    h, gate_up = tg.gate_up_swiglu(
+        x,
+        dense(gate_up_proj),
+        m_sizes,
+        token_index,
+        store_gate_up=store_gate_up,
+        lora=gate_up_lora,
+        row_scale=scale if plan.prescaled_h else None,
+    )
+
+    down_lora = td = h_mask = None
+    if down_a is not None:
+        h_mask = _mask(h, plan.lora_dropout) if plan.lora_dropout > 0 else None
+        td = tg.grouped_gemm(h if h_mask is None else h * h_mask, down_a, m_sizes)
+        down_lora = tg.LoraTerm(td, down_b)
+    out = combine(
+        h,
+        down_proj,
+        routing,
+        on_grouped_mm=plan.combine_on_grouped_mm,
+        row_scale=None if plan.prescaled_h else scale,
+        lora=down_lora,
+    )
+    saved = Saved(scale, gate_up, h, gate_up_a, gate_up_b, t, x_mask, down_a, down_b, td, h_mask)
+    return out.to(hidden_states.dtype), saved
+
+
+class FactorSpec(NamedTuple):
+    """The LoRA factors' ranks (0: the projection is not adapted), scalings and dtype: what the backward
+    allocates their gradients by (their values are not kept, so an optimizer step may update them in place)."""
+
+    ranks: tuple[int, int, int]  # gate, up, down
+    scalings: tuple[float, float, float]
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, adapter: ExpertsLora | None, default: torch.dtype) -> FactorSpec:
+        projections = _projections(adapter)
+        present = [w.lora_A.dtype for w in projections if w is not None]
+        return cls(
+            tuple(0 if w is None else w.lora_A.shape[1] for w in projections),
+            tuple(0.0 if w is None else float(w.scaling) for w in projections),
+            present[0] if present else default,
+        )
+
+
+def experts_backward(
+    grad_out: torch.Tensor,
+    hidden_states: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    routing: ExpertRouting,
+    saved: Saved,
+    factors: FactorSpec,
+    weights_dtype: torch.dtype,
+    needs: Sequence[bool],
+    plan: ExpertsPlan,
+) -> list[torch.Tensor | None]:
+    """Gradients of ``(hidden_states, gate_up_proj, down_proj, top_k_weights, gate A, gate B, up A, up B, down A,
+    down B)``, each only where ``needs`` says (``None`` elsewhere)."""
+    m_sizes, token_index = routing.m_sizes, routing.token_index
+    x = hidden_states.to(gate_up_proj.dtype)
+    grad_out = grad_out.to(down_proj.dtype)
+    scale, gate_up, h = saved.scale, saved.gate_up, saved.h
+    num_experts, two_i, hidden = gate_up_proj.shape
+    inter = two_i // 2
+    grad: list[torch.Tensor | None] = [None] * 10
+    factor_shapes = [
+        (num_experts, factors.ranks[0], hidden),
+        (num_experts, inter, factors.ranks[0]),
+        (num_experts, factors.ranks[1], hidden),
+        (num_experts, inter, factors.ranks[1]),
+        (num_experts, factors.ranks[2], inter),
+        (num_experts, hidden, factors.ranks[2]),
+    ]
+
+    def factor_grad(i: int) -> torch.Tensor:
+        return x.new_empty(factor_shapes[i], dtype=factors.dtype)
+
+    # Down projection: its LoRA's gradient reaching h, (dY·B)·(s·A), joins the epilogue of the GEMM dY·W.
+    h_lora_grad = None
+    if saved.down_a is not None:
+        down_a, down_b, h_mask = saved.down_a, saved.down_b, saved.h_mask
+        u = tg.grouped_gemm(grad_out, down_b.transpose(1, 2), m_sizes, a_index=token_index)  # dY·B
+        h_lora_grad = tg.LoraTerm(u, down_a.transpose(1, 2), h_mask)
+        h_lora = h if h_mask is None else h * h_mask
+        if needs[8]:  # d(s·A) / dA = s: folded into the rows' routing weights
+            grad[8] = tg.grouped_weight_grad(
+                u, h_lora, m_sizes, row_scale=scale * factors.scalings[2], out=factor_grad(4)
+            )
+        if needs[9]:  # td = h·(s·A)ᵀ already holds the scaling
+            grad[9] = tg.grouped_weight_grad(
+                grad_out, saved.td, m_sizes, a_index=token_index, row_scale=scale, out=factor_grad(5)
+            )
+    # The routing weights' gradient comes out of SwiGLU's row kernel in their (token, k) order and dtype.
+    weights_grad = x.new_empty(x.shape[0] * routing.top_k, dtype=weights_dtype) if needs[3] else None
+    d_gate_up, _ = tg.swiglu_backward(
+        grad_out,
+        dense(down_proj),
+        gate_up,
+        scale,
+        m_sizes,
+        token_index,
+        lora=h_lora_grad,
+        d_scale_out=weights_grad,
+        d_scale_index=routing.sorted_slots,
+    )
+    if needs[3]:
+        grad[3] = weights_grad.view(x.shape[0], routing.top_k)
+
+    # Gate/up projection.
+    x_lora_grad = None
+    if saved.gate_up_a is not None:
+        x_mask = saved.x_mask
+        x_rows = x[token_index] * x_mask if x_mask is not None else x
+        x_index = None if x_mask is not None else token_index
+        dt = tg.grouped_gemm(d_gate_up, saved.gate_up_b.transpose(1, 2), m_sizes)  # dG·B
+        d_a = None
+        if needs[4] or needs[6]:  # one dtᵀ·x for both A factors, split by their columns
+            d_a = tg.grouped_weight_grad(
+                dt,
+                x_rows,
+                m_sizes,
+                b_index=x_index,
+                out=dt.new_empty(num_experts, dt.shape[1], hidden, dtype=torch.float32),
+            )
+        col = 0
+        for i in range(2):  # gate, up
+            rank = factors.ranks[i]
+            if not rank:
+                continue
+            if needs[4 + 2 * i]:
+                grad[4 + 2 * i] = torch.mul(
+                    d_a[:, col : col + rank], factors.scalings[i], out=factor_grad(2 * i)
+                )
+            if needs[5 + 2 * i]:
+                grad[5 + 2 * i] = tg.grouped_weight_grad(
+                    d_gate_up[:, i * inter : (i + 1) * inter],
+                    saved.t[:, col : col + rank],
+                    m_sizes,
+                    out=factor_grad(2 * i + 1),
+                )
+            col += rank
+        if needs[0]:  # (dG·B)·(s·A) joins the input gradient's epilogue
+            x_lora_grad = tg.LoraTerm(dt, saved.gate_up_a.transpose(1, 2), x_mask)
+    # The input gradient first, then the weight gradients: the combine's [T·K, H] slots are freed before the
+    # [E, ...] weight gradients exist (a lower peak).
+    if needs[0]:
+        grad[0] = combine(
+            d_gate_up,
+            gate_up_proj.transpose(1, 2),
+            routing,
+            on_grouped_mm=plan.input_grad_on_grouped_mm,
+            lora=x_lora_grad,
+        ).to(hidden_states.dtype)
+    if needs[1]:
+        grad[1] = base_weight_grad(
+            d_gate_up, x, routing, on_grouped_mm=plan.weight_grad_on_grouped_mm, gather_b=True
+        )
+    d_gate_up = None  # freed before the down weight gradient is allocated
+    if needs[2]:
+        grad[2] = base_weight_grad(
+            grad_out,
+            h,
+            routing,
+            on_grouped_mm=plan.weight_grad_on_grouped_mm,
+            gather_a=True,
+            row_scale=None if plan.prescaled_h else scale,
+        )
+    return grad
+
+
 def _projections(adapter: ExpertsLora | None) -> tuple[LoraWeights | None, ...]:
     return (None, None, None) if adapter is None else (adapter.gate, adapter.up, adapter.down)
 
 
 def _factor_tensors(adapter: ExpertsLora | None) -> tuple[torch.Tensor | None, ...]:
-    """``(gate A, gate B, up A, up B, down A, down B)`` of ``adapter`` (``None`` where not adapted), the autograd
-    function's inputs: their gradients are computed here, in their own dtype (PEFT keeps adapters in fp32)."""
+    """``(gate A, gate B, up A, up B, down A, down B)`` of ``adapter`` (``None`` where not adapted): inputs of the
+    autograd node, so the graph reaches them; their gradients are computed here, in their own dtype."""
     return tuple(
         f for w in _projections(adapter) for f in ((None, None) if w is None else (w.lora_A, w.lora_B))
     )
 
 
-class _TritonExperts(torch.autograd.Function):
+# The dense experts as PyTorch custom operators: torch.compile keeps them whole in its graphs (no graph break)
+# and never traces into the kernels' launches; CUDA graphs can capture them, as they never sync with the host.
+# The forward returns the routing and what the backward needs, so the backward is an operator of its own.
+_FORWARD_OUTPUTS = ("out", "m_sizes", "sorted_slots", "token_index", "inverse", "offsets", *Saved._fields)
+_GRADIENTS = ("hidden_states", "gate_up_proj", "down_proj", "top_k_weights", *(f"grad_{n}" for n in range(6)))
+
+
+def _fused_plan(
+    lora_dropout: float,
+    prescaled_h: bool,
+    combine_on_grouped_mm: bool = False,
+    input_grad_on_grouped_mm: bool = False,
+    weight_grad_on_grouped_mm: bool = False,
+) -> ExpertsPlan:
+    """The plan of the fused path from the choices an operator receives as its arguments."""
+    return ExpertsPlan(
+        backend="triton",
+        fused=True,
+        composed_because="",
+        weights="dense",
+        lora="fused",
+        lora_dropout=lora_dropout,
+        prescaled_h=prescaled_h,
+        combine_on_grouped_mm=combine_on_grouped_mm,
+        input_grad_on_grouped_mm=input_grad_on_grouped_mm,
+        weight_grad_on_grouped_mm=weight_grad_on_grouped_mm,
+    )
+
+
+def _adapter(factors: Sequence[torch.Tensor | None], scalings: Sequence[float]) -> ExpertsLora | None:
+    """The adapter an operator receives as six optional factor tensors and three scalings."""
+    weights = [
+        None if factors[2 * i] is None else LoraWeights(factors[2 * i], factors[2 * i + 1], scalings[i])
+        for i in range(3)
+    ]
+    return None if all(w is None for w in weights) else ExpertsLora(*weights)
+
+
+def _empty_if_none(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+@torch.library.custom_op(
+    "moefuse::experts",
+    mutates_args=(),
+    schema="(Tensor hidden_states, Tensor gate_up_proj, Tensor down_proj, Tensor top_k_index, "
+    "Tensor top_k_weights, Tensor? gate_a, Tensor? gate_b, Tensor? up_a, Tensor? up_b, Tensor? down_a, "
+    "Tensor? down_b, float[] scalings, float lora_dropout, bool store_gate_up, bool prescaled_h, "
+    "bool combine_on_grouped_mm, bool input_grad_on_grouped_mm, bool weight_grad_on_grouped_mm) "
+    f"-> ({', '.join(['Tensor'] * len(_FORWARD_OUTPUTS))})",
+)
+def _experts_op(
+    hidden_states: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_a: torch.Tensor | None,
+    gate_b: torch.Tensor | None,
+    up_a: torch.Tensor | None,
+    up_b: torch.Tensor | None,
+    down_a: torch.Tensor | None,
+    down_b: torch.Tensor | None,
+    scalings: Sequence[float],
+    lora_dropout: float,
+    store_gate_up: bool,
+    prescaled_h: bool,
+    combine_on_grouped_mm: bool,
+    input_grad_on_grouped_mm: bool,
+    weight_grad_on_grouped_mm: bool,
+) -> tuple[torch.Tensor, ...]:
+    """The fused experts' forward (:func:`experts_forward`): ``(out, routing tensors, Saved)``, an empty tensor
+    for each ``Saved`` field that is ``None``."""
+    routing = route(top_k_index, gate_up_proj.shape[0], on_triton=True)
+    adapter = _adapter((gate_a, gate_b, up_a, up_b, down_a, down_b), scalings)
+    plan = _fused_plan(lora_dropout, prescaled_h, combine_on_grouped_mm)
+    out, saved = experts_forward(
+        hidden_states, gate_up_proj, down_proj, top_k_weights, routing, adapter, plan, store_gate_up
+    )
+    routing_tensors = (
+        routing.m_sizes,
+        routing.sorted_slots,
+        routing.token_index,
+        routing.inverse,
+        routing.offsets,
+    )
+    return (out, *routing_tensors, *(_empty_if_none(t, out) for t in saved))
+
+
+@_experts_op.register_fake
+def _(
+    hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights, gate_a, gate_b, up_a, up_b, down_a,
+    down_b, scalings, lora_dropout, store_gate_up, prescaled_h, combine_on_grouped_mm, input_grad_on_grouped_mm,
+    weight_grad_on_grouped_mm,
+):  # fmt: skip
+    num_experts, two_i, hidden = gate_up_proj.shape
+    inter, rows, dtype = two_i // 2, top_k_index.numel(), gate_up_proj.dtype
+    ranks = _ranks((gate_a, gate_b, up_a, up_b, down_a, down_b))
+    gate_up_rank, down_rank = ranks[0] + ranks[1], ranks[2]
+    shapes = Saved(
+        scale=(rows,),
+        gate_up=(rows, two_i),
+        h=(rows, inter),
+        gate_up_a=(num_experts, gate_up_rank, hidden),
+        gate_up_b=(num_experts, two_i, gate_up_rank),
+        t=(rows, gate_up_rank),
+        x_mask=(rows, hidden),
+        down_a=(num_experts, down_rank, inter),
+        down_b=(num_experts, hidden, down_rank),
+        td=(rows, down_rank),
+        h_mask=(rows, inter),
+    )
+    present = _saved_present(ranks, lora_dropout, store_gate_up)
+    saved = [
+        hidden_states.new_empty(
+            shape if there else (0,), dtype=top_k_weights.dtype if name == "scale" else dtype
+        )
+        for name, shape, there in zip(Saved._fields, shapes, present, strict=True)
+    ]
+    index = top_k_index.new_empty(rows, dtype=torch.long)
+    return (
+        torch.empty_like(hidden_states),
+        top_k_index.new_empty(num_experts, dtype=torch.long),
+        index,
+        torch.empty_like(index),
+        torch.empty_like(index),
+        top_k_index.new_empty(num_experts, dtype=torch.int32),
+        *saved,
+    )
+
+
+@torch.library.custom_op(
+    "moefuse::experts_backward",
+    mutates_args=(),
+    schema="(Tensor grad_out, Tensor hidden_states, Tensor gate_up_proj, Tensor down_proj, Tensor m_sizes, "
+    "Tensor sorted_slots, Tensor token_index, Tensor inverse, Tensor offsets, int top_k, Tensor?[] saved, int[] ranks, "
+    "float[] scalings, ScalarType factor_dtype, ScalarType weights_dtype, bool[] needs, float lora_dropout, "
+    "bool prescaled_h, bool input_grad_on_grouped_mm, bool weight_grad_on_grouped_mm) "
+    f"-> ({', '.join(['Tensor'] * len(_GRADIENTS))})",
+)
+def _experts_backward_op(
+    grad_out: torch.Tensor,
+    hidden_states: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    m_sizes: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    token_index: torch.Tensor,
+    inverse: torch.Tensor,
+    offsets: torch.Tensor,
+    top_k: int,
+    saved: Sequence[torch.Tensor | None],
+    ranks: Sequence[int],
+    scalings: Sequence[float],
+    factor_dtype: torch.dtype,
+    weights_dtype: torch.dtype,
+    needs: Sequence[bool],
+    lora_dropout: float,
+    prescaled_h: bool,
+    input_grad_on_grouped_mm: bool,
+    weight_grad_on_grouped_mm: bool,
+) -> tuple[torch.Tensor, ...]:
+    """The fused experts' backward (:func:`experts_backward`): one gradient per differentiable input, an empty
+    tensor where ``needs`` asks none."""
+    routing = ExpertRouting(m_sizes, sorted_slots, token_index, inverse, top_k, offsets, on_triton=True)
+    plan = _fused_plan(
+        lora_dropout, prescaled_h, input_grad_on_grouped_mm=input_grad_on_grouped_mm,
+        weight_grad_on_grouped_mm=weight_grad_on_grouped_mm,
+    )  # fmt: skip
+    grads = experts_backward(
+        grad_out,
+        hidden_states,
+        gate_up_proj,
+        down_proj,
+        routing,
+        Saved(*saved),
+        FactorSpec(tuple(ranks), tuple(scalings), factor_dtype),
+        weights_dtype,
+        needs,
+        plan,
+    )
+    return tuple(_empty_if_none(g, grad_out) for g in grads)
+
+
+@_experts_backward_op.register_fake
+def _(
+    grad_out, hidden_states, gate_up_proj, down_proj, m_sizes, sorted_slots, token_index, inverse, offsets, top_k,
+    saved, ranks, scalings, factor_dtype, weights_dtype, needs, lora_dropout, prescaled_h,
+    input_grad_on_grouped_mm, weight_grad_on_grouped_mm,
+):  # fmt: skip
+    num_experts, two_i, hidden = gate_up_proj.shape
+    inter, tokens = two_i // 2, hidden_states.shape[0]
+    shapes = [
+        (tuple(hidden_states.shape), hidden_states.dtype),
+        (tuple(gate_up_proj.shape), gate_up_proj.dtype),
+        (tuple(down_proj.shape), down_proj.dtype),
+        ((tokens, top_k), weights_dtype),
+        *(
+            (shape, factor_dtype)
+            for rank, width in zip(ranks, (hidden, hidden, inter), strict=True)
+            for shape in (
+                (num_experts, rank, width),
+                (num_experts, inter if width == hidden else hidden, rank),
+            )
+        ),
+    ]
+    return tuple(
+        grad_out.new_empty(shape if need else (0,), dtype=dtype)
+        for need, (shape, dtype) in zip(needs, shapes, strict=True)
+    )
+
+
+def _ranks(factors: Sequence[torch.Tensor | None]) -> tuple[int, int, int]:
+    """Gate, up and down LoRA ranks from the six optional factors (0: not adapted)."""
+    return tuple(0 if factors[2 * i] is None else factors[2 * i].shape[1] for i in range(3))
+
+
+def _saved_present(ranks: Sequence[int], lora_dropout: float, store_gate_up: bool) -> tuple[bool, ...]:
+    """Which :class:`Saved` fields the forward fills (an operator returns an empty tensor for the others)."""
+    gate_up, down, dropout = ranks[0] + ranks[1] > 0, ranks[2] > 0, lora_dropout > 0
+    return tuple(
+        Saved(
+            scale=True,
+            gate_up=store_gate_up,
+            h=True,
+            gate_up_a=gate_up,
+            gate_up_b=gate_up,
+            t=gate_up,
+            x_mask=gate_up and dropout,
+            down_a=down,
+            down_b=down,
+            td=down,
+            h_mask=down and dropout,
+        )
+    )
+
+
+def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    hidden_states, gate_up_proj, down_proj, _, top_k_weights, *factors = inputs[:11]
+    scalings, lora_dropout, store_gate_up, prescaled_h, _, *backward_choices = inputs[11:]
+    ctx.save_for_backward(hidden_states, gate_up_proj, down_proj, *output[1:])
+    ctx.top_k = inputs[3].shape[-1]
+    present = [f.dtype for f in factors if f is not None]
+    ctx.ranks = _ranks(factors)
+    ctx.present = _saved_present(ctx.ranks, lora_dropout, store_gate_up)
+    ctx.scalings = tuple(scalings)
+    ctx.factor_dtype = present[0] if present else gate_up_proj.dtype
+    ctx.weights_dtype = top_k_weights.dtype
+    ctx.choices = (lora_dropout, prescaled_h, *backward_choices)
+
+
+def _backward(ctx, grad_out: torch.Tensor, *_: torch.Tensor) -> tuple:
+    hidden_states, gate_up_proj, down_proj, *routing_and_saved = ctx.saved_tensors
+    routing_tensors, saved = routing_and_saved[:5], routing_and_saved[5:]
+    saved = [t if present else None for t, present in zip(saved, ctx.present, strict=True)]
+    n = ctx.needs_input_grad
+    needs = [n[0], n[1], n[2], n[4], *n[5:11]]  # top_k_index (input 3) takes no gradient
+    grads = _experts_backward_op(
+        grad_out,
+        hidden_states,
+        gate_up_proj,
+        down_proj,
+        *routing_tensors,
+        ctx.top_k,
+        saved,
+        list(ctx.ranks),
+        list(ctx.scalings),
+        ctx.factor_dtype,
+        ctx.weights_dtype,
+        needs,
+        *ctx.choices,
+    )
+    grads = [g if need else None for g, need in zip(grads, needs, strict=True)]
+    return (*grads[:3], None, grads[3], *grads[4:], *([None] * 7))
+
+
+_experts_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _Experts4bit(torch.autograd.Function):
+    """The fused experts on 4-bit base weights: one autograd function, run eagerly (a 4-bit stack is a tensor
+    subclass, which an operator would dequantise on entry)."""
+
     @staticmethod
     def forward(
         ctx,
@@ -169,249 +619,98 @@ class _TritonExperts(torch.autograd.Function):
         gate_up_proj: torch.Tensor,
         down_proj: torch.Tensor,
         top_k_weights: torch.Tensor,
-        adapter: ExpertsLora | None,
         routing: ExpertRouting,
-        needs_grad: bool,
-        dropout_p: float,
-        # _factor_tensors(adapter): the autograd graph reaches the factors through these inputs
-        *factors: torch.Tensor | None,
+        adapter: ExpertsLora | None,
+        plan: ExpertsPlan,
+        store_gate_up: bool,
+        *factors: torch.Tensor
+        | None,  # _factor_tensors(adapter): the graph reaches the factors through these
     ) -> torch.Tensor:
-        num_tokens, hidden = hidden_states.shape
-        m_sizes, token_index = routing.m_sizes, routing.token_index
-        dtype = gate_up_proj.dtype
-        x = hidden_states.to(dtype)
-        scale = top_k_weights.reshape(-1).index_select(0, routing.sorted_slots)
-        # The GEMMs run in the base weights' dtype, the scalings folded into the A factors (see lora.py): built
-        # here, without autograd, so the step records no graph for them.
-        gate_up_a = gate_up_b = down_a = down_b = None
-        if adapter is not None:
-            gate_up_a, gate_up_b = gate_up_factors(adapter, down_proj.shape[2], dtype) or (None, None)
-            down_a, down_b = down_factors(adapter, dtype) or (None, None)
-
-        gate_up_lora = t = x_mask = None
-        if gate_up_a is not None:
-            if dropout_p > 0:  # each (token, expert) row its own mask, as PEFT's per-expert Linear layers
-                rows = x[token_index]
-                x_mask = _mask(rows, dropout_p)
-                t = tg.grouped_gemm(rows * x_mask, gate_up_a, m_sizes)
-            else:
-                t = tg.grouped_gemm(x, gate_up_a, m_sizes, a_index=token_index)
-            gate_up_lora = tg.LoraTerm(t, gate_up_b)
-        # When the down weight's gradient will be taken (and no LoRA reads h), h is stored already multiplied by
-        # the routing weight: the down GEMM then needs no row scale, nor does its weight gradient's operand.
-        prescaled = down_proj.requires_grad and down_a is None
-        h, gate_up = tg.gate_up_swiglu(
-            x,
-            dense(gate_up_proj),
-            m_sizes,
-            token_index,
-            store_gate_up=needs_grad,
-            lora=gate_up_lora,
-            row_scale=scale if prescaled else None,
+        out, saved = experts_forward(
+            hidden_states, gate_up_proj, down_proj, top_k_weights, routing, adapter, plan, store_gate_up
         )
-
-        down_lora = td = h_mask = None
-        if down_a is not None:
-            h_mask = _mask(h, dropout_p) if dropout_p > 0 else None
-            td = tg.grouped_gemm(h if h_mask is None else h * h_mask, down_a, m_sizes)
-            down_lora = tg.LoraTerm(td, down_b)
-        out = combine(h, down_proj, routing, row_scale=None if prescaled else scale, lora=down_lora)
-        ctx.save_for_backward(
-            x,
-            gate_up_proj,
-            down_proj,
-            gate_up,
-            h,
-            scale,
-            gate_up_a,
-            gate_up_b,
-            t,
-            x_mask,
-            down_a,
-            down_b,
-            td,
-            h_mask,
-        )
-        # Only the factors' shapes and dtypes: their gradients are allocated like them (saving the factors
-        # themselves would make an optimizer step between forward and backward an error).
-        ctx.factors = tuple(None if f is None else (f.shape, f.dtype) for f in factors)
-        ctx.routing, ctx.weights_dtype = routing, top_k_weights.dtype
-        ctx.prescaled = prescaled
-        ctx.scalings = tuple(None if w is None else w.scaling for w in _projections(adapter))
-        return out.to(hidden_states.dtype)
+        ctx.save_for_backward(hidden_states, gate_up_proj, down_proj, *saved)
+        ctx.routing, ctx.plan = routing, plan
+        ctx.factors = FactorSpec.of(adapter, gate_up_proj.dtype)
+        ctx.weights_dtype = top_k_weights.dtype
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        (
-            x,
+        hidden_states, gate_up_proj, down_proj, *saved = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        grads = experts_backward(
+            grad_out,
+            hidden_states,
             gate_up_proj,
             down_proj,
-            gate_up,
-            h,
-            scale,
-            gate_up_a,
-            gate_up_b,
-            t,
-            x_mask,
-            down_a,
-            down_b,
-            td,
-            h_mask,
-        ) = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        routing: ExpertRouting = ctx.routing
-        m_sizes, token_index = routing.m_sizes, routing.token_index
-        grad_out = grad_out.to(down_proj.dtype)
-        factors = ctx.factors
-        grad = [None] * 8  # the inputs before the factors
-        factor_grad = [None] * len(factors)  # gate A, gate B, up A, up B, down A, down B
-        factor_needs = needs[8:]
-        gate_scaling, up_scaling, down_scaling = ctx.scalings
-
-        # Down projection: its LoRA's gradient reaching h, (dY·B)·(s·A), joins the epilogue of the GEMM dY·W.
-        h_lora_grad = None
-        if down_a is not None:
-            u = tg.grouped_gemm(grad_out, down_b.transpose(1, 2), m_sizes, a_index=token_index)  # dY·B
-            h_lora_grad = tg.LoraTerm(u, down_a.transpose(1, 2), h_mask)
-            h_lora = h if h_mask is None else h * h_mask
-            if factor_needs[4]:  # d(s·A) / dA = s: folded into the rows' routing weights
-                factor_grad[4] = tg.grouped_weight_grad(
-                    u, h_lora, m_sizes, row_scale=scale * down_scaling, out=_like(factors[4], x)
-                )
-            if factor_needs[5]:  # td = h·(s·A)ᵀ already holds the scaling
-                factor_grad[5] = tg.grouped_weight_grad(
-                    grad_out,
-                    td,
-                    m_sizes,
-                    a_index=token_index,
-                    row_scale=scale,
-                    out=_like(factors[5], x),
-                )
-        # The routing weights' gradient comes out of SwiGLU's row kernel in their (token, k) order and dtype.
-        weights_grad = x.new_empty(x.shape[0] * routing.top_k, dtype=ctx.weights_dtype) if needs[3] else None
-        d_gate_up, _ = tg.swiglu_backward(
-            grad_out,
-            dense(down_proj),
-            gate_up,
-            scale,
-            m_sizes,
-            token_index,
-            lora=h_lora_grad,
-            d_scale_out=weights_grad,
-            d_scale_index=routing.sorted_slots,
+            ctx.routing,
+            Saved(*saved),
+            ctx.factors,
+            ctx.weights_dtype,
+            [n[0], n[1], n[2], n[3], *n[8:14]],
+            ctx.plan,
         )
-        if needs[3]:
-            grad[3] = weights_grad.view(x.shape[0], routing.top_k)
-
-        # Gate/up projection.
-        x_lora_grad = None
-        if gate_up_a is not None:
-            x_rows = x[token_index] * x_mask if x_mask is not None else x
-            x_index = None if x_mask is not None else token_index
-            dt = tg.grouped_gemm(d_gate_up, gate_up_b.transpose(1, 2), m_sizes)  # dG·B
-            _gate_up_factor_grads(
-                factor_grad,
-                factor_needs,
-                factors,
-                (gate_scaling, up_scaling),
-                d_gate_up,
-                dt,
-                t,
-                x_rows,
-                x_index,
-                m_sizes,
-            )
-            if needs[0]:  # (dG·B)·(s·A) joins the input gradient's epilogue
-                x_lora_grad = tg.LoraTerm(dt, gate_up_a.transpose(1, 2), x_mask)
-        # The input gradient first, then the weight gradients: the combine's [T·K, H] slots are freed before the
-        # [E, ...] weight gradients exist (a lower peak).
-        if needs[0]:
-            grad[0] = combine(d_gate_up, gate_up_proj.transpose(1, 2), routing, lora=x_lora_grad).to(x.dtype)
-        if needs[1]:
-            grad[1] = base_weight_grad(d_gate_up, x, routing, gather_b=True)
-        d_gate_up = None  # freed before the down weight gradient is allocated
-        if needs[2]:
-            grad[2] = base_weight_grad(
-                grad_out, h, routing, gather_a=True, row_scale=None if ctx.prescaled else scale
-            )
-        return (*grad, *factor_grad)
+        return (*grads[:4], None, None, None, None, *grads[4:])
 
 
-def _like(factor: tuple[torch.Size, torch.dtype], device_of: torch.Tensor) -> torch.Tensor:
-    """An empty gradient for a factor of this ``(shape, dtype)``."""
-    shape, dtype = factor
-    return device_of.new_empty(shape, dtype=dtype)
-
-
-def _gate_up_factor_grads(
-    factor_grad: list,
-    factor_needs: tuple[bool, ...],
-    factors: tuple[tuple[torch.Size, torch.dtype] | None, ...],
-    scalings: tuple[float | None, float | None],
-    d_gate_up: torch.Tensor,
-    dt: torch.Tensor,
-    t: torch.Tensor,
-    x_rows: torch.Tensor,
-    x_index: torch.Tensor | None,
-    m_sizes: torch.Tensor,
-) -> None:
-    """Gradients of the gate and up factors from the stacked ``t = x·(s·A)ᵀ`` and ``dt = dG·B``: each ``B``'s from
-    its own columns of ``dG`` and ``t``, each ``A``'s from its columns of one ``dtᵀ·x`` times its scaling."""
-    inter = d_gate_up.shape[1] // 2
-    d_a = None
-    if factor_needs[0] or factor_needs[2]:
-        d_a = tg.grouped_weight_grad(
-            dt,
-            x_rows,
-            m_sizes,
-            b_index=x_index,
-            out=dt.new_empty(m_sizes.numel(), dt.shape[1], x_rows.shape[1], dtype=torch.float32),
-        )
-    col = 0
-    for i, scaling in enumerate(scalings):
-        if scaling is None:
-            continue
-        lora_A, lora_B = factors[2 * i], factors[2 * i + 1]
-        rank = lora_A[0][1]
-        if factor_needs[2 * i]:
-            factor_grad[2 * i] = torch.mul(d_a[:, col : col + rank], scaling, out=_like(lora_A, dt))
-        if factor_needs[2 * i + 1]:
-            factor_grad[2 * i + 1] = tg.grouped_weight_grad(
-                d_gate_up[:, i * inter : (i + 1) * inter],
-                t[:, col : col + rank],
-                m_sizes,
-                out=_like(lora_B, dt),
-            )
-        col += rank
+@torch.compiler.disable(reason="moefuse's 4-bit experts run eagerly under torch.compile")
+def _fused_experts_4bit(
+    hidden_states: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    adapter: ExpertsLora | None,
+    plan: ExpertsPlan,
+    store_gate_up: bool,
+) -> torch.Tensor:
+    routing = route(top_k_index, gate_up_proj.shape[0], on_triton=True)
+    return _Experts4bit.apply(
+        hidden_states,
+        gate_up_proj,
+        down_proj,
+        top_k_weights,
+        routing,
+        adapter,
+        plan,
+        store_gate_up,
+        *_factor_tensors(adapter),
+    )
 
 
 def triton_fused_experts(
     hidden_states: torch.Tensor,
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
+    top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
-    routing: ExpertRouting,
     lora: Sequence[ExpertsLora],
-) -> torch.Tensor | None:
-    """SwiGLU experts (with at most one LoRA adapter) on the Triton kernels; ``None`` when this path does not
-    apply (several adapters, or a dropout that is not ``nn.Dropout``) and the caller must compose instead."""
-    if len(lora) > 1:
-        return None
+    plan: ExpertsPlan,
+) -> torch.Tensor:
+    """SwiGLU experts with at most one LoRA adapter on the Triton kernels, as ``plan`` (fused) says: the
+    ``moefuse::experts`` operator for dense weights, an eager autograd function for 4-bit ones."""
     adapter = lora[0] if lora else None
-    dropout_p = 0.0 if adapter is None else lora_dropout_p(adapter)
-    if dropout_p is None:
-        return None
     factors = _factor_tensors(adapter)
     inputs = (hidden_states, gate_up_proj, down_proj, top_k_weights, *factors)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    return _TritonExperts.apply(
+    store_gate_up = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    if plan.weights == "4bit":
+        return _fused_experts_4bit(
+            hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights, adapter, plan, store_gate_up
+        )
+    outputs = _experts_op(
         hidden_states,
         gate_up_proj,
         down_proj,
+        top_k_index,
         top_k_weights,
-        adapter,
-        routing,
-        needs_grad,
-        dropout_p,
         *factors,
+        list(FactorSpec.of(adapter, gate_up_proj.dtype).scalings),
+        plan.lora_dropout,
+        store_gate_up,
+        plan.prescaled_h,
+        plan.combine_on_grouped_mm,
+        plan.input_grad_on_grouped_mm,
+        plan.weight_grad_on_grouped_mm,
     )
+    return outputs[0]

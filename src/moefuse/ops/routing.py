@@ -28,6 +28,7 @@ class ExpertRouting:
         offsets: ``[E]`` int32, each expert's end row in the grouped order (``m_sizes``' inclusive cumulative sum,
             as ``torch.nn.functional.grouped_mm`` takes its ``offs``): made once here, since on a GPU every
             ``torch.cumsum`` of its own costs host time (a scan's launches and scratch; docs/measurements.md).
+        on_triton: the copies and sums below run on the Triton kernels (decided once, by :func:`route`'s caller).
     """
 
     m_sizes: torch.Tensor
@@ -36,6 +37,7 @@ class ExpertRouting:
     inverse: torch.Tensor
     top_k: int
     offsets: torch.Tensor
+    on_triton: bool = False
 
     @property
     def num_experts(self) -> int:
@@ -48,7 +50,7 @@ class ExpertRouting:
         ``x`` is read once and stored at its ``K`` grouped rows, where ``index_select`` reads every token ``K``
         times (the comparison: docs/measurements.md).
         """
-        if x.dim() != 2 or x.stride(1) != 1 or not use_triton(x):
+        if x.dim() != 2 or x.stride(1) != 1 or not self.on_triton:
             return x.index_select(0, self.token_index)
         from ..kernels.routing import grouped_rows_kernel
         from .launch import cdiv, launch
@@ -79,7 +81,7 @@ class ExpertRouting:
         outputs computed in grouped order. Summed in fp32 and rounded once, in ``k`` order; on the Triton backend
         one kernel (:func:`~moefuse.kernels.routing.token_sums_kernel`; its cost: docs/measurements.md)."""
         tokens, width = self.inverse.numel() // max(1, self.top_k), y.shape[1]
-        if y.stride(1) != 1 or not use_triton(y):
+        if y.stride(1) != 1 or not self.on_triton:
             return y.index_select(0, self.inverse).view(tokens, self.top_k, width).sum(dim=1)
         from ..kernels.routing import token_sums_kernel
         from .launch import cdiv, launch, next_power_of_2
@@ -112,7 +114,7 @@ def check_top_k_index(top_k_index: torch.Tensor, num_experts: int) -> None:
         raise ValueError(f"top_k_index must be 2-D [tokens, top_k], got shape {tuple(top_k_index.shape)}")
     if top_k_index.dtype.is_floating_point or top_k_index.dtype == torch.bool:
         raise TypeError(f"top_k_index must be an integer tensor, got {top_k_index.dtype}")
-    if top_k_index.numel() == 0:
+    if top_k_index.numel() == 0 or torch.compiler.is_compiling():  # a compiled graph cannot read the ids
         return
     # One host sync; the Triton routing path validates on the device instead.
     lo, hi = int(top_k_index.min()), int(top_k_index.max())
@@ -185,18 +187,22 @@ def _route_triton(flat: torch.Tensor, num_experts: int, top_k: int) -> ExpertRou
         inverse=inverse,
         top_k=top_k,
         offsets=offsets,
+        on_triton=True,
     )
 
 
-def route(top_k_index: torch.Tensor, num_experts: int) -> ExpertRouting:
+def route(top_k_index: torch.Tensor, num_experts: int, *, on_triton: bool | None = None) -> ExpertRouting:
     """Group the assignments in ``top_k_index [T, K]`` by expert (stable: token order kept inside an expert).
 
     No host sync. On the Triton backend two kernels (a counting sort, :mod:`moefuse.kernels.routing`); otherwise
     PyTorch ops (a stable sort and a scatter-add; no ``bincount``, whose output size costs a host sync on CUDA).
-    Ids outside ``[0, num_experts)`` are the caller's to rule out (:func:`check_top_k_index`).
+    Ids outside ``[0, num_experts)`` are the caller's to rule out (:func:`check_top_k_index`). ``on_triton``: the
+    experts plan's backend (default: the settings' backend for this device).
     """
     top_k = top_k_index.shape[-1]
-    if top_k_index.numel() and use_triton(top_k_index):
+    if on_triton is None:
+        on_triton = use_triton(top_k_index)
+    if top_k_index.numel() and on_triton:
         return _route_triton(top_k_index.reshape(-1), num_experts, top_k)
     flat = top_k_index.reshape(-1).long()
     sorted_slots = torch.argsort(flat, stable=True)
@@ -211,6 +217,7 @@ def route(top_k_index: torch.Tensor, num_experts: int) -> ExpertRouting:
         inverse=inverse,
         top_k=top_k,
         offsets=torch.cumsum(m_sizes, 0, dtype=torch.int32),
+        on_triton=on_triton,
     )
 
 
