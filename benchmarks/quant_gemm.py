@@ -47,6 +47,7 @@ from moefuse.ops.dequantize_4bit import dense as dense_copy  # noqa: E402
 from moefuse.ops.dequantize_4bit import dequantize  # noqa: E402
 from moefuse.ops.moe_triton import combine  # noqa: E402
 from moefuse.quant import ExpertWeights4bit  # noqa: E402
+from moefuse.settings import settings  # noqa: E402
 
 MODES = ("4bit", "bf16")
 KERNELS = ("gate_up", "down", "down_dx", "gate_up_dx", "block")
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
             "double_quant": not args.no_double_quant,
             "dtype": str(dtype).removeprefix("torch."),
         },
-        "autotune": os.environ.get("MOEFUSE_AUTOTUNE", "1"),
+        "autotune": settings().autotune,
         "results": results,
         "failures": failures,
         "env": environment(device),

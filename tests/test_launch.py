@@ -12,6 +12,7 @@ from moefuse.kernels import grouped_gemm as kernels
 from moefuse.ops import launch as launch_module
 from moefuse.ops import triton_gemm
 from moefuse.ops.backend import use_backend
+from moefuse.settings import override_settings
 from test_triton_kernels import DEVICE, _m, assert_close, group_ids, randn
 
 
@@ -52,10 +53,10 @@ def test_autotuner_is_asked_once_per_key(autotuner_calls):
     assert len(autotuner_calls) == 3
 
 
-def test_fast_launch_off_goes_through_the_autotuner(autotuner_calls, monkeypatch):
-    monkeypatch.setattr(launch_module, "FAST_LAUNCH", False)
+def test_fast_launch_off_goes_through_the_autotuner(autotuner_calls):
     for _ in range(2):
-        out, ref = _gemm([2, 4], 24, 16)
+        with override_settings(fast_launch=False):
+            out, ref = _gemm([2, 4], 24, 16)
         assert_close(out, ref, torch.float32)
     assert len(autotuner_calls) == 2
 

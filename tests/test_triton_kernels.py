@@ -458,7 +458,6 @@ def test_configs_fit_the_gpus_shared_memory(monkeypatch, limit, gpu, autotune):
     # The count reproduces the one config an H100 refused during tuning (gate/up loads two weight tiles).
     assert kernels.shared_memory(kernels._config(128, 256, 64, 8, 3), 2, 2, False) == 245760
     monkeypatch.setattr(kernels, "INTERPRET", False)
-    monkeypatch.setattr(kernels, "AUTOTUNE", autotune)
     monkeypatch.setattr(kernels, "shared_memory_limit", lambda index: limit)
     cases = [  # (operand, weight tiles, weight grad, configs, N, K): Qwen3-30B-A3B's GEMMs
         ("b_ptr", 1, False, kernels.TILE_CONFIGS, 2048, 768),
@@ -472,7 +471,8 @@ def test_configs_fit_the_gpus_shared_memory(monkeypatch, limit, gpu, autotune):
         ]
         for rows_per_expert in (16, 256, 1024):
             args = {"N": n, "K": k, "ROWS_PER_EXPERT": rows_per_expert, operand: _FakeCudaTensor()}
-            kept = prune(configs, args)
+            with override_settings(autotune=autotune):
+                kept = prune(configs, args)
             assert kept, (gpu, operand)
             assert all(kernels.shared_memory(c, 2, tiles, weight_grad) <= limit for c in kept), (gpu, operand)
             if not autotune or rows_per_expert < 64:
@@ -486,12 +486,12 @@ def test_thin_problems_get_tiles_shrunk_to_them(monkeypatch):
     from moefuse.kernels import grouped_gemm as kernels
 
     monkeypatch.setattr(kernels, "INTERPRET", False)
-    monkeypatch.setattr(kernels, "AUTOTUNE", True)
     monkeypatch.setattr(kernels, "shared_memory_limit", lambda index: 232448)
     prune = kernels._prune("N", "K", "b_ptr")["early_config_prune"]
     for n, k in ((2048, 16), (1536, 32), (16, 2048), (32, 768)):
         args = {"N": n, "K": k, "ROWS_PER_EXPERT": 256, "b_ptr": _FakeCudaTensor()}
-        kept = prune(kernels.TILE_CONFIGS, args)
+        with override_settings(autotune=True):
+            kept = prune(kernels.TILE_CONFIGS, args)
         sizes = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in kept]
         assert all(bn <= max(16, n) and bk <= max(16, k) for _, bn, bk in sizes), sizes
         assert len(set(map(str, kept))) == len(kept), "duplicate configs after shrinking"

@@ -30,11 +30,10 @@ import os
 import triton
 import triton.language as tl
 
+from ..settings import settings
+
 # Triton chooses interpreter or compiler when a kernel is defined, from this variable.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-# MOEFUSE_AUTOTUNE=0 takes the first config that fits instead of timing them all: for tests over many shapes,
-# where compiling every config of every shape would cost more than the tests.
-AUTOTUNE = os.environ.get("MOEFUSE_AUTOTUNE", "1") not in ("", "0")
 
 
 def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> triton.Config:
@@ -128,7 +127,9 @@ def _prune(
             kept = [c for c in kept if needs(c) <= limit] or [min(kept, key=needs)]
         if named_args["ROWS_PER_EXPERT"] < 64:
             return [next((c for c in kept if c.kwargs["BLOCK_M"] <= 64), kept[0])]
-        return kept if AUTOTUNE else kept[:1]
+        # autotune off (MOEFUSE_AUTOTUNE=0) takes the first config that fits instead of timing them all: for tests
+        # over many shapes, where compiling every config of every shape would cost more than the tests.
+        return kept if settings().autotune else kept[:1]
 
     return {"early_config_prune": prune}
 

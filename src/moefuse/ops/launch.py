@@ -16,8 +16,8 @@ short steps.
 per set of arguments (it compiles, or takes its cached kernel); from then on a call with the same arguments up
 to their values (tensors: dtype and 16-byte alignment; integers and floats: exact values; the constexprs and
 launch options) launches the compiled kernel directly. That key is finer than what Triton specialises on, so a
-launch never reaches a kernel compiled for other arguments. Set ``MOEFUSE_FAST_LAUNCH=0`` to go through
-Triton's path on every call.
+launch never reaches a kernel compiled for other arguments. The setting ``fast_launch=False``
+(``MOEFUSE_FAST_LAUNCH=0``) goes through Triton's path on every call.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from operator import itemgetter
 
 import torch
 
+from ..settings import settings
+
 try:  # Triton is optional: without it nothing launches, and the helpers below serve the PyTorch paths
     from triton import knobs
     from triton.runtime.autotuner import Autotuner, Heuristics
@@ -37,7 +39,6 @@ try:  # Triton is optional: without it nothing launches, and the helpers below s
 except ImportError:
     knobs = Autotuner = Heuristics = driver = JITFunction = None
 
-FAST_LAUNCH = os.environ.get("MOEFUSE_FAST_LAUNCH", "1") not in ("", "0")
 # Under TRITON_INTERPRET=1 the JIT function is Triton's interpreter, which returns no compiled kernel.
 _COMPILED = os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 # Integer arguments are dims and strides (a handful of values per model); a bound keeps a caller that passes
@@ -161,7 +162,7 @@ class _Launcher:
 
     def __call__(self, grid: Grid, arguments: dict) -> None:
         args, constants, options = self.split(arguments)
-        if not FAST_LAUNCH:
+        if not settings().fast_launch:
             self.kernel[grid](*args, **self.constexprs(constants, options))
             return
         if not _COMPILED or _launch_hooks():
