@@ -13,6 +13,7 @@ from transformers import LlamaConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM
 import moefuse
 from conftest import trained_precision
 from moefuse import cli
+from moefuse.bench.provenance import source_provenance
 from moefuse.ops.cross_entropy import causal_lm_loss
 from moefuse.train import TrainConfigError, run_train
 from moefuse.train.builtin import DATASET, TOKENIZER_DIR, build_dataset, build_tokenizer
@@ -56,6 +57,9 @@ def test_default_run_loss_falls_and_writes_everything(default_run):
     )
     summary = json.loads((result.output_dir / SUMMARY_FILE).read_text())
     assert summary["global_step"] == 20 and summary["losses"] == result.losses
+    # the run names the commit it ran (this checkout's) and the device, by itself
+    assert summary["environment"]["moefuse_commit"].startswith(source_provenance()["commit"])
+    assert summary["environment"]["device"] == "cpu"
     # tokens/s is in every training log, also in the saved history
     history = json.loads((result.output_dir / "trainer_state.json").read_text())["log_history"]
     assert all("tokens_per_second" in log for log in history if "loss" in log)

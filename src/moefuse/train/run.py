@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig
 
+from ..bench.measure import environment
 from ..convert import convert_lora_to_unfused
 from ..experts import EXPERTS_IMPLEMENTATION
 from ..ops.cross_entropy import causal_lm_loss, use_chunked_loss
@@ -268,6 +269,8 @@ def _summary_record(result: TrainResult, args: MoefuseTrainArguments, sft_config
         "per_expert_adapter": str(result.per_expert_adapter) if result.per_expert_adapter else None,
         "base_model": result.base_model,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        # Where it ran: the device, the library versions, and the moefuse commit (``+dirty`` when the tree differed).
+        "environment": environment(next(result.model.parameters()).device),
     }
 
 
