@@ -160,6 +160,14 @@ def test_cli_runs_the_default_and_prints_the_summary(tmp_path, capsys):
     assert torch.get_num_threads() == threads  # the default's cpu_threads: 1 lasts for the run only
 
 
+def test_summary_offers_no_loading_without_a_saved_base_or_checkpoints(tmp_path, capsys):
+    args = [*FEW_ROWS, "--max_steps", "2", "--save_strategy", "no", "--save_base_model", "false"]
+    assert cli.main(["train", *args, "--output_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "the random base this adapter was trained on is gone" in out
+    assert "from_pretrained" not in out and "vllm serve" not in out and "Checkpoints" not in out
+
+
 def test_cli_help_lists_the_keys(capsys):
     assert cli.main(["train", "--help"]) == 0
     out = capsys.readouterr().out

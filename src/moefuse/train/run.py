@@ -40,6 +40,7 @@ ADAPTER_DIR = "adapter"  # LoRA adapter as moefuse trains it (fused expert facto
 PER_EXPERT_ADAPTER_DIR = "adapter-per-expert"  # the same adapter in PEFT's per-expert layout
 MODEL_DIR = "model"  # full fine-tuning: the model in the per-expert Hub layout
 SUMMARY_FILE = "moefuse_train_summary.json"
+RANDOM_BASE_NOT_SAVED = "(random weights, not saved)"
 
 
 @dataclass
@@ -241,7 +242,7 @@ def train(args: MoefuseTrainArguments, sft_config: SFTConfig) -> TrainResult:
     result = TrainResult(
         output_dir=output_dir,
         final_dir=final_dir,
-        base_model=base_model if save_base or not source.random_init else "(random weights, not saved)",
+        base_model=base_model if save_base or not source.random_init else RANDOM_BASE_NOT_SAVED,
         per_expert_adapter=per_expert,
         global_step=trainer.state.global_step,
         losses=[log["loss"] for log in trainer.state.log_history if "loss" in log],
@@ -344,8 +345,11 @@ def summary(result: TrainResult, args: MoefuseTrainArguments, source: ModelSourc
             lines.append(
                 f"  per-expert {result.per_expert_adapter}  (the same adapter in PEFT's per-expert layout)"
             )
+        lines.append(f"  base model {result.base_model}")
+        if result.base_model == RANDOM_BASE_NOT_SAVED:
+            lines.append("(save_base_model: false: the random base this adapter was trained on is gone)")
+            return "\n".join(lines + _checkpoint_lines(result))
         lines += [
-            f"  base model {result.base_model}",
             "",
             "Load it:",
             f"  {base_imports}",
@@ -383,8 +387,13 @@ def summary(result: TrainResult, args: MoefuseTrainArguments, source: ModelSourc
             "Serve it as it is (no conversion needed):",
             f"  vllm serve {result.final_dir}",
         ]
-    lines.append(f"Checkpoints (resume with --resume_from_checkpoint true): {result.output_dir}/checkpoint-N")
-    return "\n".join(lines)
+    return "\n".join(lines + _checkpoint_lines(result))
+
+
+def _checkpoint_lines(result: TrainResult) -> list[str]:
+    if not any(result.output_dir.glob("checkpoint-*")):
+        return []
+    return [f"Checkpoints (resume with --resume_from_checkpoint true): {result.output_dir}/checkpoint-N"]
 
 
 __all__ = ["TrainResult", "ThroughputCallback", "run_train", "summary", "train"]
