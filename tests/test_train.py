@@ -11,9 +11,10 @@ from safetensors import safe_open
 from transformers import LlamaConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 import moefuse
-from conftest import trained_precision
+from conftest import current_orientation, trained_precision
 from moefuse import cli
 from moefuse.bench.provenance import source_provenance
+from moefuse.convert.lora import adapter_layout
 from moefuse.ops.cross_entropy import causal_lm_loss
 from moefuse.train import TrainConfigError, run_train
 from moefuse.train.builtin import DATASET, TOKENIZER_DIR, build_dataset, build_tokenizer
@@ -276,11 +277,11 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):
     assert err.startswith("moefuse train: finetuning_type: qlora") and "\n" not in err
 
 
-def test_expert_lora_rank_and_alpha_reach_the_experts():
+def test_expert_lora_rank_and_alpha_reach_the_experts(tmp_path):
     args, _ = parse_train_args(
         None, ["--lora_rank", "4", "--expert_lora_rank", "8", "--output_dir", "unused"]
     )
-    model = apply_lora(load_model(resolve_model(args), torch.float32, torch.device("cpu")), args)
+    model = apply_lora(load_model(resolve_model(args), torch.float32, torch.device("cpu")), args, tmp_path)
     shapes = {
         n.split("layers.0.")[1]: tuple(p.shape) for n, p in model.named_parameters() if "layers.0." in n
     }
@@ -310,6 +311,62 @@ def test_grouped_mm_baseline_trains_experts_through_peft_target_parameters(tmp_p
     assert any(".mlp.experts.lora_A." in n for n in trainable)
     assert type(result.model.get_base_model()) is Qwen3MoeForCausalLM
     assert result.per_expert_adapter is None  # PEFT's own expert LoRA: nothing fused to convert
+
+
+@current_orientation  # PEFT < 0.19.1 saves target_parameters in the orientation moefuse refuses
+def test_goes_on_training_a_target_parameters_adapter_and_saves_it_in_any_format(tmp_path):
+    """An adapter Transformers + PEFT trained (target_parameters on the stacked experts) goes on training on
+    moefuse's experts (converted to the fused layout first) and is saved again in vLLM's 3-D format. At learning
+    rate 0 the adapter leaves training unchanged, so the saved copy is the first adapter bit for bit: the run
+    started from its weights."""
+    first = run_train(
+        None,
+        [
+            *FEW_ROWS,
+            "--max_steps",
+            "2",
+            "--experts_implementation",
+            "grouped_mm",
+            "--output_dir",
+            str(tmp_path / "a"),
+        ],
+    )
+    assert adapter_layout(first.final_dir) == "peft_target_parameters"
+    again = [*FEW_ROWS, "--max_steps", "2", "--adapter_name_or_path", str(first.final_dir)]
+    second = run_train(
+        None,
+        [*again, "--learning_rate", "0", "--adapter_format", "vllm_3d", "--output_dir", str(tmp_path / "b")],
+    )
+    assert adapter_layout(tmp_path / "b" / "adapter-start") == adapter_layout(second.final_dir) == "fused"
+    assert second.adapter_in_format == tmp_path / "b" / "adapter-vllm_3d"
+    with (
+        safe_open(first.final_dir / "adapter_model.safetensors", "pt") as before,
+        safe_open(second.adapter_in_format / "adapter_model.safetensors", "pt") as after,
+    ):
+        assert set(before.keys()) == set(after.keys())
+        for key in before.keys():
+            assert torch.equal(before.get_tensor(key), after.get_tensor(key)), key
+    # and it trains: at a learning rate the experts' factors move
+    third = run_train(None, [*again, "--learning_rate", "1e-2", "--output_dir", str(tmp_path / "c")])
+    with safe_open(third.final_dir / "adapter_model.safetensors", "pt") as moved:
+        key = next(k for k in moved.keys() if ".experts.gate_proj.lora_B" in k)
+        assert moved.get_tensor(key).abs().sum() > 0  # PEFT starts B at zero; training moved it
+
+
+@pytest.mark.parametrize(
+    "keys,message",
+    [
+        (["--adapter_format", "onnx"], "adapter_format: 'onnx' is not one of per_expert, fused"),
+        (["--adapter_name_or_path", "."], "adapter_name_or_path: . is not a PEFT adapter folder"),
+        (
+            ["--finetuning_type", "full", "--adapter_format", "per_expert"],
+            "adapter_format: needs finetuning_type",
+        ),
+    ],
+)
+def test_adapter_keys_refuse_what_cannot_work(keys, message):
+    with pytest.raises(TrainConfigError, match=message):
+        parse_train_args(None, [*keys, "--output_dir", "unused"])
 
 
 def test_dataset_formats_become_what_sft_trainer_reads():

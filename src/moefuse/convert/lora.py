@@ -49,6 +49,12 @@ def is_adapter(path: str | os.PathLike) -> bool:
     return (Path(path) / ADAPTER_CONFIG).exists()
 
 
+def adapter_layout(path: str | os.PathLike) -> str | None:
+    """The layout of an adapter folder's expert LoRA (read from its safetensors headers); ``None`` without LoRA
+    on experts."""
+    return detect_lora_layout(Checkpoint.open(Path(path), _INDEX).shapes, path)
+
+
 def open_adapter(path: str | os.PathLike) -> tuple[Checkpoint, dict, str, list[ExpertBlock]]:
     """An adapter folder's tensors, config, LoRA layout and expert blocks, or a one-line error saying why not."""
     path = Path(path)

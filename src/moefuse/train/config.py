@@ -131,6 +131,22 @@ class MoefuseTrainArguments:
             "help": "comma-separated modules trained in full beside LoRA and saved with the adapter (e.g. norm)"
         },
     )
+    adapter_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "a LoRA adapter folder to go on training, in any layout moefuse convert reads (PEFT "
+            "target_parameters, per-expert, fused, vLLM's and SGLang's); its rank, alpha and targets replace the "
+            "lora_* keys"
+        },
+    )
+    adapter_format: str | None = field(
+        default=None,
+        metadata={
+            "help": "also save the trained adapter in this layout or engine format, in output_dir/adapter-FORMAT: "
+            "per_expert, fused, qwen3_moe_fused, peft_target_parameters, vllm_per_expert, vllm_3d, "
+            "sglang_per_expert, sglang_fused"
+        },
+    )
     ep_size: int = field(default=1, metadata={"help": "expert parallelism: only 1 in moefuse train for now"})
     save_base_model: bool | None = field(
         default=None,
@@ -334,9 +350,32 @@ def check_train_args(args: MoefuseTrainArguments, sft_config: SFTConfig) -> None
             f"eval_strategy: {sft_config.eval_strategy.value} needs an evaluation set; set val_size "
             "(e.g. 0.1) or eval_strategy: no"
         )
+    check_adapter_args(args)
     if args.finetuning_type in LORA_TYPES and args.lora_rank < 1:
         raise TrainConfigError(f"lora_rank: {args.lora_rank} must be at least 1")
     check_memory_args(args, sft_config)
+
+
+def check_adapter_args(args: MoefuseTrainArguments) -> None:
+    """Refuse an adapter to go on from, or a format to save in, that this run cannot use."""
+    from ..convert import LORA_LAYOUTS
+    from ..convert.engines import ALIASES
+    from ..convert.lora import is_adapter
+
+    for key in ("adapter_name_or_path", "adapter_format"):
+        if getattr(args, key) is not None and args.finetuning_type not in LORA_TYPES:
+            raise TrainConfigError(
+                f"{key}: needs finetuning_type lora or qlora, not '{args.finetuning_type}'"
+            )
+    if args.adapter_format is not None and args.adapter_format not in (*LORA_LAYOUTS, *ALIASES):
+        raise TrainConfigError(
+            f"adapter_format: '{args.adapter_format}' is not one of {', '.join((*LORA_LAYOUTS, *ALIASES))}"
+        )
+    if args.adapter_name_or_path is not None and not is_adapter(args.adapter_name_or_path):
+        raise TrainConfigError(
+            f"adapter_name_or_path: {args.adapter_name_or_path} is not a PEFT adapter folder (no "
+            "adapter_config.json)"
+        )
 
 
 def check_memory_args(args: MoefuseTrainArguments, sft_config: SFTConfig) -> None:

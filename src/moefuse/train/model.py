@@ -18,6 +18,8 @@ from transformers import (
 )
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
+from ..convert import CheckpointError, convert_lora
+from ..convert.lora import adapter_layout
 from ..experts import EXPERTS_IMPLEMENTATION, SUPPORTED_FAMILIES, check_supported
 from ..lora import ATTENTION_PROJECTIONS
 from ..lora.targets import PROJECTIONS
@@ -25,6 +27,8 @@ from ..models import Qwen3MoeFusedForCausalLM
 from ..parallel import experts_modules
 from .builtin import TOKENIZER_DIR
 from .config import MoefuseTrainArguments, TrainConfigError
+
+START_ADAPTER_DIR = "adapter-start"  # adapter_name_or_path converted into the layout this run trains
 
 CONFIG_PREFIX = "config:"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -209,13 +213,6 @@ def lora_targets(args: MoefuseTrainArguments) -> list[str]:
     return _names(args.lora_target)
 
 
-def has_fused_expert_lora(args: MoefuseTrainArguments) -> bool:
-    """Whether the adapter holds moefuse's fused expert factors (which convert to the per-expert layout)."""
-    return args.experts_implementation == EXPERTS_IMPLEMENTATION and any(
-        p in lora_targets(args) for p in PROJECTIONS
-    )
-
-
 def lora_config(args: MoefuseTrainArguments) -> LoraConfig:
     """PEFT LoRA on ``lora_target``; the experts' projections at ``expert_lora_rank`` through ``rank_pattern``
     (moefuse experts), or PEFT's ``target_parameters`` on the stacked weights for Transformers' experts."""
@@ -261,8 +258,27 @@ def lora_config(args: MoefuseTrainArguments) -> LoraConfig:
     )
 
 
-def apply_lora(model: PreTrainedModel, args: MoefuseTrainArguments) -> PeftModel:
+def trained_lora_layout(args: MoefuseTrainArguments) -> str:
+    """The layout of the expert LoRA this run trains: moefuse's fused factors on moefuse's experts, PEFT's
+    ``target_parameters`` on Transformers' own."""
+    return "fused" if args.experts_implementation == EXPERTS_IMPLEMENTATION else "peft_target_parameters"
+
+
+def apply_lora(model: PreTrainedModel, args: MoefuseTrainArguments, work_dir: Path) -> PeftModel:
+    """A new LoRA adapter from the ``lora_*`` keys, or the one at ``adapter_name_or_path`` to go on training
+    (converted first, into ``work_dir/adapter-start``, where its expert LoRA is in another layout)."""
+    if args.adapter_name_or_path is None:
+        try:
+            return get_peft_model(model, lora_config(args))
+        except ValueError as e:  # PEFT: no target found, unsupported LoRA option on the experts
+            raise TrainConfigError(f"lora_target: {args.lora_target}: {e}") from e
+    source = Path(args.adapter_name_or_path)
     try:
-        return get_peft_model(model, lora_config(args))
-    except ValueError as e:  # PEFT: no target found, unsupported LoRA option on the experts
-        raise TrainConfigError(f"lora_target: {args.lora_target}: {e}") from e
+        layout, wanted = adapter_layout(source), trained_lora_layout(args)
+        if layout is not None and layout != wanted:
+            source = convert_lora(
+                source, work_dir / START_ADAPTER_DIR, wanted, overwrite=True, progress=False
+            )
+        return PeftModel.from_pretrained(model, str(source), is_trainable=True)
+    except (CheckpointError, ValueError, KeyError) as e:  # PEFT: the adapter's targets are not in this model
+        raise TrainConfigError(f"adapter_name_or_path: {args.adapter_name_or_path}: {e}") from e

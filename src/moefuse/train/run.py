@@ -16,7 +16,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig
 
 from ..bench.measure import environment
-from ..convert import convert_lora_to_unfused
+from ..convert import convert_lora, convert_lora_to_unfused
+from ..convert.lora import adapter_layout
 from ..experts import EXPERTS_IMPLEMENTATION
 from ..ops.cross_entropy import causal_lm_loss, use_chunked_loss
 from ..ops.rms_norm import use_fused_rms_norm
@@ -26,7 +27,6 @@ from .data import is_conversational, load_train_dataset
 from .model import (
     ModelSource,
     apply_lora,
-    has_fused_expert_lora,
     load_model,
     load_tokenizer,
     qlora_quantization,
@@ -55,6 +55,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     throughput: dict[str, float] = field(default_factory=dict)
     model: PreTrainedModel | None = field(default=None, repr=False)  # the trained model, still in memory
+    adapter_in_format: Path | None = None  # the adapter in adapter_format, when asked
 
 
 def _resume_checkpoint(sft_config: SFTConfig) -> str | None:
@@ -213,7 +214,7 @@ def train(args: MoefuseTrainArguments, sft_config: SFTConfig) -> TrainResult:
     model.config._name_or_path = base_model or ""  # recorded as the adapter's base_model_name_or_path
     model.name_or_path = model.config._name_or_path
     if args.finetuning_type in LORA_TYPES:
-        model = apply_lora(model, args)
+        model = apply_lora(model, args, output_dir)
 
     trainer = MoefuseSFTTrainer(
         model=model,
@@ -234,16 +235,15 @@ def train(args: MoefuseTrainArguments, sft_config: SFTConfig) -> TrainResult:
     final_dir = output_dir / (ADAPTER_DIR if args.finetuning_type in LORA_TYPES else MODEL_DIR)
     trainer.save_model(str(final_dir))
     trainer.save_state()
-    per_expert = None
-    if args.finetuning_type in LORA_TYPES and has_fused_expert_lora(args) and trainer.is_world_process_zero():
-        per_expert = convert_lora_to_unfused(
-            final_dir, output_dir / PER_EXPERT_ADAPTER_DIR, overwrite=True, progress=False
-        )
+    per_expert = in_format = None
+    if args.finetuning_type in LORA_TYPES and trainer.is_world_process_zero():
+        per_expert, in_format = _adapter_copies(final_dir, output_dir, args.adapter_format)
     result = TrainResult(
         output_dir=output_dir,
         final_dir=final_dir,
         base_model=base_model if save_base or not source.random_init else RANDOM_BASE_NOT_SAVED,
         per_expert_adapter=per_expert,
+        adapter_in_format=in_format,
         global_step=trainer.state.global_step,
         losses=[log["loss"] for log in trainer.state.log_history if "loss" in log],
         throughput=throughput.totals,
@@ -257,6 +257,32 @@ def train(args: MoefuseTrainArguments, sft_config: SFTConfig) -> TrainResult:
     return result
 
 
+def _adapter_copies(
+    final_dir: Path, output_dir: Path, adapter_format: str | None
+) -> tuple[Path | None, Path | None]:
+    """The trained adapter in PEFT's per-expert layout (written when its expert LoRA is moefuse's fused layout,
+    which vLLM does not read) and in ``adapter_format`` (when asked). An adapter without expert LoRA reads as it is
+    everywhere: no copies."""
+    layout = adapter_layout(final_dir)
+    if layout is None:
+        return None, None
+    per_expert = None
+    if layout == "fused":
+        per_expert = convert_lora_to_unfused(
+            final_dir, output_dir / PER_EXPERT_ADAPTER_DIR, overwrite=True, progress=False
+        )
+    in_format = None
+    if adapter_format is not None:
+        in_format = convert_lora(
+            final_dir,
+            output_dir / f"adapter-{adapter_format}",
+            adapter_format,
+            overwrite=True,
+            progress=False,
+        )
+    return per_expert, in_format
+
+
 def _summary_record(result: TrainResult, args: MoefuseTrainArguments, sft_config: SFTConfig) -> dict:
     return {
         "finetuning_type": args.finetuning_type,
@@ -268,6 +294,7 @@ def _summary_record(result: TrainResult, args: MoefuseTrainArguments, sft_config
         "throughput": result.throughput,
         "final_dir": str(result.final_dir),
         "per_expert_adapter": str(result.per_expert_adapter) if result.per_expert_adapter else None,
+        "adapter_in_format": str(result.adapter_in_format) if result.adapter_in_format else None,
         "base_model": result.base_model,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         # Where it ran: the device, the library versions, and the moefuse commit (``+dirty`` when the tree differed).
@@ -345,6 +372,8 @@ def summary(result: TrainResult, args: MoefuseTrainArguments, source: ModelSourc
             lines.append(
                 f"  per-expert {result.per_expert_adapter}  (the same adapter in PEFT's per-expert layout)"
             )
+        if result.adapter_in_format:
+            lines.append(f"  as asked  {result.adapter_in_format}  (adapter_format: {args.adapter_format})")
         lines.append(f"  base model {result.base_model}")
         if result.base_model == RANDOM_BASE_NOT_SAVED:
             lines.append("(save_base_model: false: the random base this adapter was trained on is gone)")
@@ -376,7 +405,8 @@ def summary(result: TrainResult, args: MoefuseTrainArguments, source: ModelSourc
             ]
         if result.per_expert_adapter:
             lines.append(
-                f"or give {result.per_expert_adapter} to an engine that loads per-expert MoE LoRA adapters."
+                f"or give {result.per_expert_adapter} as a LoRA adapter to vLLM (MoE models without 3-D expert "
+                "weights, e.g. Qwen3-MoE) or SGLang (docs/adapter-formats.md)."
             )
     else:
         lines += [
