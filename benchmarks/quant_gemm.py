@@ -131,13 +131,13 @@ class Problem:
             return combine(a, weight, self.routing, **kwargs)
 
         if name == "gate_up":
-            return lambda: dense.gate_up_swiglu(
+            return lambda: dense.gate_up_glu(
                 self.x, dense_copy(gate_up), m_sizes, token_index, store_gate_up=True
             )[1]
         if name == "down":
             return lambda: combined(self.h, down, row_scale=self.scale)
         if name == "down_dx":
-            return lambda: dense.swiglu_backward(
+            return lambda: dense.glu_backward(
                 self.grad, dense_copy(down), self.gate_up_rows, self.scale, m_sizes, token_index
             )[0]
         if name == "gate_up_dx":

@@ -26,7 +26,7 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _operator_args(lora: bool, trained: bool, tokens: int = 7) -> tuple:
+def _operator_args(lora: bool, trained: bool, tokens: int = 7, activation: str = "silu") -> tuple:
     torch.manual_seed(0)
     experts, hidden, inter, top_k = 4, 16, 8, 2
     x = torch.randn(tokens, hidden, requires_grad=True)
@@ -46,7 +46,7 @@ def _operator_args(lora: bool, trained: bool, tokens: int = 7) -> tuple:
             torch.randn(experts, hidden, rank, requires_grad=True),
         ]
     scalings = [2.0, 2.0, 0.5] if lora else [0.0, 0.0, 0.0]
-    # ..., scalings, lora_dropout, store_gate_up, prescaled_h, and the three grouped_mm choices
+    # ..., scalings, activation, lora_dropout, store_gate_up, prescaled_h, and the three grouped_mm choices
     return (
         x,
         gate_up,
@@ -55,6 +55,7 @@ def _operator_args(lora: bool, trained: bool, tokens: int = 7) -> tuple:
         weights,
         *factors,
         scalings,
+        activation,
         0.0,
         True,
         trained and not lora,
@@ -65,11 +66,17 @@ def _operator_args(lora: bool, trained: bool, tokens: int = 7) -> tuple:
 
 
 @pytest.mark.parametrize(
-    "lora,trained,tokens",
-    [(False, True, 7), (True, False, 7), (True, True, 7), (True, False, 0), (False, True, 1)],
+    "lora,trained,tokens,activation",
+    [
+        (False, True, 7, "silu"),
+        (True, False, 7, "silu"),
+        (True, True, 7, "gelu_tanh"),
+        (True, False, 0, "silu"),
+        (False, True, 1, "gelu_tanh"),
+    ],
 )
-def test_experts_operator_opcheck(lora, trained, tokens):
-    torch.library.opcheck(_experts_op, _operator_args(lora, trained, tokens))
+def test_experts_operator_opcheck(lora, trained, tokens, activation):
+    torch.library.opcheck(_experts_op, _operator_args(lora, trained, tokens, activation))
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -94,6 +101,7 @@ def test_experts_backward_operator_opcheck(lora):
         torch.float32,
         torch.float32,
         needs,
+        "silu",
         0.0,
         not lora,
         False,

@@ -22,8 +22,10 @@ from transformers.integrations import moe as transformers_moe
 
 import moefuse
 from conftest import randomize_
-from moefuse.experts import stacked_expert_weights
+from moefuse.experts import experts_structure, stacked_expert_weights
+from moefuse.ops.backend import use_backend
 from moefuse.ops.lora import ExpertsLora
+from moefuse.ops.plan import activation_name
 
 TOY = {"experts": 4, "hidden": 16, "intermediate": 8}
 TOP_K = 2
@@ -172,6 +174,44 @@ def test_the_sweep_finds_the_decorated_experts():
 )
 def test_matches_eager_or_is_refused(family, experts_class, config_classes):
     experts, config = toy_experts(experts_class, config_classes)
+    try:
+        _check_against_eager(experts)
+    except moefuse.UnsupportedExpertsError as refusal:
+        assert f"model type '{config.model_type}'" in str(refusal) and experts_class.__name__ in str(refusal)
+
+
+def _fused_activation(experts: torch.nn.Module) -> str | None:
+    """The activation the fused Triton path computes for these experts, or ``None`` where they run composed."""
+    try:
+        structure = experts_structure(experts)
+    except moefuse.UnsupportedExpertsError:
+        return None
+    return activation_name(structure["act_fn"]) if set(structure) == {"act_fn"} else None
+
+
+def test_gated_families_run_fused_on_the_triton_kernels(monkeypatch):
+    """Every family whose experts are plain ``act(gate) * up`` with GELU's tanh form (Gemma 4's), and a SiLU one,
+    run the fused Triton path (interpreted on a CPU) with eager's output and gradients."""
+    from moefuse.ops import moe_triton
+
+    fused = []
+    original = moe_triton.triton_fused_experts
+    monkeypatch.setattr(moe_triton, "triton_fused_experts", lambda *a: fused.append(a[-1]) or original(*a))
+    checked = {}
+    for family, experts_class, config_classes in EXPERTS_CLASSES:
+        experts, _ = toy_experts(experts_class, config_classes)
+        activation = _fused_activation(experts)
+        if activation == "gelu_tanh" or (activation == "silu" and family == "qwen3_moe"):
+            fused.clear()
+            with use_backend("triton"):
+                _check_against_eager(experts)
+            assert [plan.activation for plan in fused] == [activation], family
+            checked[family] = activation
+    assert checked.get("qwen3_moe") == "silu" and "gelu_tanh" in checked.values(), checked
+
+
+def _check_against_eager(experts: torch.nn.Module) -> None:
+    """``"moefuse"`` experts give ``eager``'s output and every gradient (or raise UnsupportedExpertsError)."""
     g = torch.Generator().manual_seed(0)
     # Inputs large enough that the families' clamps (SwiGLU limits, softcaps) cut some gate/up values.
     hidden_states = 2 * torch.randn(TOKENS, TOY["hidden"], generator=g)
@@ -181,11 +221,7 @@ def test_matches_eager_or_is_refused(family, experts_class, config_classes):
     grad_out = torch.randn(TOKENS, TOY["hidden"], generator=g)
 
     out_eager, grads_eager = _forward_backward(experts, "eager", inputs, grad_out)
-    try:
-        out, grads = _forward_backward(experts, moefuse.EXPERTS_IMPLEMENTATION, inputs, grad_out)
-    except moefuse.UnsupportedExpertsError as refusal:
-        assert f"model type '{config.model_type}'" in str(refusal) and experts_class.__name__ in str(refusal)
-        return
+    out, grads = _forward_backward(experts, moefuse.EXPERTS_IMPLEMENTATION, inputs, grad_out)
     scale = out_eager.abs().max().item()
     torch.testing.assert_close(out, out_eager, rtol=1e-5, atol=1e-5 * scale)
     assert grads.keys() == grads_eager.keys()

@@ -200,17 +200,17 @@ def test_keyword_order_does_not_split_the_cache(compiled_launches, monkeypatch):
         randn(rows, 2 * inter, dtype=torch.float32),
         randn(rows, dtype=torch.float32),
     )
-    first = triton_gemm.swiglu_backward_rows(g, gate_up, scale)
-    again = triton_gemm.swiglu_backward_rows(g, gate_up, scale)
+    first = triton_gemm.glu_backward_rows(g, gate_up, scale)
+    again = triton_gemm.glu_backward_rows(g, gate_up, scale)
     assert (compiled_launches["binder"], compiled_launches["direct"]) == (1, 1)
     for value, ref in zip(again, first, strict=True):
         assert torch.equal(value, ref)
     grid = recorded.pop("grid")
     recorded["d_gate_up_ptr"] = torch.empty_like(gate_up)
-    launch_module.launch(kernels.swiglu_backward_rows_kernel, grid, **dict(reversed(recorded.items())))
+    launch_module.launch(kernels.glu_backward_rows_kernel, grid, **dict(reversed(recorded.items())))
     assert (compiled_launches["binder"], compiled_launches["direct"]) == (1, 2)
     assert torch.equal(recorded["d_gate_up_ptr"], first[0])
-    compiled = launch_module._launchers[id(kernels.swiglu_backward_rows_kernel)].compiled
+    compiled = launch_module._launchers[id(kernels.glu_backward_rows_kernel)].compiled
     assert len(compiled) == 1
 
 

@@ -74,14 +74,18 @@ def _grads(lora: ExpertsLora):
         (13, 20, 6, 6, 3, 1, ("up", "down")),  # unaligned sizes (loop path), no gate
     ],
 )
-def test_lora_matches_reference_with_grads(tokens, hidden, inter, experts, top_k, unused, projections):
+@pytest.mark.parametrize("act_fn", [None, torch.nn.GELU(approximate="tanh")], ids=["silu", "gelu_tanh"])
+def test_lora_matches_reference_with_grads(
+    tokens, hidden, inter, experts, top_k, unused, projections, act_fn
+):
+    act = {} if act_fn is None else {"act_fn": act_fn}
     x, gate_up, down, index, weights, lora = _problem(
         tokens, hidden, inter, experts, top_k, projections, unused=unused
     )
     ref_lora = _clone_lora(lora)
     x_ref, w_ref = x.detach().clone().requires_grad_(), weights.detach().clone().requires_grad_()
-    out = moefuse.fused_experts(x, gate_up, down, index, weights, lora=[lora])
-    ref = fused_experts_reference(x_ref, gate_up, down, index, w_ref, lora=[ref_lora])
+    out = moefuse.fused_experts(x, gate_up, down, index, weights, lora=[lora], **act)
+    ref = fused_experts_reference(x_ref, gate_up, down, index, w_ref, lora=[ref_lora], **act)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     grad = torch.randn_like(out)
     (out * grad).sum().backward()

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moefuse.ops import plan as plan_module
 from moefuse.ops.lora import ExpertsLora, LoraWeights
 from moefuse.ops.plan import (
     CUSTOM_DROPOUT,
-    NOT_SWIGLU,
+    NOT_GATED,
     NOT_TRITON,
     SEVERAL_ADAPTERS,
     ExpertsPlan,
@@ -107,42 +108,44 @@ def _trained_dropout() -> torch.nn.Dropout:
     return torch.nn.Dropout(0.1).train()
 
 
-# (case, tokens, top-k, on Triton, on Hopper in bf16, base weights trained, 4-bit, SwiGLU, adapters) -> plan
+# (case, tokens, top-k, on Triton, on Hopper in bf16, base weights trained, 4-bit, activation, adapters) -> plan
 PLAN_CASES = [
-    ("pytorch backend", 64, 2, False, False, False, False, True, (), ExpertsPlan(
-        "torch", False, NOT_TRITON, "dense", "none", 0.0, False, False, False, False)),
-    ("triton, frozen", 64, 2, True, False, False, False, True, (), ExpertsPlan(
-        "triton", True, "", "dense", "none", 0.0, False, False, False, False)),
-    ("triton, full fine-tuning", 64, 2, True, False, True, False, True, (), ExpertsPlan(
-        "triton", True, "", "dense", "none", 0.0, True, False, False, False)),
-    ("own gate function", 64, 2, True, False, False, False, False, (), ExpertsPlan(
-        "triton", False, NOT_SWIGLU, "dense", "none", 0.0, False, False, False, False)),
-    ("two adapters", 64, 2, True, False, False, False, True, (_lora(), _lora()), ExpertsPlan(
-        "triton", False, SEVERAL_ADAPTERS, "dense", "composed", 0.0, False, False, False, False)),
-    ("custom dropout", 64, 2, True, False, False, False, True, (_lora(dropout=_custom_dropout),), ExpertsPlan(
-        "triton", False, CUSTOM_DROPOUT, "dense", "composed", 0.0, False, False, False, False)),
-    ("LoRA, nn.Dropout", 64, 2, True, False, False, False, True, (_lora(dropout=_trained_dropout()),), ExpertsPlan(
-        "triton", True, "", "dense", "fused", 0.1, False, False, False, False)),
-    ("4-bit, LoRA", 64, 2, True, False, False, True, True, (_lora(),), ExpertsPlan(
-        "triton", True, "", "4bit", "fused", 0.0, False, False, False, False)),
-    ("hopper, full FT, 1024 rows per expert", 4096, 2, True, True, True, False, True, (), ExpertsPlan(
-        "triton", True, "", "dense", "none", 0.0, True, True, True, True)),
-    ("hopper, LoRA on every projection", 4096, 2, True, True, False, False, True, (_lora(),), ExpertsPlan(
-        "triton", True, "", "dense", "fused", 0.0, False, False, False, True)),
-    ("hopper, LoRA on down only", 4096, 2, True, True, False, False, True, (_lora(gate_up=False),), ExpertsPlan(
-        "triton", True, "", "dense", "fused", 0.0, False, False, True, True)),
-    ("hopper, 512 rows per expert", 2048, 2, True, True, True, False, True, (), ExpertsPlan(
-        "triton", True, "", "dense", "none", 0.0, True, False, False, True)),
-    ("hopper, 128 rows per expert", 512, 2, True, True, True, False, True, (), ExpertsPlan(
-        "triton", True, "", "dense", "none", 0.0, True, False, False, False)),
+    ("pytorch backend", 64, 2, False, False, False, False, "silu", (), ExpertsPlan(
+        "torch", False, NOT_TRITON, "", "dense", "none", 0.0, False, False, False, False)),
+    ("triton, frozen", 64, 2, True, False, False, False, "silu", (), ExpertsPlan(
+        "triton", True, "", "silu", "dense", "none", 0.0, False, False, False, False)),
+    ("triton, full fine-tuning", 64, 2, True, False, True, False, "silu", (), ExpertsPlan(
+        "triton", True, "", "silu", "dense", "none", 0.0, True, False, False, False)),
+    ("own gate function", 64, 2, True, False, False, False, None, (), ExpertsPlan(
+        "triton", False, NOT_GATED, "", "dense", "none", 0.0, False, False, False, False)),
+    ("two adapters", 64, 2, True, False, False, False, "silu", (_lora(), _lora()), ExpertsPlan(
+        "triton", False, SEVERAL_ADAPTERS, "", "dense", "composed", 0.0, False, False, False, False)),
+    ("custom dropout", 64, 2, True, False, False, False, "silu", (_lora(dropout=_custom_dropout),), ExpertsPlan(
+        "triton", False, CUSTOM_DROPOUT, "", "dense", "composed", 0.0, False, False, False, False)),
+    ("LoRA, nn.Dropout", 64, 2, True, False, False, False, "silu", (_lora(dropout=_trained_dropout()),), ExpertsPlan(
+        "triton", True, "", "silu", "dense", "fused", 0.1, False, False, False, False)),
+    ("4-bit, LoRA", 64, 2, True, False, False, True, "silu", (_lora(),), ExpertsPlan(
+        "triton", True, "", "silu", "4bit", "fused", 0.0, False, False, False, False)),
+    ("hopper, full FT, 1024 rows per expert", 4096, 2, True, True, True, False, "silu", (), ExpertsPlan(
+        "triton", True, "", "silu", "dense", "none", 0.0, True, True, True, True)),
+    ("hopper, LoRA on every projection", 4096, 2, True, True, False, False, "silu", (_lora(),), ExpertsPlan(
+        "triton", True, "", "silu", "dense", "fused", 0.0, False, False, False, True)),
+    ("hopper, LoRA on down only", 4096, 2, True, True, False, False, "silu", (_lora(gate_up=False),), ExpertsPlan(
+        "triton", True, "", "silu", "dense", "fused", 0.0, False, False, True, True)),
+    ("hopper, 512 rows per expert", 2048, 2, True, True, True, False, "silu", (), ExpertsPlan(
+        "triton", True, "", "silu", "dense", "none", 0.0, True, False, False, True)),
+    ("hopper, 128 rows per expert", 512, 2, True, True, True, False, "silu", (), ExpertsPlan(
+        "triton", True, "", "silu", "dense", "none", 0.0, True, False, False, False)),
+    ("GELU-tanh gate (Gemma 4)", 64, 2, True, False, False, False, "gelu_tanh", (_lora(),), ExpertsPlan(
+        "triton", True, "", "gelu_tanh", "dense", "fused", 0.0, False, False, False, False)),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    "tokens,top_k,triton,hopper,trained,four_bit,swiglu,lora,expected",
+    "tokens,top_k,triton,hopper,trained,four_bit,activation,lora,expected",
     [pytest.param(*case[1:], id=case[0]) for case in PLAN_CASES],
 )
-def test_plan(monkeypatch, tokens, top_k, triton, hopper, trained, four_bit, swiglu, lora, expected):
+def test_plan(monkeypatch, tokens, top_k, triton, hopper, trained, four_bit, activation, lora, expected):
     monkeypatch.setattr(plan_module, "use_triton", lambda t: triton)
     monkeypatch.setattr(plan_module, "grouped_mm_competes", lambda t, dtype: hopper)
     gate_up, down = torch.randn(E, 2 * I, H), torch.randn(E, H, I)
@@ -151,7 +154,7 @@ def test_plan(monkeypatch, tokens, top_k, triton, hopper, trained, four_bit, swi
     else:
         gate_up.requires_grad_(trained)
         down.requires_grad_(trained)
-    plan = plan_experts(torch.empty(tokens, H), gate_up, down, top_k, swiglu=swiglu, lora=lora)
+    plan = plan_experts(torch.empty(tokens, H), gate_up, down, top_k, activation=activation, lora=lora)
     assert plan == expected
     assert plan.describe()
 
@@ -167,3 +170,16 @@ def test_plan_follows_the_settings_thresholds(monkeypatch):
         True,
         False,
     )
+
+
+def test_activation_names():
+    from transformers.activations import ACT2FN
+
+    from moefuse.ops.plan import activation_name
+
+    for act_fn in (F.silu, torch.nn.SiLU(), ACT2FN["silu"]):
+        assert activation_name(act_fn) == "silu"
+    for act_fn in (torch.nn.GELU(approximate="tanh"), ACT2FN["gelu_pytorch_tanh"], ACT2FN["gelu_new"]):
+        assert activation_name(act_fn) == "gelu_tanh"
+    for act_fn in (torch.nn.GELU(), ACT2FN["gelu"], F.relu, torch.tanh):  # exact GELU is another function
+        assert activation_name(act_fn) is None

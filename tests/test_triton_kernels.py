@@ -116,7 +116,7 @@ def test_grouped_gemm_gather_scale_and_scatter(dtype, lora_kind):
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("m_sizes", M_SIZES)
 @pytest.mark.parametrize("with_lora,scaled", [(False, False), (True, False), (False, True)])
-def test_gate_up_swiglu(m_sizes, dtype, with_lora, scaled):
+def test_gate_up_glu(m_sizes, dtype, with_lora, scaled):
     tokens, inter, hidden = 7, 24, 40
     ids = group_ids(m_sizes).to(DEVICE)
     token_index = torch.randint(0, tokens, (sum(m_sizes),), device=DEVICE)
@@ -133,17 +133,17 @@ def test_gate_up_swiglu(m_sizes, dtype, with_lora, scaled):
     if scaled:  # h times each row's routing weight
         where["row_scale"] = torch.rand(ids.numel(), device=DEVICE)
         h_ref = h_ref * where["row_scale"].double()[:, None]
-    h, gate_up = triton_gemm.gate_up_swiglu(x, w, _m(m_sizes), token_index, store_gate_up=True, **where)
+    h, gate_up = triton_gemm.gate_up_glu(x, w, _m(m_sizes), token_index, store_gate_up=True, **where)
     assert_close(gate_up, gate_up_ref, dtype, "gate_up")
     assert_close(h, h_ref, dtype, "h")
-    h_only, none = triton_gemm.gate_up_swiglu(x, w, _m(m_sizes), token_index, store_gate_up=False, **where)
+    h_only, none = triton_gemm.gate_up_glu(x, w, _m(m_sizes), token_index, store_gate_up=False, **where)
     assert none is None and torch.equal(h_only, h)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("m_sizes", M_SIZES)
 @pytest.mark.parametrize("with_lora", [False, True])
-def test_swiglu_backward(m_sizes, dtype, with_lora):
+def test_glu_backward(m_sizes, dtype, with_lora):
     tokens, inter, hidden = 6, 40, 24
     ids = group_ids(m_sizes).to(DEVICE)
     token_index = torch.randint(0, tokens, (sum(m_sizes),), device=DEVICE)
@@ -164,7 +164,7 @@ def test_swiglu_backward(m_sizes, dtype, with_lora):
         loss = loss + (h * lora_value * s64[:, None]).sum()
     loss.backward()
 
-    d_gate_up, d_scale = triton_gemm.swiglu_backward(
+    d_gate_up, d_scale = triton_gemm.glu_backward(
         grad_out, down, gate_up, scale, _m(m_sizes), token_index, lora=lora
     )
     assert_close(d_gate_up, g64.grad, dtype, "d_gate_up")
@@ -180,7 +180,7 @@ def test_swiglu_backward(m_sizes, dtype, with_lora):
     # The same sums stored at given positions in another dtype (the routing weights' order and dtype).
     positions = torch.randperm(sum(m_sizes), device=DEVICE)
     placed = torch.full((sum(m_sizes),), float("nan"), device=DEVICE, dtype=dtype)
-    _, out = triton_gemm.swiglu_backward(
+    _, out = triton_gemm.glu_backward(
         grad_out,
         down,
         gate_up,
@@ -193,9 +193,9 @@ def test_swiglu_backward(m_sizes, dtype, with_lora):
     )
     assert out is placed and torch.equal(placed[positions], d_scale.to(dtype))
     with pytest.raises(ValueError, match="d_scale_out must be 1-D and contiguous"):
-        triton_gemm.swiglu_backward_rows(d_gate_up[:, :inter], gate_up, scale, d_scale_out=placed)
+        triton_gemm.glu_backward_rows(d_gate_up[:, :inter], gate_up, scale, d_scale_out=placed)
     with pytest.raises(ValueError, match="d_scale_out must be 1-D and contiguous"):
-        triton_gemm.swiglu_backward_rows(d_gate_up[:, :inter], gate_up, scale, d_scale_index=positions)
+        triton_gemm.glu_backward_rows(d_gate_up[:, :inter], gate_up, scale, d_scale_index=positions)
 
 
 @pytest.mark.parametrize("m_sizes,dtype", CASES)
@@ -252,11 +252,11 @@ EXPERT_CASES = [
 E128_TOP8 = (24, 32, 16, 128, 8, 0)
 
 
-def check_experts(args, dtype, names=("x", "gate_up_proj", "down_proj", "index", "weights")):
+def check_experts(args, dtype, names=("x", "gate_up_proj", "down_proj", "index", "weights"), **act):
     ref_args = [a.detach().double().requires_grad_() if a.is_floating_point() else a for a in args]
     with use_backend("triton"):
-        out = moefuse.fused_experts(*args)
-    ref = fused_experts_reference(*ref_args)
+        out = moefuse.fused_experts(*args, **act)
+    ref = fused_experts_reference(*ref_args, **act)
     assert out.dtype == dtype
     assert_close(out, ref, dtype, "output")
     grad = randn(*out.shape, dtype=dtype)
@@ -271,6 +271,20 @@ def check_experts(args, dtype, names=("x", "gate_up_proj", "down_proj", "index",
 @pytest.mark.parametrize("case", EXPERT_CASES)
 def test_fused_experts_on_triton(case, dtype):
     check_experts(experts_problem(*case, dtype=dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("case", EXPERT_CASES)
+def test_fused_gelu_tanh_experts_on_triton(case, dtype, monkeypatch):
+    """GeGLU experts (GELU's tanh form on the gate, as Gemma 4's) run fused, with the forward and every gradient
+    of the reference."""
+    from moefuse.ops import moe_triton
+
+    fused = []
+    original = moe_triton.triton_fused_experts
+    monkeypatch.setattr(moe_triton, "triton_fused_experts", lambda *a: fused.append(a[-1]) or original(*a))
+    check_experts(experts_problem(*case, dtype=dtype), dtype, act_fn=torch.nn.GELU(approximate="tanh"))
+    assert [plan.activation for plan in fused] == ["gelu_tanh"]
 
 
 def test_fused_experts_on_triton_128_experts_top8():

@@ -41,7 +41,7 @@ def experts_plan_rows(
     from .bench.configs import load_config
     from .experts import UnsupportedExpertsError, experts_structure, stacked_expert_weights
     from .ops.lora import ExpertsLora, LoraWeights
-    from .ops.plan import is_silu, plan_experts
+    from .ops.plan import activation_name, plan_experts
 
     label, config = load_config(model)
     with torch.device("meta"):
@@ -52,7 +52,7 @@ def experts_plan_rows(
             f"{label}: model type '{config.model_type}' has no experts module with stacked 3-D weights"
         )
     structure = experts_structure(experts)
-    swiglu = set(structure) == {"act_fn"} and is_silu(structure["act_fn"])
+    activation = activation_name(structure["act_fn"]) if set(structure) == {"act_fn"} else None
     gate_up_meta, down_meta = stacked_expert_weights(experts)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
@@ -82,7 +82,9 @@ def experts_plan_rows(
             ),
         )
     hidden_states = torch.empty(1, hidden, dtype=dtype, device=device).expand(tokens, -1)
-    plan = plan_experts(hidden_states, gate_up, down, config.num_experts_per_tok, swiglu=swiglu, lora=lora)
+    plan = plan_experts(
+        hidden_states, gate_up, down, config.num_experts_per_tok, activation=activation, lora=lora
+    )
     where = f"{label}, {tokens} tokens, {finetuning_type}, {device.type}"
     return [(f"plan ({where})", plan.describe())]
 

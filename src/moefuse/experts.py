@@ -96,7 +96,8 @@ def check_supported(experts: torch.nn.Module) -> None:
 def experts_structure(experts: torch.nn.Module) -> dict[str, Any]:
     """The keyword arguments of :func:`moefuse.fused_experts` that compute these experts as Transformers' own
     experts functions do: the family's ``_apply_gate`` (or ``act_fn`` without a gate), biases and post-expert
-    norm. Plain gated experts get ``act_fn`` alone, which the Triton path fuses when it is SiLU.
+    norm. Plain gated experts get ``act_fn`` alone, which the Triton path fuses when it is SiLU or GELU's tanh form
+    (:func:`moefuse.ops.plan.activation_name`).
 
     Raises :class:`UnsupportedExpertsError` naming the model family and the structure it cannot compute.
     """

@@ -13,9 +13,10 @@ Shapes in the kernels' parameter lists: ``E`` experts, ``R`` grouped rows (``m_s
 operand read or written through an index (tokens), ``N`` and ``K`` a weight's output and input sizes.
 
 - :func:`grouped_gemm_kernel`: ``C[c_row(r)] = scale[r] * A[a_row(r)] @ B[e]ᵀ``.
-- :func:`gate_up_swiglu_kernel`: the gate/up projection with SwiGLU in its epilogue.
-- :func:`swiglu_backward_rows_kernel`: SwiGLU's backward and the routing weights' gradient, row by row, from the
-  down projection's input gradient (a plain grouped GEMM).
+- :func:`gate_up_glu_kernel`: the gate/up projection with the gated activation ``act(gate) * up`` in its epilogue
+  (SwiGLU, or GeGLU with GELU's tanh form).
+- :func:`glu_backward_rows_kernel`: the gated activation's backward and the routing weights' gradient, row by row,
+  from the down projection's input gradient (a plain grouped GEMM).
 - :func:`grouped_weight_grad_kernel`: ``dW[e] = (scale * A[a_row(rows of e)])ᵀ @ B[b_row(rows of e)]``.
 
 The launchers and the autograd live in :mod:`moefuse.ops.triton_gemm`. They launch by keyword
@@ -366,20 +367,36 @@ def grouped_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def _activation(x, ACTIVATION: tl.constexpr, GRADIENT: tl.constexpr):
+    """``(act(x), act'(x))`` in fp32 (the derivative only with ``GRADIENT``; else 0). Both activations are
+    ``x * sigmoid(z)``: ``z = x`` for SiLU; for GELU's tanh form ``0.5 x (1 + tanh(u))``, ``u = sqrt(2 / pi) *
+    (x + 0.044715 x^3)``, ``z = 2u``, as ``0.5 (1 + tanh(u)) = sigmoid(2u)``."""
+    if ACTIVATION == "silu":
+        sig = tl.sigmoid(x)
+        d_act = sig * (1.0 + x * (1.0 - sig)) if GRADIENT else 0.0
+    else:
+        tl.static_assert(ACTIVATION == "gelu_tanh")
+        sig = tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))  # 2 sqrt(2 / pi) = 1.5957...
+        dz = 1.5957691216057308 * (1.0 + 0.134145 * x * x)  # 3 * 0.044715 = 0.134145
+        d_act = sig + x * sig * (1.0 - sig) * dz if GRADIENT else 0.0
+    return x * sig, d_act
+
+
 @triton.autotune(
     configs=_configs(TILE_CONFIGS),
-    key=["N", "K", "ROWS_PER_EXPERT", "STORE_GATE_UP", "HAS_LORA"],
+    key=["N", "K", "ROWS_PER_EXPERT", "STORE_GATE_UP", "HAS_LORA", "ACTIVATION"],
     prune_configs_by=_prune("N", "K", "w_ptr", weight_tiles=2),
     cache_results=True,  # tuned configs persist in Triton's cache: a second run does not tune again
 )
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
-def gate_up_swiglu_kernel(
+def gate_up_glu_kernel(
     # Pointers
     x_ptr,  # [T, K] read through x_index
     w_ptr,  # [E, 2N, K]: gate rows, then up rows; any strides
     gate_up_ptr,  # [R, 2N] pre-activations, for backward (STORE_GATE_UP; else never written)
-    h_ptr,  # [R, N] silu(gate) * up
+    h_ptr,  # [R, N] act(gate) * up
     scale_ptr,  # [R] each grouped row's factor on h (SCALE_H; else never read)
     m_sizes_ptr,  # [E] rows per expert; R = their sum
     x_index_ptr,  # [R] x's row (token) of each grouped row
@@ -408,6 +425,7 @@ def gate_up_swiglu_kernel(
     stride_lbr,
     stride_lmm,  # lora_mask's rows (its columns: unit stride)
     # Metadata
+    ACTIVATION: tl.constexpr,  # act: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, tanh approximation)
     STORE_GATE_UP: tl.constexpr,  # write gate_up
     SCALE_H: tl.constexpr,  # h's rows times scale
     HAS_LORA: tl.constexpr,  # the LoRA term joins the pre-activations
@@ -420,7 +438,7 @@ def gate_up_swiglu_kernel(
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K mask (heuristic)
 ):
-    """``h[r] = scale[r] * silu(gate) * up`` with ``[gate, up] = X[x_row(r)] @ W[e(r)]ᵀ + T[r] @ LB[e(r)]ᵀ``.
+    """``h[r] = scale[r] * act(gate) * up`` with ``[gate, up] = X[x_row(r)] @ W[e(r)]ᵀ + T[r] @ LB[e(r)]ᵀ``.
 
     One program computes a column tile of both halves from the same loaded rows of ``X``. The LoRA term
     (``HAS_LORA``) joins the pre-activations, which are written to ``gate_up`` with ``STORE_GATE_UP``.
@@ -464,10 +482,12 @@ def gate_up_swiglu_kernel(
         g_ptrs = gate_up_ptr + rows.to(tl.int64)[:, None] * stride_gm + offs_n[None, :] * stride_gn
         tl.store(g_ptrs, gate.to(out_type), mask=mask)
         tl.store(g_ptrs + N * stride_gn, up.to(out_type), mask=mask)
-    # SiLU on the values backward will read back (rounded to the storage dtype), so forward and backward agree.
+    # The activation of the values backward will read back (rounded to the storage dtype), so forward and backward
+    # agree.
     gate = gate.to(out_type).to(tl.float32)
     up = up.to(out_type).to(tl.float32)
-    h = gate * tl.sigmoid(gate) * up
+    act, _ = _activation(gate, ACTIVATION, False)
+    h = act * up
     if SCALE_H:
         h = h * tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + offs_n[None, :] * stride_hn
@@ -563,9 +583,9 @@ def grouped_weight_grad_kernel(
 
 
 @triton.jit
-def swiglu_backward_rows_kernel(
+def glu_backward_rows_kernel(
     # Pointers
-    g_ptr,  # [R, N] the gradient reaching h = silu(gate) * up, before the row scale
+    g_ptr,  # [R, N] the gradient reaching h = act(gate) * up, before the row scale
     gate_up_ptr,  # [R, 2N] the pre-activations: gate, then up
     scale_ptr,  # [R] each grouped row's factor
     d_gate_up_ptr,  # [R, 2N] out: d_gate, then d_up
@@ -579,12 +599,13 @@ def swiglu_backward_rows_kernel(
     stride_gum,
     stride_dgm,
     # Metadata
+    ACTIVATION: tl.constexpr,  # act: "silu" or "gelu_tanh", as in the forward
     SCATTER_D_SCALE: tl.constexpr,  # d_scale's elements through d_scale_index
     BLOCK_R: tl.constexpr,  # rows per program
     BLOCK_C: tl.constexpr,  # columns per step
 ):
-    """``d_scale = sum_n g * silu(gate) * up``, ``d_up = scale * g * silu(gate)``, ``d_gate = scale * g * up *
-    silu'(gate)``: SwiGLU's backward, ``BLOCK_R`` rows a program.
+    """``d_scale = sum_n g * act(gate) * up``, ``d_up = scale * g * act(gate)``, ``d_gate = scale * g * up *
+    act'(gate)``: the gated activation's backward, ``BLOCK_R`` rows a program.
 
     Each row's ``d_scale`` is summed in fp32 in one program (no atomics) and stored in ``d_scale``'s dtype, at
     ``d_scale_index[row]`` with ``SCATTER_D_SCALE`` (the routing weights' gradient in their own order)."""
@@ -602,14 +623,13 @@ def swiglu_backward_rows_kernel(
         gu_ptrs = gate_up_ptr + offs_r64[:, None] * stride_gum + cols[None, :]
         gate = tl.load(gu_ptrs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(gu_ptrs + N, mask=mask, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(gate)
-        silu = gate * sig
-        d_scale += tl.sum(g * silu * up, axis=1)
+        act, d_act = _activation(gate, ACTIVATION, True)
+        d_scale += tl.sum(g * act * up, axis=1)
         dh = g * scale[:, None]
         out_type = d_gate_up_ptr.dtype.element_ty
         d_ptrs = d_gate_up_ptr + offs_r64[:, None] * stride_dgm + cols[None, :]
-        tl.store(d_ptrs, (dh * up * sig * (1.0 + gate * (1.0 - sig))).to(out_type), mask=mask)
-        tl.store(d_ptrs + N, (dh * silu).to(out_type), mask=mask)
+        tl.store(d_ptrs, (dh * up * d_act).to(out_type), mask=mask)
+        tl.store(d_ptrs + N, (dh * act).to(out_type), mask=mask)
     d_scale_rows = offs_r64
     if SCATTER_D_SCALE:
         d_scale_rows = tl.load(d_scale_index_ptr + offs_r, mask=row_mask, other=0)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .lora import ExpertsLora, check_lora_weights, down_lora_delta, gate_up_lora_delta
 from .moe_4bit import check_frozen, grouped_linear
-from .plan import is_silu, plan_experts
+from .plan import activation_name, plan_experts
 from .routing import check_top_k_index, route
 
 
@@ -133,8 +133,8 @@ def fused_experts(
 ) -> torch.Tensor:
     """Route-sort, gate/up grouped GEMM, gated activation, down grouped GEMM, weighted combine.
 
-    The Triton path fuses plain SwiGLU experts (SiLU ``act_fn``, no ``gate_fn``, biases or ``post_fn``); any
-    other structure runs composed: grouped GEMMs with PyTorch ops between them, on every device.
+    The Triton path fuses plain gated experts (``act_fn`` SiLU or GELU's tanh form, no ``gate_fn``, biases or
+    ``post_fn``); any other structure runs composed: grouped GEMMs with PyTorch ops between them, on every device.
 
     Args:
         hidden_states: ``[T, H]`` tokens.
@@ -142,7 +142,7 @@ def fused_experts(
         down_proj: ``[E, H, I]``. Either may be frozen 4-bit weights (:class:`moefuse.quant.ExpertWeights4bit`).
         top_k_index: ``[T, K]`` chosen expert ids.
         top_k_weights: ``[T, K]`` routing weights (differentiable: the router learns through them).
-        act_fn: activation applied to the gate half (SiLU gives SwiGLU).
+        act_fn: activation applied to the gate half (SiLU gives SwiGLU, GELU GeGLU).
         gate_fn: the experts' own gating of the gate/up GEMM's rows ``[S, N] -> [S, I]`` in place of
             ``act_fn(gate) * up``: a Transformers experts class's ``_apply_gate`` (its layout, e.g. interleaved
             gate/up columns, and its clamps are its own), or the activation of experts without a gate, whose
@@ -184,7 +184,7 @@ def fused_experts(
         gate_up_proj,
         down_proj,
         top_k_index.shape[-1],
-        swiglu=plain and is_silu(act_fn),
+        activation=activation_name(act_fn) if plain else None,
         lora=lora,
     )
     if plan.fused:

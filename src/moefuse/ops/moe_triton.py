@@ -1,6 +1,6 @@
-"""The experts on the Triton kernels: the whole SwiGLU experts block, LoRA included, as one PyTorch operator.
+"""The experts on the Triton kernels: the whole gated experts block (SwiGLU, GeGLU), LoRA included, as one PyTorch operator.
 
-Forward: the gather of token rows is fused into the gate/up GEMM's loads, SwiGLU into its epilogue, and the
+Forward: the gather of token rows is fused into the gate/up GEMM's loads, the gated activation into its epilogue, and the
 routing-weight multiply and the scatter of each row to its ``(token, k)`` slot into the down GEMM's epilogue (a
 sum over ``k`` then combines them; no atomics anywhere, so results repeat bit for bit). A LoRA adapter adds, per
 projection, one thin grouped GEMM ``t = x·Aᵀ``; ``t·Bᵀ`` is computed in the base GEMM's epilogue (a rank-deep
@@ -145,12 +145,13 @@ def experts_forward(
         else:
             t = tg.grouped_gemm(x, gate_up_a, m_sizes, a_index=token_index)
         gate_up_lora = tg.LoraTerm(t, gate_up_b)
-    h, gate_up = tg.gate_up_swiglu(
+    h, gate_up = tg.gate_up_glu(
         x,
         dense(gate_up_proj),
         m_sizes,
         token_index,
         store_gate_up=store_gate_up,
+        activation=plan.activation,
         lora=gate_up_lora,
         row_scale=scale if plan.prescaled_h else None,
     )
@@ -239,9 +240,9 @@ def experts_backward(
             grad[9] = tg.grouped_weight_grad(
                 grad_out, saved.td, m_sizes, a_index=token_index, row_scale=scale, out=factor_grad(5)
             )
-    # The routing weights' gradient comes out of SwiGLU's row kernel in their (token, k) order and dtype.
+    # The routing weights' gradient comes out of the activation's row kernel in their (token, k) order and dtype.
     weights_grad = x.new_empty(x.shape[0] * routing.top_k, dtype=weights_dtype) if needs[3] else None
-    d_gate_up, _ = tg.swiglu_backward(
+    d_gate_up, _ = tg.glu_backward(
         grad_out,
         dense(down_proj),
         gate_up,
@@ -249,6 +250,7 @@ def experts_backward(
         m_sizes,
         token_index,
         lora=h_lora_grad,
+        activation=plan.activation,
         d_scale_out=weights_grad,
         d_scale_index=routing.sorted_slots,
     )
@@ -337,6 +339,7 @@ _GRADIENTS = ("hidden_states", "gate_up_proj", "down_proj", "top_k_weights", *(f
 
 
 def _fused_plan(
+    activation: str,
     lora_dropout: float,
     prescaled_h: bool,
     combine_on_grouped_mm: bool = False,
@@ -348,6 +351,7 @@ def _fused_plan(
         backend="triton",
         fused=True,
         composed_because="",
+        activation=activation,
         weights="dense",
         lora="fused",
         lora_dropout=lora_dropout,
@@ -376,7 +380,7 @@ def _empty_if_none(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     mutates_args=(),
     schema="(Tensor hidden_states, Tensor gate_up_proj, Tensor down_proj, Tensor top_k_index, "
     "Tensor top_k_weights, Tensor? gate_a, Tensor? gate_b, Tensor? up_a, Tensor? up_b, Tensor? down_a, "
-    "Tensor? down_b, float[] scalings, float lora_dropout, bool store_gate_up, bool prescaled_h, "
+    "Tensor? down_b, float[] scalings, str activation, float lora_dropout, bool store_gate_up, bool prescaled_h, "
     "bool combine_on_grouped_mm, bool input_grad_on_grouped_mm, bool weight_grad_on_grouped_mm) "
     f"-> ({', '.join(['Tensor'] * len(_FORWARD_OUTPUTS))})",
 )
@@ -393,6 +397,7 @@ def _experts_op(
     down_a: torch.Tensor | None,
     down_b: torch.Tensor | None,
     scalings: Sequence[float],
+    activation: str,
     lora_dropout: float,
     store_gate_up: bool,
     prescaled_h: bool,
@@ -404,7 +409,7 @@ def _experts_op(
     for each ``Saved`` field that is ``None``."""
     routing = route(top_k_index, gate_up_proj.shape[0], on_triton=True)
     adapter = _adapter((gate_a, gate_b, up_a, up_b, down_a, down_b), scalings)
-    plan = _fused_plan(lora_dropout, prescaled_h, combine_on_grouped_mm)
+    plan = _fused_plan(activation, lora_dropout, prescaled_h, combine_on_grouped_mm)
     out, saved = experts_forward(
         hidden_states, gate_up_proj, down_proj, top_k_weights, routing, adapter, plan, store_gate_up
     )
@@ -421,7 +426,7 @@ def _experts_op(
 @_experts_op.register_fake
 def _(
     hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights, gate_a, gate_b, up_a, up_b, down_a,
-    down_b, scalings, lora_dropout, store_gate_up, prescaled_h, combine_on_grouped_mm, input_grad_on_grouped_mm,
+    down_b, scalings, activation, lora_dropout, store_gate_up, prescaled_h, combine_on_grouped_mm, input_grad_on_grouped_mm,
     weight_grad_on_grouped_mm,
 ):  # fmt: skip
     num_experts, two_i, hidden = gate_up_proj.shape
@@ -465,7 +470,8 @@ def _(
     mutates_args=(),
     schema="(Tensor grad_out, Tensor hidden_states, Tensor gate_up_proj, Tensor down_proj, Tensor m_sizes, "
     "Tensor sorted_slots, Tensor token_index, Tensor inverse, Tensor offsets, int top_k, Tensor?[] saved, int[] ranks, "
-    "float[] scalings, ScalarType factor_dtype, ScalarType weights_dtype, bool[] needs, float lora_dropout, "
+    "float[] scalings, ScalarType factor_dtype, ScalarType weights_dtype, bool[] needs, str activation, "
+    "float lora_dropout, "
     "bool prescaled_h, bool input_grad_on_grouped_mm, bool weight_grad_on_grouped_mm) "
     f"-> ({', '.join(['Tensor'] * len(_GRADIENTS))})",
 )
@@ -486,6 +492,7 @@ def _experts_backward_op(
     factor_dtype: torch.dtype,
     weights_dtype: torch.dtype,
     needs: Sequence[bool],
+    activation: str,
     lora_dropout: float,
     prescaled_h: bool,
     input_grad_on_grouped_mm: bool,
@@ -495,7 +502,7 @@ def _experts_backward_op(
     tensor where ``needs`` asks none."""
     routing = ExpertRouting(m_sizes, sorted_slots, token_index, inverse, top_k, offsets, on_triton=True)
     plan = _fused_plan(
-        lora_dropout, prescaled_h, input_grad_on_grouped_mm=input_grad_on_grouped_mm,
+        activation, lora_dropout, prescaled_h, input_grad_on_grouped_mm=input_grad_on_grouped_mm,
         weight_grad_on_grouped_mm=weight_grad_on_grouped_mm,
     )  # fmt: skip
     grads = experts_backward(
@@ -516,7 +523,7 @@ def _experts_backward_op(
 @_experts_backward_op.register_fake
 def _(
     grad_out, hidden_states, gate_up_proj, down_proj, m_sizes, sorted_slots, token_index, inverse, offsets, top_k,
-    saved, ranks, scalings, factor_dtype, weights_dtype, needs, lora_dropout, prescaled_h,
+    saved, ranks, scalings, factor_dtype, weights_dtype, needs, activation, lora_dropout, prescaled_h,
     input_grad_on_grouped_mm, weight_grad_on_grouped_mm,
 ):  # fmt: skip
     num_experts, two_i, hidden = gate_up_proj.shape
@@ -568,7 +575,7 @@ def _saved_present(ranks: Sequence[int], lora_dropout: float, store_gate_up: boo
 
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     hidden_states, gate_up_proj, down_proj, _, top_k_weights, *factors = inputs[:11]
-    scalings, lora_dropout, store_gate_up, prescaled_h, _, *backward_choices = inputs[11:]
+    scalings, activation, lora_dropout, store_gate_up, prescaled_h, _, *backward_choices = inputs[11:]
     ctx.save_for_backward(hidden_states, gate_up_proj, down_proj, *output[1:])
     ctx.top_k = inputs[3].shape[-1]
     present = [f.dtype for f in factors if f is not None]
@@ -577,7 +584,7 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     ctx.scalings = tuple(scalings)
     ctx.factor_dtype = present[0] if present else gate_up_proj.dtype
     ctx.weights_dtype = top_k_weights.dtype
-    ctx.choices = (lora_dropout, prescaled_h, *backward_choices)
+    ctx.choices = (activation, lora_dropout, prescaled_h, *backward_choices)
 
 
 def _backward(ctx, grad_out: torch.Tensor, *_: torch.Tensor) -> tuple:
@@ -602,7 +609,7 @@ def _backward(ctx, grad_out: torch.Tensor, *_: torch.Tensor) -> tuple:
         *ctx.choices,
     )
     grads = [g if need else None for g, need in zip(grads, needs, strict=True)]
-    return (*grads[:3], None, grads[3], *grads[4:], *([None] * 7))
+    return (*grads[:3], None, grads[3], *grads[4:], *([None] * 8))
 
 
 _experts_op.register_autograd(_backward, setup_context=_setup_context)
@@ -688,7 +695,7 @@ def triton_fused_experts(
     lora: Sequence[ExpertsLora],
     plan: ExpertsPlan,
 ) -> torch.Tensor:
-    """SwiGLU experts with at most one LoRA adapter on the Triton kernels, as ``plan`` (fused) says: the
+    """Gated experts (``act(gate) * up``) with at most one LoRA adapter on the Triton kernels, as ``plan`` (fused) says: the
     ``moefuse::experts`` operator for dense weights, an eager autograd function for 4-bit ones."""
     adapter = lora[0] if lora else None
     factors = _factor_tensors(adapter)
@@ -706,6 +713,7 @@ def triton_fused_experts(
         top_k_weights,
         *factors,
         list(FactorSpec.of(adapter, gate_up_proj.dtype).scalings),
+        plan.activation,
         plan.lora_dropout,
         store_gate_up,
         plan.prescaled_h,

@@ -21,9 +21,12 @@ from .lora import ExpertsLora
 
 # Why a call runs composed (grouped GEMMs with PyTorch ops between them) instead of the fused Triton path.
 NOT_TRITON = "the PyTorch backend runs these tensors"
-NOT_SWIGLU = (
-    "the experts are not plain SwiGLU (own gate function, biases, post-expert norm or another activation)"
+NOT_GATED = (
+    "the experts are not plain act(gate) * up with SiLU or GELU-tanh (own gate function, biases, post-expert norm "
+    "or another activation)"
 )
+# The gated activations the fused kernels compute in their epilogues: act(gate) * up.
+ACTIVATIONS = ("silu", "gelu_tanh")
 SEVERAL_ADAPTERS = "several LoRA adapters"
 CUSTOM_DROPOUT = "a LoRA dropout that is not nn.Dropout"
 
@@ -37,6 +40,8 @@ class ExpertsPlan:
         fused: the whole block is one Triton autograd function (gather, SwiGLU, LoRA and combine in the GEMMs'
             epilogues); otherwise it runs composed.
         composed_because: why it runs composed (empty when fused).
+        activation: the fused path's ``act`` in ``act(gate) * up``, one of :data:`ACTIVATIONS` (empty when composed:
+            the composed path calls the experts' own functions).
         weights: ``"dense"`` or ``"4bit"`` (each 4-bit stack dequantised for the GEMMs that read it).
         lora: ``"none"``, ``"fused"`` (one adapter, its terms in the epilogues) or ``"composed"``.
         lora_dropout: the fused path's LoRA dropout probability (0 without dropout).
@@ -51,6 +56,7 @@ class ExpertsPlan:
     backend: str
     fused: bool
     composed_because: str
+    activation: str
     weights: str
     lora: str
     lora_dropout: float
@@ -73,12 +79,27 @@ class ExpertsPlan:
             if chosen
         ]
         cutlass = f"; on grouped_mm: {', '.join(on_grouped_mm)}" if on_grouped_mm else ""
-        return f"triton, fused; weights {self.weights}, LoRA {self.lora}{cutlass}"
+        return f"triton, fused ({self.activation}); weights {self.weights}, LoRA {self.lora}{cutlass}"
 
 
-def is_silu(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
-    """Whether ``act_fn`` is SiLU (the function, ``nn.SiLU`` or Transformers' ``SiLUActivation``): SwiGLU experts."""
-    return act_fn is F.silu or isinstance(act_fn, torch.nn.SiLU) or type(act_fn).__name__ == "SiLUActivation"
+# Transformers' activation classes (transformers.activations) by the name the kernels give their function.
+_TRANSFORMERS_ACTIVATIONS = {
+    "SiLUActivation": "silu",
+    "GELUTanh": "gelu_tanh",  # gelu_pytorch_tanh
+    "PytorchGELUTanh": "gelu_tanh",  # its name before Transformers 5
+    "NewGELUActivation": "gelu_tanh",  # gelu_new: the same formula
+}
+
+
+def activation_name(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> str | None:
+    """The fused kernels' name for ``act_fn`` (one of :data:`ACTIVATIONS`), or ``None`` when they do not compute
+    it: SiLU as ``F.silu``, ``nn.SiLU`` or Transformers' ``SiLUActivation``; GELU's tanh form as
+    ``nn.GELU(approximate="tanh")`` or Transformers' ``GELUTanh`` / ``NewGELUActivation``."""
+    if act_fn is F.silu or isinstance(act_fn, torch.nn.SiLU):
+        return "silu"
+    if isinstance(act_fn, torch.nn.GELU):
+        return "gelu_tanh" if act_fn.approximate == "tanh" else None
+    return _TRANSFORMERS_ACTIVATIONS.get(type(act_fn).__name__)
 
 
 def lora_dropout_p(adapter: ExpertsLora) -> float | None:
@@ -109,7 +130,7 @@ def plan_experts(
     down_proj: torch.Tensor,
     top_k: int,
     *,
-    swiglu: bool = True,
+    activation: str | None = "silu",
     lora: Sequence[ExpertsLora] = (),
     config: Settings | None = None,
 ) -> ExpertsPlan:
@@ -120,7 +141,8 @@ def plan_experts(
         gate_up_proj: ``[E, 2I, H]``, dense or 4-bit.
         down_proj: ``[E, H, I]``, dense or 4-bit.
         top_k: experts per token.
-        swiglu: the experts are plain SwiGLU (SiLU ``act_fn``; no gate function, biases or post-expert norm).
+        activation: the experts' ``act`` when they are plain ``act(gate) * up`` (no gate function, biases or
+            post-expert norm) and the kernels compute it (:func:`activation_name`); ``None`` otherwise.
         lora: the LoRA adapters on the projections.
         config: the settings to plan with (default: those in force).
     """
@@ -133,7 +155,7 @@ def plan_experts(
             reason
             for reason, applies in (
                 (NOT_TRITON, backend != "triton"),
-                (NOT_SWIGLU, not swiglu),
+                (NOT_GATED, activation not in ACTIVATIONS),
                 (SEVERAL_ADAPTERS, len(lora) > 1),
                 (CUSTOM_DROPOUT, dropout is None),
             )
@@ -158,6 +180,7 @@ def plan_experts(
         backend=backend,
         fused=fused,
         composed_because=composed_because,
+        activation=activation if fused else "",
         weights="4bit" if four_bit else "dense",
         lora="none" if not lora else ("fused" if fused else "composed"),
         lora_dropout=dropout or 0.0,

@@ -21,9 +21,9 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-# The row-wise SwiGLU backward's block: 8 rows x 256 columns per step. Fixed, not tuned: neighbouring sizes
+# The row-wise gated-activation backward's block: 8 rows x 256 columns per step. Fixed, not tuned: neighbouring sizes
 # measured alike (docs/measurements.md).
-_SWIGLU_ROWS, _SWIGLU_COLUMNS = 8, 256
+_GLU_ROWS, _GLU_COLUMNS = 8, 256
 
 
 def _experts_pow2(num_experts: int) -> int:
@@ -178,19 +178,20 @@ def grouped_gemm(
     return out
 
 
-def gate_up_swiglu(
+def gate_up_glu(
     x: torch.Tensor,
     gate_up_proj: torch.Tensor,
     m_sizes: torch.Tensor,
     x_index: torch.Tensor,
     *,
     store_gate_up: bool,
+    activation: str = "silu",
     lora: LoraTerm | None = None,
     row_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``h = silu(gate) * up`` for the grouped rows ``x[x_index]``: ``(h [R, I], gate_up [R, 2I] or None)``;
-    ``lora`` (its ``b`` ``[E, 2I, rank]``) joins the pre-activations; ``h`` is multiplied by ``row_scale [R]``
-    when given."""
+    """``h = act(gate) * up`` for the grouped rows ``x[x_index]``: ``(h [R, I], gate_up [R, 2I] or None)``;
+    ``activation``: ``"silu"`` or ``"gelu_tanh"`` (:data:`moefuse.ops.plan.ACTIVATIONS`); ``lora`` (its ``b`` ``[E, 2I, rank]``) joins the pre-activations;
+    ``h`` is multiplied by ``row_scale [R]`` when given."""
     two_i = gate_up_proj.shape[1]
     inter = two_i // 2
     rows = x_index.numel()
@@ -199,7 +200,7 @@ def gate_up_swiglu(
     if rows == 0:
         return h, gate_up
     launch(
-        kernels.gate_up_swiglu_kernel,
+        kernels.gate_up_glu_kernel,
         _tile_grid(m_sizes, rows, inter),
         x_ptr=x,
         w_ptr=gate_up_proj,
@@ -216,6 +217,7 @@ def gate_up_swiglu(
         stride_gn=0 if gate_up is None else gate_up.stride(1),
         stride_hm=h.stride(0),
         stride_hn=h.stride(1),
+        ACTIVATION=activation,
         STORE_GATE_UP=store_gate_up,
         SCALE_H=row_scale is not None,
         **_row_kernel_arguments(gate_up_proj, m_sizes, rows, inter, lora, h),
@@ -223,7 +225,7 @@ def gate_up_swiglu(
     return h, gate_up
 
 
-def swiglu_backward(
+def glu_backward(
     grad_out: torch.Tensor,
     down_proj: torch.Tensor,
     gate_up: torch.Tensor,
@@ -232,36 +234,40 @@ def swiglu_backward(
     grad_index: torch.Tensor,
     lora: LoraTerm | None = None,
     *,
+    activation: str = "silu",
     d_scale_out: torch.Tensor | None = None,
     d_scale_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients through ``scale * down(silu(gate) * up)`` for the grouped rows: ``(d_gate_up [R, 2I], d_scale)``.
+    """Gradients through ``scale * down(act(gate) * up)`` for the grouped rows: ``(d_gate_up [R, 2I], d_scale)``.
 
     ``grad_out [T, H]`` is read through ``grad_index`` (each grouped row's token); ``down_proj [E, H, I]``;
-    ``lora`` (its ``b`` ``[E, I, rank]``) joins the gradient reaching ``silu(gate) * up`` (from a LoRA on the
+    ``lora`` (its ``b`` ``[E, I, rank]``) joins the gradient reaching ``act(gate) * up`` (from a LoRA on the
     down projection).
     ``d_scale`` is ``[R]`` fp32 in grouped order, or ``d_scale_out`` with row ``r``'s at ``d_scale_index[r]``
-    (see :func:`swiglu_backward_rows`).
+    (see :func:`glu_backward_rows`).
 
-    Two kernels: the grouped GEMM ``g = dY·W`` (stored in the weights' dtype), then :func:`swiglu_backward_rows`.
-    Not one kernel with SwiGLU's backward in the GEMM's epilogue: there the loads and stores of ``gate_up`` /
+    Two kernels: the grouped GEMM ``g = dY·W`` (stored in the weights' dtype), then :func:`glu_backward_rows`.
+    Not one kernel with the activation's backward in the GEMM's epilogue: there the loads and stores of ``gate_up`` /
     ``d_gate_up`` sit idle beside the mainloop (one program per SM), while the row-wise pass streams them at
     memory speed (the comparison: docs/measurements.md).
     """
     g = grouped_gemm(grad_out, down_proj.transpose(1, 2), m_sizes, a_index=grad_index, lora=lora)
-    return swiglu_backward_rows(g, gate_up, row_scale, d_scale_out=d_scale_out, d_scale_index=d_scale_index)
+    return glu_backward_rows(
+        g, gate_up, row_scale, activation=activation, d_scale_out=d_scale_out, d_scale_index=d_scale_index
+    )
 
 
-def swiglu_backward_rows(
+def glu_backward_rows(
     g: torch.Tensor,
     gate_up: torch.Tensor,
     row_scale: torch.Tensor,
     *,
+    activation: str = "silu",
     d_scale_out: torch.Tensor | None = None,
     d_scale_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SwiGLU's backward row by row from ``g [R, I]``, the gradient reaching ``silu(gate) * up`` (before the row
-    scale): ``(d_gate_up [R, 2I], d_scale)``. Deterministic (each row summed in fp32 in one program).
+    """The gated activation's backward row by row from ``g [R, I]``, the gradient reaching ``act(gate) * up``
+    (before the row scale): ``(d_gate_up [R, 2I], d_scale)``. Deterministic (each row summed in fp32 in one program).
 
     ``d_scale`` is ``[R]`` fp32 in grouped order; or, given ``d_scale_out`` (1-D, contiguous, any float dtype) and
     ``d_scale_index [R]``, row ``r``'s value rounded once into ``d_scale_out[d_scale_index[r]]``: the routing
@@ -273,14 +279,14 @@ def swiglu_backward_rows(
         scatter and (d_scale_out.dim() != 1 or d_scale_out.stride(0) != 1)
     ):
         raise ValueError(
-            "swiglu_backward_rows: d_scale_out must be 1-D and contiguous, with d_scale_index (both or neither)"
+            "glu_backward_rows: d_scale_out must be 1-D and contiguous, with d_scale_index (both or neither)"
         )
     d_scale = d_scale_out if scatter else torch.empty(rows, device=g.device, dtype=torch.float32)
     if rows == 0:
         return d_gate_up, d_scale
     g, gate_up = unit_columns(g), unit_columns(gate_up)
     launch(
-        kernels.swiglu_backward_rows_kernel,
+        kernels.glu_backward_rows_kernel,
         lambda meta: (cdiv(rows, meta["BLOCK_R"]),),
         g_ptr=g,
         gate_up_ptr=gate_up,
@@ -293,9 +299,10 @@ def swiglu_backward_rows(
         stride_gm=g.stride(0),
         stride_gum=gate_up.stride(0),
         stride_dgm=d_gate_up.stride(0),
+        ACTIVATION=activation,
         SCATTER_D_SCALE=scatter,
-        BLOCK_R=_SWIGLU_ROWS,
-        BLOCK_C=_SWIGLU_COLUMNS,
+        BLOCK_R=_GLU_ROWS,
+        BLOCK_C=_GLU_COLUMNS,
         num_warps=4,
     )
     return d_gate_up, d_scale
