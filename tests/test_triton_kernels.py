@@ -372,9 +372,10 @@ GPU_EXPERT_CASES = EXPERT_CASES + [
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("act_fn", [F.silu, torch.nn.GELU(approximate="tanh")], ids=["silu", "gelu_tanh"])
 @pytest.mark.parametrize("case", GPU_EXPERT_CASES)
-def test_fused_experts_bf16_gpu(case):
-    check_experts(experts_problem(*case, dtype=torch.bfloat16), torch.bfloat16)
+def test_fused_experts_bf16_gpu(case, act_fn):
+    check_experts(experts_problem(*case, dtype=torch.bfloat16), torch.bfloat16, act_fn=act_fn)
 
 
 @pytest.mark.gpu
