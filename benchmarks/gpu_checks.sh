@@ -21,7 +21,9 @@ tests)
       python -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
       echo "command: python -m pytest -q -m gpu -n 8 -p no:cacheprovider tests"; } >"$log"
     # Each worker takes a slice of the card; the largest tests compare in chunks to fit beside the others.
-    python -m pytest -q -m gpu -n 8 -p no:cacheprovider tests 2>&1 | tail -n 40 | tee -a "$log"
+    # The summary's tail goes in the results file; the whole output (failures' tracebacks) beside it.
+    python -m pytest -q -m gpu -n 8 -p no:cacheprovider tests >"$out/gpu-tests-$label.log" 2>&1 || true
+    tail -n 40 "$out/gpu-tests-$label.log" | tee -a "$log"
     ;;
 block)
     runs=${3:-3}
