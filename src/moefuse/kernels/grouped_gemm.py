@@ -368,18 +368,18 @@ def grouped_gemm_kernel(
 
 
 @triton.jit
-def _activation(x, ACTIVATION: tl.constexpr, GRADIENT: tl.constexpr):
-    """``(act(x), act'(x))`` in fp32 (the derivative only with ``GRADIENT``; else 0). Both activations are
-    ``x * sigmoid(z)``: ``z = x`` for SiLU; for GELU's tanh form ``0.5 x (1 + tanh(u))``, ``u = sqrt(2 / pi) *
-    (x + 0.044715 x^3)``, ``z = 2u``, as ``0.5 (1 + tanh(u)) = sigmoid(2u)``."""
+def _activation(x, ACTIVATION: tl.constexpr):
+    """``(act(x), act'(x))`` in fp32 (a caller that drops the derivative leaves it to dead-code elimination). Both
+    activations are ``x * sigmoid(z)``: ``z = x`` for SiLU; for GELU's tanh form ``0.5 x (1 + tanh(u))``,
+    ``u = sqrt(2 / pi) * (x + 0.044715 x^3)``, ``z = 2u``, as ``0.5 (1 + tanh(u)) = sigmoid(2u)``."""
     if ACTIVATION == "silu":
         sig = tl.sigmoid(x)
-        d_act = sig * (1.0 + x * (1.0 - sig)) if GRADIENT else 0.0
+        d_act = sig * (1.0 + x * (1.0 - sig))
     else:
         tl.static_assert(ACTIVATION == "gelu_tanh")
         sig = tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))  # 2 sqrt(2 / pi) = 1.5957...
         dz = 1.5957691216057308 * (1.0 + 0.134145 * x * x)  # 3 * 0.044715 = 0.134145
-        d_act = sig + x * sig * (1.0 - sig) * dz if GRADIENT else 0.0
+        d_act = sig + x * sig * (1.0 - sig) * dz
     return x * sig, d_act
 
 
@@ -486,7 +486,7 @@ def gate_up_glu_kernel(
     # agree.
     gate = gate.to(out_type).to(tl.float32)
     up = up.to(out_type).to(tl.float32)
-    act, _ = _activation(gate, ACTIVATION, False)
+    act, _ = _activation(gate, ACTIVATION)
     h = act * up
     if SCALE_H:
         h = h * tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
@@ -623,7 +623,7 @@ def glu_backward_rows_kernel(
         gu_ptrs = gate_up_ptr + offs_r64[:, None] * stride_gum + cols[None, :]
         gate = tl.load(gu_ptrs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(gu_ptrs + N, mask=mask, other=0.0).to(tl.float32)
-        act, d_act = _activation(gate, ACTIVATION, True)
+        act, d_act = _activation(gate, ACTIVATION)
         d_scale += tl.sum(g * act * up, axis=1)
         dh = g * scale[:, None]
         out_type = d_gate_up_ptr.dtype.element_ty
