@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from moefuse.cli import main
-from moefuse.settings import reload_settings
+from moefuse.settings import override_settings, reload_settings
 
 
 def test_help_lists_commands(capsys):
@@ -54,6 +54,21 @@ def test_info_prints_a_models_experts_plan(capsys, finetuning_type, expected):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert f"plan (qwen3-30b-a3b, 8192 tokens, {finetuning_type}, cpu)  {expected}" in out
+
+
+def test_info_plan_of_gemma4_names_its_gelu_tanh_experts(tmp_path, capsys):
+    """Gemma 4 names its top-k ``top_k_experts``; on the Triton backend its GeGLU experts plan fused."""
+    from transformers import Gemma4TextConfig
+
+    config = Gemma4TextConfig(
+        enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=64, hidden_size=128,
+        intermediate_size=256, num_hidden_layers=2, vocab_size=512,
+    )  # fmt: skip
+    config.save_pretrained(tmp_path)
+    with override_settings(backend="triton"):
+        assert main(["info", "--model", str(tmp_path), "--tokens", "64"]) == 0
+    out = capsys.readouterr().out
+    assert f"plan ({tmp_path / 'config.json'}, 64 tokens, lora, cpu)  triton, fused (gelu_tanh)" in out
 
 
 def test_info_plan_of_a_dense_model_is_refused(tmp_path):

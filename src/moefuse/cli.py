@@ -38,7 +38,7 @@ def experts_plan_rows(
     model's shapes and strides (one expert's storage, expanded), so no checkpoint is read or allocated."""
     from transformers import AutoModelForCausalLM
 
-    from .bench.configs import load_config
+    from .bench.configs import experts_per_token, load_config
     from .experts import UnsupportedExpertsError, experts_structure, stacked_expert_weights
     from .ops.lora import ExpertsLora, LoraWeights
     from .ops.plan import activation_name, plan_experts
@@ -83,7 +83,7 @@ def experts_plan_rows(
         )
     hidden_states = torch.empty(1, hidden, dtype=dtype, device=device).expand(tokens, -1)
     plan = plan_experts(
-        hidden_states, gate_up, down, config.num_experts_per_tok, activation=activation, lora=lora
+        hidden_states, gate_up, down, experts_per_token(config), activation=activation, lora=lora
     )
     where = f"{label}, {tokens} tokens, {finetuning_type}, {device.type}"
     return [(f"plan ({where})", plan.describe())]

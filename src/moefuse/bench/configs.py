@@ -81,8 +81,21 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
 BUILTIN_CONFIGS["tiny"] = json.loads((files("moefuse") / "data" / "tiny-qwen3-moe.json").read_text())
 DEFAULT_CONFIG = "qwen3-30b-a3b"
 
-# Fields that name the experts' count and width differ between families.
+# The names families give the routed experts' count and the experts chosen per token.
 _EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
+_TOP_K_FIELDS = ("num_experts_per_tok", "top_k_experts", "moe_topk", "moe_top_k", "moe_k")
+
+
+def num_experts(config: PretrainedConfig) -> int | None:
+    """The routed experts per MoE layer, whatever the family calls the field."""
+    return next((getattr(config, k) for k in _EXPERT_COUNT_FIELDS if getattr(config, k, None)), None)
+
+
+def experts_per_token(config: PretrainedConfig) -> int | None:
+    """The experts each token is routed to (``num_experts_per_tok``; Gemma 4's ``top_k_experts``, ...), or ``None``
+    for a dense model."""
+    return next((getattr(config, k) for k in _TOP_K_FIELDS if getattr(config, k, None)), None)
+
 
 # What --tiny sets (where the config has the field): every family keeps its structure at toy sizes.
 _TINY_FIELDS = dict(
@@ -96,11 +109,11 @@ _TINY_FIELDS = dict(
 
 
 def _require_moe(config: PretrainedConfig, source: str) -> PretrainedConfig:
-    if getattr(config, "num_experts_per_tok", None):
+    if experts_per_token(config):
         return config
     raise SystemExit(
         f"moefuse bench: {source} (model type '{config.model_type}') is not a Mixture-of-Experts config "
-        "(no num_experts_per_tok); give the config of an MoE model"
+        f"(none of {', '.join(_TOP_K_FIELDS)}); give the config of an MoE model"
     )
 
 
@@ -159,7 +172,9 @@ def tiny_config(config: PretrainedConfig) -> PretrainedConfig:
     for key in _EXPERT_COUNT_FIELDS:
         if key in fields and fields[key]:
             fields[key] = min(fields[key], 8)
-    fields["num_experts_per_tok"] = min(fields["num_experts_per_tok"], 2)
+    for key in _TOP_K_FIELDS:
+        if fields.get(key):
+            fields[key] = min(fields[key], 2)
     if isinstance(fields.get("layer_types"), list):
         fields["layer_types"] = fields["layer_types"][: fields["num_hidden_layers"]]
     return AutoConfig.for_model(fields.pop("model_type"), **fields)

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from ..experts import stacked_expert_weights
+from .configs import experts_per_token
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def moe_shape(config: PretrainedConfig) -> MoeShape:
         block_class=type(blocks[0]),
         num_moe_layers=len(blocks),
         num_experts=num_experts,
-        top_k=config.num_experts_per_tok,
+        top_k=experts_per_token(config),
         hidden=hidden,
         intermediate=intermediate,
         gate_up_rows=gate_up.shape[1],

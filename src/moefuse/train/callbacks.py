@@ -24,6 +24,8 @@ from torch import nn
 from transformers import PretrainedConfig, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from ..bench.configs import experts_per_token, num_experts
+
 # Datasheet dense bf16/fp16 tensor-core peaks, TFLOP/s per GPU (matched on torch.cuda.get_device_name()).
 GPU_PEAK_TFLOPS = (
     ("H100 PCIe", 756.0),
@@ -36,15 +38,9 @@ GPU_PEAK_TFLOPS = (
     ("L40S", 362.1),
     ("L4", 121.0),
 )
-_EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
 GIB = 2**30
 GPU_BUSY_STEPS = 3  # profiled steps on a GPU unless gpu_busy_steps says otherwise
 CPU_NO_GPU_BUSY = "not measured: a CPU run has no GPU kernels to profile"
-
-
-def num_experts(config: PretrainedConfig) -> int | None:
-    """The routed experts per MoE layer, whatever the family calls the field."""
-    return next((getattr(config, k) for k in _EXPERT_COUNT_FIELDS if getattr(config, k, None)), None)
 
 
 def device_peak_tflops(device: torch.device) -> float | None:
@@ -83,7 +79,7 @@ class FlopsModel:
     @classmethod
     def of(cls, model: nn.Module, config: PretrainedConfig, checkpointing: bool = False) -> FlopsModel:
         experts = num_experts(config)
-        expert_share = config.num_experts_per_tok / experts if experts else 1.0
+        expert_share = experts_per_token(config) / experts if experts else 1.0
         embedding = model.get_input_embeddings().weight
         tied = getattr(config, "tie_word_embeddings", False)
         in_layers = {

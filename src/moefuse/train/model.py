@@ -18,6 +18,7 @@ from transformers import (
 )
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
+from ..bench.configs import experts_per_token
 from ..convert import CheckpointError, convert_lora
 from ..convert.lora import adapter_layout
 from ..experts import EXPERTS_IMPLEMENTATION, SUPPORTED_FAMILIES, check_supported
@@ -101,7 +102,7 @@ def resolve_model(args: MoefuseTrainArguments) -> ModelSource:
 
 def check_model_config(config: PretrainedConfig, args: MoefuseTrainArguments) -> None:
     model_type = getattr(config, "model_type", "unknown")
-    if not getattr(config, "num_experts_per_tok", None):
+    if not experts_per_token(config):
         raise TrainConfigError(
             f"model_name_or_path: {args.model_name_or_path} (model type '{model_type}') is not a "
             "Mixture-of-Experts model; moefuse train fine-tunes MoE models "

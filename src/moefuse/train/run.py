@@ -15,13 +15,14 @@ from transformers import PreTrainedModel, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig
 
+from ..bench.configs import experts_per_token, num_experts
 from ..bench.measure import environment
 from ..convert import convert_lora, convert_lora_to_unfused
 from ..convert.lora import adapter_layout
 from ..experts import EXPERTS_IMPLEMENTATION
 from ..ops.cross_entropy import causal_lm_loss, use_chunked_loss
 from ..ops.rms_norm import use_fused_rms_norm
-from .callbacks import GIB, ThroughputCallback, add_throughput_callback, num_experts
+from .callbacks import GIB, ThroughputCallback, add_throughput_callback
 from .config import LORA_TYPES, MoefuseTrainArguments, TrainConfigError, parse_train_args, trl_fused_lm_head
 from .data import is_conversational, load_train_dataset
 from .model import (
@@ -94,7 +95,7 @@ def _describe(
     return (
         f"moefuse train: {source.description}\n"
         f"  model      {config.model_type}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-        f"{experts} experts top-{config.num_experts_per_tok}; experts on '{args.experts_implementation}', "
+        f"{experts} experts top-{experts_per_token(config)}; experts on '{args.experts_implementation}', "
         f"weights {next(model.parameters()).dtype}, device {sft.device}\n"
         f"  training   {args.finetuning_type}: {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters; "
         f"{rows} rows of {args.dataset}; batch {sft.per_device_train_batch_size} x "
