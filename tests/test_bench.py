@@ -376,6 +376,25 @@ def test_tiny_block_of_another_family(tmp_path, one_thread):
     assert all(r["tflops"] > 0 and r["check"]["ok"] for r in result["rows"])
 
 
+def test_gemma4_runs_at_the_model_and_op_levels_and_the_block_level_says_why_not(tmp_path, one_thread):
+    """Gemma 4 names its top-k ``top_k_experts``, keeps its experts on the decoder layer and gives its
+    full-attention layers a wider head (``per_layer_config``): the model level counts each layer's own width."""
+    gemma4 = pytest.importorskip("transformers.models.gemma4.configuration_gemma4")
+    config = gemma4.Gemma4TextConfig(
+        enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=64, hidden_size=128,
+        intermediate_size=256, num_hidden_layers=2, vocab_size=512,
+    )  # fmt: skip
+    config.save_pretrained(tmp_path)
+    argv = ["bench", *FAST, "--config", str(tmp_path), "--tokens", "16", "--modes", "fwd+bwd"]
+    with pytest.raises(SystemExit, match="keeps its experts on the decoder layer .Gemma4TextDecoderLayer."):
+        main([*argv, "--level", "block", "--output", str(tmp_path / "block.json")])
+    for level, options in (("op", []), ("model", ["--layers", "2", "--setups", "lora"])):
+        out = tmp_path / f"{level}.json"
+        assert main([*argv, "--level", level, *options, "--output", str(out)]) == 0
+        rows = json.loads(out.read_text())["rows"]
+        assert rows and all(r["tflops"] > 0 and r["check"]["ok"] for r in rows), level
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("moefuse.ops.backend") is None, reason="this moefuse has no backend selection"
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .implementations import Implementation, set_experts_implementation
 from .runner import BenchContext, Case
@@ -39,6 +40,13 @@ def randomize_(module: torch.nn.Module, seed: int, std: float) -> None:
 
 def random_block(ctx: BenchContext) -> torch.nn.Module:
     """The config's MoE block on the device, in ``ctx.dtype``, with random weights from ``ctx.seed``."""
+    block_class = ctx.shape.block_class
+    if isinstance(block_class, type) and issubclass(block_class, GradientCheckpointingLayer):
+        raise SystemExit(
+            f"moefuse bench: model type '{ctx.config.model_type}' keeps its experts on the decoder layer "
+            f"({block_class.__name__}), not in an MoE block of their own, so the block level cannot time them "
+            "apart; use --level op (the experts) or --level model"
+        )
     with torch.device(ctx.device):
         block = ctx.shape.block_class(ctx.config)
     block.to(ctx.dtype)

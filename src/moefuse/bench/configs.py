@@ -149,11 +149,18 @@ def load_config(name_or_path: str) -> tuple[str, PretrainedConfig]:
 
 
 def with_layers(config: PretrainedConfig, num_layers: int) -> PretrainedConfig:
-    """A copy of ``config`` with its first ``num_layers`` decoder layers."""
+    """A copy of ``config`` with its first ``num_layers`` decoder layers. A config that describes each layer
+    (``layer_types``, Gemma 4's ``per_layer_config``) gives at most the layers it describes."""
     fields = config.to_dict()
+    layer_types = fields.get("layer_types")
+    if isinstance(layer_types, list):
+        num_layers = min(num_layers, len(layer_types))
+        fields["layer_types"] = layer_types[:num_layers]
+    if isinstance(fields.get("per_layer_config"), dict):
+        fields["per_layer_config"] = {
+            index: layer for index, layer in fields["per_layer_config"].items() if int(index) < num_layers
+        }
     fields["num_hidden_layers"] = num_layers
-    if isinstance(fields.get("layer_types"), list):
-        fields["layer_types"] = fields["layer_types"][:num_layers]
     return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 

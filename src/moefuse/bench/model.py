@@ -31,6 +31,7 @@ from .configs import with_layers
 from .implementations import Implementation, set_experts_implementation
 from .lora_factors import canonical_factors, canonical_grads, random_canonical_values, write_canonical
 from .runner import BenchContext, Case
+from .shapes import attention_width
 
 DESCRIPTION = "{layers} decoder layers at the config's dims, one AdamW training step"
 MODES = ("step",)
@@ -70,11 +71,6 @@ def build_model(ctx: BenchContext) -> PreTrainedModel:
     return model.train()
 
 
-def _attention_width(config) -> int:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.num_attention_heads * head_dim
-
-
 def _dense_matmul_params(model: PreTrainedModel) -> int:
     """Weights every token multiplies by: the 2-D parameters outside the embedding (lm_head counted even when
     tied to it)."""
@@ -89,11 +85,11 @@ class StepFlops:
     """The model level's FLOP formula (see ``FLOPS_FORMULA``) for one step of ``tokens`` tokens."""
 
     def __init__(self, model: PreTrainedModel, ctx: BenchContext, seq_len: int, tokens: int):
-        shape, config = ctx.shape, model.config
+        shape = ctx.shape
         moe_layers = sum(1 for m in model.modules() if isinstance(getattr(m, "experts", None), nn.Module))
         self.tokens = tokens
         self.linear = 2 * (_dense_matmul_params(model) + moe_layers * shape.top_k * shape.expert_params)
-        self.attention = config.num_hidden_layers * 2 * seq_len * _attention_width(config)
+        self.attention = 2 * seq_len * attention_width(model)
         attention_linear = sum(
             m.in_features + m.out_features
             for name, m in model.named_modules()

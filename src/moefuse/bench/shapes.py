@@ -73,3 +73,13 @@ def moe_shape(config: PretrainedConfig) -> MoeShape:
         intermediate=intermediate,
         gate_up_rows=gate_up.shape[1],
     )
+
+
+def attention_width(model: torch.nn.Module) -> int:
+    """The query width (heads x head size) summed over the model's attention layers, read from their ``q_proj``
+    modules: right also where layers differ (Gemma 4's full-attention layers have a wider head)."""
+    return sum(
+        module.out_features
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] == "q_proj" and hasattr(module, "out_features")
+    )

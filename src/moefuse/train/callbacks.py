@@ -25,6 +25,7 @@ from transformers import PretrainedConfig, TrainerCallback, TrainerControl, Trai
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..bench.configs import experts_per_token, num_experts
+from ..bench.shapes import attention_width
 
 # Datasheet dense bf16/fp16 tensor-core peaks, TFLOP/s per GPU (matched on torch.cuda.get_device_name()).
 GPU_PEAK_TFLOPS = (
@@ -66,7 +67,7 @@ class FlopsModel:
 
     active_params: float
     trainable_active_params: float
-    attention_width: int  # layers x attention heads x head dim
+    attention_width: int  # query width (heads x head dim) summed over the attention layers
     checkpointed_params: float = 0.0
     checkpointing: bool = False
     per_token: float = field(init=False)  # model FLOPs (MFU)
@@ -96,9 +97,7 @@ class FlopsModel:
             active += count
             trainable += count if param.requires_grad else 0.0
             layers += count if id(param) in in_layers else 0.0
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        width = config.num_hidden_layers * config.num_attention_heads * head_dim
-        return cls(active, trainable, width, layers, checkpointing)
+        return cls(active, trainable, attention_width(model), layers, checkpointing)
 
     def flops(self, tokens: float, sum_squared_lengths: float) -> float:
         """Model FLOPs (MFU's numerator) of ``tokens`` tokens in sequences whose squared lengths sum as given."""
