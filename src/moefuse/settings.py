@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -72,7 +71,6 @@ def _parse(field: dataclasses.Field, text: str) -> object:
     return text or field.default
 
 
-@functools.cache
 def _from_environment() -> Settings:
     values = {}
     for field in dataclasses.fields(Settings):
@@ -85,18 +83,28 @@ def _from_environment() -> Settings:
         raise ValueError(f"moefuse's environment variables: {error}") from None
 
 
+# The environment's settings, read at the first settings() and kept in a plain global: torch.compile traces
+# settings() in every compiled experts call, and a functools.cache there is what Dynamo warns about and traces
+# through.
+_environment: Settings | None = None
 _overrides: list[Settings] = []
 
 
 def reload_settings() -> Settings:
     """Read the environment variables again (they are read once, at the first :func:`settings`)."""
-    _from_environment.cache_clear()
+    global _environment
+    _environment = None
     return settings()
 
 
 def settings() -> Settings:
     """The settings in force: the innermost :func:`override_settings`, else the environment's (read once)."""
-    return _overrides[-1] if _overrides else _from_environment()
+    global _environment
+    if _overrides:
+        return _overrides[-1]
+    if _environment is None:
+        _environment = _from_environment()
+    return _environment
 
 
 @contextlib.contextmanager

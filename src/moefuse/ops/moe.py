@@ -167,8 +167,7 @@ def fused_experts(
         top_k_index,
         top_k_weights,
         paired=gate_fn is None,
-        # A compiled graph cannot read the ids on the host; the compiled model's router picks them in range.
-        check_index_range=check_index_range and not torch.compiler.is_compiling(),
+        check_index_range=check_index_range,
     )
     if lora and gate_fn is not None:
         raise ValueError(

@@ -114,7 +114,8 @@ def check_top_k_index(top_k_index: torch.Tensor, num_experts: int) -> None:
         raise ValueError(f"top_k_index must be 2-D [tokens, top_k], got shape {tuple(top_k_index.shape)}")
     if top_k_index.dtype.is_floating_point or top_k_index.dtype == torch.bool:
         raise TypeError(f"top_k_index must be an integer tensor, got {top_k_index.dtype}")
-    if top_k_index.numel() == 0 or torch.compiler.is_compiling():  # a compiled graph cannot read the ids
+    # A compiled graph cannot read the ids on the host; a compiled model's router picks them in range.
+    if top_k_index.numel() == 0 or torch.compiler.is_compiling():
         return
     # One host sync; the Triton routing path validates on the device instead.
     lo, hi = int(top_k_index.min()), int(top_k_index.max())
