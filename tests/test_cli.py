@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -69,6 +70,19 @@ def test_info_plan_of_gemma4_names_its_gelu_tanh_experts(tmp_path, capsys):
         assert main(["info", "--model", str(tmp_path), "--tokens", "64"]) == 0
     out = capsys.readouterr().out
     assert f"plan ({tmp_path / 'config.json'}, 64 tokens, lora, cpu)  triton, fused (gelu_tanh)" in out
+
+
+def test_info_plan_of_a_model_without_stacked_experts_says_why_in_one_line(tmp_path):
+    """An MoE config whose every layer is dense (Qwen3-MoE's mlp_only_layers): no experts to plan."""
+    from moefuse.bench.configs import BUILTIN_CONFIGS
+
+    tiny = BUILTIN_CONFIGS["tiny"]
+    config = {**tiny, "mlp_only_layers": list(range(tiny["num_hidden_layers"]))}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        SystemExit, match=r"^moefuse info: .*model type 'qwen3_moe' has no experts module storing"
+    ):
+        main(["info", "--model", str(tmp_path)])
 
 
 def test_info_plan_of_a_dense_model_is_refused(tmp_path):

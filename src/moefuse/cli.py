@@ -36,22 +36,18 @@ def experts_plan_rows(
     """``moefuse info --model``: the plan (:mod:`moefuse.ops.plan`) of one MoE layer's experts call of ``model``
     with ``tokens`` tokens, on ``device`` under the current settings. The experts' weights are stand-ins of the
     model's shapes and strides (one expert's storage, expanded), so no checkpoint is read or allocated."""
-    from transformers import AutoModelForCausalLM
-
     from .bench.configs import experts_per_token, load_config
+    from .bench.shapes import meta_moe_blocks
     from .experts import UnsupportedExpertsError, experts_structure, stacked_expert_weights
     from .ops.lora import ExpertsLora, LoraWeights
     from .ops.plan import activation_name, plan_experts
 
     label, config = load_config(model)
-    with torch.device("meta"):
-        meta_model = AutoModelForCausalLM.from_config(config)
-    experts = next((m.experts for m in meta_model.modules() if hasattr(m, "experts")), None)
-    if experts is None or not isinstance(getattr(experts, "down_proj", None), torch.Tensor):
-        raise UnsupportedExpertsError(
-            f"{label}: model type '{config.model_type}' has no experts module with stacked 3-D weights"
-        )
-    structure = experts_structure(experts)
+    try:
+        experts = meta_moe_blocks(config)[0].experts
+        structure = experts_structure(experts)
+    except UnsupportedExpertsError as error:
+        raise SystemExit(f"moefuse info: {label}: {error}") from None
     activation = activation_name(structure["act_fn"]) if set(structure) == {"act_fn"} else None
     gate_up_meta, down_meta = stacked_expert_weights(experts)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

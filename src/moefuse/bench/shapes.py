@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from ..experts import stacked_expert_weights
+from ..experts import UnsupportedExpertsError, stacked_expert_weights
 from .configs import experts_per_token
 
 
@@ -44,21 +44,27 @@ class MoeShape:
         }
 
 
-def moe_shape(config: PretrainedConfig) -> MoeShape:
-    """Build ``config``'s model on the meta device (no memory) and read its first MoE block."""
+def meta_moe_blocks(config: PretrainedConfig) -> list[torch.nn.Module]:
+    """The modules of ``config``'s model (built on the meta device: no memory) holding an ``experts`` module, the
+    first of which stores stacked 3-D weights; :class:`~moefuse.UnsupportedExpertsError` where there is none."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     blocks = [m for m in model.modules() if isinstance(getattr(m, "experts", None), torch.nn.Module)]
-    experts = blocks[0].experts if blocks else None
-    if (
-        experts is None
-        or not hasattr(experts, "down_proj")
-        or not isinstance(experts.down_proj, torch.Tensor)
-    ):
-        raise SystemExit(
-            f"moefuse bench: model type '{config.model_type}' has no experts module storing stacked 3-D weights "
+    if not blocks or not isinstance(getattr(blocks[0].experts, "down_proj", None), torch.Tensor):
+        raise UnsupportedExpertsError(
+            f"model type '{config.model_type}' has no experts module storing stacked 3-D weights "
             "(gate_up_proj/down_proj) as Transformers 5 MoE models do; give the config of such a model"
         )
+    return blocks
+
+
+def moe_shape(config: PretrainedConfig) -> MoeShape:
+    """Build ``config``'s model on the meta device (no memory) and read its first MoE block."""
+    try:
+        blocks = meta_moe_blocks(config)
+    except UnsupportedExpertsError as error:
+        raise SystemExit(f"moefuse bench: {error}") from None
+    experts = blocks[0].experts
     if hasattr(experts, "gate_up_proj"):
         gate_up, down = stacked_expert_weights(experts)
     else:  # experts without a gate store up_proj in gate_up_proj's place
