@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from peft import PeftModel
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 import moefuse
@@ -351,6 +353,21 @@ def test_goes_on_training_a_target_parameters_adapter_and_saves_it_in_any_format
     with safe_open(third.final_dir / "adapter_model.safetensors", "pt") as moved:
         key = next(k for k in moved.keys() if ".experts.gate_proj.lora_B" in k)
         assert moved.get_tensor(key).abs().sum() > 0  # PEFT starts B at zero; training moved it
+
+
+def test_an_adapter_that_does_not_fit_the_model_is_refused_in_one_line(tmp_path, capsys):
+    first = run_train(None, [*FEW_ROWS, "--max_steps", "1", "--output_dir", str(tmp_path / "a")])
+    bad = tmp_path / "bad"
+    shutil.copytree(first.final_dir, bad)
+    tensors = load_file(bad / "adapter_model.safetensors")
+    name = next(k for k in tensors if "self_attn.q_proj.lora_A" in k)
+    tensors[name] = tensors[name][:, :-1].contiguous()  # one input column short of the model's hidden size
+    save_file(tensors, bad / "adapter_model.safetensors")
+    capsys.readouterr()
+    argv = ["train", *FEW_ROWS, "--max_steps", "1", "--adapter_name_or_path", str(bad)]
+    assert cli.main([*argv, "--output_dir", str(tmp_path / "b")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the base model's save progress
+    assert last.startswith(f"moefuse train: adapter_name_or_path: {bad}:") and "size mismatch" in last
 
 
 @pytest.mark.parametrize(

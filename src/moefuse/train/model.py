@@ -281,5 +281,8 @@ def apply_lora(model: PreTrainedModel, args: MoefuseTrainArguments, work_dir: Pa
                 source, work_dir / START_ADAPTER_DIR, wanted, overwrite=True, progress=False
             )
         return PeftModel.from_pretrained(model, str(source), is_trainable=True)
-    except (CheckpointError, ValueError, KeyError) as e:  # PEFT: the adapter's targets are not in this model
-        raise TrainConfigError(f"adapter_name_or_path: {args.adapter_name_or_path}: {e}") from e
+    # PEFT: ValueError/KeyError where the adapter's targets are not in this model, RuntimeError where its factors'
+    # shapes do not fit it.
+    except (CheckpointError, ValueError, KeyError, RuntimeError) as e:
+        reason = " ".join(str(e).split())  # PEFT's load errors run over several lines
+        raise TrainConfigError(f"adapter_name_or_path: {args.adapter_name_or_path}: {reason}") from e
