@@ -21,8 +21,6 @@ import argparse
 import cProfile
 import pstats
 import time
-import traceback
-import warnings
 from collections import Counter
 
 import torch
@@ -32,6 +30,7 @@ from transformers import AutoModelForCausalLM
 import moefuse  # noqa: F401  (registers the "moefuse" experts implementation)
 from moefuse.bench.configs import DEFAULT_CONFIG, load_config, tiny_config, with_layers
 from moefuse.bench.implementations import parse_implementations
+from moefuse.bench.measure import format_sync_site, recorded_syncs
 from moefuse.bench.model import lora_config_for, set_model_kernels
 
 REPORTS = ("host", "syncs", "gpu")
@@ -121,22 +120,9 @@ def host_report(step, steps: int, device: str, rows: int) -> None:
 
 def sync_report(step) -> Counter:
     """Each synchronising call site of one step (its stack), with how often it ran."""
-    sites: Counter = Counter()
-
-    def record(message, category, filename, lineno, file=None, line=None) -> None:
-        text = str(message).splitlines()[0]
-        if "synchronizing" in text:  # not the note that the debug mode is a prototype
-            sites[text + "\n" + "".join(traceback.format_stack(limit=14)[:-2])] += 1
-
-    with warnings.catch_warnings():  # restores warnings.showwarning on exit
-        warnings.simplefilter("always")
-        warnings.showwarning = record
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    return sites
+    with recorded_syncs(depth=14) as sites:
+        step()
+    return Counter({format_sync_site(stack): count for stack, count in sites.items()})
 
 
 def gpu_report(step, steps: int, device: str, rows: int) -> None:

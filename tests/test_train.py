@@ -63,6 +63,13 @@ def test_default_run_loss_falls_and_writes_everything(default_run):
     # the run names the commit it ran (this checkout's) and the device, by itself
     assert summary["environment"]["moefuse_commit"].startswith(source_provenance()["commit"])
     assert summary["environment"]["device"] == "cpu"
+    # and the step it measured: enough to rerun it and compare like for like
+    setup = summary["setup"]  # the built-in default's step (train-default.yaml)
+    assert (setup["per_device_train_batch_size"], setup["max_length"], setup["torch_compile"]) == (
+        8,
+        128,
+        False,
+    )
     # tokens/s is in every training log, also in the saved history
     history = json.loads((result.output_dir / "trainer_state.json").read_text())["log_history"]
     assert all("tokens_per_second" in log for log in history if "loss" in log)

@@ -9,7 +9,11 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import traceback
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -67,6 +71,31 @@ class Timing:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextmanager
+def recorded_syncs(depth: int = 40) -> Iterator[Counter[tuple[traceback.FrameSummary, ...]]]:
+    """Each host synchronisation on CUDA while open (``torch.cuda.set_sync_debug_mode("warn")``): its call stack,
+    innermost frame last, ``depth`` frames at most, with how often it ran."""
+    sites: Counter[tuple[traceback.FrameSummary, ...]] = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchronizing" in str(message):  # not the note that the debug mode is a prototype
+            # Leave out this function and the warnings module's frame that called it.
+            sites[tuple(traceback.extract_stack(limit=depth + 2)[:-2])] += 1
+
+    with warnings.catch_warnings():  # restores warnings.showwarning on exit
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield sites
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
+def format_sync_site(stack: tuple[traceback.FrameSummary, ...]) -> str:
+    return "".join(traceback.format_list(list(stack)))
 
 
 def free_memory(device: torch.device) -> None:
