@@ -215,6 +215,7 @@ def _bad_dataset(tmp_path) -> str:
         (["--eval_strategy", "steps"], "needs an evaluation set"),
         (["--config_overrides", '{"no_such_field": 1}'], "have no field 'no_such_field'"),
         (["--num_layers", "9"], "num_layers: 9 must be between 1"),
+        (["--lora_dtype", "bfloat16"], "lora_dtype: 'bfloat16'; choose one of float32, model"),
     ],
 )
 def test_bad_configs_fail_before_training(tmp_path, overrides, message):
@@ -300,6 +301,29 @@ def test_expert_lora_rank_and_alpha_reach_the_experts(tmp_path):
     experts = model.base_model.model.model.layers[0].mlp.experts
     # the experts keep the attention's alpha/rank ratio (2) unless expert_lora_alpha says otherwise
     assert experts.scaling["default"] == {"gate_proj": 2.0, "up_proj": 2.0, "down_proj": 2.0}
+
+
+@pytest.mark.parametrize("experts", ["moefuse", "grouped_mm"])
+def test_lora_dtype_model_trains_the_adapter_in_the_weights_dtype(tmp_path, experts):
+    """bf16 weights: the adapter in float32 by default (PEFT's), in bf16 with lora_dtype: model, on moefuse's
+    experts and on Transformers' alike; the bf16 adapter trains and is saved in bf16."""
+    bf16 = ["--dtype", "bfloat16", "--experts_implementation", experts, "--learning_rate", "0.01"]
+    result = run_train(
+        None,
+        [*FEW_ROWS, *bf16, "--lora_dtype", "model", "--max_steps", "6", "--logging_steps", "3"]
+        + ["--output_dir", str(tmp_path)],
+    )
+    trainable = {p.dtype for p in result.model.parameters() if p.requires_grad}
+    assert trainable == {torch.bfloat16}
+    assert result.losses[-1] < result.losses[0], result.losses
+    saved = load_file(result.final_dir / "adapter_model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    setup = json.loads((result.output_dir / SUMMARY_FILE).read_text())["setup"]
+    assert setup["lora_dtype"] == "model"
+
+    args, _ = parse_train_args(None, [*bf16, "--output_dir", "unused"])
+    model = apply_lora(load_model(resolve_model(args), torch.bfloat16, torch.device("cpu")), args, tmp_path)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
 
 
 def test_grouped_mm_baseline_trains_experts_through_peft_target_parameters(tmp_path):

@@ -24,6 +24,7 @@ from trl import SFTConfig
 from .builtin import DEFAULT_CONFIG
 
 FINETUNING_TYPES = ("lora", "full", "qlora")
+LORA_DTYPES = ("float32", "model")
 LORA_TYPES = ("lora", "qlora")  # the types that train a LoRA adapter (qlora: on 4-bit base weights)
 
 
@@ -125,6 +126,14 @@ class MoefuseTrainArguments:
         metadata={"help": "default: the attention's alpha/rank ratio times expert_lora_rank"},
     )
     use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised LoRA scaling alpha/sqrt(r)"})
+    lora_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "the adapter's parameters: float32 (PEFT's default over bf16/fp16 weights) or model (the "
+            "weights' dtype: half the adapter's and its gradients' memory, and no cast in each GEMM; updates "
+            "smaller than a bf16 step of a factor are lost)"
+        },
+    )
     additional_target: str | None = field(
         default=None,
         metadata={
@@ -381,6 +390,8 @@ def check_adapter_args(args: MoefuseTrainArguments) -> None:
 def check_memory_args(args: MoefuseTrainArguments, sft_config: SFTConfig) -> None:
     """Refuse the measurement and memory keys where they cannot work."""
     cuda = torch.cuda.is_available() and not sft_config.use_cpu
+    if args.lora_dtype not in LORA_DTYPES:
+        raise TrainConfigError(f"lora_dtype: {args.lora_dtype!r}; choose one of {', '.join(LORA_DTYPES)}")
     if args.gpu_busy_steps is not None and args.gpu_busy_steps < 0:
         raise TrainConfigError(f"gpu_busy_steps: {args.gpu_busy_steps} must be 0 (off) or more")
     if args.gpu_busy_steps and not cuda:

@@ -268,9 +268,11 @@ def trained_lora_layout(args: MoefuseTrainArguments) -> str:
 def apply_lora(model: PreTrainedModel, args: MoefuseTrainArguments, work_dir: Path) -> PeftModel:
     """A new LoRA adapter from the ``lora_*`` keys, or the one at ``adapter_name_or_path`` to go on training
     (converted first, into ``work_dir/adapter-start``, where its expert LoRA is in another layout)."""
+    # PEFT keeps adapters in float32 over half-precision weights unless told not to.
+    autocast = args.lora_dtype == "float32"
     if args.adapter_name_or_path is None:
         try:
-            return get_peft_model(model, lora_config(args))
+            return get_peft_model(model, lora_config(args), autocast_adapter_dtype=autocast)
         except ValueError as e:  # PEFT: no target found, unsupported LoRA option on the experts
             raise TrainConfigError(f"lora_target: {args.lora_target}: {e}") from e
     source = Path(args.adapter_name_or_path)
@@ -280,7 +282,9 @@ def apply_lora(model: PreTrainedModel, args: MoefuseTrainArguments, work_dir: Pa
             source = convert_lora(
                 source, work_dir / START_ADAPTER_DIR, wanted, overwrite=True, progress=False
             )
-        return PeftModel.from_pretrained(model, str(source), is_trainable=True)
+        return PeftModel.from_pretrained(
+            model, str(source), is_trainable=True, autocast_adapter_dtype=autocast
+        )
     # PEFT: ValueError/KeyError where the adapter's targets are not in this model, RuntimeError where its factors'
     # shapes do not fit it.
     except (CheckpointError, ValueError, KeyError, RuntimeError) as e:

@@ -301,6 +301,7 @@ def _summary_record(result: TrainResult, args: MoefuseTrainArguments, sft_config
             "gradient_checkpointing": sft_config.gradient_checkpointing,
             "fused_norm": args.fused_norm,
             "lora_rank": args.lora_rank if args.finetuning_type in LORA_TYPES else None,
+            "lora_dtype": args.lora_dtype if args.finetuning_type in LORA_TYPES else None,
             "max_grad_norm": sft_config.max_grad_norm,
             "seed": sft_config.seed,
         },
