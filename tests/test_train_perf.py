@@ -284,10 +284,10 @@ def test_all_savers_together_with_checkpointing_still_train(tmp_path, capsys):
 @pytest.mark.gpu
 def test_a_step_after_warmup_waits_for_the_gpu_only_in_trls_loss(tmp_path, monkeypatch):
     """A few steps of the tiny built-in model on packed rows, then one whole step (forward, backward, clipping,
-    optimizer, scheduler, callbacks) with every host sync recorded with its stack. TRL >= 1.0's SFTTrainer syncs
-    inside its own loss: its fused LM head picks the scored positions with a boolean mask, and its metrics are
-    read with ``.item()`` every step. No other code may: not moefuse's ops, the model, PEFT, the Trainer's loop,
-    clipping, the optimizer or the callbacks."""
+    optimizer, scheduler, callbacks) with every host sync recorded with its stack. TRL >= 1.0's fused LM head
+    syncs inside TRL: it picks the scored positions with a boolean mask. No other code may: not moefuse's ops, the
+    model, PEFT, the loss's metrics (kept on the device by MoefuseSFTTrainer), the Trainer's loop, clipping, the
+    optimizer or the callbacks."""
     from contextlib import ExitStack
 
     from transformers import TrainerCallback
