@@ -16,7 +16,7 @@ from transformers.trainer_pt_utils import LayerWiseDummyOptimizer
 
 from moefuse.train import TrainConfigError, run_train
 from moefuse.train import trainer as trainer_module
-from moefuse.train.callbacks import FlopsModel, busy_seconds
+from moefuse.train.callbacks import FlopsModel, busy_seconds, kernel_table
 from moefuse.train.run import SUMMARY_FILE
 from moefuse.train.trainer import MoefuseSFTTrainer, packed_causal_mask, packed_sequence_index
 
@@ -119,6 +119,14 @@ def test_qwen3_30b_a3b_lora_with_checkpointing_costs_about_23_gflop_a_token():
     per_token = (flops.flops(2048, 2048**2) + flops.recompute_flops(2048, 2048**2)) / 2048
     assert 21e9 < per_token < 25e9
     assert 3.0e9 < flops.active_params < 3.6e9  # Qwen3-30B-A3B: "3B active"
+
+
+def test_kernel_table_ranks_kernels_by_their_summed_time():
+    kernels = [("gemm", 0, 3e6), ("norm", 3e6, 4e6), ("gemm", 4e6, 6e6), ("copy", 6e6, 6.5e6)]
+    table = kernel_table(kernels, busy=6.5, top=2)
+    assert [k["name"] for k in table] == ["gemm", "norm"]
+    assert table[0] == {"name": "gemm", "calls": 2, "seconds": 5.0, "share": round(5 / 6.5, 4)}
+    assert table[1]["calls"] == 1 and table[1]["seconds"] == 1.0
 
 
 def test_busy_seconds_counts_overlapping_kernels_once():
@@ -324,3 +332,19 @@ def test_a_step_after_warmup_waits_for_the_gpu_only_in_trls_loss(tmp_path, monke
     assert len(recorded) == 1
     outside_trl = [stack for stack in recorded[0] if f"{os.sep}trl{os.sep}" not in stack[-1].filename]
     assert not outside_trl, "host syncs outside TRL's loss:\n" + "\n".join(map(format_sync_site, outside_trl))
+
+
+@pytest.mark.gpu
+def test_gpu_busy_profiles_steps_and_lists_their_kernels(tmp_path, capsys):
+    run_train(
+        None,
+        [*FEW_ROWS, "--max_steps", "6", "--logging_steps", "2", "--gpu_busy_steps", "2"]
+        + ["--output_dir", str(tmp_path)],
+    )
+    busy = json.loads((tmp_path / SUMMARY_FILE).read_text())["throughput"]["gpu_busy"]
+    first, last = busy["steps"]
+    assert 0 < busy["fraction"] <= 1 and last - first == 1
+    kernels = busy["kernels"]
+    assert kernels and all(k["calls"] > 0 and 0 < k["share"] for k in kernels)
+    assert [k["seconds"] for k in kernels] == sorted((k["seconds"] for k in kernels), reverse=True)
+    assert kernels[0]["name"][:70] in capsys.readouterr().out  # the summary names the top kernels

@@ -141,6 +141,25 @@ def busy_seconds(intervals: list[tuple[float, float]]) -> float:
     return busy
 
 
+TOP_KERNELS = 12  # kernels listed in the GPU-busy figures
+
+
+def kernel_table(kernels: list[tuple[str, float, float]], busy: float, top: int = TOP_KERNELS) -> list[dict]:
+    """The ``top`` kernels of ``(name, start, end)`` intervals (microseconds) by their summed time: each with its
+    calls, seconds and share of ``busy`` (seconds; kernels that overlap count in full, so shares can sum past 1).
+    Where the GPU time of a step goes, without a separate profile."""
+    totals: dict[str, list[float]] = {}
+    for name, start, end in kernels:
+        entry = totals.setdefault(name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += (end - start) / 1e6
+    ranked = sorted(totals.items(), key=lambda kv: kv[1][1], reverse=True)[:top]
+    return [
+        {"name": name[:120], "calls": calls, "seconds": round(seconds, 6), "share": round(seconds / busy, 4)}
+        for name, (calls, seconds) in ranked
+    ]
+
+
 @dataclass
 class _Mark:
     """The clock and the token counts at one point of the run, read after the device caught up."""
@@ -248,17 +267,20 @@ class ThroughputCallback(TrainerCallback):
         wall = time.perf_counter() - started
         self._profiler.stop()
         index = args.device.index if args.device.index is not None else torch.cuda.current_device()
-        intervals = [
-            (e.time_range.start, e.time_range.end)
+        kernels = [
+            (e.name, e.time_range.start, e.time_range.end)
             for e in self._profiler.events()
             if e.device_type == DeviceType.CUDA and e.device_index == index
         ]
-        busy = busy_seconds(intervals) / 1e6  # the profiler's clock is in microseconds
+        busy = (
+            busy_seconds([(start, end) for _, start, end in kernels]) / 1e6
+        )  # the profiler's clock is in µs
         self._gpu_busy = {
             "fraction": round(busy / wall, 4),
             "busy_seconds": busy,
             "wall_seconds": wall,
             "steps": [first_step + 1, step],
+            "kernels": kernel_table(kernels, busy) if busy else [],
         }
         self._profiler = self._profile_marks = None
         self._profiled = before.until(self._mark(args))

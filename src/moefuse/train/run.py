@@ -345,6 +345,8 @@ def _throughput_lines(t: dict) -> list[str]:
             f"  GPU busy   {busy['fraction']:.1%} of the wall time (steps {first}-{last}, torch.profiler: kernel "
             "and copy time over wall time)"
         )
+        for kernel in busy.get("kernels", [])[:5]:
+            lines.append(f"             {kernel['share']:6.1%} {kernel['calls']:>6} x {kernel['name'][:70]}")
     elif busy:
         lines.append(f"  GPU busy   {busy['not_measured']}")
     memory = t.get("memory", {})
