@@ -242,19 +242,49 @@ def test_dense_model_is_refused(tmp_path):
     _refused(path, tmp_path / "out", r"dense: a qwen3 model has no experts; moefuse converts MoE checkpoints")
 
 
-def test_unsupported_family_is_refused(tmp_path):
-    # Mixtral's Hub checkpoints name experts block_sparse_moe.experts.{e}.w1 / w2 / w3.
+@pytest.fixture(scope="module")
+def mixtral_hub(tmp_path_factory):
+    """A tiny Mixtral as Transformers 5 saves it: block_sparse_moe.experts.{e}.w1 / w3 / w2, the router beside."""
     model = AutoModelForCausalLM.from_config(tiny_config("mixtral", num_experts=4))
+    randomize_(model)
+    return _save(model, tmp_path_factory.mktemp("mixtral") / "hub"), model
+
+
+def test_mixtral_checkpoints_convert_both_ways_bit_for_bit(mixtral_hub, tmp_path):
+    hub, model = mixtral_hub
+    original = _load(hub)
+    assert detect_layout({k: tuple(v.shape) for k, v in original.items()}) == "mixtral"
+    fused = convert_model(hub, tmp_path / "fused", "transformers", progress=False)
+    tensors = _load(fused)
+    # Transformers 5's in-memory names: the experts stacked under mlp.experts, the router moved to mlp.gate
+    w1 = [original[f"model.layers.0.block_sparse_moe.experts.{e}.w1.weight"] for e in range(4)]
+    w3 = [original[f"model.layers.0.block_sparse_moe.experts.{e}.w3.weight"] for e in range(4)]
+    gate_up = torch.stack([torch.cat([g, u]) for g, u in zip(w1, w3, strict=True)])
+    assert torch.equal(tensors["model.layers.0.mlp.experts.gate_up_proj"], gate_up)
+    assert torch.equal(
+        tensors["model.layers.0.mlp.gate.weight"], original["model.layers.0.block_sparse_moe.gate.weight"]
+    )
+    assert not any("block_sparse_moe" in name for name in tensors)
+    loaded = AutoModelForCausalLM.from_pretrained(fused)
+    torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+
+    back = convert_model(fused, tmp_path / "back", "mixtral", progress=False)
+    again = _load(back)
+    assert again.keys() == original.keys()
+    assert all(torch.equal(again[k], original[k]) for k in original)
+
+
+def test_an_incomplete_mixtral_checkpoint_names_the_missing_weight(tmp_path):
     path = tmp_path / "mixtral"
     path.mkdir()
-    model.config.save_pretrained(path)
+    tiny_config("mixtral", num_experts=4).save_pretrained(path)
     tensors = {
         f"model.layers.0.block_sparse_moe.experts.{e}.{w}.weight": torch.zeros(16, 32)
         for e in range(4)
         for w in ("w1", "w3")
     }
     save_file(tensors, path / "model.safetensors")
-    _refused(path, tmp_path / "out", r"mixtral: the mixtral expert tensors use names no moefuse layout knows")
+    _refused(path, tmp_path / "out", r"has no model\.layers\.0\.block_sparse_moe\.experts\.0\.w2\.weight")
 
 
 def test_transposed_experts_are_refused(tmp_path):

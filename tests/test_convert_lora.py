@@ -263,3 +263,45 @@ def test_cli_converts_and_inspects_adapters(fused_adapter, tmp_path, capsys):
     out = capsys.readouterr().out
     assert re.search(r"kind +LoRA adapter", out) and re.search(r"layout +per_expert", out)
     assert main(["inspect", "--verify", str(path), str(tmp_path / "c")]) == 0
+
+
+def test_mixtral_adapters_convert_to_and_from_transformers_4_names(tmp_path):
+    """moefuse's LoRA on a Mixtral (Transformers 5's fused experts) in Transformers 4's Mixtral names, where PEFT
+    put it on per-expert w1 (gate), w3 (up) and w2 (down) under block_sparse_moe, and back, bit for bit: the
+    round trip loads to the same outputs."""
+    config = tiny_config("mixtral", num_experts=4)
+    config._experts_implementation = "moefuse"
+    base = randomize_(AutoModelForCausalLM.from_config(config)).eval()
+    model = moefuse.lora.get_peft_model(base, r=4).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.save_pretrained(tmp_path / "fused")
+    fused = load_file(tmp_path / "fused" / WEIGHTS)
+
+    out = convert_lora(tmp_path / "fused", tmp_path / "mixtral", "mixtral", progress=False)
+    tensors = load_file(out / WEIGHTS)
+    stem = "base_model.model.model.layers.0"
+    for proj, w in (("gate", "w1"), ("up", "w3"), ("down", "w2")):
+        for factor in ("lora_A", "lora_B"):
+            stack = fused[f"{stem}.mlp.experts.{proj}_proj.{factor}.weight"]
+            for e in range(4):
+                assert torch.equal(
+                    tensors[f"{stem}.block_sparse_moe.experts.{e}.{w}.{factor}.weight"], stack[e]
+                )
+    assert not any(".mlp." in name for name in tensors)
+    targets = json.loads((out / "adapter_config.json").read_text())["target_modules"]
+    assert {"w1", "w2", "w3"} <= set(targets) and not {"gate_proj", "up_proj", "down_proj"} & set(targets)
+
+    back = convert_lora(out, tmp_path / "back", "fused", progress=False)
+    assert load_file(back / WEIGHTS).keys() == fused.keys()
+    assert all(torch.equal(load_file(back / WEIGHTS)[k], fused[k]) for k in fused)
+    config_in = json.loads((tmp_path / "fused" / "adapter_config.json").read_text())
+    assert set(json.loads((back / "adapter_config.json").read_text())["target_modules"]) == set(
+        config_in["target_modules"]
+    )
+    reloaded = PeftModel.from_pretrained(randomize_(AutoModelForCausalLM.from_config(config)).eval(), back)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)

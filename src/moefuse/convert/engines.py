@@ -106,6 +106,21 @@ FORMATS: Mapping[str, AdapterFormat] = MappingProxyType(
                 ),
             ),
         ),
+        "mixtral": AdapterFormat(
+            "mixtral",
+            (
+                "PEFT on Transformers 4's Mixtral-style experts (per-expert nn.Linear w1/w2/w3: Mixtral, PhiMoE)",
+            ),
+            (
+                Reader(
+                    "PEFT",
+                    "on Transformers 4's Mixtral-style experts (Transformers 5 fuses them: convert to fused)",
+                    False,
+                    "huggingface/transformers src/transformers/models/mixtral/modeling_mixtral.py, 4.x "
+                    "(MixtralBlockSparseTop2MLP: w1, w2, w3 nn.Linear)",
+                ),
+            ),
+        ),
     }
 )
 # Engine names for moefuse layouts they read tensor for tensor (tests/test_convert_engines.py).

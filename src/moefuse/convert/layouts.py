@@ -11,12 +11,18 @@ intermediate I):
                      transformers-qwen3-moe-fused.
 ``veomni``           ``{p}.experts.gate_proj [E, I, H]``, ``{p}.experts.up_proj``, ``{p}.experts.down_proj [E, H, I]``:
                      VeOmni and the Qwen3-30B-A3B-fused EP model card.
+``mixtral``          ``{s}.block_sparse_moe.experts.{e}.w1.weight [I, H]`` (gate), ``...w3.weight`` (up),
+                     ``...w2.weight [H, I]`` (down), where ``{p}`` is ``{s}.mlp``: Mixtral's per-expert names (also
+                     PhiMoE's and MiniMax's), on the Hub and as Transformers 5 saves these models. The block's other
+                     tensors (the router) move between ``{s}.block_sparse_moe.`` and ``{p}.`` with it.
 
 LoRA layouts (PEFT adapters; ``{f}`` is ``gate_proj``, ``up_proj`` or ``down_proj``, whose weight is
 ``[out, in]``; an adapter name may follow ``lora_A``/``lora_B`` in parameter names, as in a live PEFT model):
 
 ``per_expert``       ``{p}.experts.{e}.{f}.lora_A.weight [r, in]``, ``....lora_B.weight [out, r]``: PEFT on
                      per-expert ``nn.Linear`` experts (Transformers 4, Unsloth), read by vLLM.
+``mixtral``          ``{s}.block_sparse_moe.experts.{e}.w1.lora_A.weight [r, in]`` ...: PEFT on Transformers 4's
+                     Mixtral-style experts (``w1``/``w3``/``w2`` for gate/up/down).
 ``fused``            ``{p}.experts.{f}.lora_A.weight [E, r, in]``, ``....lora_B.weight [E, out, r]``: moefuse's
                      LoRA on fused experts (:mod:`moefuse.lora`).
 ``qwen3_moe_fused``  ``{p}.{f}.lora_A.weight [E, r, in]``, ``{p}.{f}.lora_B.weight [E, out, r]``:
@@ -47,12 +53,17 @@ import torch
 from .checkpoint import SAFETENSORS_DTYPES, Checkpoint, CheckpointError, Piece
 
 MODEL, LORA = "model", "lora"
-LAYOUTS = ("per_expert", "transformers", "qwen3_moe_fused", "veomni")
-FUSED_LAYOUTS = LAYOUTS[1:]
-LORA_LAYOUTS = ("per_expert", "fused", "qwen3_moe_fused", "peft_target_parameters")
+LAYOUTS = ("per_expert", "transformers", "qwen3_moe_fused", "veomni", "mixtral")
+FUSED_LAYOUTS = ("transformers", "qwen3_moe_fused", "veomni")
+LORA_LAYOUTS = ("per_expert", "fused", "qwen3_moe_fused", "peft_target_parameters", "mixtral")
+PER_EXPERT_LAYOUTS = ("per_expert", "mixtral")  # one 2-D tensor per expert and projection
 # Layouts planned as another one: conversions read them through a view in that layout and write them from one.
 PLANNED_AS = {"peft_target_parameters": "fused"}
 _PROJECTIONS = ("gate", "up", "down")
+# Mixtral's names: w1, w3, w2 for gate, up, down, in a block called block_sparse_moe instead of mlp.
+MIXTRAL_NAMES = {"gate": "w1", "up": "w3", "down": "w2"}
+_FROM_MIXTRAL = {w: p for p, w in MIXTRAL_NAMES.items()}
+MIXTRAL_BLOCK, BLOCK = ".block_sparse_moe", ".mlp"
 
 _LORA_ITEM = r"(?P<item>(?:gate|up|down)_proj\.lora_[AB](?:\.[\w-]+)?)"
 _PATTERNS = {
@@ -69,7 +80,45 @@ _PATTERNS = {
     (LORA, "peft_target_parameters"): re.compile(
         r"^(?P<p>.+)\.experts\.(?P<item>(?:base_layer\.)*lora_[AB])\.weight$"
     ),
+    (MODEL, "mixtral"): re.compile(
+        r"^(?P<p>.+)\.block_sparse_moe\.experts\.(?P<e>\d+)\.(?P<item>w[123])\.weight$"
+    ),
+    (LORA, "mixtral"): re.compile(
+        r"^(?P<p>.+)\.block_sparse_moe\.experts\.(?P<e>\d+)\.(?P<item>w[123]\.lora_[AB](?:\.[\w-]+)?)\.weight$"
+    ),
 }
+
+
+@dataclass(frozen=True)
+class _Found:
+    """A tensor of experts as a layout names it, in the common terms: the block's prefix (``<...>.mlp``), the
+    item (``gate``/``gate_up``/... or, for LoRA, ``gate_proj.lora_A[.adapter]``) and the expert (per-expert
+    layouts)."""
+
+    prefix: str
+    item: str
+    expert: int | None
+
+
+def _parse(kind: str, layout: str, name: str) -> _Found | None:
+    m = _PATTERNS[kind, layout].match(name)
+    if m is None:
+        return None
+    prefix, item, expert = m["p"], m["item"], m.groupdict().get("e")
+    if layout == "mixtral":
+        prefix += BLOCK
+        weight, dot, rest = item.partition(".")
+        item = _FROM_MIXTRAL[weight] + ("" if kind == MODEL else "_proj" + dot + rest)
+    return _Found(prefix, item, None if expert is None else int(expert))
+
+
+def _mixtral_stem(prefix: str) -> str:
+    if not prefix.endswith(BLOCK):
+        raise CheckpointError(
+            f"{prefix}: the mixtral layout names a block <...>{MIXTRAL_BLOCK}, which stands for <...>{BLOCK}; "
+            "this block has another name: convert to per_expert instead"
+        )
+    return prefix.removesuffix(BLOCK)
 
 
 def lora_layout_for(layout: str) -> str:
@@ -83,6 +132,9 @@ def lora_layout_for(layout: str) -> str:
 
 
 def _stored_name(kind: str, layout: str, prefix: str, item: str, expert: int | None = None) -> str:
+    if layout == "mixtral":
+        projection, _, rest = item.partition("_proj") if kind == LORA else (item, "", "")
+        return f"{_mixtral_stem(prefix)}{MIXTRAL_BLOCK}.experts.{expert}.{MIXTRAL_NAMES[projection]}{rest}.weight"
     if kind == MODEL:
         if layout == "per_expert":
             return f"{prefix}.experts.{expert}.{item}_proj.weight"
@@ -101,24 +153,21 @@ def names_expert(name: str, kind: str, layout: str) -> bool:
     return _PATTERNS[kind, layout].match(name) is not None
 
 
-def _matching(
-    shapes: Mapping[str, tuple[int, ...]], kind: str, layout: str
-) -> Iterator[tuple[str, re.Match]]:
+def _matching(shapes: Mapping[str, tuple[int, ...]], kind: str, layout: str) -> Iterator[tuple[str, _Found]]:
     """Tensors named as ``layout`` stores experts: per-expert matrices are 2-D, stacks 3-D (dense MLPs also
     have ``mlp.gate_proj.weight``, 2-D)."""
-    pattern = _PATTERNS[kind, layout]
-    ndim = 2 if layout in ("per_expert", "peft_target_parameters") else 3
+    ndim = 2 if layout in (*PER_EXPERT_LAYOUTS, "peft_target_parameters") else 3
     for name, shape in shapes.items():
-        m = pattern.match(name)
-        if m is not None and len(shape) == ndim:
-            yield name, m
+        found = _parse(kind, layout, name)
+        if found is not None and len(shape) == ndim:
+            yield name, found
 
 
 def _detect(shapes: Mapping[str, tuple[int, ...]], kind: str, where: object) -> str | None:
     layouts = LAYOUTS if kind == MODEL else LORA_LAYOUTS
     # Transformers' and VeOmni's layouts both name experts.down_proj: tell them apart by the gate tensors.
     found = [
-        layout for layout in layouts if any(m["item"] != "down" for _, m in _matching(shapes, kind, layout))
+        layout for layout in layouts if any(f.item != "down" for _, f in _matching(shapes, kind, layout))
     ]
     if len(found) > 1:
         examples = [next(_matching(shapes, kind, layout))[0] for layout in found]
@@ -172,14 +221,14 @@ def find_blocks(
     projection, one dtype per block, projections that fit together. ``where`` (a path) starts error messages.
     A layout of :data:`PLANNED_AS` is looked for in its view layout (``shapes`` are then the view's)."""
     layout = PLANNED_AS.get(layout, layout)
-    per_expert = layout == "per_expert"
+    per_expert = layout in PER_EXPERT_LAYOUTS
     # prefix -> stored item -> expert (-1 for a stack) -> shape
     found: dict[str, dict[str, dict[int, tuple[int, ...]]]] = {}
     names: dict[str, list[str]] = {}
-    for name, m in _matching(shapes, kind, layout):
-        names.setdefault(m["p"], []).append(name)
-        by_expert = found.setdefault(m["p"], {}).setdefault(m["item"], {})
-        by_expert[int(m["e"]) if per_expert else -1] = shapes[name]
+    for name, f in _matching(shapes, kind, layout):
+        names.setdefault(f.prefix, []).append(name)
+        by_expert = found.setdefault(f.prefix, {}).setdefault(f.item, {})
+        by_expert[f.expert if per_expert else -1] = shapes[name]
     blocks = []
     for prefix, stored in found.items():
         num_experts = max(len(by_expert) if per_expert else by_expert[-1][0] for by_expert in stored.values())
@@ -227,9 +276,10 @@ def find_blocks(
     # Other tensors of the experts (quantization scales, biases, DoRA magnitudes) would stay in the old layout
     # beside the converted weights: refuse rather than write a checkpoint no loader reads right.
     held = {name for block in blocks for name in block.names}
+    stored_prefixes = {name.split(".experts.")[0] for name in held if ".experts." in name}
     for name in shapes:
         prefix = name.split(".experts.")[0] if ".experts." in name else None
-        if prefix in found and name not in held:
+        if prefix in stored_prefixes and name not in held:
             what = "gate/up/down weight" if kind == MODEL else "gate/up/down LoRA factor"
             raise CheckpointError(
                 f"{where}: {name} belongs to the experts but is no {what} moefuse converts (quantization "
@@ -277,7 +327,7 @@ def stored_tensors(kind: str, layout: str, block: ExpertBlock) -> list[tuple[str
     """The tensors that store ``block`` in ``layout``: ``(name, shape, [(projection, expert), ...])``, the
     matrices each holds in byte order."""
     experts, matrices = range(block.num_experts), block.matrices
-    if layout == "per_expert":
+    if layout in PER_EXPERT_LAYOUTS:
         return [
             (_stored_name(kind, layout, block.prefix, item, e), shape, [(item, e)])
             for e in experts
@@ -355,11 +405,15 @@ def plan_conversion(
     view's)."""
     in_layout, out_layout = PLANNED_AS.get(in_layout, in_layout), PLANNED_AS.get(out_layout, out_layout)
     block_of = {name: block for block in blocks for name in block.names}
+    renamed = _block_renames(blocks, in_layout, out_layout)
     plan: dict[str, Planned] = {}
     for name, shape in shapes.items():
         block = block_of.get(name)
         if block is None:
-            plan[name] = Planned(tuple(shape), dtypes[name], [Piece(name, 0, math.prod(shape))])
+            out_name = _renamed(name, renamed)
+            if out_name in plan:
+                raise CheckpointError(f"{where}: {name} would be written as {out_name}, which is taken")
+            plan[out_name] = Planned(tuple(shape), dtypes[name], [Piece(name, 0, math.prod(shape))])
             continue
         if name != block.names[0]:
             continue
@@ -378,6 +432,25 @@ def plan_conversion(
                 )
             plan[out_name] = Planned(out_shape, dtypes[name], _merged([located[c] for c in content]))
     return plan
+
+
+def _block_renames(blocks: list[ExpertBlock], in_layout: str, out_layout: str) -> dict[str, str]:
+    """``{block name in the input: in the output}`` where the layouts name blocks differently (Mixtral's
+    ``<...>.block_sparse_moe`` against ``<...>.mlp``): the block's other tensors (the router) move with it."""
+    if (in_layout == "mixtral") == (out_layout == "mixtral"):
+        return {}
+    pairs = [(_mixtral_stem(block.prefix) + MIXTRAL_BLOCK, block.prefix) for block in blocks]
+    return dict(pairs) if in_layout == "mixtral" else {canonical: mixtral for mixtral, canonical in pairs}
+
+
+def _renamed(name: str, renames: dict[str, str]) -> str:
+    if renames:
+        parts = name.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            head = ".".join(parts[:i])
+            if head in renames:
+                return renames[head] + name[len(head) :]
+    return name
 
 
 def read_planned(ckpt: Checkpoint, planned: Planned) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """LoRA adapters on MoE experts, converted losslessly between PEFT's per-expert format and the fused ones.
 
 The layouts are those of :mod:`.layouts` (``per_expert``, ``fused``, ``qwen3_moe_fused``,
-``peft_target_parameters``): the fused factors are the per-expert ones stacked on a new first dimension (expert
+``peft_target_parameters``, ``mixtral``): the fused factors are the per-expert ones stacked on a new first dimension (expert
 ``e`` is ``[e]``), gate, up and down kept apart, so every conversion among them is an exact copy. PEFT's
 ``target_parameters`` factors are read and written through a view in the ``fused`` layout
 (:mod:`.peft_params`): exact too, gate and up sharing one A, or stacked at rank 2r. Other adapter tensors
@@ -10,7 +10,7 @@ The layouts are those of :mod:`.layouts` (``per_expert``, ``fused``, ``qwen3_moe
 ``adapter_config.json`` is rewritten: ``rank_pattern`` / ``alpha_pattern`` keys naming experts
 (``<...>.experts.3.gate_proj`` per expert, ``<...>.experts.gate_proj`` fused, ``<...>.mlp.gate_proj`` in
 ``qwen3_moe_fused``) are renamed for the new layout; ``target_modules`` (``gate_proj``, ``up_proj``,
-``down_proj``) reach the experts in every layout.
+``down_proj``) reach the experts in every layout, and are renamed to and from Mixtral's ``w1``/``w3``/``w2``.
 """
 
 from __future__ import annotations
@@ -23,8 +23,11 @@ from pathlib import Path
 from .checkpoint import Checkpoint, CheckpointError
 from .engines import ALIASES, resolve
 from .layouts import (
+    BLOCK,
     LORA,
     LORA_LAYOUTS,
+    MIXTRAL_BLOCK,
+    MIXTRAL_NAMES,
     PLANNED_AS,
     ExpertBlock,
     detect_lora_layout,
@@ -42,7 +45,10 @@ _PATTERN_KEYS = {
     "per_expert": re.compile(r"^(?P<head>.*)\.experts\.(?P<e>\d+)\.(?P<proj>(gate|up|down)_proj)$"),
     "fused": re.compile(r"^(?P<head>.*)\.experts\.(?P<proj>(gate|up|down)_proj)$"),
     "qwen3_moe_fused": re.compile(r"^(?P<head>(.*\.)?mlp)\.(?P<proj>(gate|up|down)_proj)$"),
+    "mixtral": re.compile(r"^(?P<head>.*)\.block_sparse_moe\.experts\.(?P<e>\d+)\.(?P<proj>w[123])$"),
 }
+_FROM_MIXTRAL = {w: f"{p}_proj" for p, w in MIXTRAL_NAMES.items()}
+_TO_MIXTRAL = {v: k for k, v in _FROM_MIXTRAL.items()}
 
 
 def is_adapter(path: str | os.PathLike) -> bool:
@@ -80,13 +86,19 @@ def _rewrite_patterns(patterns: dict, in_layout: str, out_layout: str, num_exper
         if m is None or in_layout == out_layout:
             out[key] = value
             continue
-        head = m["head"]  # the block's prefix, without ".experts"
+        # the block's prefix, without ".experts" (Mixtral's block_sparse_moe stands for mlp), and the projection
+        head, proj = m["head"], m["proj"]
+        if in_layout == "mixtral":
+            head, proj = head + BLOCK, _FROM_MIXTRAL[proj]
         if out_layout == "per_expert":
-            keys = [f"{head}.experts.{e}.{m['proj']}" for e in range(num_experts)]
+            keys = [f"{head}.experts.{e}.{proj}" for e in range(num_experts)]
+        elif out_layout == "mixtral":
+            stem = head.removesuffix(BLOCK)
+            keys = [f"{stem}{MIXTRAL_BLOCK}.experts.{e}.{_TO_MIXTRAL[proj]}" for e in range(num_experts)]
         elif out_layout == "fused":
-            keys = [f"{head}.experts.{m['proj']}"]
+            keys = [f"{head}.experts.{proj}"]
         else:
-            keys = [f"{head}.{m['proj']}"]
+            keys = [f"{head}.{proj}"]
         for target in keys:
             if out.setdefault(target, value) != value:
                 raise CheckpointError(
@@ -120,6 +132,9 @@ def convert_lora(
     where = in_dir / ADAPTER_CONFIG
     if in_layout == PEFT_LAYOUT and layout != PEFT_LAYOUT:
         config = config_from_peft(config, blocks, where)
+    if (in_layout == "mixtral") != (layout == "mixtral") and isinstance(config.get("target_modules"), list):
+        names = _FROM_MIXTRAL if in_layout == "mixtral" else _TO_MIXTRAL
+        config["target_modules"] = sorted({names.get(t, t) for t in config["target_modules"]})
     for key in ("rank_pattern", "alpha_pattern"):
         if config.get(key):  # PEFT's layout names its patterns as the fused one's (plus gate_up_proj)
             config[key] = _rewrite_patterns(
