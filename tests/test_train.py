@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -13,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 import moefuse
-from conftest import current_orientation, trained_precision
+from conftest import current_orientation, tiny_config, trained_precision
 from moefuse import cli
 from moefuse.bench.provenance import source_provenance
 from moefuse.convert.lora import adapter_layout
@@ -324,6 +325,61 @@ def test_lora_dtype_model_trains_the_adapter_in_the_weights_dtype(tmp_path, expe
     args, _ = parse_train_args(None, [*bf16, "--output_dir", "unused"])
     model = apply_lora(load_model(resolve_model(args), torch.bfloat16, torch.device("cpu")), args, tmp_path)
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+
+
+def _family_config(family: str):
+    """A tiny config of ``family`` (the built-in tokenizer's 512 words)."""
+    import transformers
+
+    tiny = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=512)
+    if family == "gemma4_text":
+        return transformers.Gemma4TextConfig(
+            **tiny, enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32,
+            intermediate_size=128,
+        )  # fmt: skip
+    if family == "deepseek_v3":
+        return transformers.DeepseekV3Config(
+            **tiny, n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1, intermediate_size=128,
+            moe_intermediate_size=32, first_k_dense_replace=1, num_key_value_heads=4, q_lora_rank=None,
+            kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+        )  # fmt: skip
+    if family == "gpt_oss":
+        return transformers.GptOssConfig(
+            **tiny, num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, num_key_value_heads=2,
+            head_dim=16,
+        )  # fmt: skip
+    config = tiny_config(family, num_experts=8)
+    config.vocab_size = 512
+    return config
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gemma4_text"])
+def test_every_family_with_plain_gated_experts_trains_lora_on_moefuse(tmp_path, family):
+    """The experts' structure decides what moefuse train takes, not a list of model types: Qwen2-MoE's shared
+    expert, DeepSeek-V3's dense first layer and grouped router, Gemma 4's GeGLU experts on the decoder layer."""
+    _family_config(family).save_pretrained(tmp_path / "config")
+    result = run_train(
+        None,
+        [*FEW_ROWS, "--model_name_or_path", f"config:{tmp_path / 'config'}", "--max_steps", "2"]
+        + ["--logging_steps", "1", "--output_dir", str(tmp_path / "out")],
+    )
+    assert result.global_step == 2 and all(math.isfinite(loss) for loss in result.losses)
+    experts_lora = [
+        n for n, p in result.model.named_parameters() if p.requires_grad and ".experts." in n and "lora_" in n
+    ]
+    assert experts_lora, "no LoRA on the experts"
+    assert (result.per_expert_adapter / "adapter_model.safetensors").is_file()
+
+
+def test_experts_moefuse_cannot_take_are_refused_before_loading(tmp_path):
+    _family_config("gpt_oss").save_pretrained(tmp_path / "config")
+    argv = [*FEW_ROWS, "--model_name_or_path", f"config:{tmp_path / 'config'}", "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(TrainConfigError, match=r"experts of model type 'gpt_oss' \(GptOssExperts\): they have biases"):
+        run_train(None, [*argv, "--attn_implementation", "eager"])
+    # the config's attention is Transformers' to refuse, in one line naming the key
+    with pytest.raises(TrainConfigError, match="Transformers cannot build this model: GptOssForCausalLM"):
+        run_train(None, argv)
+    assert not (tmp_path / "o").exists()
 
 
 def test_grouped_mm_baseline_trains_experts_through_peft_target_parameters(tmp_path):

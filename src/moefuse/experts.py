@@ -19,7 +19,14 @@ from transformers.modeling_utils import PreTrainedModel
 from .ops.moe import fused_experts
 
 EXPERTS_IMPLEMENTATION = "moefuse"
-SUPPORTED_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+SUPPORTED_FAMILIES = (
+    "qwen3_moe",
+    "qwen2_moe",
+    "mixtral",
+    "olmoe",
+    "deepseek_v3",
+    "gemma4_text",
+)  # trained in CI
 
 
 class UnsupportedExpertsError(NotImplementedError):

@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 from ..bench.configs import experts_per_token
 from ..convert import CheckpointError, convert_lora
 from ..convert.lora import adapter_layout
-from ..experts import EXPERTS_IMPLEMENTATION, SUPPORTED_FAMILIES, check_supported
+from ..experts import EXPERTS_IMPLEMENTATION, UnsupportedExpertsError, check_supported
 from ..lora import ATTENTION_PROJECTIONS
 from ..lora.targets import PROJECTIONS
 from ..models import Qwen3MoeFusedForCausalLM
@@ -97,6 +97,7 @@ def resolve_model(args: MoefuseTrainArguments) -> ModelSource:
         source.config = with_layers(source.config, args.num_layers)
     source.config._experts_implementation = args.experts_implementation
     source.config._attn_implementation = args.attn_implementation
+    check_experts_structure(source.config, args)
     return source
 
 
@@ -105,15 +106,24 @@ def check_model_config(config: PretrainedConfig, args: MoefuseTrainArguments) ->
     if not experts_per_token(config):
         raise TrainConfigError(
             f"model_name_or_path: {args.model_name_or_path} (model type '{model_type}') is not a "
-            "Mixture-of-Experts model; moefuse train fine-tunes MoE models "
-            f"({', '.join(SUPPORTED_FAMILIES)})"
+            "Mixture-of-Experts model; moefuse train fine-tunes MoE models"
         )
-    if args.experts_implementation == EXPERTS_IMPLEMENTATION and model_type not in SUPPORTED_FAMILIES:
-        raise TrainConfigError(
-            f"model_name_or_path: model type '{model_type}' is not supported by moefuse experts "
-            f"(supported: {', '.join(SUPPORTED_FAMILIES)}); set experts_implementation: grouped_mm to train "
-            "it on Transformers' experts"
-        )
+
+
+def check_experts_structure(config: PretrainedConfig, args: MoefuseTrainArguments) -> None:
+    """Refuse, before any weight is loaded, experts that moefuse's expert LoRA and training cannot take (the
+    structure decides, not the model type): the model is built on the meta device and each experts module checked."""
+    if args.experts_implementation != EXPERTS_IMPLEMENTATION:
+        return
+    from ..bench.shapes import meta_moe_blocks
+
+    try:
+        for block in meta_moe_blocks(config):
+            check_supported(block.experts)
+    except UnsupportedExpertsError as error:
+        raise TrainConfigError(f"model_name_or_path: {error}") from None
+    except ValueError as error:  # Transformers refusing the config, e.g. an attention it does not have
+        raise TrainConfigError(f"model_name_or_path: Transformers cannot build this model: {error}") from None
 
 
 def resolve_dtype(args: MoefuseTrainArguments, bf16: bool, fp16: bool) -> torch.dtype:
