@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 
 import moefuse.quant
-from conftest import trained_precision
+from conftest import current_orientation, trained_precision
 from moefuse.quant import ExpertWeights4bit
 from moefuse.train import run_train
 
@@ -57,3 +57,57 @@ def test_qlora_trains_with_every_memory_saver(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "paged_adamw_8bit: bitsandbytes' paged 8-bit AdamW; stepped in the backward" in out
     assert "gradient checkpointing, optimizer step in backward, activations offloaded to CPU" in out
+
+
+@pytest.fixture(scope="module")
+def qlora_on_dense(tmp_path_factory):
+    """A dense random checkpoint (with its tokenizer) and a QLoRA adapter trained on its 4-bit copy."""
+    tmp = tmp_path_factory.mktemp("qlora-on-dense")
+    dense = run_train(None, ["--max_steps", "1", "--max_samples", "16", "--output_dir", str(tmp / "d")])
+    base = dense.output_dir / "base-model"
+    qlora = run_train(
+        None,
+        ["--finetuning_type", "qlora", "--model_name_or_path", str(base), "--max_steps", "4"]
+        + ["--max_samples", "16", "--learning_rate", "0.01", "--output_dir", str(tmp / "q")],
+    )
+    return base, qlora.final_dir
+
+
+def _adapted_logits(base, adapter, ids, **kwargs):
+    from moefuse import Qwen3MoeFusedForCausalLM
+
+    model = PeftModel.from_pretrained(
+        Qwen3MoeFusedForCausalLM.from_pretrained(base, **kwargs), adapter
+    ).eval()
+    with torch.no_grad():
+        return model, model(ids).logits
+
+
+IDS = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+
+
+def test_qlora_adapter_merges_into_the_dense_model(qlora_on_dense, tmp_path):
+    """The deployment path: the adapter QLoRA trained on a 4-bit copy goes onto the dense weights, merges into
+    them and is saved as a plain checkpoint with the same outputs, as a bf16 LoRA adapter does."""
+    from moefuse import Qwen3MoeFusedForCausalLM
+
+    base, adapter = qlora_on_dense
+    model, adapted = _adapted_logits(base, adapter, IDS)
+    with torch.no_grad(), model.disable_adapter():
+        assert not torch.allclose(model(IDS).logits, adapted)  # the adapter changes the dense model's outputs
+    model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        reloaded = Qwen3MoeFusedForCausalLM.from_pretrained(tmp_path / "merged").eval()(IDS).logits
+    torch.testing.assert_close(reloaded, adapted, rtol=1e-5, atol=1e-5)
+
+
+@current_orientation
+def test_qlora_adapter_converts_like_lora(qlora_on_dense, tmp_path):
+    """Converted to vLLM's 3-D format, the QLoRA adapter gives the same outputs on Transformers' own experts."""
+    from moefuse.convert import convert_lora
+
+    base, adapter = qlora_on_dense
+    _, adapted = _adapted_logits(base, adapter, IDS)
+    vllm = convert_lora(adapter, tmp_path / "vllm_3d", "vllm_3d", progress=False)
+    _, converted = _adapted_logits(base, vllm, IDS, experts_implementation="grouped_mm")
+    torch.testing.assert_close(converted, adapted, rtol=1e-5, atol=1e-5)
