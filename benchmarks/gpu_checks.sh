@@ -2,6 +2,10 @@
 # On a GPU machine, from the repository root, moefuse uninstalled (PYTHONPATH=src):
 #   bash benchmarks/gpu_checks.sh tests OUT      the GPU-marked tests; their summary to OUT/gpu-tests-<commit>.txt
 #   bash benchmarks/gpu_checks.sh block OUT N    N runs of the MoE block, eager and compiled, moefuse and grouped_mm
+#   bash benchmarks/gpu_checks.sh train48 OUT NAME [moefuse train keys...]
+#        one 48-layer moefuse train run at Qwen3-30B-A3B dims (LoRA r16, packed 2048-token rows, checkpointing;
+#        the keys given are added, e.g. --per_device_train_batch_size 4 --experts_implementation grouped_mm);
+#        its summary kept as OUT/NAME_<commit>_run<n>.json, n the first number not yet taken
 # A copy of the tree without .git names its commit by the stamp written here first:
 #   python -m moefuse.bench.provenance   (then carry .moefuse-provenance.json with the tree)
 set -euo pipefail
@@ -33,8 +37,23 @@ block)
             --output "$out/block_compile_qwen3-30b-a3b_${label}_run$i.json"
     done
     ;;
+train48)
+    name=$3
+    shift 3
+    rows=/tmp/moefuse-rows.jsonl  # the built-in rows ten times over: packs into enough 2048-token sequences
+    python -c "from moefuse.train.builtin import DATASET; open('$rows', 'w').write(DATASET.read_text() * 10)"
+    work=$(mktemp -d)
+    python -m moefuse.cli train --model_name_or_path config:qwen3-30b-a3b --dataset "$rows" --packing true \
+        --max_length 2048 --per_device_train_batch_size 1 --lora_rank 16 --learning_rate 1e-4 \
+        --gradient_checkpointing true --max_steps 12 --logging_steps 3 --gpu_busy_steps 2 --save_strategy no \
+        --save_base_model false "$@" --output_dir "$work"
+    n=1
+    while [[ -e "$out/${name}_${label}_run$n.json" ]]; do n=$((n + 1)); done
+    cp "$work/moefuse_train_summary.json" "$out/${name}_${label}_run$n.json"
+    rm -rf "$work"
+    ;;
 *)
-    echo "usage: $0 tests|block OUT [RUNS]" >&2
+    echo "usage: $0 tests|block|train48 OUT [RUNS | NAME KEYS...]" >&2
     exit 2
     ;;
 esac
