@@ -219,3 +219,27 @@ def test_composed_experts_on_triton_run_eagerly_with_their_reason():
         torch.compile(experts, backend="eager", fullgraph=True)(x)
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(experts, backend="eager")(x), experts(x))
+
+
+def test_the_operators_backward_builds_no_gradient_for_its_saved_outputs():
+    """The routing and saved tensors leave the forward operator only to reach the backward: autograd must not
+    materialise a zero gradient of each one's size (a memset of the [rows, 2I] activations per layer)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    args = _operator_args(lora=True, trained=True)
+    outputs = _experts_op(*args)
+    assert all(not o.requires_grad for o in outputs[1:]) and outputs[0].requires_grad
+    with Calls() as calls:
+        outputs[0].sum().backward()
+    assert "experts_backward.default" in calls.names
+    assert not [name for name in calls.names if name.startswith(("zeros", "zeros_like", "fill"))], calls.names
+    assert all(t.grad is not None for t in (args[0], args[1], args[2], args[4], *args[5:11]))

@@ -577,6 +577,10 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     hidden_states, gate_up_proj, down_proj, _, top_k_weights, *factors = inputs[:11]
     scalings, activation, lora_dropout, store_gate_up, prescaled_h, _, *backward_choices = inputs[11:]
     ctx.save_for_backward(hidden_states, gate_up_proj, down_proj, *output[1:])
+    # The routing and saved tensors are outputs only to reach the backward: autograd would otherwise build a zero
+    # gradient of each one's size in every backward (``out`` alone takes a gradient, so it is never None).
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
     ctx.top_k = inputs[3].shape[-1]
     present = [f.dtype for f in factors if f is not None]
     ctx.ranks = _ranks(factors)
