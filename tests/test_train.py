@@ -373,8 +373,16 @@ def test_every_family_with_plain_gated_experts_trains_lora_on_moefuse(tmp_path, 
 
 def test_experts_moefuse_cannot_take_are_refused_before_loading(tmp_path):
     _family_config("gpt_oss").save_pretrained(tmp_path / "config")
-    argv = [*FEW_ROWS, "--model_name_or_path", f"config:{tmp_path / 'config'}", "--output_dir", str(tmp_path / "o")]
-    with pytest.raises(TrainConfigError, match=r"experts of model type 'gpt_oss' \(GptOssExperts\): they have biases"):
+    argv = [
+        *FEW_ROWS,
+        "--model_name_or_path",
+        f"config:{tmp_path / 'config'}",
+        "--output_dir",
+        str(tmp_path / "o"),
+    ]
+    with pytest.raises(
+        TrainConfigError, match=r"experts of model type 'gpt_oss' \(GptOssExperts\): they have biases"
+    ):
         run_train(None, [*argv, "--attn_implementation", "eager"])
     # the config's attention is Transformers' to refuse, in one line naming the key
     with pytest.raises(TrainConfigError, match="Transformers cannot build this model: GptOssForCausalLM"):
