@@ -353,15 +353,26 @@ def _family_config(family: str):
     return config
 
 
+@pytest.mark.parametrize("finetuning_type", ["lora", "qlora"])
 @pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gemma4_text"])
-def test_every_family_with_plain_gated_experts_trains_lora_on_moefuse(tmp_path, family):
+def test_every_family_with_plain_gated_experts_trains_lora_on_moefuse(tmp_path, family, finetuning_type):
     """The experts' structure decides what moefuse train takes, not a list of model types: Qwen2-MoE's shared
-    expert, DeepSeek-V3's dense first layer and grouped router, Gemma 4's GeGLU experts on the decoder layer."""
+    expert, DeepSeek-V3's dense first layer and grouped router, Gemma 4's GeGLU experts on the decoder layer;
+    with QLoRA their experts are moefuse's 4-bit stacks."""
+    if finetuning_type == "qlora":
+        pytest.importorskip("bitsandbytes")
     _family_config(family).save_pretrained(tmp_path / "config")
     result = run_train(
         None,
         [*FEW_ROWS, "--model_name_or_path", f"config:{tmp_path / 'config'}", "--max_steps", "2"]
-        + ["--logging_steps", "1", "--output_dir", str(tmp_path / "out")],
+        + [
+            "--finetuning_type",
+            finetuning_type,
+            "--logging_steps",
+            "1",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
     )
     assert result.global_step == 2 and all(math.isfinite(loss) for loss in result.losses)
     experts_lora = [
@@ -369,6 +380,13 @@ def test_every_family_with_plain_gated_experts_trains_lora_on_moefuse(tmp_path, 
     ]
     assert experts_lora, "no LoRA on the experts"
     assert (result.per_expert_adapter / "adapter_model.safetensors").is_file()
+    if finetuning_type == "qlora":
+        from moefuse.quant import is_4bit
+
+        stacks = [
+            m.get_base_layer().down_proj for n, m in result.model.named_modules() if n.endswith(".experts")
+        ]
+        assert stacks and all(is_4bit(stack) for stack in stacks)
 
 
 def test_experts_moefuse_cannot_take_are_refused_before_loading(tmp_path):
