@@ -57,6 +57,23 @@ def test_info_prints_a_models_experts_plan(capsys, finetuning_type, expected):
     assert f"plan (qwen3-30b-a3b, 8192 tokens, {finetuning_type}, cpu)  {expected}" in out
 
 
+def test_info_says_whether_the_models_experts_train(tmp_path, capsys):
+    """GPT-OSS's experts (biases) run on moefuse but take no expert LoRA: info says so and plans the frozen
+    forward; Qwen3-MoE's take everything."""
+    from transformers import GptOssConfig
+
+    GptOssConfig(
+        num_local_experts=8, num_experts_per_tok=2, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512,
+    ).save_pretrained(tmp_path)  # fmt: skip
+    assert main(["info", "--model", str(tmp_path), "--tokens", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "refused: these experts have biases (experts_implementation: grouped_mm trains them)" in out
+    assert f"plan ({tmp_path / 'config.json'}, 64 tokens, frozen, cpu)" in out and "LoRA none" in out
+    assert main(["info", "--model", "qwen3-30b-a3b", "--tokens", "64"]) == 0
+    assert "yes: expert LoRA, 4-bit experts (QLoRA), expert parallelism" in capsys.readouterr().out
+
+
 def test_info_plan_of_gemma4_names_its_gelu_tanh_experts(tmp_path, capsys):
     """Gemma 4 names its top-k ``top_k_experts``; on the Triton backend its GeGLU experts plan fused."""
     from transformers import Gemma4TextConfig

@@ -38,7 +38,7 @@ def experts_plan_rows(
     model's shapes and strides (one expert's storage, expanded), so no checkpoint is read or allocated."""
     from .bench.configs import experts_per_token, load_config
     from .bench.shapes import meta_moe_blocks
-    from .experts import UnsupportedExpertsError, experts_structure, stacked_expert_weights
+    from .experts import UnsupportedExpertsError, experts_structure, stacked_expert_weights, training_refusal
     from .ops.lora import ExpertsLora, LoraWeights
     from .ops.plan import activation_name, plan_experts
 
@@ -66,6 +66,14 @@ def experts_plan_rows(
             lora_B=stand_in(torch.empty(experts_count, out_features, rank, device="meta")),
         )
 
+    refusal = training_refusal(experts)
+    training = (
+        "yes: expert LoRA, 4-bit experts (QLoRA), expert parallelism"
+        if refusal is None
+        else f"refused: these experts {refusal} (experts_implementation: grouped_mm trains them)"
+    )
+    if refusal is not None:
+        finetuning_type = "frozen"  # the plan of the forward these experts do run
     gate_up = stand_in(gate_up_meta, finetuning_type == "full")
     down = stand_in(down_meta, finetuning_type == "full")
     lora = ()
@@ -82,7 +90,7 @@ def experts_plan_rows(
         hidden_states, gate_up, down, experts_per_token(config), activation=activation, lora=lora
     )
     where = f"{label}, {tokens} tokens, {finetuning_type}, {device.type}"
-    return [(f"plan ({where})", plan.describe())]
+    return [("moefuse train, LoRA, QLoRA", training), (f"plan ({where})", plan.describe())]
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -60,7 +60,7 @@ def _contract_reason(experts: torch.nn.Module) -> str | None:
     return None
 
 
-def _plain_reason(experts: torch.nn.Module) -> str | None:
+def training_refusal(experts: torch.nn.Module) -> str | None:
     """Why these experts are not plain gated experts (``act_fn(gate) * up`` on ``[gate; up]`` rows, no bias, no
     post-expert norm), the structure the fused Triton kernels, expert LoRA and expert parallelism take, or None."""
     reason = _contract_reason(experts)
@@ -90,7 +90,7 @@ def _refuse(experts: torch.nn.Module, reason: str, supported: str = "") -> Unsup
 def check_supported(experts: torch.nn.Module) -> None:
     """Raise :class:`UnsupportedExpertsError` naming the model family unless these are plain gated experts, the
     structure moefuse's expert LoRA, expert parallelism and training take."""
-    reason = _plain_reason(experts)
+    reason = training_refusal(experts)
     if reason is not None:
         raise _refuse(
             experts,
