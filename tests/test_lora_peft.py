@@ -164,6 +164,32 @@ def test_rank_pattern_reaches_each_projection():
     assert experts[0].mlp.experts.down_proj.lora_A["default"].weight.shape == (8, 2, 16)
 
 
+def test_peft_does_not_call_the_expert_patterns_it_cannot_see_ignored():
+    """PEFT >= 0.21 warns about rank/alpha_pattern keys that name no targeted module; the experts' projections are
+    not modules, so its warning would call moefuse's expert keys "ignored" while they apply. It lists only the
+    keys nothing applied."""
+    import inspect
+    import warnings
+
+    from peft.tuners.tuners_utils import BaseTuner
+
+    config = LoraConfig(
+        r=4, target_modules=TARGETS, rank_pattern={"experts.down_proj": 2, "no_such_module": 3},
+        alpha_pattern={"experts.gate_proj": 16},
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = get_peft_model(_fused_model("qwen3_moe"), config)
+    experts = model.base_model.model.model.layers[0].mlp.experts
+    assert experts.r["default"]["down_proj"] == 2 and experts.lora_alpha["default"]["gate_proj"] == 16
+    messages = [str(w.message) for w in caught if "did not match any targeted module" in str(w.message)]
+    assert not any("experts." in m for m in messages), messages
+    if "did not match any targeted module" in inspect.getsource(BaseTuner.inject_adapter):
+        assert messages == [
+            "The following rank_pattern keys did not match any targeted module and were ignored: ['no_such_module']."
+        ]
+
+
 def test_save_load_keys_and_outputs(tmp_path):
     fused_peft, _, _ = _pair("qwen3_moe", rank_pattern={"down_proj": 2})
     fused_peft.eval()

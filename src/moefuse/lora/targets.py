@@ -12,7 +12,9 @@ alpha, rsLoRA and init come from the config for ``<key>.<projection>``. ``get_pe
 
 from __future__ import annotations
 
+import ast
 import math
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +32,11 @@ _REQUESTS = (
     "_moefuse_lora_requests"  # attribute of an experts module: what the injection in progress asks for
 )
 _TARGETED = "_moefuse_experts_keys"  # attribute of a LoraConfig: experts module keys it targets
+_PATTERN_KEYS = "_moefuse_pattern_keys"  # attribute of a LoraConfig: rank/alpha_pattern keys moefuse applied
+# PEFT >= 0.21 warns about pattern keys that name no targeted module: the experts' projections are not modules.
+_UNMATCHED = re.compile(
+    r"^The following (?:rank|alpha)_pattern keys did not match any targeted module and were ignored: (\[.*\])\.$"
+)
 
 
 @dataclass(frozen=True)
@@ -127,11 +134,17 @@ def prepare_experts_targets(config: LoraConfig, model: nn.Module) -> None:
     """Mark the experts modules ``config`` targets through their projection names (PEFT ``_prepare_model`` hook)."""
     from .layer import ExpertsLoraLayer
 
-    targeted = set()
+    targeted, pattern_keys = set(), set()
     for key, experts in moefuse_experts(model):
         requests = projection_requests(config, key)
         if not requests:
             continue
+        for request in requests:
+            projection_key = f"{key}.{request.projection}"
+            for patterns in (config.rank_pattern, config.alpha_pattern):
+                pattern_key = get_pattern_key(patterns.keys(), projection_key)
+                if pattern_key in patterns:
+                    pattern_keys.add(pattern_key)
         if not _runs_on_moefuse(experts):
             warnings.warn(
                 f"{key}: target_modules name expert projections but these experts run on "
@@ -146,6 +159,7 @@ def prepare_experts_targets(config: LoraConfig, model: nn.Module) -> None:
         config._register_custom_module({type(experts): ExpertsLoraLayer})
         targeted.add(key)
     setattr(config, _TARGETED, frozenset(targeted))
+    setattr(config, _PATTERN_KEYS, frozenset(pattern_keys))
 
 
 def _targets_moefuse_experts(config: LoraConfig, model: nn.Module) -> bool:
@@ -194,6 +208,25 @@ def install() -> None:
             return True
         return result
 
+    inject = LoraModel.inject_adapter
+
+    def inject_adapter(self, model, adapter_name, *args, **kwargs):
+        # PEFT's warning that pattern keys "were ignored" leaves out the keys moefuse applied to the experts.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = inject(self, model, adapter_name, *args, **kwargs)
+        applied = getattr(self.peft_config.get(adapter_name), _PATTERN_KEYS, frozenset())
+        for warning in caught:
+            message, unmatched = warning.message, _UNMATCHED.match(str(warning.message))
+            if unmatched:
+                left = [key for key in ast.literal_eval(unmatched[1]) if key not in applied]
+                if not left:
+                    continue
+                message = f"{str(message).rpartition(': [')[0]}: {left}."
+            warnings.warn_explicit(message, warning.category, warning.filename, warning.lineno)
+        return result
+
     _prepare_model._moefuse = True
     LoraModel._prepare_model = _prepare_model
     LoraModel._check_target_module_exists = staticmethod(_check_target_module_exists)
+    LoraModel.inject_adapter = inject_adapter
