@@ -188,6 +188,18 @@ def test_peft_does_not_call_the_expert_patterns_it_cannot_see_ignored():
         assert messages == [
             "The following rank_pattern keys did not match any targeted module and were ignored: ['no_such_module']."
         ]
+        # experts on Transformers' own implementation get no moefuse LoRA: their keys are ignored, and said so
+        grouped = _fused_model("qwen3_moe")
+        grouped.set_experts_implementation("grouped_mm")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            get_peft_model(
+                grouped, LoraConfig(r=4, target_modules=TARGETS, rank_pattern={"experts.down_proj": 2})
+            )
+        assert any(
+            "did not match any targeted module" in str(w.message) and "'experts.down_proj'" in str(w.message)
+            for w in caught
+        )
 
 
 def test_save_load_keys_and_outputs(tmp_path):

@@ -49,6 +49,7 @@ class ProjectionRequest:
     use_rslora: bool
     dropout: float
     init_lora_weights: bool | str
+    pattern_keys: tuple[str, ...] = ()  # the rank_pattern / alpha_pattern keys that set r and lora_alpha
 
     @property
     def scaling(self) -> float:
@@ -67,11 +68,24 @@ def projection_requests(config: LoraConfig, experts_key: str) -> list[Projection
         key = f"{experts_key}.{projection}"
         if not _is_targeted(config, key):
             continue
-        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), key), config.r)
-        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), key), config.lora_alpha)
+        rank_key = get_pattern_key(config.rank_pattern.keys(), key)
+        alpha_key = get_pattern_key(config.alpha_pattern.keys(), key)
+        r = config.rank_pattern.get(rank_key, config.r)
+        alpha = config.alpha_pattern.get(alpha_key, config.lora_alpha)
+        pattern_keys = tuple(
+            k
+            for k, patterns in ((rank_key, config.rank_pattern), (alpha_key, config.alpha_pattern))
+            if k in patterns
+        )
         requests.append(
             ProjectionRequest(
-                projection, r, alpha, config.use_rslora, config.lora_dropout, config.init_lora_weights
+                projection,
+                r,
+                alpha,
+                config.use_rslora,
+                config.lora_dropout,
+                config.init_lora_weights,
+                pattern_keys,
             )
         )
     return requests
@@ -139,12 +153,6 @@ def prepare_experts_targets(config: LoraConfig, model: nn.Module) -> None:
         requests = projection_requests(config, key)
         if not requests:
             continue
-        for request in requests:
-            projection_key = f"{key}.{request.projection}"
-            for patterns in (config.rank_pattern, config.alpha_pattern):
-                pattern_key = get_pattern_key(patterns.keys(), projection_key)
-                if pattern_key in patterns:
-                    pattern_keys.add(pattern_key)
         if not _runs_on_moefuse(experts):
             warnings.warn(
                 f"{key}: target_modules name expert projections but these experts run on "
@@ -158,6 +166,7 @@ def prepare_experts_targets(config: LoraConfig, model: nn.Module) -> None:
         experts.__dict__[_REQUESTS] = requests
         config._register_custom_module({type(experts): ExpertsLoraLayer})
         targeted.add(key)
+        pattern_keys.update(k for request in requests for k in request.pattern_keys)
     setattr(config, _TARGETED, frozenset(targeted))
     setattr(config, _PATTERN_KEYS, frozenset(pattern_keys))
 

@@ -272,9 +272,8 @@ class ThroughputCallback(TrainerCallback):
             for e in self._profiler.events()
             if e.device_type == DeviceType.CUDA and e.device_index == index
         ]
-        busy = (
-            busy_seconds([(start, end) for _, start, end in kernels]) / 1e6
-        )  # the profiler's clock is in µs
+        intervals = [(start, end) for _, start, end in kernels]
+        busy = busy_seconds(intervals) / 1e6  # the profiler's clock is in microseconds
         self._gpu_busy = {
             "fraction": round(busy / wall, 4),
             "busy_seconds": busy,
