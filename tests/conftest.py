@@ -15,7 +15,15 @@ from packaging.version import Version
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 import peft
-from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+from transformers import (
+    DeepseekV3Config,
+    Gemma4TextConfig,
+    GptOssConfig,
+    MixtralConfig,
+    OlmoeConfig,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
+)
 
 import moefuse  # noqa: F401  (registers the "moefuse" experts implementation)
 
@@ -65,6 +73,23 @@ def tiny_config(family: str, num_experts: int = 16, top_k: int = 2, intermediate
         return OlmoeConfig(
             **COMMON, intermediate_size=intermediate, num_experts=num_experts, num_experts_per_tok=top_k
         )
+    if family == "gemma4_text":  # GeGLU experts on the decoder layer
+        return Gemma4TextConfig(
+            **COMMON, head_dim=8, enable_moe_block=True, num_experts=num_experts, top_k_experts=top_k,
+            moe_intermediate_size=intermediate, intermediate_size=64,
+        )  # fmt: skip
+    if family == "deepseek_v3":  # a dense first layer, a grouped router, multi-head latent attention
+        return DeepseekV3Config(
+            **{**COMMON, "num_key_value_heads": COMMON["num_attention_heads"]}, n_routed_experts=num_experts,
+            num_experts_per_tok=top_k, n_group=1, topk_group=1, intermediate_size=64,
+            moe_intermediate_size=intermediate, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16,
+            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+        )  # fmt: skip
+    if family == "gpt_oss":  # biases, interleaved gate/up, a clamped SwiGLU
+        return GptOssConfig(
+            **COMMON, head_dim=8, num_local_experts=num_experts, num_experts_per_tok=top_k,
+            intermediate_size=intermediate,
+        )  # fmt: skip
     raise ValueError(family)
 
 

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+from conftest import tiny_config
 from moefuse.cli import main
 from moefuse.settings import override_settings, reload_settings
 
@@ -60,12 +61,7 @@ def test_info_prints_a_models_experts_plan(capsys, finetuning_type, expected):
 def test_info_says_whether_the_models_experts_train(tmp_path, capsys):
     """GPT-OSS's experts (biases) run on moefuse but take no expert LoRA: info says so and plans the frozen
     forward; Qwen3-MoE's take everything."""
-    from transformers import GptOssConfig
-
-    GptOssConfig(
-        num_local_experts=8, num_experts_per_tok=2, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512,
-    ).save_pretrained(tmp_path)  # fmt: skip
+    tiny_config("gpt_oss").save_pretrained(tmp_path)
     assert main(["info", "--model", str(tmp_path), "--tokens", "64"]) == 0
     out = capsys.readouterr().out
     assert "refused: these experts have biases (experts_implementation: grouped_mm trains them)" in out

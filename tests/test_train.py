@@ -328,26 +328,7 @@ def test_lora_dtype_model_trains_the_adapter_in_the_weights_dtype(tmp_path, expe
 
 
 def _family_config(family: str):
-    """A tiny config of ``family`` (the built-in tokenizer's 512 words)."""
-    import transformers
-
-    tiny = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=512)
-    if family == "gemma4_text":
-        return transformers.Gemma4TextConfig(
-            **tiny, enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32,
-            intermediate_size=128,
-        )  # fmt: skip
-    if family == "deepseek_v3":
-        return transformers.DeepseekV3Config(
-            **tiny, n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1, intermediate_size=128,
-            moe_intermediate_size=32, first_k_dense_replace=1, num_key_value_heads=4, q_lora_rank=None,
-            kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-        )  # fmt: skip
-    if family == "gpt_oss":
-        return transformers.GptOssConfig(
-            **tiny, num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, num_key_value_heads=2,
-            head_dim=16,
-        )  # fmt: skip
+    """A tiny config of ``family`` that the built-in tokenizer's 512 words fit."""
     config = tiny_config(family, num_experts=8)
     config.vocab_size = 512
     return config
