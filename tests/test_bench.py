@@ -253,7 +253,7 @@ def test_lora_factors_map_between_moefuse_and_peft_target_parameters(one_thread)
         model.set_experts_implementation(impl)
         if impl == "moefuse":
             config = moefuse.lora.lora_config(
-                4, target_modules=attention + ["experts.gate_proj", "experts.up_proj", "experts.down_proj"]
+                4, target_modules=attention + ["experts.gate_up_proj", "experts.down_proj"]
             )
         else:
             config = LoraConfig(

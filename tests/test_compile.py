@@ -26,7 +26,11 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _operator_args(lora: bool, trained: bool, tokens: int = 7, activation: str = "silu") -> tuple:
+def _operator_args(
+    lora: bool, trained: bool, tokens: int = 7, activation: str = "silu", together: bool = False
+) -> tuple:
+    """The experts operator's arguments; with ``together`` the LoRA's first pair is gate_up's (B ``[E, 2I, r]``)
+    and up has none."""
     torch.manual_seed(0)
     experts, hidden, inter, top_k = 4, 16, 8, 2
     x = torch.randn(tokens, hidden, requires_grad=True)
@@ -45,6 +49,8 @@ def _operator_args(lora: bool, trained: bool, tokens: int = 7, activation: str =
             torch.randn(experts, rank, inter, requires_grad=True),
             torch.randn(experts, hidden, rank, requires_grad=True),
         ]
+        if together:
+            factors[1:4] = [torch.randn(experts, 2 * inter, rank, requires_grad=True), None, None]
     scalings = [2.0, 2.0, 0.5] if lora else [0.0, 0.0, 0.0]
     # ..., scalings, activation, lora_dropout, store_gate_up, prescaled_h, and the three grouped_mm choices
     return (
@@ -79,15 +85,17 @@ def test_experts_operator_opcheck(lora, trained, tokens, activation):
     torch.library.opcheck(_experts_op, _operator_args(lora, trained, tokens, activation))
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_experts_backward_operator_opcheck(lora):
-    args = _operator_args(lora, trained=not lora)
+@pytest.mark.parametrize("lora,together", [(False, False), (True, False), (True, True)])
+def test_experts_backward_operator_opcheck(lora, together):
+    args = _operator_args(lora, trained=not lora, together=together)
+    if together:
+        torch.library.opcheck(_experts_op, args)
     outputs = _experts_op(*args)
     x, gate_up, down, index = args[:4]
-    ranks = [2, 2, 2] if lora else [0, 0, 0]
+    ranks = ([2, 0, 2] if together else [2, 2, 2]) if lora else [0, 0, 0]
     present = _saved_present(ranks, lora_dropout=0.0, store_gate_up=True)
     saved = [t if there else None for t, there in zip(outputs[6:], present, strict=True)]
-    needs = [True, not lora, not lora, True, *([lora] * 6)]
+    needs = [True, not lora, not lora, True, *(f is not None for f in args[5:11])]
     backward_args = (
         torch.randn_like(outputs[0]),
         x.detach(),
@@ -97,6 +105,7 @@ def test_experts_backward_operator_opcheck(lora):
         index.shape[1],
         saved,
         ranks,
+        together,
         list(args[11]),
         torch.float32,
         torch.float32,

@@ -181,6 +181,46 @@ def test_shared_gate_up_a_gives_rank_r_and_round_trips(moefuse_adapter, tmp_path
     torch.testing.assert_close(_logits(PeftModel.from_pretrained(_base("grouped_mm"), peft)), expected)
 
 
+@current_orientation
+def test_gate_up_proj_adapter_converts_exactly_to_every_layout(tmp_path):
+    """moefuse's LoRA on gate_up_proj (one A for gate and up) is read as gate and up apart with that A: its
+    per-expert and fused copies load in moefuse, its PEFT target_parameters copy (rank r, as trained) in PEFT on
+    Transformers' experts, all with its logits."""
+    config = LoraConfig(
+        r=R,
+        lora_alpha=8,
+        target_modules=["q_proj", "gate_up_proj", "down_proj"],
+        rank_pattern={"layers.1.mlp.experts.gate_up_proj": 3},
+    )
+    model = get_peft_model(_base("moefuse"), config)
+    _randomize_lora_(model, seed=3)
+    path = tmp_path / "gate_up"
+    model.save_pretrained(path)
+    logits = _logits(model)
+    assert describe(path)["layout"] == "fused"
+    per_expert = convert_lora(path, tmp_path / "per_expert", "per_expert", progress=False)
+    tensors = load_file(per_expert / WEIGHTS)
+    stacked = load_file(path / WEIGHTS)[f"{EXPERTS.format(1)}.gate_up_proj.lora_B.weight"]
+    assert torch.equal(
+        tensors[f"{EXPERTS.format(1)}.5.gate_proj.lora_A.weight"],
+        tensors[f"{EXPERTS.format(1)}.5.up_proj.lora_A.weight"],
+    )
+    assert torch.equal(tensors[f"{EXPERTS.format(1)}.5.up_proj.lora_B.weight"], stacked[5, 16:])
+    fused = convert_lora(per_expert, tmp_path / "fused", "fused", progress=False)
+    fused_config = json.loads((fused / CONFIG).read_text())
+    assert "gate_up_proj" not in fused_config["target_modules"]
+    assert fused_config["rank_pattern"]["layers.1.mlp.experts.up_proj"] == 3
+    torch.testing.assert_close(
+        _logits(PeftModel.from_pretrained(_base("moefuse"), fused)), logits, rtol=1e-5, atol=1e-5
+    )
+    peft = convert_lora(path, tmp_path / "peft", "peft_target_parameters", progress=False)
+    assert load_file(peft / WEIGHTS)[f"{EXPERTS.format(1)}.base_layer.lora_A.weight"].shape == (E * 3, 32)
+    torch.testing.assert_close(
+        _logits(PeftModel.from_pretrained(_base("grouped_mm"), peft)), logits, rtol=1e-5, atol=1e-5
+    )
+    assert tensor_hashes(path) == tensor_hashes(per_expert) == tensor_hashes(peft)
+
+
 def _refused(source: Path, target: Path, match: str, layout: str = "per_expert") -> None:
     before, siblings = load_file(source / WEIGHTS), set(target.parent.iterdir())
     with pytest.raises(CheckpointError, match=match) as info:

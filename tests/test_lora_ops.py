@@ -33,11 +33,18 @@ def _problem(
     down = torch.randn(experts, hidden, inter, dtype=dtype) / inter**0.5
     logits = torch.randn(tokens, experts - unused)
     weights, index = torch.topk(logits.softmax(-1), top_k, dim=-1)
-    shapes = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+    shapes = {
+        "gate": (inter, hidden),
+        "up": (inter, hidden),
+        "down": (hidden, inter),
+        "gate_up": (2 * inter, hidden),
+    }
+    # gate_up (gate and up together) takes gate's rank and scaling
+    names = ("gate_up" if "gate_up" in projections else "gate", "up", "down")
     lora = ExpertsLora(
         **{
             name: _factors(experts, *shapes[name], rank, 0.5 + i, dtype)
-            for i, (name, rank) in enumerate(zip(("gate", "up", "down"), ranks, strict=True))
+            for i, (name, rank) in enumerate(zip(names, ranks, strict=True))
             if name in projections
         }
     )
@@ -52,13 +59,13 @@ def _clone_lora(lora: ExpertsLora) -> ExpertsLora:
             w.lora_A.detach().clone().requires_grad_(), w.lora_B.detach().clone().requires_grad_(), w.scaling
         )
 
-    return ExpertsLora(clone(lora.gate), clone(lora.up), clone(lora.down), lora.dropout)
+    return ExpertsLora(clone(lora.gate), clone(lora.up), clone(lora.down), lora.dropout, clone(lora.gate_up))
 
 
 def _grads(lora: ExpertsLora):
     return {
         f"{name}.{f}": getattr(getattr(lora, name), f).grad
-        for name in ("gate", "up", "down")
+        for name in ("gate", "up", "down", "gate_up")
         if getattr(lora, name) is not None
         for f in ("lora_A", "lora_B")
     }
@@ -72,6 +79,8 @@ def _grads(lora: ExpertsLora):
         (5, 16, 8, 1, 1, 0, ("down",)),  # E = 1, down only
         (40, 32, 24, 32, 4, 0, ("gate",)),  # gate only: the up half of B is zeros
         (13, 20, 6, 6, 3, 1, ("up", "down")),  # unaligned sizes (loop path), no gate
+        (9, 32, 16, 8, 2, 3, ("gate_up", "down")),  # gate and up together, as PEFT's target_parameters
+        (13, 20, 6, 6, 3, 1, ("gate_up",)),  # together, unaligned, no down
     ],
 )
 @pytest.mark.parametrize("act_fn", [None, torch.nn.GELU(approximate="tanh")], ids=["silu", "gelu_tanh"])
@@ -173,6 +182,36 @@ def test_dropout_applies_to_lora_input_only():
         moefuse.fused_experts(x, gate_up, down, index, weights, lora=[dropped]),
         moefuse.fused_experts(x, gate_up, down, index, weights),
     )
+
+
+def test_gate_up_together_equals_gate_and_up_sharing_one_a():
+    """One pair on the stacked gate/up (A [E, r, H], B [E, 2I, r]) is gate and up apart with the same A and B's
+    halves: the same output, and its factors' gradients the sums and concatenation of theirs."""
+    x, gate_up, down, index, weights, lora = _problem(17, 32, 16, 8, 2, ("gate_up", "down"))
+    inter = down.shape[2]
+    a, b = lora.gate_up.lora_A.detach(), lora.gate_up.lora_B.detach()
+    scaling = lora.gate_up.scaling
+    gate_a, up_a = a.clone().requires_grad_(), a.clone().requires_grad_()
+    gate_b, up_b = b[:, :inter].clone().requires_grad_(), b[:, inter:].clone().requires_grad_()
+    apart = ExpertsLora(
+        LoraWeights(gate_a, gate_b, scaling), LoraWeights(up_a, up_b, scaling), _clone_lora(lora).down
+    )
+    x_apart = x.detach().clone().requires_grad_()
+    out = moefuse.fused_experts(x, gate_up, down, index, weights, lora=[lora])
+    ref = moefuse.fused_experts(x_apart, gate_up, down, index, weights, lora=[apart])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    (out * grad).sum().backward()
+    (ref * grad).sum().backward()
+    torch.testing.assert_close(x.grad, x_apart.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lora.gate_up.lora_A.grad, gate_a.grad + up_a.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lora.gate_up.lora_B.grad, torch.cat([gate_b.grad, up_b.grad], dim=1))
+
+
+def test_gate_up_together_excludes_gate_and_up_apart():
+    w = LoraWeights(torch.zeros(2, 1, 4), torch.zeros(2, 6, 1))
+    with pytest.raises(ValueError, match="gate_up .gate and up together. or gate/up .apart., not both"):
+        ExpertsLora(gate=w, gate_up=w)
 
 
 def test_bad_factor_shape_names_projection():

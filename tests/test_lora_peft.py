@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy
 import re
 
+import peft
 import pytest
 import torch
+from packaging.version import Version
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from torch import nn
@@ -202,13 +204,19 @@ def test_peft_does_not_call_the_expert_patterns_it_cannot_see_ignored():
         )
 
 
+def _saved(peft_model, path) -> tuple[torch.Tensor, dict[str, tuple[int, ...]]]:
+    """The model's logits in eval mode, and the shapes of the tensors it saves to ``path``."""
+    peft_model.eval()
+    with torch.no_grad():
+        out = peft_model(input_ids=IDS).logits
+    peft_model.save_pretrained(path)
+    with safe_open(path / "adapter_model.safetensors", "pt") as f:
+        return out, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
 def test_save_load_keys_and_outputs(tmp_path):
     fused_peft, _, _ = _pair("qwen3_moe", rank_pattern={"down_proj": 2})
-    fused_peft.eval()
-    out = fused_peft(input_ids=IDS).logits
-    fused_peft.save_pretrained(tmp_path)
-    with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    out, shapes = _saved(fused_peft, tmp_path)
     prefix = "base_model.model.model.layers.0.mlp.experts"
     assert shapes[f"{prefix}.gate_proj.lora_A.weight"] == (8, 4, 32)
     assert shapes[f"{prefix}.up_proj.lora_B.weight"] == (8, 16, 4)
@@ -218,6 +226,104 @@ def test_save_load_keys_and_outputs(tmp_path):
 
     loaded = PeftModel.from_pretrained(_fused_model("qwen3_moe"), tmp_path)
     torch.testing.assert_close(loaded(input_ids=IDS).logits, out)
+
+
+def _gate_up_lora(model):
+    """``model`` with random LoRA r=4 on q_proj and the experts' gate_up_proj (gate and up together) and down_proj."""
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "gate_up_proj", "down_proj"])
+    )
+    _randomize_lora_(peft_model)
+    return peft_model
+
+
+def _stacked_pair():
+    """The model with LoRA on gate_up_proj (moefuse), and a copy on Transformers' eager experts with PEFT's
+    ``target_parameters`` LoRA on the stacked weights, holding the same factors."""
+    model = _fused_model("qwen3_moe")
+    ref = copy.deepcopy(model)
+    ref.set_experts_implementation("eager")
+    fused_peft = _gate_up_lora(model)
+    ref_peft = get_peft_model(
+        ref,
+        LoraConfig(
+            target_modules=["q_proj"],
+            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+            r=4,
+            lora_alpha=8,
+        ),
+    )
+    fused_params, ref_params = dict(fused_peft.named_parameters()), dict(ref_peft.named_parameters())
+    pairs = []  # (fused name, ref name, fused [E, r, in] / [E, out, r] -> PEFT [E*r, in] / [out, E*r])
+    for name in fused_params:
+        m = re.match(r"^(.*\.mlp\.experts)\.(gate_up|down)_proj\.lora_([AB])\.default\.weight$", name)
+        if m is None:
+            if "lora_" in name:
+                pairs.append((name, name, lambda t: t))
+            continue
+        # PEFT nests the wrappers in the order the experts register their parameters: gate_up_proj inside.
+        depth = "base_layer." if m[2] == "gate_up" else ""
+        ref_name = f"{m[1]}.{depth}lora_{m[3]}.default.weight"
+        pack = (
+            (lambda t: t.reshape(-1, t.shape[2]))
+            if m[3] == "A"
+            else (lambda t: t.permute(1, 2, 0).reshape(t.shape[1], -1))
+        )
+        pairs.append((name, ref_name, pack))
+    with torch.no_grad():
+        for name, ref_name, pack in pairs:
+            ref_params[ref_name].copy_(pack(fused_params[name]))
+    assert len(pairs) == sum("lora_" in n for n in ref_params)
+    return fused_peft, ref_peft, pairs
+
+
+@pytest.mark.skipif(
+    Version(peft.__version__) < Version("0.19.1"),
+    reason="PEFT < 0.19.1 swaps in and out of target_parameters LoRA on experts stored [E, out, in]",
+)
+def test_gate_up_proj_is_peft_target_parameters_lora():
+    """LoRA on gate_up_proj (one A for gate and up) computes what PEFT's target_parameters LoRA on the stacked
+    weights computes, on Transformers' experts: the same logits and factor gradients for the same factors."""
+    fused_peft, ref_peft, pairs = _stacked_pair()
+    layer = fused_peft.base_model.model.model.layers[0].mlp.experts
+    assert layer.r["default"] == {"gate_up_proj": 4, "down_proj": 4}
+    assert layer.gate_up_proj.lora_B["default"].weight.shape == (8, 32, 4)
+    out = fused_peft(input_ids=IDS).logits
+    ref = ref_peft(input_ids=IDS).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    grad = torch.randn_like(out)
+    (out * grad).sum().backward()
+    (ref * grad).sum().backward()
+    fused_params, ref_params = dict(fused_peft.named_parameters()), dict(ref_peft.named_parameters())
+    for name, ref_name, pack in pairs:
+        torch.testing.assert_close(
+            pack(fused_params[name].grad), ref_params[ref_name].grad, rtol=1e-4, atol=1e-5, msg=name
+        )
+
+
+def test_gate_up_proj_saves_loads_and_merges(tmp_path):
+    fused_peft = _gate_up_lora(_fused_model("qwen3_moe"))
+    out, shapes = _saved(fused_peft, tmp_path)
+    prefix = "base_model.model.model.layers.0.mlp.experts"
+    assert shapes[f"{prefix}.gate_up_proj.lora_A.weight"] == (8, 4, 32)
+    assert shapes[f"{prefix}.gate_up_proj.lora_B.weight"] == (8, 32, 4)
+    assert not any(".gate_proj." in k or "base_layer" in k for k in shapes)
+    loaded = PeftModel.from_pretrained(_fused_model("qwen3_moe"), tmp_path)
+    torch.testing.assert_close(loaded(input_ids=IDS).logits, out)
+    lora = fused_peft.base_model.model.model.layers[0].mlp.experts.experts_lora("default")
+    base = copy.deepcopy(fused_peft.base_model.model.model.layers[0].mlp.experts.base_layer)
+    merged = fused_peft.merge_and_unload()
+    torch.testing.assert_close(
+        merged.model.layers[0].mlp.experts.gate_up_proj, base.gate_up_proj + lora.gate_up.delta_weight()
+    )
+    torch.testing.assert_close(merged(IDS).logits, out, rtol=1e-4, atol=1e-5)
+
+
+def test_gate_up_proj_and_gate_proj_together_is_refused():
+    with pytest.raises(ValueError, match=r"gate_up_proj \(gate and up together\) and gate_proj \(apart\)"):
+        get_peft_model(
+            _fused_model("qwen3_moe"), LoraConfig(r=4, target_modules=["gate_proj", "gate_up_proj"])
+        )
 
 
 def test_merge_and_unload_equals_base_plus_lora():

@@ -297,11 +297,13 @@ def test_expert_lora_rank_and_alpha_reach_the_experts(tmp_path):
         n.split("layers.0.")[1]: tuple(p.shape) for n, p in model.named_parameters() if "layers.0." in n
     }
     assert shapes["self_attn.q_proj.lora_A.default.weight"] == (4, 64)
-    assert shapes["mlp.experts.gate_proj.lora_A.default.weight"] == (16, 8, 64)
+    # "all": gate and up together (one A for both, PEFT target_parameters' LoRA), and down
+    assert shapes["mlp.experts.gate_up_proj.lora_A.default.weight"] == (16, 8, 64)
+    assert shapes["mlp.experts.gate_up_proj.lora_B.default.weight"] == (16, 64, 8)
     assert shapes["mlp.experts.down_proj.lora_B.default.weight"] == (16, 64, 8)
     experts = model.base_model.model.model.layers[0].mlp.experts
     # the experts keep the attention's alpha/rank ratio (2) unless expert_lora_alpha says otherwise
-    assert experts.scaling["default"] == {"gate_proj": 2.0, "up_proj": 2.0, "down_proj": 2.0}
+    assert experts.scaling["default"] == {"gate_up_proj": 2.0, "down_proj": 2.0}
 
 
 @pytest.mark.parametrize("experts", ["moefuse", "grouped_mm"])

@@ -7,9 +7,8 @@ Canonical factors of an adapted weight ``W [out, in]`` (per expert for the exper
 onto it:
 
 - PEFT's ``lora.Linear`` (attention projections): the same tensors.
-- moefuse's :class:`~moefuse.lora.ExpertsLoraLayer`: gate and up have factors of their own; the canonical
-  ``gate_up_proj`` pair is ``A = A_gate = A_up`` (written to both, gradients summed) and ``B = [B_gate; B_up]``,
-  which is exactly one LoRA of rank r on the stacked ``gate_up_proj``.
+- moefuse's :class:`~moefuse.lora.ExpertsLoraLayer` with LoRA on ``gate_up_proj`` and ``down_proj``: the same
+  tensors.
 - PEFT's ``ParamWrapper`` (``target_parameters``): ``lora_A [r*E, in]`` expert-major and ``lora_B [out, r*E]``
   rank-major. PEFT < 0.21 reads a ``[E, out, in]`` stack as ``[E, in, out]``, so there its ``lora_A`` is the
   canonical ``B`` transposed and its ``lora_B`` the canonical ``A``.
@@ -49,34 +48,18 @@ def _plain(param: nn.Parameter) -> CanonicalFactor:
 
 
 def _moefuse_experts(layer: ExpertsLoraLayer, key: str) -> dict[str, CanonicalFactor]:
-    gate, up, down = (getattr(layer, p) for p in ("gate_proj", "up_proj", "down_proj"))
-    a_gate, a_up = gate.lora_A[ADAPTER].weight, up.lora_A[ADAPTER].weight
-    b_gate, b_up = gate.lora_B[ADAPTER].weight, up.lora_B[ADAPTER].weight
-    inter = b_gate.shape[1]
-
-    def read_a(which: str) -> torch.Tensor | None:
-        g, u = _attr(a_gate, which), _attr(a_up, which)
-        if which == "data":
-            return g
-        return None if g is None or u is None else g + u
-
-    def read_b(which: str) -> torch.Tensor | None:
-        g, u = _attr(b_gate, which), _attr(b_up, which)
-        return None if g is None or u is None else torch.cat([g, u], dim=1)
-
-    def write_a(value: torch.Tensor) -> None:
-        a_gate.copy_(value)
-        a_up.copy_(value)
-
-    def write_b(value: torch.Tensor) -> None:
-        b_gate.copy_(value[:, :inter])
-        b_up.copy_(value[:, inter:])
-
+    together, down = layer.gate_up_proj, layer.down_proj
+    if ADAPTER not in together.lora_A or ADAPTER not in down.lora_A:
+        raise SystemExit(
+            f"moefuse bench: {key} has no LoRA on gate_up_proj and down_proj (gate and up together), the adapter "
+            "PEFT's target_parameters trains; the benchmarks compare that one"
+        )
     return {
-        f"{key}.gate_up_proj.lora_A": CanonicalFactor(read_a, write_a),
-        f"{key}.gate_up_proj.lora_B": CanonicalFactor(read_b, write_b),
-        f"{key}.down_proj.lora_A": _plain(down.lora_A[ADAPTER].weight),
-        f"{key}.down_proj.lora_B": _plain(down.lora_B[ADAPTER].weight),
+        f"{key}.{projection}.lora_{f}": _plain(
+            getattr(getattr(layer, projection), f"lora_{f}")[ADAPTER].weight
+        )
+        for projection in ("gate_up_proj", "down_proj")
+        for f in "AB"
     }
 
 

@@ -23,7 +23,6 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from ..lora import ATTENTION_PROJECTIONS, lora_config
-from ..lora.targets import PROJECTIONS
 from ..ops.cross_entropy import use_chunked_loss
 from ..ops.rms_norm import RMS_NORM_CLASSES, use_fused_rms_norm
 from .block import randomize_
@@ -206,12 +205,13 @@ def set_model_kernels(model: PreTrainedModel, implementation: Implementation) ->
 
 
 def lora_config_for(rank: int, moefuse: bool) -> LoraConfig:
-    """LoRA ``rank`` on attention + the routed experts: moefuse's per-expert gate/up/down adapters, or PEFT's
-    ``target_parameters`` on the stacked weights for Transformers' experts implementations."""
+    """LoRA ``rank`` on attention + the routed experts, the same adapter both ways: moefuse's LoRA on gate_up_proj
+    (one A for gate and up) and down_proj, or PEFT's ``target_parameters`` on the stacked weights for
+    Transformers' experts implementations."""
     attention = list(ATTENTION_PROJECTIONS)
     if moefuse:
-        experts = [f"experts.{p}" for p in PROJECTIONS]  # the routed experts only, not shared experts
-        return lora_config(rank, target_modules=attention + experts)
+        # "experts.": the routed experts only, not shared experts
+        return lora_config(rank, target_modules=[*attention, "experts.gate_up_proj", "experts.down_proj"])
     return LoraConfig(
         r=rank,
         lora_alpha=2 * rank,

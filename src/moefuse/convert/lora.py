@@ -4,8 +4,9 @@ The layouts are those of :mod:`.layouts` (``per_expert``, ``fused``, ``qwen3_moe
 ``peft_target_parameters``, ``mixtral``): the fused factors are the per-expert ones stacked on a new first dimension (expert
 ``e`` is ``[e]``), gate, up and down kept apart, so every conversion among them is an exact copy. PEFT's
 ``target_parameters`` factors are read and written through a view in the ``fused`` layout
-(:mod:`.peft_params`): exact too, gate and up sharing one A, or stacked at rank 2r. Other adapter tensors
-(attention, router, shared experts) are copied unchanged.
+(:mod:`.peft_params`): exact too, gate and up sharing one A, or stacked at rank 2r. moefuse's LoRA on
+``gate_up_proj`` (gate and up together, one A) is read as gate and up apart, both with that A: exact as well.
+Other adapter tensors (attention, router, shared experts) are copied unchanged.
 
 ``adapter_config.json`` is rewritten: ``rank_pattern`` / ``alpha_pattern`` keys naming experts
 (``<...>.experts.3.gate_proj`` per expert, ``<...>.experts.gate_proj`` fused, ``<...>.mlp.gate_proj`` in
@@ -20,7 +21,7 @@ import os
 import re
 from pathlib import Path
 
-from .checkpoint import Checkpoint, CheckpointError
+from .checkpoint import Checkpoint, CheckpointError, DerivedCheckpoint
 from .engines import ALIASES, resolve
 from .layouts import (
     BLOCK,
@@ -51,6 +52,69 @@ _FROM_MIXTRAL = {w: f"{p}_proj" for p, w in MIXTRAL_NAMES.items()}
 _TO_MIXTRAL = {v: k for k, v in _FROM_MIXTRAL.items()}
 
 
+# moefuse's LoRA on gate and up together: lora_A [E, r, H] for both, lora_B [E, 2I, r] (gate rows first).
+_GATE_UP = re.compile(r"^(?P<head>.+\.experts)\.gate_up_proj\.(?P<factor>lora_[AB](?:\.[\w-]+)?)\.weight$")
+
+
+def gate_up_apart(ckpt: Checkpoint) -> Checkpoint:
+    """``ckpt`` with each ``gate_up_proj`` LoRA pair read as ``gate_proj`` and ``up_proj`` pairs: its A for both,
+    its B's gate and up rows. Exact: every expert's gate and up outputs are those of the pair together."""
+    found = {n: m for n, s in ckpt.shapes.items() if (m := _GATE_UP.match(n)) is not None and len(s) == 3}
+    if not found:
+        return ckpt
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
+    groups = {}
+    for name, shape in ckpt.shapes.items():
+        m = found.get(name)
+        if m is None:
+            shapes[name], dtypes[name] = shape, ckpt.dtypes[name]
+            continue
+        num_experts, rows, cols = shape
+        is_b = m["factor"].startswith("lora_B")
+        apart = [f"{m['head']}.{proj}.{m['factor']}.weight" for proj in ("gate_proj", "up_proj")]
+        for new in apart:
+            shapes[new], dtypes[new] = (num_experts, rows // 2, cols) if is_b else shape, ckpt.dtypes[name]
+
+        def make(name=name, apart=apart, is_b=is_b) -> dict:
+            t = ckpt.tensor(name)
+            return dict(zip(apart, t.chunk(2, dim=1) if is_b else (t, t), strict=True))
+
+        groups.update(dict.fromkeys(apart, make))
+    return DerivedCheckpoint(ckpt, shapes, dtypes, groups)
+
+
+def config_gate_up_apart(config: dict, where: object) -> dict:
+    """An adapter config with ``gate_up_proj`` targets and pattern keys named as ``gate_proj`` and ``up_proj``
+    (what :func:`gate_up_apart` turns its factors into)."""
+    config = dict(config)
+    targets = config.get("target_modules")
+    if isinstance(targets, str) and "gate_up_proj" in targets:
+        raise CheckpointError(
+            f"{where}: target_modules is the pattern {targets!r}, which names gate_up_proj; moefuse rewrites lists "
+            "of names only: give target_modules as a list"
+        )
+    if isinstance(targets, list) and "gate_up_proj" in targets:
+        config["target_modules"] = sorted((set(targets) - {"gate_up_proj"}) | {"gate_proj", "up_proj"})
+    for kind in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(kind) or {}
+        if any(key.endswith("gate_up_proj") for key in patterns):
+            config[kind] = {
+                new: value
+                for key, value in patterns.items()
+                for new in (
+                    [key[: -len("gate_up_proj")] + p for p in ("gate_proj", "up_proj")]
+                    if key.endswith("gate_up_proj")
+                    else [key]
+                )
+            }
+    return config
+
+
+def _opened(path: Path) -> Checkpoint:
+    return gate_up_apart(Checkpoint.open(path, _INDEX))
+
+
 def is_adapter(path: str | os.PathLike) -> bool:
     return (Path(path) / ADAPTER_CONFIG).exists()
 
@@ -58,15 +122,17 @@ def is_adapter(path: str | os.PathLike) -> bool:
 def adapter_layout(path: str | os.PathLike) -> str | None:
     """The layout of an adapter folder's expert LoRA (read from its safetensors headers); ``None`` without LoRA
     on experts."""
-    return detect_lora_layout(Checkpoint.open(Path(path), _INDEX).shapes, path)
+    return detect_lora_layout(_opened(Path(path)).shapes, path)
 
 
 def open_adapter(path: str | os.PathLike) -> tuple[Checkpoint, dict, str, list[ExpertBlock]]:
     """An adapter folder's tensors, config, LoRA layout and expert blocks, or a one-line error saying why not."""
     path = Path(path)
     config = read_json(path / ADAPTER_CONFIG, "a PEFT adapter")
-    ckpt = Checkpoint.open(path, _INDEX)
+    ckpt = _opened(path)
     ckpt.check_dtypes()
+    if isinstance(ckpt, DerivedCheckpoint):  # LoRA on gate_up_proj, read as gate and up apart
+        config = config_gate_up_apart(config, path / ADAPTER_CONFIG)
     layout = detect_lora_layout(ckpt.shapes, path)
     if layout is None:
         raise CheckpointError(

@@ -15,9 +15,11 @@ from peft import get_peft_model as _peft_get_peft_model
 from transformers import PreTrainedModel
 
 from .layer import ExpertsLoraLayer
-from .targets import PROJECTIONS, install
+from .targets import install
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# The experts' projections lora_config targets by default: gate and up apart, as PEFT on per-expert experts.
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 def lora_config(
@@ -33,7 +35,7 @@ def lora_config(
     return LoraConfig(
         r=r,
         lora_alpha=2 * r if lora_alpha is None else lora_alpha,
-        target_modules=list(ATTENTION_PROJECTIONS + PROJECTIONS)
+        target_modules=list(ATTENTION_PROJECTIONS + EXPERT_PROJECTIONS)
         if target_modules is None
         else target_modules,
         task_type=kwargs.pop("task_type", "CAUSAL_LM"),
@@ -50,4 +52,11 @@ def get_peft_model(model: PreTrainedModel, r: int = 16, **kwargs: Any) -> PeftMo
     return _peft_get_peft_model(model, lora_config(r, **kwargs))
 
 
-__all__ = ["ATTENTION_PROJECTIONS", "ExpertsLoraLayer", "get_peft_model", "install", "lora_config"]
+__all__ = [
+    "ATTENTION_PROJECTIONS",
+    "EXPERT_PROJECTIONS",
+    "ExpertsLoraLayer",
+    "get_peft_model",
+    "install",
+    "lora_config",
+]

@@ -3,8 +3,9 @@
 :class:`ExpertsLoraLayer` wraps an experts module (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``) the way
 PEFT's own layers wrap an ``nn.Linear``: the experts become ``base_layer`` and the adapter weights live beside
 them, one child per projection, so the adapter's state dict reads
-``<...>.mlp.experts.{gate_proj|up_proj|down_proj}.lora_A.weight [E, r, in]`` and ``.lora_B.weight [E, out, r]``:
-each expert's PEFT factors stacked, which converts losslessly to and from per-expert adapters.
+``<...>.mlp.experts.{gate_proj|up_proj|gate_up_proj|down_proj}.lora_A.weight [E, r, in]`` and
+``.lora_B.weight [E, out, r]``: each expert's PEFT factors stacked, which converts losslessly to per-expert
+adapters (``gate_up_proj``'s one A serving gate and up both) and to PEFT's ``target_parameters``.
 The forward runs :func:`moefuse.fused_experts` with the LoRA terms as thin grouped GEMMs (never ``W + B·A``).
 """
 
@@ -48,8 +49,8 @@ def _factor_dict(projection: str, factor: str) -> property:
 class ExpertsLoraLayer(nn.Module, LoraLayer):
     """LoRA on every expert's gate, up and down projections of a Transformers experts module.
 
-    Created by PEFT when ``target_modules`` names ``gate_proj``, ``up_proj`` or ``down_proj`` and the model's
-    experts run on moefuse (see :mod:`moefuse.lora.targets`). Ranks, alphas (``rank_pattern`` /
+    Created by PEFT when ``target_modules`` names ``gate_proj``, ``up_proj``, ``gate_up_proj`` or ``down_proj``
+    and the model's experts run on moefuse (see :mod:`moefuse.lora.targets`). Ranks, alphas (``rank_pattern`` /
     ``alpha_pattern`` keyed by ``<...>.experts.gate_proj`` and so on), rsLoRA and dropout follow the config per
     projection. The dropout module of an adapter is shared by its projections; gate and up read the same
     tokens and share one mask.
@@ -85,6 +86,7 @@ class ExpertsLoraLayer(nn.Module, LoraLayer):
         return {
             "gate_proj": (num_experts, inter, hidden),
             "up_proj": (num_experts, inter, hidden),
+            "gate_up_proj": (num_experts, two_i, hidden),
             "down_proj": (num_experts, hidden, inter),
         }
 
@@ -180,8 +182,11 @@ class ExpertsLoraLayer(nn.Module, LoraLayer):
             return LoraWeights(weights.lora_A.float(), weights.lora_B.float(), weights.scaling).delta_weight()
 
         half = (gate_up.shape[0], inter, gate_up.shape[2])
+        together = lora.gate_up is not None
         return {
-            "gate_up_proj": torch.cat([delta(lora.gate, half), delta(lora.up, half)], dim=1),
+            "gate_up_proj": delta(lora.gate_up, tuple(gate_up.shape))
+            if together
+            else torch.cat([delta(lora.gate, half), delta(lora.up, half)], dim=1),
             "down_proj": delta(lora.down, tuple(down.shape)),
         }
 

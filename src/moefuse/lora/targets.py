@@ -1,12 +1,14 @@
-"""How PEFT finds the experts: ``target_modules`` names ``gate_proj``/``up_proj``/``down_proj``.
+"""How PEFT finds the experts: ``target_modules`` names ``gate_proj``/``up_proj``/``down_proj``, or ``gate_up_proj``.
 
 Transformers stores a block's experts as one module (``mlp.experts``) with stacked parameters, so PEFT, which
 matches module names, sees no ``mlp.experts.gate_proj``. :func:`install` (run by ``import moefuse``) adds one
 rule to PEFT's LoRA injection: an experts module running on moefuse is targeted when any of
-``<key>.gate_proj``, ``<key>.up_proj``, ``<key>.down_proj`` is, judged by PEFT's own matcher (so lists,
-regexes, ``exclude_modules`` and ``layers_to_transform`` behave as for any module), and it becomes an
+``<key>.gate_proj``, ``<key>.up_proj``, ``<key>.gate_up_proj``, ``<key>.down_proj`` is, judged by PEFT's own matcher
+(so lists, regexes, ``exclude_modules`` and ``layers_to_transform`` behave as for any module), and it becomes an
 :class:`~moefuse.lora.layer.ExpertsLoraLayer` through PEFT's custom-module mechanism. Each projection's rank,
-alpha, rsLoRA and init come from the config for ``<key>.<projection>``. ``get_peft_model``,
+alpha, rsLoRA and init come from the config for ``<key>.<projection>``. ``gate_proj`` and ``up_proj`` adapt gate
+and up apart (as PEFT's LoRA on per-expert ``nn.Linear`` experts); ``gate_up_proj`` adapts them together, one A
+for both (as PEFT's ``target_parameters`` on the stacked weight); an adapter takes one way or the other. ``get_peft_model``,
 ``PeftModel.from_pretrained``, ``add_adapter`` and ``load_adapter`` all go through this injection.
 """
 
@@ -27,7 +29,7 @@ from torch import nn
 
 from ..experts import EXPERTS_IMPLEMENTATION, check_supported
 
-PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+PROJECTIONS = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
 _REQUESTS = (
     "_moefuse_lora_requests"  # attribute of an experts module: what the injection in progress asks for
 )
@@ -88,6 +90,12 @@ def projection_requests(config: LoraConfig, experts_key: str) -> list[Projection
                 pattern_keys,
             )
         )
+    named = {request.projection for request in requests}
+    if "gate_up_proj" in named and named & {"gate_proj", "up_proj"}:
+        raise ValueError(
+            f"target_modules reach {experts_key}'s gate_up_proj (gate and up together) and "
+            f"{' and '.join(sorted(named & {'gate_proj', 'up_proj'}))} (apart); target one way or the other"
+        )
     return requests
 
 
@@ -104,7 +112,7 @@ def _check_config(config: LoraConfig, experts_key: str) -> None:
     if unsupported:
         raise ValueError(
             f"LoRA on the moefuse experts at {experts_key} does not support {', '.join(unsupported)}; "
-            "set them to False, or leave gate_proj/up_proj/down_proj out of target_modules"
+            "set them to False, or leave gate_proj/up_proj/gate_up_proj/down_proj out of target_modules"
         )
 
 

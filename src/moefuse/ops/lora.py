@@ -34,6 +34,9 @@ class LoraWeights:
 class ExpertsLora:
     """One LoRA adapter on the experts; a projection left ``None`` is not adapted.
 
+    Gate and up are adapted either apart (``gate`` and ``up``, each ``[E, I, in]``'s factors) or together
+    (``gate_up``: one ``lora_A [E, r, in]`` for both and ``lora_B [E, 2I, r]``, gate rows first: the LoRA PEFT's
+    ``target_parameters`` puts on the stacked ``gate_up_proj``), never both ways at once.
     ``dropout`` is applied to each adapted projection's input (gate and up read the same input and share one
     dropout mask, so their ``A`` factors run as one GEMM).
     """
@@ -42,6 +45,13 @@ class ExpertsLora:
     up: LoraWeights | None = None
     down: LoraWeights | None = None
     dropout: Callable[[torch.Tensor], torch.Tensor] | None = None
+    gate_up: LoraWeights | None = None
+
+    def __post_init__(self) -> None:
+        if self.gate_up is not None and (self.gate is not None or self.up is not None):
+            raise ValueError(
+                "an experts adapter holds gate_up (gate and up together) or gate/up (apart), not both"
+            )
 
 
 def check_lora_weights(name: str, lora: LoraWeights, weight_shape: tuple[int, int, int]) -> None:
@@ -84,8 +94,11 @@ def gate_up_factors(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The adapter's gate and up factors as one pair for the ``[rows, 2I]`` gate/up output (``None`` if neither
     is adapted): ``scaling * A`` stacked along the rank, ``[E, r_gate + r_up, in]``, so ``x`` is read once, and
-    a block-diagonal ``B [E, 2I, r_gate + r_up]``; a small copy of the factors in ``dtype`` (default theirs),
-    not of ``W``. Differentiable under autograd: gradients reach each projection's own factors."""
+    a block-diagonal ``B [E, 2I, r_gate + r_up]`` (``gate_up``'s own pair as it is); a small copy of the
+    factors in ``dtype`` (default theirs), not of ``W``. Differentiable under autograd: gradients reach each
+    projection's own factors."""
+    if adapter.gate_up is not None:
+        return _copied(adapter.gate_up, dtype)
     halves = (adapter.gate, adapter.up)
     present = [h for h in halves if h is not None]
     if not present:
@@ -111,14 +124,16 @@ def down_factors(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The adapter's down factors ``(scaling * A [E, r, I], B [E, H, r])`` in ``dtype`` (default theirs), ``None``
     if down is not adapted."""
-    down = adapter.down
-    if down is None:
-        return None
-    dtype = dtype or down.lora_A.dtype
+    return None if adapter.down is None else _copied(adapter.down, dtype)
+
+
+def _copied(weights: LoraWeights, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scaling * A, B)`` of one pair, copied in ``dtype`` (default theirs)."""
+    dtype = dtype or weights.lora_A.dtype
     # B copied even in its own dtype: the experts operator may not return one of its inputs.
     return _scaled(
-        down.lora_A, down.scaling, down.lora_A.new_empty(down.lora_A.shape, dtype=dtype)
-    ), down.lora_B.to(dtype, copy=True)
+        weights.lora_A, weights.scaling, weights.lora_A.new_empty(weights.lora_A.shape, dtype=dtype)
+    ), weights.lora_B.to(dtype, copy=True)
 
 
 def gate_up_lora_delta(

@@ -93,6 +93,7 @@ def check_experts_lora(
         for name, shape in (
             ("gate", (num_experts, two_i // 2, hidden)),
             ("up", (num_experts, two_i // 2, hidden)),
+            ("gate_up", (num_experts, two_i, hidden)),
             ("down", tuple(down_proj.shape)),
         ):
             factors = getattr(adapter, name)
@@ -276,25 +277,29 @@ def fused_experts_reference(
 ) -> torch.Tensor:
     """Token-by-expert loop, as Transformers' ``eager`` experts compute it (LoRA as per-expert PEFT ``Linear``s)."""
 
-    def project(x: torch.Tensor, weight: torch.Tensor, e: int, which: str) -> torch.Tensor:
+    intermediate = down_proj.shape[2]
+    # Where each adapted projection's output lies in its weight's output (gate_up_proj's rows: gate, then up).
+    columns = {"gate": (0, intermediate), "up": (intermediate, 0), "gate_up": (0, 0), "down": (0, 0)}
+
+    def project(x: torch.Tensor, weight: torch.Tensor, e: int, *which: str) -> torch.Tensor:
         out = F.linear(x, weight[e])
         for adapter in lora:
-            factors = getattr(adapter, which)
-            if factors is not None:
+            for name in which:
+                factors = getattr(adapter, name)
+                if factors is None:
+                    continue
                 dropped = (x if adapter.dropout is None else adapter.dropout(x)).to(factors.lora_A.dtype)
                 lora_out = F.linear(F.linear(dropped, factors.lora_A[e]), factors.lora_B[e]) * factors.scaling
-                out = out + lora_out.to(out.dtype)
+                out = out + F.pad(lora_out.to(out.dtype), columns[name])
         return out
 
     out = torch.zeros_like(hidden_states)
-    intermediate = down_proj.shape[2]
     for e in range(gate_up_proj.shape[0]):
         token_idx, k_pos = torch.where(top_k_index == e)
         if token_idx.numel() == 0:
             continue
         x = hidden_states[token_idx]
-        gate = project(x, gate_up_proj[:, :intermediate], e, "gate")
-        up = project(x, gate_up_proj[:, intermediate:], e, "up")
+        gate, up = project(x, gate_up_proj, e, "gate", "up", "gate_up").chunk(2, dim=-1)
         y = project(act_fn(gate) * up, down_proj, e, "down") * top_k_weights[token_idx, k_pos, None]
         out = out.index_add(0, token_idx, y.to(out.dtype))
     return out

@@ -175,11 +175,13 @@ def experts_forward(
 
 class FactorSpec(NamedTuple):
     """The LoRA factors' ranks (0: the projection is not adapted), scalings and dtype: what the backward
-    allocates their gradients by (their values are not kept, so an optimizer step may update them in place)."""
+    allocates their gradients by (their values are not kept, so an optimizer step may update them in place).
+    ``stacked_gate_up``: the first pair is gate_up's (``B [E, 2I, r]``), not gate's."""
 
-    ranks: tuple[int, int, int]  # gate, up, down
+    ranks: tuple[int, int, int]  # gate (or gate_up), up, down
     scalings: tuple[float, float, float]
     dtype: torch.dtype
+    stacked_gate_up: bool = False
 
     @classmethod
     def of(cls, adapter: ExpertsLora | None, default: torch.dtype) -> FactorSpec:
@@ -189,7 +191,14 @@ class FactorSpec(NamedTuple):
             tuple(0 if w is None else w.lora_A.shape[1] for w in projections),
             tuple(0.0 if w is None else float(w.scaling) for w in projections),
             present[0] if present else default,
+            adapter is not None and adapter.gate_up is not None,
         )
+
+    def gate_up_rows(self, intermediate: int) -> tuple[slice, slice]:
+        """The rows of ``gate_up_proj`` (and columns of the gate/up output) that the first and second pair adapt."""
+        if self.stacked_gate_up:
+            return slice(0, 2 * intermediate), slice(0, 0)
+        return slice(0, intermediate), slice(intermediate, 2 * intermediate)
 
 
 def experts_backward(
@@ -213,14 +222,8 @@ def experts_backward(
     num_experts, two_i, hidden = gate_up_proj.shape
     inter = two_i // 2
     grad: list[torch.Tensor | None] = [None] * 10
-    factor_shapes = [
-        (num_experts, factors.ranks[0], hidden),
-        (num_experts, inter, factors.ranks[0]),
-        (num_experts, factors.ranks[1], hidden),
-        (num_experts, inter, factors.ranks[1]),
-        (num_experts, factors.ranks[2], inter),
-        (num_experts, hidden, factors.ranks[2]),
-    ]
+    gate_up_rows = factors.gate_up_rows(inter)
+    factor_shapes = lora_factor_shapes(gate_up_proj.shape, factors.ranks, factors.stacked_gate_up)
 
     def factor_grad(i: int) -> torch.Tensor:
         return x.new_empty(factor_shapes[i], dtype=factors.dtype)
@@ -274,7 +277,7 @@ def experts_backward(
                 out=dt.new_empty(num_experts, dt.shape[1], hidden, dtype=torch.float32),
             )
         col = 0
-        for i in range(2):  # gate, up
+        for i in range(2):  # gate (or gate_up), up
             rank = factors.ranks[i]
             if not rank:
                 continue
@@ -284,7 +287,7 @@ def experts_backward(
                 )
             if needs[5 + 2 * i]:
                 grad[5 + 2 * i] = tg.grouped_weight_grad(
-                    d_gate_up[:, i * inter : (i + 1) * inter],
+                    d_gate_up[:, gate_up_rows[i]],
                     saved.t[:, col : col + rank],
                     m_sizes,
                     out=factor_grad(2 * i + 1),
@@ -320,7 +323,29 @@ def experts_backward(
 
 
 def _projections(adapter: ExpertsLora | None) -> tuple[LoraWeights | None, ...]:
-    return (None, None, None) if adapter is None else (adapter.gate, adapter.up, adapter.down)
+    """The adapter's three pairs as the operator takes them: gate (or gate_up, which excludes gate and up), up,
+    down."""
+    if adapter is None:
+        return (None, None, None)
+    return (adapter.gate if adapter.gate_up is None else adapter.gate_up, adapter.up, adapter.down)
+
+
+def lora_factor_shapes(
+    gate_up_shape: Sequence[int], ranks: Sequence[int], stacked_gate_up: bool
+) -> list[tuple[int, int, int]]:
+    """The shapes of ``(gate A, gate B, up A, up B, down A, down B)`` (gate's B ``[E, 2I, r]`` when it is the
+    stacked gate_up pair)."""
+    num_experts, two_i, hidden = gate_up_shape
+    inter = two_i // 2
+    first_rows = two_i if stacked_gate_up else inter
+    return [
+        (num_experts, ranks[0], hidden),
+        (num_experts, first_rows, ranks[0]),
+        (num_experts, ranks[1], hidden),
+        (num_experts, inter, ranks[1]),
+        (num_experts, ranks[2], inter),
+        (num_experts, hidden, ranks[2]),
+    ]
 
 
 def _factor_tensors(adapter: ExpertsLora | None) -> tuple[torch.Tensor | None, ...]:
@@ -362,13 +387,20 @@ def _fused_plan(
     )
 
 
-def _adapter(factors: Sequence[torch.Tensor | None], scalings: Sequence[float]) -> ExpertsLora | None:
-    """The adapter an operator receives as six optional factor tensors and three scalings."""
-    weights = [
+def _adapter(
+    factors: Sequence[torch.Tensor | None], scalings: Sequence[float], two_i: int
+) -> ExpertsLora | None:
+    """The adapter an operator receives as six optional factor tensors and three scalings (the first pair is
+    gate_up's where its B has all ``two_i`` rows of ``gate_up_proj``)."""
+    gate, up, down = (
         None if factors[2 * i] is None else LoraWeights(factors[2 * i], factors[2 * i + 1], scalings[i])
         for i in range(3)
-    ]
-    return None if all(w is None for w in weights) else ExpertsLora(*weights)
+    )
+    if gate is None and up is None and down is None:
+        return None
+    if _stacked_gate_up(factors, two_i):
+        return ExpertsLora(gate_up=gate, down=down)
+    return ExpertsLora(gate, up, down)
 
 
 def _empty_if_none(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -408,7 +440,7 @@ def _experts_op(
     """The fused experts' forward (:func:`experts_forward`): ``(out, routing tensors, Saved)``, an empty tensor
     for each ``Saved`` field that is ``None``."""
     routing = route(top_k_index, gate_up_proj.shape[0], on_triton=True)
-    adapter = _adapter((gate_a, gate_b, up_a, up_b, down_a, down_b), scalings)
+    adapter = _adapter((gate_a, gate_b, up_a, up_b, down_a, down_b), scalings, gate_up_proj.shape[1])
     plan = _fused_plan(activation, lora_dropout, prescaled_h, combine_on_grouped_mm)
     out, saved = experts_forward(
         hidden_states, gate_up_proj, down_proj, top_k_weights, routing, adapter, plan, store_gate_up
@@ -470,7 +502,7 @@ def _(
     mutates_args=(),
     schema="(Tensor grad_out, Tensor hidden_states, Tensor gate_up_proj, Tensor down_proj, Tensor m_sizes, "
     "Tensor sorted_slots, Tensor token_index, Tensor inverse, Tensor offsets, int top_k, Tensor?[] saved, int[] ranks, "
-    "float[] scalings, ScalarType factor_dtype, ScalarType weights_dtype, bool[] needs, str activation, "
+    "bool stacked_gate_up, float[] scalings, ScalarType factor_dtype, ScalarType weights_dtype, bool[] needs, str activation, "
     "float lora_dropout, "
     "bool prescaled_h, bool input_grad_on_grouped_mm, bool weight_grad_on_grouped_mm) "
     f"-> ({', '.join(['Tensor'] * len(_GRADIENTS))})",
@@ -488,6 +520,7 @@ def _experts_backward_op(
     top_k: int,
     saved: Sequence[torch.Tensor | None],
     ranks: Sequence[int],
+    stacked_gate_up: bool,
     scalings: Sequence[float],
     factor_dtype: torch.dtype,
     weights_dtype: torch.dtype,
@@ -512,7 +545,7 @@ def _experts_backward_op(
         down_proj,
         routing,
         Saved(*saved),
-        FactorSpec(tuple(ranks), tuple(scalings), factor_dtype),
+        FactorSpec(tuple(ranks), tuple(scalings), factor_dtype, stacked_gate_up),
         weights_dtype,
         needs,
         plan,
@@ -523,24 +556,16 @@ def _experts_backward_op(
 @_experts_backward_op.register_fake
 def _(
     grad_out, hidden_states, gate_up_proj, down_proj, m_sizes, sorted_slots, token_index, inverse, offsets, top_k,
-    saved, ranks, scalings, factor_dtype, weights_dtype, needs, activation, lora_dropout, prescaled_h,
-    input_grad_on_grouped_mm, weight_grad_on_grouped_mm,
+    saved, ranks, stacked_gate_up, scalings, factor_dtype, weights_dtype, needs, activation, lora_dropout,
+    prescaled_h, input_grad_on_grouped_mm, weight_grad_on_grouped_mm,
 ):  # fmt: skip
-    num_experts, two_i, hidden = gate_up_proj.shape
-    inter, tokens = two_i // 2, hidden_states.shape[0]
+    tokens = hidden_states.shape[0]
     shapes = [
         (tuple(hidden_states.shape), hidden_states.dtype),
         (tuple(gate_up_proj.shape), gate_up_proj.dtype),
         (tuple(down_proj.shape), down_proj.dtype),
         ((tokens, top_k), weights_dtype),
-        *(
-            (shape, factor_dtype)
-            for rank, width in zip(ranks, (hidden, hidden, inter), strict=True)
-            for shape in (
-                (num_experts, rank, width),
-                (num_experts, inter if width == hidden else hidden, rank),
-            )
-        ),
+        *((shape, factor_dtype) for shape in lora_factor_shapes(gate_up_proj.shape, ranks, stacked_gate_up)),
     ]
     return tuple(
         grad_out.new_empty(shape if need else (0,), dtype=dtype)
@@ -551,6 +576,11 @@ def _(
 def _ranks(factors: Sequence[torch.Tensor | None]) -> tuple[int, int, int]:
     """Gate, up and down LoRA ranks from the six optional factors (0: not adapted)."""
     return tuple(0 if factors[2 * i] is None else factors[2 * i].shape[1] for i in range(3))
+
+
+def _stacked_gate_up(factors: Sequence[torch.Tensor | None], two_i: int) -> bool:
+    """Whether the first pair of the six optional factors is gate_up's: its B has all ``2I`` rows."""
+    return factors[1] is not None and factors[1].shape[1] == two_i
 
 
 def _saved_present(ranks: Sequence[int], lora_dropout: float, store_gate_up: bool) -> tuple[bool, ...]:
@@ -584,6 +614,7 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     ctx.top_k = inputs[3].shape[-1]
     present = [f.dtype for f in factors if f is not None]
     ctx.ranks = _ranks(factors)
+    ctx.stacked_gate_up = _stacked_gate_up(factors, gate_up_proj.shape[1])
     ctx.present = _saved_present(ctx.ranks, lora_dropout, store_gate_up)
     ctx.scalings = tuple(scalings)
     ctx.factor_dtype = present[0] if present else gate_up_proj.dtype
@@ -606,6 +637,7 @@ def _backward(ctx, grad_out: torch.Tensor, *_: torch.Tensor) -> tuple:
         ctx.top_k,
         saved,
         list(ctx.ranks),
+        ctx.stacked_gate_up,
         list(ctx.scalings),
         ctx.factor_dtype,
         ctx.weights_dtype,

@@ -166,7 +166,9 @@ def plan_experts(
     fused = not composed_because
     adapter = lora[0] if len(lora) == 1 else None
     down_lora = adapter is not None and adapter.down is not None
-    gate_up_lora = adapter is not None and (adapter.gate is not None or adapter.up is not None)
+    gate_up_lora = adapter is not None and any(
+        w is not None for w in (adapter.gate, adapter.up, adapter.gate_up)
+    )
     prescaled_h = fused and down_proj.requires_grad and not down_lora
     rows_per_expert = hidden_states.shape[0] * top_k // max(1, gate_up_proj.shape[0])
     cutlass = fused and grouped_mm_competes(hidden_states, gate_up_proj.dtype)

@@ -115,7 +115,8 @@ class MoefuseTrainArguments:
         default="all",
         metadata={
             "help": "comma-separated module names, or all: q_proj,k_proj,v_proj,o_proj + the experts' "
-            "gate_proj,up_proj,down_proj"
+            "gate_up_proj (gate and up together, one A: PEFT target_parameters' LoRA) and down_proj; "
+            "gate_proj,up_proj adapt gate and up apart (moefuse experts)"
         },
     )
     expert_lora_rank: int | None = field(

@@ -217,10 +217,15 @@ def _names(value: str | None) -> list[str]:
     return [name.strip() for name in (value or "").split(",") if name.strip()]
 
 
+# "all": attention, and the experts' gate and up together (one A, as PEFT's target_parameters on Transformers'
+# experts) and down: the same adapter, parameter for parameter, on moefuse's experts and on Transformers' own.
+ALL_TARGETS = (*ATTENTION_PROJECTIONS, "gate_up_proj", "down_proj")
+
+
 def lora_targets(args: MoefuseTrainArguments) -> list[str]:
-    """``lora_target`` as module names ("all": attention and the experts' projections)."""
+    """``lora_target`` as module names (see :data:`ALL_TARGETS` for "all")."""
     if args.lora_target.strip() == "all":
-        return list(ATTENTION_PROJECTIONS + PROJECTIONS)
+        return list(ALL_TARGETS)
     return _names(args.lora_target)
 
 
@@ -257,9 +262,9 @@ def lora_config(args: MoefuseTrainArguments) -> LoraConfig:
             f"expert_lora_rank/expert_lora_alpha need experts_implementation: {EXPERTS_IMPLEMENTATION}; "
             f"on '{args.experts_implementation}' experts PEFT's target_parameters LoRA uses lora_rank"
         )
+    # Transformers' experts hold gate and up as one parameter: gate_proj or up_proj adapts it whole.
     stacked = sorted(
-        {"experts.gate_up_proj" for p in expert_targets if p != "down_proj"}
-        | {"experts.down_proj" for p in expert_targets if p == "down_proj"}
+        {"experts.down_proj" if p == "down_proj" else "experts.gate_up_proj" for p in expert_targets}
     )
     return LoraConfig(
         target_modules=[t for t in targets if t not in PROJECTIONS],
