@@ -400,16 +400,22 @@ def test_moe_fused_linear_bf16_gpu(m_sizes, dims):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", [(64, 256, 128, 16, 4, 2), (1000, 2048, 768, 128, 8, 0)])
-@pytest.mark.parametrize("projections", [("gate", "up", "down"), ("down",)])
+@pytest.mark.parametrize("projections", [("gate", "up", "down"), ("down",), ("gate_up", "down")])
 def test_fused_lora_bf16_gpu(case, projections):
-    """One LoRA adapter on the fused Triton path (factors in fp32 as PEFT keeps them), base frozen."""
+    """One LoRA adapter on the fused Triton path (factors in fp32 as PEFT keeps them), base frozen; gate and up
+    apart or together."""
     from moefuse.ops import ExpertsLora, LoraWeights
 
     x, gate_up, down, index, weights = experts_problem(*case, dtype=torch.bfloat16)
     gate_up.requires_grad_(False)
     down.requires_grad_(False)
     inter, hidden, experts = down.shape[2], down.shape[1], down.shape[0]
-    shapes = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+    shapes = {
+        "gate": (inter, hidden),
+        "up": (inter, hidden),
+        "down": (hidden, inter),
+        "gate_up": (2 * inter, hidden),
+    }
     lora = ExpertsLora(
         **{
             name: LoraWeights(
@@ -420,21 +426,19 @@ def test_fused_lora_bf16_gpu(case, projections):
             for name in projections
         }
     )
-    for factors in (lora.gate, lora.up, lora.down):
-        if factors is not None:
-            factors.lora_A.requires_grad_()
-            factors.lora_B.requires_grad_()
+    for name in projections:
+        getattr(lora, name).lora_A.requires_grad_()
+        getattr(lora, name).lora_B.requires_grad_()
     ref_lora = ExpertsLora(
-        *(
-            None
-            if f is None
-            else LoraWeights(
+        **{
+            name: LoraWeights(
                 f.lora_A.detach().double().requires_grad_(),
                 f.lora_B.detach().double().requires_grad_(),
                 f.scaling,
             )
-            for f in (lora.gate, lora.up, lora.down)
-        )
+            for name in projections
+            for f in [getattr(lora, name)]
+        }
     )
     ref_args = [
         a.detach().double().requires_grad_(a.requires_grad) if a.is_floating_point() else a
