@@ -59,13 +59,14 @@ def test_info_prints_a_models_experts_plan(capsys, finetuning_type, expected):
 
 
 def test_info_says_whether_the_models_experts_train(tmp_path, capsys):
-    """GPT-OSS's experts (biases) run on moefuse but take no expert LoRA: info says so and plans the frozen
-    forward; Qwen3-MoE's take everything."""
+    """GPT-OSS's experts (biases, interleaved gate/up) take LoRA on gate_up_proj, composed, and not QLoRA: info says
+    so and plans the LoRA forward; Qwen3-MoE's take everything."""
     tiny_config("gpt_oss").save_pretrained(tmp_path)
     assert main(["info", "--model", str(tmp_path), "--tokens", "64"]) == 0
     out = capsys.readouterr().out
-    assert "refused: these experts have biases (experts_implementation: grouped_mm trains them)" in out
-    assert f"plan ({tmp_path / 'config.json'}, 64 tokens, frozen, cpu)" in out and "LoRA none" in out
+    assert "LoRA on gate_up_proj and down_proj, full fine-tuning (composed" in out
+    assert "refused: QLoRA, gate_proj/up_proj apart, expert parallelism, as these experts have biases" in out
+    assert f"plan ({tmp_path / 'config.json'}, 64 tokens, lora, cpu)" in out and "LoRA composed" in out
     assert main(["info", "--model", "qwen3-30b-a3b", "--tokens", "64"]) == 0
     assert "yes: expert LoRA, 4-bit experts (QLoRA), expert parallelism" in capsys.readouterr().out
 

@@ -148,6 +148,13 @@ def test_sglang_keys_shapes_and_factors(adapter, tmp_path, alias):
                         [tensors[f"{experts}.{e}.{proj}.lora_{factor}.weight"] for e in range(E)]
                     )
                     assert re.search(r"experts\.(\d+)\.", f"{experts}.0.{proj}")
+                elif f"{experts}.gate_up_proj.lora_A.weight" in tensors and proj != "down_proj":
+                    # gate and up share PEFT's one A: written together, experts.gate_up_proj's A [E, r, H] and
+                    # B [E, 2I, r], the other 3-D form normalize_gate_up_proj takes as it is
+                    stacked = tensors[f"{experts}.gate_up_proj.lora_{factor}.weight"]
+                    if factor == "B":
+                        half = stacked.shape[1] // 2
+                        stacked = stacked[:, :half] if proj == "gate_proj" else stacked[:, half:]
                 else:
                     stacked = tensors[f"{experts}.{proj}.lora_{factor}.weight"]
                     assert stacked.dim() == 3 and not re.search(r"experts\.(\d+)\.", f"{experts}.{proj}")
@@ -155,6 +162,8 @@ def test_sglang_keys_shapes_and_factors(adapter, tmp_path, alias):
                 assert stacked.shape == ((E, R, n_in) if factor == "A" else (E, n_out, R))
                 for e in range(E):
                     assert torch.equal(stacked[e], _factor(reference, layer, e, proj, factor))
+        if not per_expert and f"{experts}.gate_up_proj.lora_A.weight" in tensors:
+            continue
         dim = 0 if per_expert else 1  # normalize_gate_up_proj's cat dimension for 2-D / 3-D factors
         gate_a = tensors[
             f"{experts}.0.gate_proj.lora_A.weight" if per_expert else f"{experts}.gate_proj.lora_A.weight"

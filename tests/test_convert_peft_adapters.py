@@ -107,9 +107,11 @@ def test_peft_adapter_to_per_expert_and_fused_loads_in_moefuse_with_equal_logits
         assert torch.equal(tensors[f"{EXPERTS.format(0)}.3.{proj}.lora_A.weight"], a[3 * R : 4 * R])
         assert torch.equal(tensors[f"{EXPERTS.format(0)}.3.{proj}.lora_B.weight"], b[rows, 3::E])
     config = json.loads((fused / CONFIG).read_text())
-    assert config["target_parameters"] is None and {"gate_proj", "up_proj", "down_proj"} <= set(
+    # gate and up share PEFT's one A: the fused adapter keeps them together, as LoRA on gate_up_proj
+    assert config["target_parameters"] is None and {"gate_up_proj", "down_proj"} <= set(
         config["target_modules"]
     )
+    assert f"{EXPERTS.format(0)}.gate_up_proj.lora_B.weight" in load_file(fused / WEIGHTS)
     assert config["rank_pattern"] == {"layers.1.mlp.experts.down_proj": 2}  # still names down_proj here
     torch.testing.assert_close(
         _logits(PeftModel.from_pretrained(_base("moefuse"), fused)), logits, rtol=1e-5, atol=1e-5
@@ -176,7 +178,9 @@ def test_shared_gate_up_a_gives_rank_r_and_round_trips(moefuse_adapter, tmp_path
         "gate_up" in k for k in json.loads((peft / CONFIG).read_text())["rank_pattern"]
     )
     back = convert_lora(peft, tmp_path / "back", "fused", progress=False)
-    assert _same_tensors(source, back) and tensor_hashes(source) == tensor_hashes(peft)
+    # gate and up still share one A: the fused copy holds it once, as LoRA on gate_up_proj
+    assert f"{EXPERTS.format(0)}.gate_up_proj.lora_A.weight" in load_file(back / WEIGHTS)
+    assert tensor_hashes(source) == tensor_hashes(peft) == tensor_hashes(back)
     expected = _logits(PeftModel.from_pretrained(_base("moefuse"), source))
     torch.testing.assert_close(_logits(PeftModel.from_pretrained(_base("grouped_mm"), peft)), expected)
 
@@ -206,10 +210,15 @@ def test_gate_up_proj_adapter_converts_exactly_to_every_layout(tmp_path):
         tensors[f"{EXPERTS.format(1)}.5.up_proj.lora_A.weight"],
     )
     assert torch.equal(tensors[f"{EXPERTS.format(1)}.5.up_proj.lora_B.weight"], stacked[5, 16:])
+    assert (
+        json.loads((per_expert / CONFIG).read_text())["rank_pattern"]["layers.1.mlp.experts.7.up_proj"] == 3
+    )
+    # back in the fused layout, gate and up (one A) are together again: the adapter as it was saved
     fused = convert_lora(per_expert, tmp_path / "fused", "fused", progress=False)
     fused_config = json.loads((fused / CONFIG).read_text())
-    assert "gate_up_proj" not in fused_config["target_modules"]
-    assert fused_config["rank_pattern"]["layers.1.mlp.experts.up_proj"] == 3
+    assert fused_config["target_modules"] == ["down_proj", "gate_up_proj", "q_proj"]
+    assert fused_config["rank_pattern"] == {"layers.1.mlp.experts.gate_up_proj": 3}
+    assert _same_tensors(path, fused)
     torch.testing.assert_close(
         _logits(PeftModel.from_pretrained(_base("moefuse"), fused)), logits, rtol=1e-5, atol=1e-5
     )

@@ -24,7 +24,7 @@ import moefuse
 from conftest import randomize_
 from moefuse.experts import experts_structure, stacked_expert_weights
 from moefuse.ops.backend import use_backend
-from moefuse.ops.lora import ExpertsLora
+from moefuse.ops.lora import ExpertsLora, LoraWeights
 from moefuse.ops.plan import activation_name
 
 TOY = {"experts": 4, "hidden": 16, "intermediate": 8}
@@ -248,5 +248,6 @@ def test_structure_arguments_that_do_not_fit_are_refused_clearly():
         moefuse.fused_experts(
             hidden_states, gate_up, down[:, :8], top_k_index, top_k_weights, gate_fn=torch.relu
         )
-    with pytest.raises(ValueError, match="lora only with act_fn"):
-        moefuse.fused_experts(*args, gate_fn=torch.relu, lora=[ExpertsLora()])
+    gate = LoraWeights(torch.zeros(4, 1, 16), torch.zeros(4, args[1].shape[1] // 2, 1))
+    with pytest.raises(ValueError, match="gate and up LoRA apart only with act_fn"):
+        moefuse.fused_experts(*args, gate_fn=torch.relu, lora=[ExpertsLora(gate=gate)])

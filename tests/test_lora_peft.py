@@ -237,10 +237,10 @@ def _gate_up_lora(model):
     return peft_model
 
 
-def _stacked_pair():
+def _stacked_pair(family: str):
     """The model with LoRA on gate_up_proj (moefuse), and a copy on Transformers' eager experts with PEFT's
     ``target_parameters`` LoRA on the stacked weights, holding the same factors."""
-    model = _fused_model("qwen3_moe")
+    model = _fused_model(family)
     ref = copy.deepcopy(model)
     ref.set_experts_implementation("eager")
     fused_peft = _gate_up_lora(model)
@@ -281,13 +281,16 @@ def _stacked_pair():
     Version(peft.__version__) < Version("0.19.1"),
     reason="PEFT < 0.19.1 swaps in and out of target_parameters LoRA on experts stored [E, out, in]",
 )
-def test_gate_up_proj_is_peft_target_parameters_lora():
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_gate_up_proj_is_peft_target_parameters_lora(family):
     """LoRA on gate_up_proj (one A for gate and up) computes what PEFT's target_parameters LoRA on the stacked
-    weights computes, on Transformers' experts: the same logits and factor gradients for the same factors."""
-    fused_peft, ref_peft, pairs = _stacked_pair()
+    weights computes, on Transformers' experts: the same logits and factor gradients for the same factors. GPT-OSS's
+    experts (transposed storage, biases, interleaved gate/up rows, a clamped SwiGLU) run composed around it."""
+    fused_peft, ref_peft, pairs = _stacked_pair(family)
     layer = fused_peft.base_model.model.model.layers[0].mlp.experts
     assert layer.r["default"] == {"gate_up_proj": 4, "down_proj": 4}
-    assert layer.gate_up_proj.lora_B["default"].weight.shape == (8, 32, 4)
+    inter = layer.down_proj.lora_A["default"].weight.shape[2]
+    assert layer.gate_up_proj.lora_B["default"].weight.shape == (8, 2 * inter, 4)
     out = fused_peft(input_ids=IDS).logits
     ref = ref_peft(input_ids=IDS).logits
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
@@ -317,6 +320,16 @@ def test_gate_up_proj_saves_loads_and_merges(tmp_path):
         merged.model.layers[0].mlp.experts.gate_up_proj, base.gate_up_proj + lora.gate_up.delta_weight()
     )
     torch.testing.assert_close(merged(IDS).logits, out, rtol=1e-4, atol=1e-5)
+
+
+def test_gate_proj_apart_on_interleaved_experts_is_refused_naming_gate_up_proj():
+    from moefuse import UnsupportedExpertsError
+
+    with pytest.raises(
+        UnsupportedExpertsError,
+        match=r"'gpt_oss'.*interleave the gate and up rows, so LoRA on gate_proj apart",
+    ):
+        get_peft_model(_fused_model("gpt_oss"), LoraConfig(r=4, target_modules=["gate_proj", "down_proj"]))
 
 
 def test_gate_up_proj_and_gate_proj_together_is_refused():

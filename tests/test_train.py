@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -372,6 +373,29 @@ def test_every_family_with_plain_gated_experts_trains_lora_on_moefuse(tmp_path, 
         assert stacks and all(is_4bit(stack) for stack in stacks)
 
 
+def test_gpt_oss_experts_train_lora_on_gate_up_proj(tmp_path):
+    """GPT-OSS's experts (biases, interleaved gate/up rows, a clamped SwiGLU) take LoRA on gate_up_proj and
+    down_proj, lora_target all's: the gating runs composed between the grouped GEMMs."""
+    _family_config("gpt_oss").save_pretrained(tmp_path / "config")
+    result = run_train(
+        None,
+        [*FEW_ROWS, "--model_name_or_path", f"config:{tmp_path / 'config'}", "--max_steps", "2"]
+        + [
+            "--attn_implementation",
+            "eager",
+            "--adapter_format",
+            "vllm_3d",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
+    )
+    assert result.global_step == 2 and all(math.isfinite(loss) for loss in result.losses)
+    assert any(".experts.gate_up_proj.lora_B" in n for n, _ in result.model.named_parameters())
+    # gate and up rows interleave: no per-expert gate_proj/up_proj copy; PEFT's (vLLM's) 3-D format holds it whole
+    assert result.per_expert_adapter is None
+    assert adapter_layout(result.adapter_in_format) == "peft_target_parameters"
+
+
 def test_experts_moefuse_cannot_take_are_refused_before_loading(tmp_path):
     _family_config("gpt_oss").save_pretrained(tmp_path / "config")
     argv = [
@@ -384,7 +408,15 @@ def test_experts_moefuse_cannot_take_are_refused_before_loading(tmp_path):
     with pytest.raises(
         TrainConfigError, match=r"experts of model type 'gpt_oss' \(GptOssExperts\): they have biases"
     ):
-        run_train(None, [*argv, "--attn_implementation", "eager"])
+        run_train(None, [*argv, "--attn_implementation", "eager", "--finetuning_type", "qlora"])
+    with pytest.raises(
+        TrainConfigError, match=r"interleave the gate and up rows, so LoRA on gate_proj and up_proj"
+    ):
+        run_train(
+            None, [*argv, "--attn_implementation", "eager", "--lora_target", "gate_proj,up_proj,down_proj"]
+        )
+    with pytest.raises(TrainConfigError, match=r"adapter_format: per_expert splits gate_up_proj's LoRA"):
+        run_train(None, [*argv, "--attn_implementation", "eager", "--adapter_format", "per_expert"])
     # the config's attention is Transformers' to refuse, in one line naming the key
     with pytest.raises(TrainConfigError, match="Transformers cannot build this model: GptOssForCausalLM"):
         run_train(None, argv)
@@ -411,24 +443,22 @@ def test_grouped_mm_baseline_trains_experts_through_peft_target_parameters(tmp_p
     assert result.per_expert_adapter is None  # PEFT's own expert LoRA: nothing fused to convert
 
 
+def _trained_on_grouped_mm(output_dir: Path, *keys: str):
+    """Two steps of LoRA on Transformers' grouped_mm experts (PEFT's target_parameters there)."""
+    return run_train(
+        None,
+        [*FEW_ROWS, *keys, "--max_steps", "2", "--experts_implementation", "grouped_mm"]
+        + ["--output_dir", str(output_dir)],
+    )
+
+
 @current_orientation  # PEFT < 0.19.1 saves target_parameters in the orientation moefuse refuses
 def test_goes_on_training_a_target_parameters_adapter_and_saves_it_in_any_format(tmp_path):
     """An adapter Transformers + PEFT trained (target_parameters on the stacked experts) goes on training on
     moefuse's experts (converted to the fused layout first) and is saved again in vLLM's 3-D format. At learning
     rate 0 the adapter leaves training unchanged, so the saved copy is the first adapter bit for bit: the run
     started from its weights."""
-    first = run_train(
-        None,
-        [
-            *FEW_ROWS,
-            "--max_steps",
-            "2",
-            "--experts_implementation",
-            "grouped_mm",
-            "--output_dir",
-            str(tmp_path / "a"),
-        ],
-    )
+    first = _trained_on_grouped_mm(tmp_path / "a")
     assert adapter_layout(first.final_dir) == "peft_target_parameters"
     again = [*FEW_ROWS, "--max_steps", "2", "--adapter_name_or_path", str(first.final_dir)]
     second = run_train(
@@ -447,8 +477,27 @@ def test_goes_on_training_a_target_parameters_adapter_and_saves_it_in_any_format
     # and it trains: at a learning rate the experts' factors move
     third = run_train(None, [*again, "--learning_rate", "1e-2", "--output_dir", str(tmp_path / "c")])
     with safe_open(third.final_dir / "adapter_model.safetensors", "pt") as moved:
-        key = next(k for k in moved.keys() if ".experts.gate_proj.lora_B" in k)
+        key = next(k for k in moved.keys() if ".experts.gate_up_proj.lora_B" in k)
         assert moved.get_tensor(key).abs().sum() > 0  # PEFT starts B at zero; training moved it
+
+
+@current_orientation
+def test_one_adapter_trains_to_the_same_losses_on_moefuse_and_on_grouped_mm(tmp_path):
+    """lora_target all is the same adapter on moefuse's experts and on Transformers' (gate and up together, one A;
+    PEFT's target_parameters there): from one starting adapter, with the same seed and rows, the two give the same
+    losses step after step (fp32, CPU)."""
+    lr = ["--learning_rate", "1e-2", "--logging_steps", "1"]
+    start = _trained_on_grouped_mm(tmp_path / "s", *lr)
+    losses = {}
+    for implementation in ("grouped_mm", "moefuse"):
+        result = run_train(
+            None,
+            [*FEW_ROWS, *lr, "--max_steps", "6", "--adapter_name_or_path", str(start.final_dir)]
+            + ["--experts_implementation", implementation, "--output_dir", str(tmp_path / implementation)],
+        )
+        losses[implementation] = torch.tensor(result.losses)
+    assert len(losses["moefuse"]) == 6 and not torch.equal(losses["moefuse"][0], losses["moefuse"][-1])
+    torch.testing.assert_close(losses["moefuse"], losses["grouped_mm"], rtol=1e-4, atol=0)
 
 
 def test_an_adapter_that_does_not_fit_the_model_is_refused_in_one_line(tmp_path, capsys):

@@ -38,7 +38,13 @@ def experts_plan_rows(
     model's shapes and strides (one expert's storage, expanded), so no checkpoint is read or allocated."""
     from .bench.configs import experts_per_token, load_config
     from .bench.shapes import meta_moe_blocks
-    from .experts import UnsupportedExpertsError, experts_structure, stacked_expert_weights, training_refusal
+    from .experts import (
+        UnsupportedExpertsError,
+        experts_structure,
+        lora_refusal,
+        plain_refusal,
+        stacked_expert_weights,
+    )
     from .ops.lora import ExpertsLora, LoraWeights
     from .ops.plan import activation_name, plan_experts
 
@@ -66,25 +72,23 @@ def experts_plan_rows(
             lora_B=stand_in(torch.empty(experts_count, out_features, rank, device="meta")),
         )
 
-    refusal = training_refusal(experts)
-    training = (
-        "yes: expert LoRA, 4-bit experts (QLoRA), expert parallelism"
-        if refusal is None
-        else f"refused: these experts {refusal} (experts_implementation: grouped_mm trains them)"
-    )
-    if refusal is not None:
+    not_plain = plain_refusal(experts)
+    no_lora = lora_refusal(experts, ("gate_up_proj", "down_proj"))
+    if not_plain is None:
+        training = "yes: expert LoRA, 4-bit experts (QLoRA), expert parallelism"
+    elif no_lora is None:
+        training = (
+            "LoRA on gate_up_proj and down_proj, full fine-tuning (composed: PyTorch ops between grouped GEMMs); "
+            f"refused: QLoRA, gate_proj/up_proj apart, expert parallelism, as these experts {not_plain}"
+        )
+    else:
+        training = f"refused: these experts {no_lora} (experts_implementation: grouped_mm trains them)"
         finetuning_type = "frozen"  # the plan of the forward these experts do run
     gate_up = stand_in(gate_up_meta, finetuning_type == "full")
     down = stand_in(down_meta, finetuning_type == "full")
     lora = ()
-    if finetuning_type == "lora":
-        lora = (
-            ExpertsLora(
-                gate=factors(intermediate, hidden),
-                up=factors(intermediate, hidden),
-                down=factors(hidden, intermediate),
-            ),
-        )
+    if finetuning_type == "lora":  # lora_target all's: gate and up together
+        lora = (ExpertsLora(gate_up=factors(2 * intermediate, hidden), down=factors(hidden, intermediate)),)
     hidden_states = torch.empty(1, hidden, dtype=dtype, device=device).expand(tokens, -1)
     plan = plan_experts(
         hidden_states, gate_up, down, experts_per_token(config), activation=activation, lora=lora

@@ -9,6 +9,7 @@ route the experts through :func:`moefuse.fused_experts`.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -54,9 +55,9 @@ def _contract_reason(experts: torch.nn.Module) -> str | None:
     return None
 
 
-def training_refusal(experts: torch.nn.Module) -> str | None:
+def plain_refusal(experts: torch.nn.Module) -> str | None:
     """Why these experts are not plain gated experts (``act_fn(gate) * up`` on ``[gate; up]`` rows, no bias, no
-    post-expert norm), the structure the fused Triton kernels, expert LoRA and expert parallelism take, or None."""
+    post-expert norm), the structure the fused Triton kernels, 4-bit experts and expert parallelism take, or None."""
     reason = _contract_reason(experts)
     if reason is not None:
         return reason
@@ -73,6 +74,30 @@ def training_refusal(experts: torch.nn.Module) -> str | None:
     return None
 
 
+def lora_refusal(experts: torch.nn.Module, projections: Collection[str]) -> str | None:
+    """Why moefuse's expert LoRA on ``projections`` (``gate_proj``, ``up_proj``, ``gate_up_proj``, ``down_proj``)
+    cannot reach these experts, or None. LoRA on the stacked ``gate_up_proj`` (gate and up together) and on
+    ``down_proj`` is the same whatever the gating, biases or norm between them; ``gate_proj``/``up_proj`` apart
+    need ``act_fn(gate) * up`` on ``[gate; up]`` rows."""
+    reason = _contract_reason(experts)
+    if reason is not None:
+        return reason
+    if not getattr(experts, "has_gate", True):
+        return "have no gate (a plain up projection)"
+    apart = sorted({"gate_proj", "up_proj"} & set(projections))
+    if apart and "gate_fn" in experts_structure(experts):
+        gating = (
+            "interleave the gate and up rows"
+            if not getattr(experts, "is_concatenated", True)
+            else f"compute their own gate ({type(experts).__name__}._apply_gate)"
+        )
+        return (
+            f"{gating}, so LoRA on {' and '.join(apart)} apart cannot be placed; target gate_up_proj (gate and "
+            "up together, one A) instead"
+        )
+    return None
+
+
 def _refuse(experts: torch.nn.Module, reason: str, supported: str = "") -> UnsupportedExpertsError:
     model_type = getattr(getattr(experts, "config", None), "model_type", "unknown")
     return UnsupportedExpertsError(
@@ -83,15 +108,23 @@ def _refuse(experts: torch.nn.Module, reason: str, supported: str = "") -> Unsup
 
 def check_supported(experts: torch.nn.Module) -> None:
     """Raise :class:`UnsupportedExpertsError` naming the model family unless these are plain gated experts, the
-    structure moefuse's expert LoRA, expert parallelism and training take."""
-    reason = training_refusal(experts)
+    structure moefuse's 4-bit experts and expert parallelism take."""
+    reason = plain_refusal(experts)
     if reason is not None:
         raise _refuse(
             experts,
             reason,
-            "moefuse's expert LoRA, expert parallelism and training take gated experts stored as gate_up_proj "
+            "moefuse's 4-bit experts and expert parallelism take gated experts stored as gate_up_proj "
             f"[E, 2I, H] and down_proj [E, H, I] without bias (tested: {', '.join(SUPPORTED_FAMILIES)}). ",
         )
+
+
+def check_lora_supported(experts: torch.nn.Module, projections: Collection[str]) -> None:
+    """Raise :class:`UnsupportedExpertsError` naming the model family where moefuse's expert LoRA on
+    ``projections`` cannot reach these experts (:func:`lora_refusal`)."""
+    reason = lora_refusal(experts, projections)
+    if reason is not None:
+        raise _refuse(experts, reason)
 
 
 def experts_structure(experts: torch.nn.Module) -> dict[str, Any]:

@@ -5,7 +5,8 @@ The layouts are those of :mod:`.layouts` (``per_expert``, ``fused``, ``qwen3_moe
 ``e`` is ``[e]``), gate, up and down kept apart, so every conversion among them is an exact copy. PEFT's
 ``target_parameters`` factors are read and written through a view in the ``fused`` layout
 (:mod:`.peft_params`): exact too, gate and up sharing one A, or stacked at rank 2r. moefuse's LoRA on
-``gate_up_proj`` (gate and up together, one A) is read as gate and up apart, both with that A: exact as well.
+``gate_up_proj`` (gate and up together, one A) is read as gate and up apart, both with that A, and the ``fused``
+layout is written so again wherever every block's gate and up share one A: exact as well.
 Other adapter tensors (attention, router, shared experts) are copied unchanged.
 
 ``adapter_config.json`` is rewritten: ``rank_pattern`` / ``alpha_pattern`` keys naming experts
@@ -17,11 +18,14 @@ Other adapter tensors (attention, router, shared experts) are copied unchanged.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
 
-from .checkpoint import Checkpoint, CheckpointError, DerivedCheckpoint
+import torch
+
+from .checkpoint import Checkpoint, CheckpointError, DerivedCheckpoint, Piece
 from .engines import ALIASES, resolve
 from .layouts import (
     BLOCK,
@@ -29,11 +33,14 @@ from .layouts import (
     LORA_LAYOUTS,
     MIXTRAL_BLOCK,
     MIXTRAL_NAMES,
+    PER_EXPERT_LAYOUTS,
     PLANNED_AS,
     ExpertBlock,
+    Planned,
     detect_lora_layout,
     find_blocks,
     plan_conversion,
+    read_planned,
 )
 from .model import read_json, report_left_behind
 from .peft_params import PEFT_LAYOUT, config_from_peft, config_to_peft, fused_view, packed
@@ -49,6 +56,7 @@ _PATTERN_KEYS = {
     "mixtral": re.compile(r"^(?P<head>.*)\.block_sparse_moe\.experts\.(?P<e>\d+)\.(?P<proj>w[123])$"),
 }
 _FROM_MIXTRAL = {w: f"{p}_proj" for p, w in MIXTRAL_NAMES.items()}
+_EXPERT_TARGET = re.compile(r"experts\.(gate|up|down)_proj")
 _TO_MIXTRAL = {v: k for k, v in _FROM_MIXTRAL.items()}
 
 
@@ -58,7 +66,9 @@ _GATE_UP = re.compile(r"^(?P<head>.+\.experts)\.gate_up_proj\.(?P<factor>lora_[A
 
 def gate_up_apart(ckpt: Checkpoint) -> Checkpoint:
     """``ckpt`` with each ``gate_up_proj`` LoRA pair read as ``gate_proj`` and ``up_proj`` pairs: its A for both,
-    its B's gate and up rows. Exact: every expert's gate and up outputs are those of the pair together."""
+    its B's gate and up rows. Exact: every expert's gate and up outputs are those of the pair together, for
+    experts that store the gate rows, then the up rows; an adapter of experts that interleave them (GPT-OSS) keeps
+    its meaning only whole, as ``peft_target_parameters``."""
     found = {n: m for n, s in ckpt.shapes.items() if (m := _GATE_UP.match(n)) is not None and len(s) == 3}
     if not found:
         return ckpt
@@ -94,8 +104,18 @@ def config_gate_up_apart(config: dict, where: object) -> dict:
             f"{where}: target_modules is the pattern {targets!r}, which names gate_up_proj; moefuse rewrites lists "
             "of names only: give target_modules as a list"
         )
-    if isinstance(targets, list) and "gate_up_proj" in targets:
-        config["target_modules"] = sorted((set(targets) - {"gate_up_proj"}) | {"gate_proj", "up_proj"})
+    if isinstance(targets, list):  # gate_up_proj, or experts.gate_up_proj, names gate and up
+        config["target_modules"] = sorted(
+            {
+                name
+                for target in targets
+                for name in (
+                    [target.removesuffix("gate_up_proj") + p for p in ("gate_proj", "up_proj")]
+                    if target.endswith("gate_up_proj")
+                    else [target]
+                )
+            }
+        )
     for kind in ("rank_pattern", "alpha_pattern"):
         patterns = config.get(kind) or {}
         if any(key.endswith("gate_up_proj") for key in patterns):
@@ -109,6 +129,92 @@ def config_gate_up_apart(config: dict, where: object) -> dict:
                 )
             }
     return config
+
+
+def gate_up_joined(
+    ckpt: Checkpoint, plan: dict[str, Planned], blocks: list[ExpertBlock], config: dict
+) -> tuple[Checkpoint, dict[str, Planned], dict] | None:
+    """A plan into the ``fused`` layout with every block's gate_proj and up_proj pairs written as one gate_up_proj
+    pair (A, and B = [B_gate; B_up]) with its config, where every block's gate and up share one A, so that the
+    adapter trains on moefuse as it was trained: an adapter from LoRA on gate_up_proj, or from PEFT's
+    ``target_parameters``. None where any block's differ, or gate/up LoRA or names elsewhere (a shared expert's)
+    would be caught up in the renaming: all stay apart then."""
+    if any(re.search(r"\.(gate|up)_proj\.lora_", n) and ".experts." not in n for n in plan):
+        return None
+    pairs: dict[str, dict[tuple[str, str], str]] = {}
+    for block in blocks:
+        names = {
+            (p, f): f"{block.prefix}.experts.{p}.lora_{f}.weight"
+            for p in ("gate_proj", "up_proj")
+            for f in "AB"
+        }
+        if not all(name in plan for name in names.values()) or not torch.equal(
+            read_planned(ckpt, plan[names["gate_proj", "A"]]), read_planned(ckpt, plan[names["up_proj", "A"]])
+        ):
+            return None
+        pairs[block.prefix] = names
+    config = dict(config)
+    for kind in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(kind) or {}
+        joined_patterns = _joined_names(patterns)
+        if joined_patterns is None:
+            return None
+        if patterns:
+            config[kind] = joined_patterns
+    targets = config.get("target_modules")
+    joined_targets = _joined_names(dict.fromkeys(targets)) if isinstance(targets, list) else None
+    if joined_targets is None:
+        return None
+    config["target_modules"] = sorted(joined_targets)
+
+    shapes, dtypes = dict(ckpt.shapes), dict(ckpt.dtypes)
+    groups = {}
+    for prefix, names in pairs.items():
+        joined = {f: f"{prefix}.experts.gate_up_proj.lora_{f}.weight" for f in "AB"}
+
+        def make(names=names, joined=joined) -> dict[str, torch.Tensor]:
+            gate_b, up_b = (read_planned(ckpt, plan[names[p, "B"]]) for p in ("gate_proj", "up_proj"))
+            return {
+                joined["A"]: read_planned(ckpt, plan[names["gate_proj", "A"]]),
+                joined["B"]: torch.cat([gate_b, up_b], dim=1),
+            }
+
+        groups.update(dict.fromkeys(joined.values(), make))
+    # gate's factors' places in the plan take the joined ones; up's are left out
+    firsts = {names["gate_proj", f]: (prefix, f) for prefix, names in pairs.items() for f in "AB"}
+    dropped = {names["up_proj", f] for names in pairs.values() for f in "AB"}
+    joined_plan: dict[str, Planned] = {}
+    for name, planned in plan.items():
+        if name in dropped:
+            continue
+        if name not in firsts:
+            joined_plan[name] = planned
+            continue
+        prefix, factor = firsts[name]
+        joined_name = f"{prefix}.experts.gate_up_proj.lora_{factor}.weight"
+        num_experts, rows, cols = planned.shape
+        shape = (num_experts, 2 * rows, cols) if factor == "B" else planned.shape
+        shapes[joined_name], dtypes[joined_name] = shape, planned.dtype
+        joined_plan[joined_name] = Planned(shape, planned.dtype, [Piece(joined_name, 0, math.prod(shape))])
+    return DerivedCheckpoint(ckpt, shapes, dtypes, groups), joined_plan, config
+
+
+def _joined_names(names: dict) -> dict | None:
+    """``names`` (target names or pattern keys, with their values) with each ``<stem>gate_proj`` and
+    ``<stem>up_proj`` pair as one ``<stem>gate_up_proj`` (their values equal); None where one of a pair is missing
+    or their values differ."""
+    joined: dict = {}
+    for name, value in names.items():
+        stem = name.removesuffix("gate_proj").removesuffix("up_proj")
+        # other names stay: gate_up_proj itself, and other modules' (w_gate_proj)
+        if stem == name or stem.endswith("gate_") or (stem and not stem.endswith(".")):
+            joined[name] = value
+            continue
+        gate, up = f"{stem}gate_proj", f"{stem}up_proj"
+        if gate not in names or up not in names or names[gate] != names[up]:
+            return None
+        joined[f"{stem}gate_up_proj"] = value
+    return joined
 
 
 def _opened(path: Path) -> Checkpoint:
@@ -198,6 +304,14 @@ def convert_lora(
     where = in_dir / ADAPTER_CONFIG
     if in_layout == PEFT_LAYOUT and layout != PEFT_LAYOUT:
         config = config_from_peft(config, blocks, where)
+    if layout in PER_EXPERT_LAYOUTS and isinstance(config.get("target_modules"), list):
+        # "experts.gate_proj" names the fused experts' projection; a per-expert module is experts.<e>.gate_proj
+        config["target_modules"] = sorted(
+            {
+                t.removeprefix("experts.") if _EXPERT_TARGET.fullmatch(t) else t
+                for t in config["target_modules"]
+            }
+        )
     if (in_layout == "mixtral") != (layout == "mixtral") and isinstance(config.get("target_modules"), list):
         names = _FROM_MIXTRAL if in_layout == "mixtral" else _TO_MIXTRAL
         config["target_modules"] = sorted({names.get(t, t) for t in config["target_modules"]})
@@ -210,6 +324,8 @@ def convert_lora(
                 num_experts,
                 where,
             )
+    if layout == "fused" and (joined := gate_up_joined(ckpt, plan, blocks, config)) is not None:
+        ckpt, plan, config = joined
     if layout == PEFT_LAYOUT:
         ckpt, plan, gate_up_ranks = packed(ckpt, plan, blocks, in_dir)
         if in_layout != PEFT_LAYOUT:

@@ -427,10 +427,12 @@ def config_to_peft(
     modules = config.get("target_modules")
     if not isinstance(modules, str):
         # The experts' projections are parameters now; keep a module name only where LoRA on such modules remains.
+        # ("experts.gate_proj" names the experts alone.)
         kept = [
             m
             for m in modules or []
-            if m not in _PROJS or any(f".{m}.lora_" in n and ".experts." not in n for n in names)
+            if m.removeprefix("experts.") not in _PROJS
+            or (m in _PROJS and any(f".{m}.lora_" in n and ".experts." not in n for n in names))
         ]
         config["target_modules"] = kept
     config["target_parameters"] = sorted(targets)

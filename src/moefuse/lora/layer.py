@@ -19,7 +19,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from ..experts import check_supported
+from ..experts import check_lora_supported, experts_structure, stacked_expert_weights
 from ..ops.lora import ExpertsLora, LoraWeights
 from ..ops.moe import fused_experts
 from .targets import PROJECTIONS, take_request
@@ -131,13 +131,6 @@ class ExpertsLoraLayer(nn.Module, LoraLayer):
             )
         return ExpertsLora(**weights, dropout=self.lora_dropout[adapter_name])
 
-    def _base_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        experts = self.get_base_layer()
-        gate_up, down = experts.gate_up_proj, experts.down_proj
-        if getattr(experts, "is_transposed", False):
-            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-        return gate_up, down
-
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -156,8 +149,8 @@ class ExpertsLoraLayer(nn.Module, LoraLayer):
         adapters = [self.experts_lora(a) for a in self.active_adapters if a in self.scaling]
         if self.disable_adapters or self.merged or not adapters:
             return experts(hidden_states, top_k_index, top_k_weights, **kwargs)
-        check_supported(experts)
-        gate_up, down = self._base_weights()
+        check_lora_supported(experts, {p for a in self.active_adapters if a in self.r for p in self.r[a]})
+        gate_up, down = stacked_expert_weights(experts)
         # Ids from the router's topk are in range: no host sync per layer to check them (as in experts.py).
         return fused_experts(
             hidden_states,
@@ -165,14 +158,14 @@ class ExpertsLoraLayer(nn.Module, LoraLayer):
             down,
             top_k_index,
             top_k_weights,
-            act_fn=experts.act_fn,
             lora=adapters,
             check_index_range=False,
+            **experts_structure(experts),
         )
 
     def get_delta_weight(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """``{"gate_up_proj": [E, 2I, H], "down_proj": [E, H, I]}``: what merging adds (zeros where not adapted)."""
-        gate_up, down = self._base_weights()
+        gate_up, down = stacked_expert_weights(self.get_base_layer())
         lora = self.experts_lora(adapter_name)
         inter = down.shape[2]
 

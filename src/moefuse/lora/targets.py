@@ -27,7 +27,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from peft.utils.other import get_pattern_key
 from torch import nn
 
-from ..experts import EXPERTS_IMPLEMENTATION, check_supported
+from ..experts import EXPERTS_IMPLEMENTATION, check_lora_supported
 
 PROJECTIONS = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
 _REQUESTS = (
@@ -169,7 +169,7 @@ def prepare_experts_targets(config: LoraConfig, model: nn.Module) -> None:
                 stacklevel=3,
             )
             continue
-        check_supported(experts)
+        check_lora_supported(experts, [request.projection for request in requests])
         _check_config(config, key)
         experts.__dict__[_REQUESTS] = requests
         config._register_custom_module({type(experts): ExpertsLoraLayer})

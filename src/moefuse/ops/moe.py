@@ -147,7 +147,8 @@ def fused_experts(
         gate_fn: the experts' own gating of the gate/up GEMM's rows ``[S, N] -> [S, I]`` in place of
             ``act_fn(gate) * up``: a Transformers experts class's ``_apply_gate`` (its layout, e.g. interleaved
             gate/up columns, and its clamps are its own), or the activation of experts without a gate, whose
-            ``gate_up_proj`` is then an up projection ``[E, I, H]``. Not with ``lora``.
+            ``gate_up_proj`` is then an up projection ``[E, I, H]``. With ``lora``, only gate_up (gate and up
+            together) and down factors.
         gate_up_bias: ``[E, N]`` added to the gate/up GEMM's rows of each expert (before the gating).
         down_bias: ``[E, H]`` added to the down GEMM's rows of each expert.
         post_fn: applied to each expert's output rows ``[S, H]`` before the routing weights (Transformers'
@@ -170,9 +171,10 @@ def fused_experts(
         paired=gate_fn is None,
         check_index_range=check_index_range,
     )
-    if lora and gate_fn is not None:
+    if gate_fn is not None and any(a.gate is not None or a.up is not None for a in lora):
         raise ValueError(
-            "fused_experts takes lora only with act_fn(gate) * up experts: a gate_fn's gate/up layout is its own"
+            "fused_experts takes gate and up LoRA apart only with act_fn(gate) * up experts: a gate_fn's gate/up "
+            "layout is its own; give the adapter gate_up (gate and up together) instead"
         )
     check_experts_lora(lora, gate_up_proj, down_proj)
     check_experts_biases(gate_up_bias, down_bias, gate_up_proj, down_proj)

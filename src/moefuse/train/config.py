@@ -114,9 +114,9 @@ class MoefuseTrainArguments:
     lora_target: str = field(
         default="all",
         metadata={
-            "help": "comma-separated module names, or all: q_proj,k_proj,v_proj,o_proj + the experts' "
-            "gate_up_proj (gate and up together, one A: PEFT target_parameters' LoRA) and down_proj; "
-            "gate_proj,up_proj adapt gate and up apart (moefuse experts)"
+            "help": "comma-separated module names, or all: q_proj,k_proj,v_proj,o_proj + the routed experts' "
+            "experts.gate_up_proj (gate and up together, one A: PEFT target_parameters' LoRA) and "
+            "experts.down_proj; gate_proj,up_proj adapt gate and up apart (moefuse experts)"
         },
     )
     expert_lora_rank: int | None = field(

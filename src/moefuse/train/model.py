@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -20,12 +21,19 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from ..bench.configs import experts_per_token
 from ..convert import CheckpointError, convert_lora
+from ..convert.engines import resolve
 from ..convert.lora import adapter_layout
-from ..experts import EXPERTS_IMPLEMENTATION, UnsupportedExpertsError, check_supported
+from ..convert.peft_params import PEFT_LAYOUT
+from ..experts import (
+    EXPERTS_IMPLEMENTATION,
+    UnsupportedExpertsError,
+    check_lora_supported,
+    check_supported,
+    experts_structure,
+)
 from ..lora import ATTENTION_PROJECTIONS
-from ..lora.targets import PROJECTIONS
+from ..lora.targets import PROJECTIONS, moefuse_experts
 from ..models import Qwen3MoeFusedForCausalLM
-from ..parallel import experts_modules
 from .builtin import TOKENIZER_DIR
 from .config import MoefuseTrainArguments, TrainConfigError
 
@@ -110,16 +118,48 @@ def check_model_config(config: PretrainedConfig, args: MoefuseTrainArguments) ->
         )
 
 
+def check_trainable(experts: nn.Module, args: MoefuseTrainArguments) -> None:
+    """Raise :class:`UnsupportedExpertsError` where moefuse cannot train these experts as ``args`` ask: QLoRA's
+    4-bit experts take plain gated experts; LoRA reaches any gating, biases and norms through gate_up_proj and
+    down_proj (gate_proj/up_proj apart need plain gating); full fine-tuning takes what moefuse computes."""
+    if (
+        args.adapter_format is not None
+        and resolve(args.adapter_format) != PEFT_LAYOUT
+        and not _rows_apart(experts)
+    ):
+        raise UnsupportedExpertsError(
+            f"adapter_format: {args.adapter_format} splits gate_up_proj's LoRA into gate and up halves, but "
+            f"{type(experts).__name__} interleaves the gate and up rows; write peft_target_parameters (vllm_3d)"
+        )
+    if args.finetuning_type == "qlora":
+        check_supported(experts)
+    elif args.finetuning_type == "lora" and args.adapter_name_or_path is None:
+        check_lora_supported(experts, [p for t in lora_targets(args) if (p := expert_projection(t))])
+    else:  # an adapter's own targets are checked when PEFT injects it
+        experts_structure(experts)
+
+
+def _rows_apart(experts: nn.Module) -> bool:
+    """Whether the experts' gate_up_proj holds the gate rows, then the up rows (not interleaved)."""
+    return getattr(experts, "is_concatenated", True)
+
+
+def gate_up_rows_apart(model: nn.Module) -> bool:
+    """Whether every moefuse experts module of ``model`` holds gate rows then up rows, so that LoRA on its
+    gate_up_proj splits into gate_proj and up_proj adapters (per-expert copies)."""
+    return all(_rows_apart(experts) for _, experts in moefuse_experts(model))
+
+
 def check_experts_structure(config: PretrainedConfig, args: MoefuseTrainArguments) -> None:
-    """Refuse, before any weight is loaded, experts that moefuse's expert LoRA and training cannot take (the
-    structure decides, not the model type): the model is built on the meta device and each experts module checked."""
+    """Refuse, before any weight is loaded, experts that moefuse cannot train as ``args`` ask (the structure
+    decides, not the model type): the model is built on the meta device and each experts module checked."""
     if args.experts_implementation != EXPERTS_IMPLEMENTATION:
         return
     from ..bench.shapes import meta_moe_blocks
 
     try:
         for block in meta_moe_blocks(config):
-            check_supported(block.experts)
+            check_trainable(block.experts, args)
     except UnsupportedExpertsError as error:
         raise TrainConfigError(f"model_name_or_path: {error}") from None
     except ValueError as error:  # Transformers refusing the config, e.g. an attention it does not have
@@ -207,9 +247,6 @@ def load_model(
             experts_implementation=source.config._experts_implementation,
             attn_implementation=source.config._attn_implementation,
         )
-    if on_moefuse:
-        for _, experts in experts_modules(model):
-            check_supported(experts)
     return model
 
 
@@ -217,9 +254,17 @@ def _names(value: str | None) -> list[str]:
     return [name.strip() for name in (value or "").split(",") if name.strip()]
 
 
-# "all": attention, and the experts' gate and up together (one A, as PEFT's target_parameters on Transformers'
-# experts) and down: the same adapter, parameter for parameter, on moefuse's experts and on Transformers' own.
-ALL_TARGETS = (*ATTENTION_PROJECTIONS, "gate_up_proj", "down_proj")
+# "all": attention, and the routed experts' gate and up together (one A, as PEFT's target_parameters on
+# Transformers' experts) and down: the same adapter, parameter for parameter, on moefuse's experts and on
+# Transformers' own ("experts." leaves shared experts and dense MLPs out, as target_parameters does).
+ALL_TARGETS = (*ATTENTION_PROJECTIONS, "experts.gate_up_proj", "experts.down_proj")
+
+
+def expert_projection(target: str) -> str | None:
+    """The experts' projection a ``lora_target`` name reaches (``gate_proj``, ``experts.gate_up_proj``, ...), or
+    None for other modules."""
+    head, _, name = target.rpartition(".")
+    return name if name in PROJECTIONS and head in ("", "experts") else None
 
 
 def lora_targets(args: MoefuseTrainArguments) -> list[str]:
@@ -238,7 +283,7 @@ def lora_config(args: MoefuseTrainArguments) -> LoraConfig:
     expert_alpha = (
         args.expert_lora_alpha if args.expert_lora_alpha is not None else alpha * expert_rank / args.lora_rank
     )
-    expert_targets = [p for p in PROJECTIONS if p in targets]
+    expert_targets = sorted({p for t in targets if (p := expert_projection(t)) is not None})
     common = dict(
         r=args.lora_rank,
         lora_alpha=alpha,
@@ -267,7 +312,7 @@ def lora_config(args: MoefuseTrainArguments) -> LoraConfig:
         {"experts.down_proj" if p == "down_proj" else "experts.gate_up_proj" for p in expert_targets}
     )
     return LoraConfig(
-        target_modules=[t for t in targets if t not in PROJECTIONS],
+        target_modules=[t for t in targets if expert_projection(t) is None],
         target_parameters=stacked or None,
         task_type="CAUSAL_LM",
         **common,
@@ -288,7 +333,7 @@ def apply_lora(model: PreTrainedModel, args: MoefuseTrainArguments, work_dir: Pa
     if args.adapter_name_or_path is None:
         try:
             return get_peft_model(model, lora_config(args), autocast_adapter_dtype=autocast)
-        except ValueError as e:  # PEFT: no target found, unsupported LoRA option on the experts
+        except (ValueError, UnsupportedExpertsError) as e:  # PEFT: no target found; what the experts refuse
             raise TrainConfigError(f"lora_target: {args.lora_target}: {e}") from e
     source = Path(args.adapter_name_or_path)
     try:
@@ -302,6 +347,6 @@ def apply_lora(model: PreTrainedModel, args: MoefuseTrainArguments, work_dir: Pa
         )
     # PEFT: ValueError/KeyError where the adapter's targets are not in this model, RuntimeError where its factors'
     # shapes do not fit it.
-    except (CheckpointError, ValueError, KeyError, RuntimeError) as e:
+    except (CheckpointError, ValueError, KeyError, RuntimeError, UnsupportedExpertsError) as e:
         reason = " ".join(str(e).split())  # PEFT's load errors run over several lines
         raise TrainConfigError(f"adapter_name_or_path: {args.adapter_name_or_path}: {reason}") from e

@@ -28,6 +28,7 @@ from .data import is_conversational, load_train_dataset
 from .model import (
     ModelSource,
     apply_lora,
+    gate_up_rows_apart,
     load_model,
     load_tokenizer,
     qlora_quantization,
@@ -238,7 +239,9 @@ def train(args: MoefuseTrainArguments, sft_config: SFTConfig) -> TrainResult:
     trainer.save_state()
     per_expert = in_format = None
     if args.finetuning_type in LORA_TYPES and trainer.is_world_process_zero():
-        per_expert, in_format = _adapter_copies(final_dir, output_dir, args.adapter_format)
+        per_expert, in_format = _adapter_copies(
+            final_dir, output_dir, args.adapter_format, gate_up_rows_apart(model)
+        )
     result = TrainResult(
         output_dir=output_dir,
         final_dir=final_dir,
@@ -259,16 +262,16 @@ def train(args: MoefuseTrainArguments, sft_config: SFTConfig) -> TrainResult:
 
 
 def _adapter_copies(
-    final_dir: Path, output_dir: Path, adapter_format: str | None
+    final_dir: Path, output_dir: Path, adapter_format: str | None, per_expert_copy: bool
 ) -> tuple[Path | None, Path | None]:
     """The trained adapter in PEFT's per-expert layout (written when its expert LoRA is moefuse's fused layout,
-    which vLLM does not read) and in ``adapter_format`` (when asked). An adapter without expert LoRA reads as it is
-    everywhere: no copies."""
+    which vLLM does not read, and ``per_expert_copy``) and in ``adapter_format`` (when asked). An adapter without
+    expert LoRA reads as it is everywhere: no copies."""
     layout = adapter_layout(final_dir)
     if layout is None:
         return None, None
     per_expert = None
-    if layout == "fused":
+    if layout == "fused" and per_expert_copy:
         per_expert = convert_lora_to_unfused(
             final_dir, output_dir / PER_EXPERT_ADAPTER_DIR, overwrite=True, progress=False
         )
