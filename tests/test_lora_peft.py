@@ -327,7 +327,7 @@ def test_gate_proj_apart_on_interleaved_experts_is_refused_naming_gate_up_proj()
 
     with pytest.raises(
         UnsupportedExpertsError,
-        match=r"'gpt_oss'.*interleave the gate and up rows, so LoRA on gate_proj apart",
+        match=r"'gpt_oss'.*, so LoRA on gate_proj apart cannot be placed; target gate_up_proj",
     ):
         get_peft_model(_fused_model("gpt_oss"), LoraConfig(r=4, target_modules=["gate_proj", "down_proj"]))
 

@@ -410,7 +410,8 @@ def test_experts_moefuse_cannot_take_are_refused_before_loading(tmp_path):
     ):
         run_train(None, [*argv, "--attn_implementation", "eager", "--finetuning_type", "qlora"])
     with pytest.raises(
-        TrainConfigError, match=r"interleave the gate and up rows, so LoRA on gate_proj and up_proj"
+        TrainConfigError,
+        match=r"so LoRA on gate_proj and up_proj apart cannot be placed; target gate_up_proj",
     ):
         run_train(
             None, [*argv, "--attn_implementation", "eager", "--lora_target", "gate_proj,up_proj,down_proj"]

@@ -129,7 +129,8 @@ def check_trainable(experts: nn.Module, args: MoefuseTrainArguments) -> None:
     ):
         raise UnsupportedExpertsError(
             f"adapter_format: {args.adapter_format} splits gate_up_proj's LoRA into gate and up halves, but "
-            f"{type(experts).__name__} interleaves the gate and up rows; write peft_target_parameters (vllm_3d)"
+            f"{type(experts).__name__} computes its own gate from the gate/up rows, in an order of its own "
+            "(GPT-OSS interleaves them); write peft_target_parameters (vllm_3d)"
         )
     if args.finetuning_type == "qlora":
         check_supported(experts)
@@ -140,13 +141,15 @@ def check_trainable(experts: nn.Module, args: MoefuseTrainArguments) -> None:
 
 
 def _rows_apart(experts: nn.Module) -> bool:
-    """Whether the experts' gate_up_proj holds the gate rows, then the up rows (not interleaved)."""
-    return getattr(experts, "is_concatenated", True)
+    """Whether the experts' gate_up_proj is known to hold the gate rows, then the up rows: they gate as
+    ``act_fn(gate) * up`` (a family's own gate orders its rows its own way: GPT-OSS interleaves them, and only
+    newer Transformers say so with ``is_concatenated``)."""
+    return "act_fn" in experts_structure(experts)
 
 
 def gate_up_rows_apart(model: nn.Module) -> bool:
-    """Whether every moefuse experts module of ``model`` holds gate rows then up rows, so that LoRA on its
-    gate_up_proj splits into gate_proj and up_proj adapters (per-expert copies)."""
+    """Whether every moefuse experts module of ``model`` holds gate rows then up rows (:func:`_rows_apart`), so
+    that LoRA on its gate_up_proj splits into gate_proj and up_proj adapters (per-expert copies)."""
     return all(_rows_apart(experts) for _, experts in moefuse_experts(model))
 
 
