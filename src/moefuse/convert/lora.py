@@ -105,30 +105,25 @@ def config_gate_up_apart(config: dict, where: object) -> dict:
             "of names only: give target_modules as a list"
         )
     if isinstance(targets, list):  # gate_up_proj, or experts.gate_up_proj, names gate and up
-        config["target_modules"] = sorted(
-            {
-                name
-                for target in targets
-                for name in (
-                    [target.removesuffix("gate_up_proj") + p for p in ("gate_proj", "up_proj")]
-                    if target.endswith("gate_up_proj")
-                    else [target]
-                )
-            }
-        )
+        config["target_modules"] = sorted(_apart_names(dict.fromkeys(targets)))
     for kind in ("rank_pattern", "alpha_pattern"):
-        patterns = config.get(kind) or {}
-        if any(key.endswith("gate_up_proj") for key in patterns):
-            config[kind] = {
-                new: value
-                for key, value in patterns.items()
-                for new in (
-                    [key[: -len("gate_up_proj")] + p for p in ("gate_proj", "up_proj")]
-                    if key.endswith("gate_up_proj")
-                    else [key]
-                )
-            }
+        if config.get(kind):
+            config[kind] = _apart_names(config[kind])
     return config
+
+
+def _apart_names(names: dict) -> dict:
+    """``names`` (target names or pattern keys, with their values) with each ``<stem>gate_up_proj`` as
+    ``<stem>gate_proj`` and ``<stem>up_proj``, both with its value."""
+    return {
+        new: value
+        for name, value in names.items()
+        for new in (
+            [name.removesuffix("gate_up_proj") + p for p in ("gate_proj", "up_proj")]
+            if name.endswith("gate_up_proj")
+            else [name]
+        )
+    }
 
 
 def gate_up_joined(
