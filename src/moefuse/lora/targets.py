@@ -1,15 +1,17 @@
-"""How PEFT finds the experts: ``target_modules`` names ``gate_proj``/``up_proj``/``down_proj``, or ``gate_up_proj``.
+"""How PEFT finds the experts: ``target_modules`` names ``gate_proj``/``up_proj``/``down_proj``, or
+``gate_up_proj``.
 
 Transformers stores a block's experts as one module (``mlp.experts``) with stacked parameters, so PEFT, which
 matches module names, sees no ``mlp.experts.gate_proj``. :func:`install` (run by ``import moefuse``) adds one
 rule to PEFT's LoRA injection: an experts module running on moefuse is targeted when any of
-``<key>.gate_proj``, ``<key>.up_proj``, ``<key>.gate_up_proj``, ``<key>.down_proj`` is, judged by PEFT's own matcher
-(so lists, regexes, ``exclude_modules`` and ``layers_to_transform`` behave as for any module), and it becomes an
-:class:`~moefuse.lora.layer.ExpertsLoraLayer` through PEFT's custom-module mechanism. Each projection's rank,
-alpha, rsLoRA and init come from the config for ``<key>.<projection>``. ``gate_proj`` and ``up_proj`` adapt gate
-and up apart (as PEFT's LoRA on per-expert ``nn.Linear`` experts); ``gate_up_proj`` adapts them together, one A
-for both (as PEFT's ``target_parameters`` on the stacked weight); an adapter takes one way or the other. ``get_peft_model``,
-``PeftModel.from_pretrained``, ``add_adapter`` and ``load_adapter`` all go through this injection.
+``<key>.gate_proj``, ``<key>.up_proj``, ``<key>.gate_up_proj``, ``<key>.down_proj`` is, judged by PEFT's own
+matcher (so lists, regexes, ``exclude_modules`` and ``layers_to_transform`` behave as for any module), and it
+becomes an :class:`~moefuse.lora.layer.ExpertsLoraLayer` through PEFT's custom-module mechanism. Each
+projection's rank, alpha, rsLoRA and init come from the config for ``<key>.<projection>``. ``gate_proj`` and
+``up_proj`` adapt gate and up apart (as PEFT's LoRA on per-expert ``nn.Linear`` experts); ``gate_up_proj``
+adapts them together, one A for both (as PEFT's ``target_parameters`` on the stacked weight); an adapter takes
+one way or the other. ``get_peft_model``, ``PeftModel.from_pretrained``, ``add_adapter`` and ``load_adapter``
+all go through this injection.
 """
 
 from __future__ import annotations
