@@ -355,14 +355,16 @@ def test_config_from_a_folder_and_clear_errors(tmp_path):
         load_config(str(tmp_path / "missing" / "x"))
 
 
-def test_tiny_block_of_another_family(tmp_path, one_thread):
-    """Mixtral names its experts differently; the block level runs it all the same."""
-    out = tmp_path / "mixtral.json"
+@pytest.mark.parametrize("name,model_type", [("mixtral-8x7b", "mixtral"), ("gpt-oss-20b", "gpt_oss")])
+def test_tiny_block_of_another_family(tmp_path, one_thread, name, model_type):
+    """Mixtral names its experts differently, GPT-OSS's run composed (biases, interleaved rows, a clamped
+    SwiGLU); the block level runs them all the same."""
+    out = tmp_path / f"{name}.json"
     argv = [
         "bench",
         *FAST,
         "--config",
-        "mixtral-8x7b",
+        name,
         "--tokens",
         "16",
         "--modes",
@@ -372,7 +374,7 @@ def test_tiny_block_of_another_family(tmp_path, one_thread):
     ]
     assert main(argv) == 0
     result = json.loads(out.read_text())
-    assert result["config"]["model_type"] == "mixtral" and len(result["rows"]) == 3
+    assert result["config"]["model_type"] == model_type and len(result["rows"]) == 3
     assert all(r["tflops"] > 0 and r["check"]["ok"] for r in result["rows"])
 
 

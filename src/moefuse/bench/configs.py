@@ -77,6 +77,25 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
     ),
+    # Biases, interleaved gate/up rows and a clamped SwiGLU (swiglu_limit): experts moefuse runs composed.
+    "gpt-oss-20b": dict(
+        model_type="gpt_oss",
+        hidden_size=2880,
+        intermediate_size=2880,
+        num_local_experts=32,
+        num_experts_per_tok=4,
+        num_hidden_layers=24,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=201088,
+        max_position_embeddings=131072,
+        sliding_window=128,
+        rope_theta=150000.0,
+        rms_norm_eps=1e-5,
+        swiglu_limit=7.0,
+        tie_word_embeddings=False,
+    ),
 }
 BUILTIN_CONFIGS["tiny"] = json.loads((files("moefuse") / "data" / "tiny-qwen3-moe.json").read_text())
 DEFAULT_CONFIG = "qwen3-30b-a3b"
