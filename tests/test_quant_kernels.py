@@ -76,30 +76,49 @@ def test_moe_fused_linear_4bit(backend, dtype):
     assert_close(x.grad, torch.einsum("rn,rnk->rk", dy.double(), dense[ids]), dtype, "grad input")
 
 
-def _lora(experts: int, hidden: int, inter: int, rank: int, dtype: torch.dtype, dropout=None) -> ExpertsLora:
+PAIRS = ("gate", "up", "down", "gate_up")
+
+
+def _lora(
+    experts: int, hidden: int, inter: int, rank: int, dtype: torch.dtype, dropout=None, together: bool = False
+) -> ExpertsLora:
+    """LoRA on gate and up apart, or together (gate_up), and on down."""
+
     def weights(out_features: int, in_features: int, scaling: float) -> LoraWeights:
         a = randn(experts, rank, in_features, dtype=dtype, scale=in_features**-0.5).requires_grad_()
         b = randn(experts, out_features, rank, dtype=dtype, scale=0.3).requires_grad_()
         return LoraWeights(a, b, scaling)
 
+    if together:
+        return ExpertsLora(
+            gate_up=weights(2 * inter, hidden, 0.5), down=weights(hidden, inter, 1.0), dropout=dropout
+        )
     return ExpertsLora(
         weights(inter, hidden, 0.5), weights(inter, hidden, 2.0), weights(hidden, inter, 1.0), dropout
     )
 
 
 def _double(adapter: ExpertsLora) -> ExpertsLora:
-    def cast(w: LoraWeights) -> LoraWeights:
+    def cast(w: LoraWeights | None) -> LoraWeights | None:
+        if w is None:
+            return None
         return LoraWeights(
             w.lora_A.detach().double().requires_grad_(),
             w.lora_B.detach().double().requires_grad_(),
             w.scaling,
         )
 
-    return ExpertsLora(cast(adapter.gate), cast(adapter.up), cast(adapter.down), adapter.dropout)
+    return ExpertsLora(**{name: cast(getattr(adapter, name)) for name in PAIRS}, dropout=adapter.dropout)
 
 
 def _factors(adapters: list[ExpertsLora]) -> list[torch.Tensor]:
-    return [f for a in adapters for w in (a.gate, a.up, a.down) for f in (w.lora_A, w.lora_B)]
+    return [
+        f
+        for a in adapters
+        for w in (getattr(a, name) for name in PAIRS)
+        if w is not None
+        for f in (w.lora_A, w.lora_B)
+    ]
 
 
 EXPERT_CASES = [
@@ -112,7 +131,7 @@ EXPERT_CASES = [
 
 
 def _check_fused_experts(
-    tokens, hidden, inter, experts, top_k, unused, adapters, rank, dtype, fmt=FORMATS[0]
+    tokens, hidden, inter, experts, top_k, unused, adapters, rank, dtype, fmt=FORMATS[0], together=False
 ) -> None:
     """Output and every gradient (input, routing weights, LoRA factors) of ``fused_experts`` on 4-bit weights
     against the fp64 reference loop on the dequantised weights; the 4-bit weights take no gradient."""
@@ -123,7 +142,7 @@ def _check_fused_experts(
         torch.randn(tokens, experts - unused, device=DEVICE).softmax(-1), top_k, dim=-1
     )
     weights = weights.to(dtype).requires_grad_()
-    lora = [_lora(experts, hidden, inter, rank, dtype) for _ in range(adapters)]
+    lora = [_lora(experts, hidden, inter, rank, dtype, together=together) for _ in range(adapters)]
     out = moefuse.fused_experts(x, gate_up, down, index, weights, lora=lora)
     grad = randn(*out.shape, dtype=dtype)
     out.backward(grad)
@@ -141,10 +160,13 @@ def _check_fused_experts(
         assert_close(got.grad, want.grad, dtype, "grad LoRA factor")
 
 
+@pytest.mark.parametrize("together", [False, True], ids=["gate-up-apart", "gate-up-together"])
 @pytest.mark.parametrize("backend,tokens,experts,top_k,unused,adapters", EXPERT_CASES)
-def test_fused_experts_on_4bit_weights(backend, tokens, experts, top_k, unused, adapters):
+def test_fused_experts_on_4bit_weights(backend, tokens, experts, top_k, unused, adapters, together):
     with use_backend(backend):
-        _check_fused_experts(tokens, 32, 13, experts, top_k, unused, adapters, 4, torch.float32)
+        _check_fused_experts(
+            tokens, 32, 13, experts, top_k, unused, adapters, 4, torch.float32, together=together
+        )
 
 
 def test_4bit_weights_must_be_frozen():
@@ -161,6 +183,7 @@ def test_4bit_weights_must_be_frozen():
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [64, 2048])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_fused_experts_4bit_bf16_gpu(tokens, fmt):
+@pytest.mark.parametrize("together", [False, True], ids=["gate-up-apart", "gate-up-together"])
+def test_fused_experts_4bit_bf16_gpu(tokens, fmt, together):
     """bf16 on the GPU at Qwen3-30B-A3B widths (32 experts to keep it short), LoRA r16."""
-    _check_fused_experts(tokens, 2048, 768, 32, 8, 0, 1, 16, torch.bfloat16, fmt)
+    _check_fused_experts(tokens, 2048, 768, 32, 8, 0, 1, 16, torch.bfloat16, fmt, together=together)
