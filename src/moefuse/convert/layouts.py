@@ -112,7 +112,8 @@ def _parse(kind: str, layout: str, name: str) -> _Found | None:
     return _Found(prefix, item, None if expert is None else int(expert))
 
 
-def _mixtral_stem(prefix: str) -> str:
+def mixtral_stem(prefix: str) -> str:
+    """A block's prefix (``<...>.mlp``) without the block's name, to which Mixtral's names add theirs."""
     if not prefix.endswith(BLOCK):
         raise CheckpointError(
             f"{prefix}: the mixtral layout names a block <...>{MIXTRAL_BLOCK}, which stands for <...>{BLOCK}; "
@@ -134,7 +135,9 @@ def lora_layout_for(layout: str) -> str:
 def _stored_name(kind: str, layout: str, prefix: str, item: str, expert: int | None = None) -> str:
     if layout == "mixtral":
         projection, _, rest = item.partition("_proj") if kind == LORA else (item, "", "")
-        return f"{_mixtral_stem(prefix)}{MIXTRAL_BLOCK}.experts.{expert}.{MIXTRAL_NAMES[projection]}{rest}.weight"
+        return (
+            f"{mixtral_stem(prefix)}{MIXTRAL_BLOCK}.experts.{expert}.{MIXTRAL_NAMES[projection]}{rest}.weight"
+        )
     if kind == MODEL:
         if layout == "per_expert":
             return f"{prefix}.experts.{expert}.{item}_proj.weight"
@@ -439,7 +442,7 @@ def _block_renames(blocks: list[ExpertBlock], in_layout: str, out_layout: str) -
     ``<...>.block_sparse_moe`` against ``<...>.mlp``): the block's other tensors (the router) move with it."""
     if (in_layout == "mixtral") == (out_layout == "mixtral"):
         return {}
-    pairs = [(_mixtral_stem(block.prefix) + MIXTRAL_BLOCK, block.prefix) for block in blocks]
+    pairs = [(mixtral_stem(block.prefix) + MIXTRAL_BLOCK, block.prefix) for block in blocks]
     return dict(pairs) if in_layout == "mixtral" else {canonical: mixtral for mixtral, canonical in pairs}
 
 

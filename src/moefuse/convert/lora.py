@@ -39,6 +39,7 @@ from .layouts import (
     Planned,
     detect_lora_layout,
     find_blocks,
+    mixtral_stem,
     plan_conversion,
     read_planned,
 )
@@ -260,7 +261,7 @@ def _rewrite_patterns(patterns: dict, in_layout: str, out_layout: str, num_exper
         if out_layout == "per_expert":
             keys = [f"{head}.experts.{e}.{proj}" for e in range(num_experts)]
         elif out_layout == "mixtral":
-            stem = head.removesuffix(BLOCK)
+            stem = mixtral_stem(head)
             keys = [f"{stem}{MIXTRAL_BLOCK}.experts.{e}.{_TO_MIXTRAL[proj]}" for e in range(num_experts)]
         elif out_layout == "fused":
             keys = [f"{head}.experts.{proj}"]
