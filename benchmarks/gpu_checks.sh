@@ -2,10 +2,13 @@
 # On a GPU machine, from the repository root, moefuse uninstalled (PYTHONPATH=src):
 #   bash benchmarks/gpu_checks.sh tests OUT      the GPU-marked tests; their summary to OUT/gpu-tests-<commit>.txt
 #   bash benchmarks/gpu_checks.sh block OUT N    N runs of the MoE block, eager and compiled, moefuse and grouped_mm
+#   bash benchmarks/gpu_checks.sh families OUT N N runs of the MoE block of other families' published shapes
+#        (gpt-oss-20b: composed on moefuse; mixtral-8x7b, olmoe-1b-7b), moefuse and grouped_mm, eager
 #   bash benchmarks/gpu_checks.sh train48 OUT NAME [moefuse train keys...]
 #        one 48-layer moefuse train run at Qwen3-30B-A3B dims (LoRA r16, packed 2048-token rows, checkpointing;
 #        the keys given are added, e.g. --per_device_train_batch_size 4 --experts_implementation grouped_mm);
-#        its summary kept as OUT/NAME_<commit>_run<n>.json, n the first number not yet taken
+#        its summary kept as OUT/NAME_<commit>_run<n>.json
+# Every file is OUT/<name>_<commit>_run<n>.json, n the first number not yet taken: runs are kept.
 # A copy of the tree without .git names its commit by the stamp written here first:
 #   python -m moefuse.bench.provenance   (then carry .moefuse-provenance.json with the tree)
 set -euo pipefail
@@ -17,6 +20,12 @@ commit=$(python -c "from moefuse.bench.provenance import commit_label, source_pr
 # In file names '-dirty', not '+dirty': the GPU machines' output folder hands back letters, digits, '_' and '-' only.
 label=${commit:0:7}
 if [[ $commit == *+dirty ]]; then label+=-dirty; fi
+
+next_run() {  # OUT/$1_<commit>_run<n>.json, n the first number not yet taken
+    local n=1
+    while [[ -e "$out/${1}_${label}_run$n.json" ]]; do n=$((n + 1)); done
+    echo "$out/${1}_${label}_run$n.json"
+}
 
 case "$what" in
 tests)
@@ -31,10 +40,19 @@ tests)
     ;;
 block)
     runs=${3:-3}
-    for i in $(seq "$runs"); do
+    for _ in $(seq "$runs"); do
         python -m moefuse.cli bench --level block --config qwen3-30b-a3b --tokens 4096,16384 --modes fwd+bwd \
             --implementations moefuse,grouped_mm,moefuse+compile,grouped_mm+compile --quiet \
-            --output "$out/block_compile_qwen3-30b-a3b_${label}_run$i.json"
+            --output "$(next_run block_compile_qwen3-30b-a3b)"
+    done
+    ;;
+families)
+    runs=${3:-3}
+    for _ in $(seq "$runs"); do
+        for config in gpt-oss-20b mixtral-8x7b olmoe-1b-7b; do
+            python -m moefuse.cli bench --level block --config "$config" --tokens 4096,16384 --modes fwd+bwd \
+                --implementations moefuse,grouped_mm --quiet --output "$(next_run "block_$config")"
+        done
     done
     ;;
 train48)
@@ -47,13 +65,11 @@ train48)
         --max_length 2048 --per_device_train_batch_size 1 --lora_rank 16 --learning_rate 1e-4 \
         --gradient_checkpointing true --max_steps 12 --logging_steps 3 --gpu_busy_steps 2 --save_strategy no \
         --save_base_model false "$@" --output_dir "$work"
-    n=1
-    while [[ -e "$out/${name}_${label}_run$n.json" ]]; do n=$((n + 1)); done
-    cp "$work/moefuse_train_summary.json" "$out/${name}_${label}_run$n.json"
+    cp "$work/moefuse_train_summary.json" "$(next_run "$name")"
     rm -rf "$work"
     ;;
 *)
-    echo "usage: $0 tests|block|train48 OUT [RUNS | NAME KEYS...]" >&2
+    echo "usage: $0 tests|block|families|train48 OUT [RUNS | NAME KEYS...]" >&2
     exit 2
     ;;
 esac
