@@ -22,7 +22,7 @@ from transformers.integrations import moe as transformers_moe
 
 import moefuse
 from conftest import randomize_
-from moefuse.experts import experts_structure, stacked_expert_weights
+from moefuse.experts import check_lora_supported, experts_structure, lora_refusal, stacked_expert_weights
 from moefuse.ops.backend import use_backend
 from moefuse.ops.lora import ExpertsLora, LoraWeights
 from moefuse.ops.plan import activation_name
@@ -178,6 +178,63 @@ def test_matches_eager_or_is_refused(family, experts_class, config_classes):
         _check_against_eager(experts)
     except moefuse.UnsupportedExpertsError as refusal:
         assert f"model type '{config.model_type}'" in str(refusal) and experts_class.__name__ in str(refusal)
+
+
+@pytest.mark.parametrize(
+    "family, experts_class, config_classes",
+    EXPERTS_CLASSES,
+    ids=[f"{f}-{c.__name__}" for f, c, _ in EXPERTS_CLASSES],
+)
+def test_gate_up_lora_is_the_lora_of_the_stacked_weights_or_is_refused(family, experts_class, config_classes):
+    """LoRA on gate_up_proj (gate and up together) and down_proj gives, whatever the family's gating, biases or
+    norms, what eager gives with the weights ``W + scaling * B @ A`` (PEFT's ``target_parameters`` LoRA):
+    output and the factors' gradients; or the family is refused naming its structure."""
+    experts, config = toy_experts(experts_class, config_classes)
+    refusal = lora_refusal(experts, ("gate_up_proj", "down_proj"))
+    if refusal is not None:
+        with pytest.raises(moefuse.UnsupportedExpertsError, match=f"model type '{config.model_type}'"):
+            check_lora_supported(experts, ("gate_up_proj", "down_proj"))
+        return
+    g = torch.Generator().manual_seed(1)
+    gate_up, down = stacked_expert_weights(experts)
+    num_experts, rows, hidden = gate_up.shape
+    inter, rank = down.shape[2], 3
+
+    def factors(out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.randn(num_experts, rank, in_features, generator=g) / in_features**0.5
+        b = torch.randn(num_experts, out_features, rank, generator=g) / rank**0.5
+        return a.requires_grad_(), b.requires_grad_()
+
+    pairs = {"gate_up_proj": (*factors(rows, hidden), 0.5), "down_proj": (*factors(hidden, inter), 2.0)}
+    lora = ExpertsLora(gate_up=LoraWeights(*pairs["gate_up_proj"]), down=LoraWeights(*pairs["down_proj"]))
+    hidden_states = 2 * torch.randn(TOKENS, hidden, generator=g)
+    top_k_index = torch.rand(TOKENS, num_experts, generator=g).argsort(dim=1)[:, :TOP_K]
+    top_k_weights = torch.rand(TOKENS, TOP_K, generator=g)
+    grad_out = torch.randn(TOKENS, hidden, generator=g)
+
+    out = moefuse.fused_experts(
+        hidden_states, gate_up, down, top_k_index, top_k_weights, lora=[lora], **experts_structure(experts)
+    )
+    out.backward(grad_out)
+    got = [t.grad.clone() for name in pairs for t in pairs[name][:2]]
+    for name in pairs:
+        for t in pairs[name][:2]:
+            t.grad = None
+
+    # eager with the merged weights, as a function of the factors (stored transposed where the family does)
+    merged = {}
+    for name, (a, b, scaling) in pairs.items():
+        delta = scaling * torch.bmm(b, a)
+        stored = getattr(experts, name)
+        merged[name] = stored + (delta.transpose(1, 2) if getattr(experts, "is_transposed", False) else delta)
+    experts.config._experts_implementation = "eager"
+    ref = torch.func.functional_call(experts, merged, (hidden_states, top_k_index, top_k_weights))
+    ref.backward(grad_out)
+    want = [t.grad for name in pairs for t in pairs[name][:2]]
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * scale)
+    for g_got, g_want in zip(got, want, strict=True):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-5 * max(g_want.abs().max().item(), 1.0))
 
 
 def _fused_activation(experts: torch.nn.Module) -> str | None:
