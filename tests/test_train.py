@@ -489,7 +489,7 @@ def test_one_adapter_trains_to_the_same_losses_on_moefuse_and_on_grouped_mm(tmp_
     losses step after step (fp32, CPU)."""
     lr = ["--learning_rate", "1e-2", "--logging_steps", "1"]
     start = _trained_on_grouped_mm(tmp_path / "s", *lr)
-    losses = {}
+    losses, setups = {}, {}
     for implementation in ("grouped_mm", "moefuse"):
         result = run_train(
             None,
@@ -497,6 +497,8 @@ def test_one_adapter_trains_to_the_same_losses_on_moefuse_and_on_grouped_mm(tmp_
             + ["--experts_implementation", implementation, "--output_dir", str(tmp_path / implementation)],
         )
         losses[implementation] = torch.tensor(result.losses)
+        setups[implementation] = json.loads((result.output_dir / SUMMARY_FILE).read_text())["setup"]
+    assert setups["moefuse"]["trainable_parameters"] == setups["grouped_mm"]["trainable_parameters"] > 0
     assert len(losses["moefuse"]) == 6 and not torch.equal(losses["moefuse"][0], losses["moefuse"][-1])
     torch.testing.assert_close(losses["moefuse"], losses["grouped_mm"], rtol=1e-4, atol=0)
 

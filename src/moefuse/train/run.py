@@ -304,6 +304,9 @@ def _summary_record(result: TrainResult, args: MoefuseTrainArguments, sft_config
             "gradient_checkpointing": sft_config.gradient_checkpointing,
             "fused_norm": args.fused_norm,
             "lora_rank": args.lora_rank if args.finetuning_type in LORA_TYPES else None,
+            "lora_target": args.lora_target if args.finetuning_type in LORA_TYPES else None,
+            # equal on both sides of a like-for-like comparison (the same adapter, parameter for parameter)
+            "trainable_parameters": sum(p.numel() for p in result.model.parameters() if p.requires_grad),
             "lora_dtype": args.lora_dtype if args.finetuning_type in LORA_TYPES else None,
             "max_grad_norm": sft_config.max_grad_norm,
             "seed": sft_config.seed,
