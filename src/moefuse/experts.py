@@ -85,7 +85,7 @@ def lora_refusal(experts: torch.nn.Module, projections: Collection[str]) -> str 
     if not getattr(experts, "has_gate", True):
         return "have no gate (a plain up projection)"
     apart = sorted({"gate_proj", "up_proj"} & set(projections))
-    if apart and "gate_fn" in experts_structure(experts):
+    if apart and not gate_and_up_apart(experts):
         gating = (
             "interleave the gate and up rows"
             if not getattr(experts, "is_concatenated", True)
@@ -117,6 +117,14 @@ def check_supported(experts: torch.nn.Module) -> None:
             "moefuse's 4-bit experts and expert parallelism take gated experts stored as gate_up_proj "
             f"[E, 2I, H] and down_proj [E, H, I] without bias (tested: {', '.join(SUPPORTED_FAMILIES)}). ",
         )
+
+
+def gate_and_up_apart(experts: torch.nn.Module) -> bool:
+    """Whether the experts' gate_up_proj is known to hold the gate rows, then the up rows: they gate as
+    ``act_fn(gate) * up``, so LoRA can be placed on gate and up apart and gate_up_proj's LoRA splits into theirs
+    (a family's own gate orders its rows its own way: GPT-OSS interleaves them, and only newer Transformers say
+    so with ``is_concatenated``)."""
+    return "act_fn" in experts_structure(experts)
 
 
 def check_lora_supported(experts: torch.nn.Module, projections: Collection[str]) -> None:

@@ -30,6 +30,7 @@ from ..experts import (
     check_lora_supported,
     check_supported,
     experts_structure,
+    gate_and_up_apart,
 )
 from ..lora import ATTENTION_PROJECTIONS
 from ..lora.targets import PROJECTIONS, moefuse_experts
@@ -125,7 +126,7 @@ def check_trainable(experts: nn.Module, args: MoefuseTrainArguments) -> None:
     if (
         args.adapter_format is not None
         and resolve(args.adapter_format) != PEFT_LAYOUT
-        and not _rows_apart(experts)
+        and not gate_and_up_apart(experts)
     ):
         raise UnsupportedExpertsError(
             f"adapter_format: {args.adapter_format} splits gate_up_proj's LoRA into gate and up halves, but "
@@ -140,17 +141,11 @@ def check_trainable(experts: nn.Module, args: MoefuseTrainArguments) -> None:
         experts_structure(experts)
 
 
-def _rows_apart(experts: nn.Module) -> bool:
-    """Whether the experts' gate_up_proj is known to hold the gate rows, then the up rows: they gate as
-    ``act_fn(gate) * up`` (a family's own gate orders its rows its own way: GPT-OSS interleaves them, and only
-    newer Transformers say so with ``is_concatenated``)."""
-    return "act_fn" in experts_structure(experts)
-
-
 def gate_up_rows_apart(model: nn.Module) -> bool:
-    """Whether every moefuse experts module of ``model`` holds gate rows then up rows (:func:`_rows_apart`), so
-    that LoRA on its gate_up_proj splits into gate_proj and up_proj adapters (per-expert copies)."""
-    return all(_rows_apart(experts) for _, experts in moefuse_experts(model))
+    """Whether every moefuse experts module of ``model`` holds gate rows then up rows
+    (:func:`~moefuse.experts.gate_and_up_apart`), so that LoRA on its gate_up_proj splits into gate_proj and
+    up_proj adapters (per-expert copies)."""
+    return all(gate_and_up_apart(experts) for _, experts in moefuse_experts(model))
 
 
 def check_experts_structure(config: PretrainedConfig, args: MoefuseTrainArguments) -> None:

@@ -86,11 +86,15 @@ def _base_model_dir(source: ModelSource, sft_config: SFTConfig, resume: str | No
     return output_dir / BASE_MODEL_DIR
 
 
+def _trainable_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def _describe(
     model: PreTrainedModel, args: MoefuseTrainArguments, source: ModelSource, rows: int, sft
 ) -> str:
     total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = _trainable_parameters(model)
     config = source.config
     experts = num_experts(config)
     return (
@@ -306,7 +310,7 @@ def _summary_record(result: TrainResult, args: MoefuseTrainArguments, sft_config
             "lora_rank": args.lora_rank if args.finetuning_type in LORA_TYPES else None,
             "lora_target": args.lora_target if args.finetuning_type in LORA_TYPES else None,
             # equal on both sides of a like-for-like comparison (the same adapter, parameter for parameter)
-            "trainable_parameters": sum(p.numel() for p in result.model.parameters() if p.requires_grad),
+            "trainable_parameters": _trainable_parameters(result.model),
             "lora_dtype": args.lora_dtype if args.finetuning_type in LORA_TYPES else None,
             "max_grad_norm": sft_config.max_grad_norm,
             "seed": sft_config.seed,
