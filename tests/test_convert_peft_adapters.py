@@ -240,6 +240,31 @@ def _refused(source: Path, target: Path, match: str, layout: str = "per_expert")
     )
 
 
+def test_routed_experts_targets_are_named_per_expert_and_a_pattern_naming_gate_up_proj_is_refused(tmp_path):
+    """moefuse train's targets name the routed experts (experts.gate_up_proj): a per-expert module is
+    experts.<e>.gate_proj, so the per-expert copy names gate_proj and up_proj. A target_modules pattern (a string)
+    that names gate_up_proj cannot be rewritten: refused in one line, nothing written."""
+    config = LoraConfig(
+        r=R, lora_alpha=8, target_modules=["q_proj", "experts.gate_up_proj", "experts.down_proj"]
+    )
+    model = get_peft_model(_base("moefuse"), config)
+    _randomize_lora_(model, seed=4)
+    path = tmp_path / "routed"
+    model.save_pretrained(path)
+    per_expert = convert_lora(path, tmp_path / "per_expert", "per_expert", progress=False)
+    assert json.loads((per_expert / CONFIG).read_text())["target_modules"] == [
+        "down_proj", "gate_proj", "q_proj", "up_proj",
+    ]  # fmt: skip
+    pattern = tmp_path / "pattern"
+    pattern.mkdir()
+    (pattern / WEIGHTS).write_bytes((path / WEIGHTS).read_bytes())
+    written = json.loads((path / CONFIG).read_text())
+    (pattern / CONFIG).write_text(
+        json.dumps({**written, "target_modules": r".*\.(q_proj|experts\.gate_up_proj)"})
+    )
+    _refused(pattern, tmp_path / "out", "target_modules is the pattern .* which names gate_up_proj")
+
+
 def _same_tensors_dict(x: dict, y: dict) -> bool:
     """Same names (a block's tensors may come in another order), dtypes, shapes and bits."""
     return sorted(x) == sorted(y) and all(x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]) for k in x)
