@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 import moefuse
 from conftest import randomize_, tiny_config
 from moefuse.ops.backend import use_backend
+from moefuse.ops.gating import SWIGLU, Gating
 from moefuse.ops.moe_triton import _experts_backward_op, _experts_op, _saved_present
 
 pytestmark = pytest.mark.interpreter  # the operators run the Triton kernels (interpreted on the CPU)
@@ -27,10 +28,15 @@ def _fresh_dynamo():
 
 
 def _operator_args(
-    lora: bool, trained: bool, tokens: int = 7, activation: str = "silu", together: bool = False
+    lora: bool,
+    trained: bool,
+    tokens: int = 7,
+    gating: Gating = SWIGLU,
+    together: bool = False,
+    biases: bool = False,
 ) -> tuple:
     """The experts operator's arguments; with ``together`` the LoRA's first pair is gate_up's (B ``[E, 2I, r]``)
-    and up has none."""
+    and up has none; with ``biases`` both projections have them (trained as the base weights are)."""
     torch.manual_seed(0)
     experts, hidden, inter, top_k = 4, 16, 8, 2
     x = torch.randn(tokens, hidden, requires_grad=True)
@@ -52,7 +58,11 @@ def _operator_args(
         if together:
             factors[1:4] = [torch.randn(experts, 2 * inter, rank, requires_grad=True), None, None]
     scalings = [2.0, 2.0, 0.5] if lora else [0.0, 0.0, 0.0]
-    # ..., scalings, activation, lora_dropout, store_gate_up, prescaled_h, and the three grouped_mm choices
+    bias_tensors = [None, None]
+    if biases:
+        bias_tensors = [torch.randn(experts, 2 * inter).requires_grad_(trained), torch.randn(experts, hidden)]
+        bias_tensors[1].requires_grad_(trained)
+    # ..., biases, scalings, the gating's fields, lora_dropout, store_gate_up, prescaled_h, the grouped_mm choices
     return (
         x,
         gate_up,
@@ -60,59 +70,75 @@ def _operator_args(
         index,
         weights,
         *factors,
+        *bias_tensors,
         scalings,
-        activation,
+        *_gating_fields(gating),
         0.0,
         True,
-        trained and not lora,
+        trained and not lora and not biases,
         False,
         False,
         False,
     )
 
 
+def _gating_fields(gating: Gating) -> tuple:
+    return (gating.activation, gating.alpha, gating.limit, gating.up_shift, gating.interleaved)
+
+
+GPT_OSS = Gating("silu", alpha=1.702, limit=0.5, up_shift=1.0, interleaved=True)
+
+
 @pytest.mark.parametrize(
-    "lora,trained,tokens,activation",
+    "lora,trained,tokens,gating,biases",
     [
-        (False, True, 7, "silu"),
-        (True, False, 7, "silu"),
-        (True, True, 7, "gelu_tanh"),
-        (True, False, 0, "silu"),
-        (False, True, 1, "gelu_tanh"),
+        (False, True, 7, SWIGLU, False),
+        (True, False, 7, SWIGLU, False),
+        (True, True, 7, Gating("gelu_tanh"), False),
+        (True, False, 0, SWIGLU, False),
+        (False, True, 1, Gating("gelu_tanh"), False),
+        (False, True, 7, GPT_OSS, True),
     ],
 )
-def test_experts_operator_opcheck(lora, trained, tokens, activation):
-    torch.library.opcheck(_experts_op, _operator_args(lora, trained, tokens, activation))
+def test_experts_operator_opcheck(lora, trained, tokens, gating, biases):
+    args = _operator_args(lora, trained, tokens, gating, together=lora and biases, biases=biases)
+    torch.library.opcheck(_experts_op, args)
 
 
-@pytest.mark.parametrize("lora,together", [(False, False), (True, False), (True, True)])
-def test_experts_backward_operator_opcheck(lora, together):
-    args = _operator_args(lora, trained=not lora, together=together)
+@pytest.mark.parametrize(
+    "lora,together,biases",
+    [(False, False, False), (True, False, False), (True, True, False), (False, False, True)],
+)
+def test_experts_backward_operator_opcheck(lora, together, biases):
+    gating = GPT_OSS if biases else SWIGLU
+    args = _operator_args(lora, trained=not lora, gating=gating, together=together, biases=biases)
     if together:
         torch.library.opcheck(_experts_op, args)
     outputs = _experts_op(*args)
     x, gate_up, down, index = args[:4]
+    down_bias = args[12]
     ranks = ([2, 0, 2] if together else [2, 2, 2]) if lora else [0, 0, 0]
     present = _saved_present(ranks, lora_dropout=0.0, store_gate_up=True)
     saved = [t if there else None for t, there in zip(outputs[6:], present, strict=True)]
-    needs = [True, not lora, not lora, True, *(f is not None for f in args[5:11])]
+    needs = [True, not lora, not lora, True, *(f is not None for f in args[5:13])]
     backward_args = (
         torch.randn_like(outputs[0]),
         x.detach(),
         gate_up.detach(),
         down.detach(),
+        None if down_bias is None else down_bias.detach(),
         *outputs[1:6],
         index.shape[1],
         saved,
         ranks,
         together,
-        list(args[11]),
+        list(args[13]),
         torch.float32,
         torch.float32,
         needs,
-        "silu",
+        *_gating_fields(gating),
         0.0,
-        not lora,
+        not lora and not biases,
         False,
         False,
     )

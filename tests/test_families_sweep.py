@@ -24,8 +24,8 @@ import moefuse
 from conftest import randomize_
 from moefuse.experts import check_lora_supported, experts_structure, lora_refusal, stacked_expert_weights
 from moefuse.ops.backend import use_backend
+from moefuse.ops.gating import SWIGLU, Gating, gating_of
 from moefuse.ops.lora import ExpertsLora, LoraWeights
-from moefuse.ops.plan import activation_name
 
 TOY = {"experts": 4, "hidden": 16, "intermediate": 8}
 TOP_K = 2
@@ -237,34 +237,41 @@ def test_gate_up_lora_is_the_lora_of_the_stacked_weights_or_is_refused(family, e
         torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-5 * max(g_want.abs().max().item(), 1.0))
 
 
-def _fused_activation(experts: torch.nn.Module) -> str | None:
-    """The activation the fused Triton path computes for these experts, or ``None`` where they run composed."""
+def _fused_gating(experts: torch.nn.Module) -> Gating | None:
+    """The gating the fused Triton path computes for these experts, or ``None`` where they run composed."""
     try:
         structure = experts_structure(experts)
     except moefuse.UnsupportedExpertsError:
         return None
-    return activation_name(structure["act_fn"]) if set(structure) == {"act_fn"} else None
+    if "post_fn" in structure:
+        return None
+    return gating_of(structure.get("act_fn"), structure.get("gate_fn"))
 
 
 def test_gated_families_run_fused_on_the_triton_kernels(monkeypatch):
-    """Every family whose experts are plain ``act(gate) * up`` with GELU's tanh form (Gemma 4's), and a SiLU one,
-    run the fused Triton path (interpreted on a CPU) with eager's output and gradients."""
+    """Every family whose experts gate as the kernels compute other than plain SwiGLU (GELU's tanh form, Gemma 4's;
+    GPT-OSS's clamped SwiGLU with biases and interleaved rows; other clamped gates), and a SwiGLU one, run the fused
+    Triton path (interpreted on a CPU) with eager's output and gradients."""
     from moefuse.ops import moe_triton
 
     fused = []
     original = moe_triton.triton_fused_experts
-    monkeypatch.setattr(moe_triton, "triton_fused_experts", lambda *a: fused.append(a[-1]) or original(*a))
+    monkeypatch.setattr(moe_triton, "triton_fused_experts", lambda *a: fused.append(a[6]) or original(*a))
     checked = {}
     for family, experts_class, config_classes in EXPERTS_CLASSES:
         experts, _ = toy_experts(experts_class, config_classes)
-        activation = _fused_activation(experts)
-        if activation == "gelu_tanh" or (activation == "silu" and family == "qwen3_moe"):
+        gating = _fused_gating(experts)
+        if gating is not None and (gating != SWIGLU or family == "qwen3_moe"):
             fused.clear()
             with use_backend("triton"):
                 _check_against_eager(experts)
-            assert [plan.activation for plan in fused] == [activation], family
-            checked[family] = activation
-    assert checked.get("qwen3_moe") == "silu" and "gelu_tanh" in checked.values(), checked
+            assert [plan.gating for plan in fused] == [gating], family
+            checked[family] = gating
+    assert checked.get("qwen3_moe") == SWIGLU, checked
+    assert checked.get("gemma4") == Gating("gelu_tanh"), checked
+    assert checked.get("gpt_oss") == Gating("silu", alpha=1.702, limit=7.0, up_shift=1.0, interleaved=True), (
+        checked
+    )
 
 
 def _check_against_eager(experts: torch.nn.Module) -> None:

@@ -1,4 +1,4 @@
-"""The gated-activation kernels go through Triton's compiler front end (Python to TTIR for sm90) without a GPU.
+"""The gated-activation kernels (and the grouped GEMM with its epilogue's options) go through Triton's compiler front end (Python to TTIR for sm90) without a GPU.
 
 The CPU tests run the kernels in Triton's interpreter, which executes them as Python: a construct the compiler
 refuses (a constexpr string compared, a ternary, a helper's return) passes there. This compiles each kernel for
@@ -7,6 +7,7 @@ an sm90 target in a subprocess (the interpreter, chosen at import, is off there)
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ pytest.importorskip("triton")
 
 COMPILE = textwrap.dedent(
     """
+    import json
     import sys
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -49,24 +51,42 @@ COMPILE = textwrap.dedent(
         codegen = backend.get_codegen_implementation(options)
         return str(source.make_ir(target, options, codegen, backend.get_module_map(), context))
 
-    activation = sys.argv[1]
+    gating = json.loads(sys.argv[1])  # the gating's constants, and whether biases join
+    biased = gating.pop("HAS_BIAS")
     forward = to_ttir(kernels.gate_up_glu_kernel, dict(
-        ACTIVATION=activation, STORE_GATE_UP=True, SCALE_H=True, HAS_LORA=True, LORA_MASK=True, LORA_R=16,
+        **gating, STORE_GATE_UP=True, SCALE_H=True, HAS_BIAS=biased, HAS_LORA=True, LORA_MASK=True, LORA_R=16,
         PRECISION="ieee", E_POW2=16, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, EVEN_K=True,
     ))
     backward = to_ttir(kernels.glu_backward_rows_kernel, dict(
-        ACTIVATION=activation, SCATTER_D_SCALE=True, BLOCK_R=8, BLOCK_C=256,
+        **gating, SCATTER_D_SCALE=True, D_SCALE_PLUS=biased, BLOCK_R=8, BLOCK_C=256,
     ))
-    print("tt.func" in forward and "tt.func" in backward)
+    down = to_ttir(kernels.grouped_gemm_kernel, dict(
+        GATHER_A=False, SCATTER_C=True, SCALE_ROWS=True, HAS_BIAS=biased, HAS_LORA=True, LORA_MASK=False,
+        LORA_R=16, PRECISION="ieee", E_POW2=16, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, EVEN_K=True,
+    ))
+    print(all("tt.func" in ir for ir in (forward, backward, down)))
     """
 )
+PLAIN = dict(ALPHA=1.0, CLAMP=False, LIMIT=0.0, UP_SHIFT=0.0, HAS_BIAS=False)
 
 
-@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
-def test_gated_kernels_compile_to_ttir_for_sm90(activation):
+@pytest.mark.parametrize(
+    "gating",
+    [
+        dict(PLAIN, ACTIVATION="silu"),
+        dict(PLAIN, ACTIVATION="gelu_tanh"),
+        dict(ACTIVATION="silu", ALPHA=1.702, CLAMP=True, LIMIT=7.0, UP_SHIFT=1.0, HAS_BIAS=True),  # GPT-OSS's
+    ],
+    ids=["silu", "gelu_tanh", "gpt_oss"],
+)
+def test_gated_kernels_compile_to_ttir_for_sm90(gating):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
-        [sys.executable, "-c", COMPILE, activation], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", COMPILE, json.dumps(gating)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "True", done.stdout

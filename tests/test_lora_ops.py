@@ -7,6 +7,7 @@ import torch
 import moefuse
 from moefuse.ops import ExpertsLora, LoraWeights
 from moefuse.ops.backend import use_backend
+from moefuse.ops.gating import Gating
 from moefuse.ops.moe import fused_experts_reference
 
 # On a GPU machine the problems live on the GPU (the Triton path needs it); on a CPU one Triton is interpreted.
@@ -104,6 +105,39 @@ def test_lora_matches_reference_with_grads(
     got, want = _grads(lora), _grads(ref_lora)
     assert got.keys() == want.keys() and got
     for name in got:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("projections", [("gate_up", "down"), ("down",)])
+def test_lora_with_gpt_oss_gating_and_biases_matches_reference(projections):
+    """LoRA on the experts of GPT-OSS's structure (clamped SwiGLU with alpha and up + 1, gate/up rows interleaved,
+    biases on both projections, the biases trained): the fused path's output and every gradient, the biases'
+    included, are the reference's. The limit is low enough that the clamps cut."""
+    gating = Gating("silu", alpha=1.702, limit=0.5, up_shift=1.0, interleaved=True)
+    x, gate_up, down, index, weights, lora = _problem(9, 32, 16, 8, 2, projections, unused=3)
+    biases = {
+        "gate_up_bias": (0.3 * torch.randn(8, 32)).requires_grad_(),
+        "down_bias": (0.3 * torch.randn(8, 32)).requires_grad_(),
+    }
+    ref_lora = _clone_lora(lora)
+    ref_biases = {k: v.detach().clone().requires_grad_() for k, v in biases.items()}
+    x_ref, w_ref = x.detach().clone().requires_grad_(), weights.detach().clone().requires_grad_()
+    out = moefuse.fused_experts(x, gate_up, down, index, weights, lora=[lora], gate_fn=gating, **biases)
+    ref = fused_experts_reference(
+        x_ref, gate_up, down, index, w_ref, lora=[ref_lora], gate_fn=gating, **ref_biases
+    )
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    (out * grad).sum().backward()
+    (ref * grad).sum().backward()
+    got = {"x": x.grad, "weights": weights.grad, **{k: v.grad for k, v in biases.items()}, **_grads(lora)}
+    want = {
+        "x": x_ref.grad,
+        "weights": w_ref.grad,
+        **{k: v.grad for k, v in ref_biases.items()},
+        **_grads(ref_lora),
+    }
+    for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from moefuse.ops import plan as plan_module
+from moefuse.ops.gating import SWIGLU, Gating
 from moefuse.ops.lora import ExpertsLora, LoraWeights
 from moefuse.ops.plan import (
     CUSTOM_DROPOUT,
@@ -86,6 +87,8 @@ def test_parse_overrides():
 # --- the plan -------------------------------------------------------------------------------------------------
 
 E, H, I = 8, 64, 32  # noqa: E741
+GELU_TANH = Gating("gelu_tanh")
+GPT_OSS = Gating("silu", alpha=1.702, limit=7.0, up_shift=1.0, interleaved=True)
 
 
 def _lora(down: bool = True, gate_up: bool = True, dropout=None) -> ExpertsLora:
@@ -110,42 +113,44 @@ def _trained_dropout() -> torch.nn.Dropout:
 
 # (case, tokens, top-k, on Triton, on Hopper in bf16, base weights trained, 4-bit, activation, adapters) -> plan
 PLAN_CASES = [
-    ("pytorch backend", 64, 2, False, False, False, False, "silu", (), ExpertsPlan(
-        "torch", False, NOT_TRITON, "", "dense", "none", 0.0, False, False, False, False)),
-    ("triton, frozen", 64, 2, True, False, False, False, "silu", (), ExpertsPlan(
-        "triton", True, "", "silu", "dense", "none", 0.0, False, False, False, False)),
-    ("triton, full fine-tuning", 64, 2, True, False, True, False, "silu", (), ExpertsPlan(
-        "triton", True, "", "silu", "dense", "none", 0.0, True, False, False, False)),
+    ("pytorch backend", 64, 2, False, False, False, False, SWIGLU, (), ExpertsPlan(
+        "torch", False, NOT_TRITON, None, "dense", "none", 0.0, False, False, False, False)),
+    ("triton, frozen", 64, 2, True, False, False, False, SWIGLU, (), ExpertsPlan(
+        "triton", True, "", SWIGLU, "dense", "none", 0.0, False, False, False, False)),
+    ("triton, full fine-tuning", 64, 2, True, False, True, False, SWIGLU, (), ExpertsPlan(
+        "triton", True, "", SWIGLU, "dense", "none", 0.0, True, False, False, False)),
     ("own gate function", 64, 2, True, False, False, False, None, (), ExpertsPlan(
-        "triton", False, NOT_GATED, "", "dense", "none", 0.0, False, False, False, False)),
-    ("two adapters", 64, 2, True, False, False, False, "silu", (_lora(), _lora()), ExpertsPlan(
-        "triton", False, SEVERAL_ADAPTERS, "", "dense", "composed", 0.0, False, False, False, False)),
-    ("custom dropout", 64, 2, True, False, False, False, "silu", (_lora(dropout=_custom_dropout),), ExpertsPlan(
-        "triton", False, CUSTOM_DROPOUT, "", "dense", "composed", 0.0, False, False, False, False)),
-    ("LoRA, nn.Dropout", 64, 2, True, False, False, False, "silu", (_lora(dropout=_trained_dropout()),), ExpertsPlan(
-        "triton", True, "", "silu", "dense", "fused", 0.1, False, False, False, False)),
-    ("4-bit, LoRA", 64, 2, True, False, False, True, "silu", (_lora(),), ExpertsPlan(
-        "triton", True, "", "silu", "4bit", "fused", 0.0, False, False, False, False)),
-    ("hopper, full FT, 1024 rows per expert", 4096, 2, True, True, True, False, "silu", (), ExpertsPlan(
-        "triton", True, "", "silu", "dense", "none", 0.0, True, True, True, True)),
-    ("hopper, LoRA on every projection", 4096, 2, True, True, False, False, "silu", (_lora(),), ExpertsPlan(
-        "triton", True, "", "silu", "dense", "fused", 0.0, False, False, False, True)),
-    ("hopper, LoRA on down only", 4096, 2, True, True, False, False, "silu", (_lora(gate_up=False),), ExpertsPlan(
-        "triton", True, "", "silu", "dense", "fused", 0.0, False, False, True, True)),
-    ("hopper, 512 rows per expert", 2048, 2, True, True, True, False, "silu", (), ExpertsPlan(
-        "triton", True, "", "silu", "dense", "none", 0.0, True, False, False, True)),
-    ("hopper, 128 rows per expert", 512, 2, True, True, True, False, "silu", (), ExpertsPlan(
-        "triton", True, "", "silu", "dense", "none", 0.0, True, False, False, False)),
-    ("GELU-tanh gate (Gemma 4)", 64, 2, True, False, False, False, "gelu_tanh", (_lora(),), ExpertsPlan(
-        "triton", True, "", "gelu_tanh", "dense", "fused", 0.0, False, False, False, False)),
+        "triton", False, NOT_GATED, None, "dense", "none", 0.0, False, False, False, False)),
+    ("two adapters", 64, 2, True, False, False, False, SWIGLU, (_lora(), _lora()), ExpertsPlan(
+        "triton", False, SEVERAL_ADAPTERS, None, "dense", "composed", 0.0, False, False, False, False)),
+    ("custom dropout", 64, 2, True, False, False, False, SWIGLU, (_lora(dropout=_custom_dropout),), ExpertsPlan(
+        "triton", False, CUSTOM_DROPOUT, None, "dense", "composed", 0.0, False, False, False, False)),
+    ("LoRA, nn.Dropout", 64, 2, True, False, False, False, SWIGLU, (_lora(dropout=_trained_dropout()),), ExpertsPlan(
+        "triton", True, "", SWIGLU, "dense", "fused", 0.1, False, False, False, False)),
+    ("4-bit, LoRA", 64, 2, True, False, False, True, SWIGLU, (_lora(),), ExpertsPlan(
+        "triton", True, "", SWIGLU, "4bit", "fused", 0.0, False, False, False, False)),
+    ("hopper, full FT, 1024 rows per expert", 4096, 2, True, True, True, False, SWIGLU, (), ExpertsPlan(
+        "triton", True, "", SWIGLU, "dense", "none", 0.0, True, True, True, True)),
+    ("hopper, LoRA on every projection", 4096, 2, True, True, False, False, SWIGLU, (_lora(),), ExpertsPlan(
+        "triton", True, "", SWIGLU, "dense", "fused", 0.0, False, False, False, True)),
+    ("hopper, LoRA on down only", 4096, 2, True, True, False, False, SWIGLU, (_lora(gate_up=False),), ExpertsPlan(
+        "triton", True, "", SWIGLU, "dense", "fused", 0.0, False, False, True, True)),
+    ("hopper, 512 rows per expert", 2048, 2, True, True, True, False, SWIGLU, (), ExpertsPlan(
+        "triton", True, "", SWIGLU, "dense", "none", 0.0, True, False, False, True)),
+    ("hopper, 128 rows per expert", 512, 2, True, True, True, False, SWIGLU, (), ExpertsPlan(
+        "triton", True, "", SWIGLU, "dense", "none", 0.0, True, False, False, False)),
+    ("GPT-OSS's clamped SwiGLU", 64, 2, True, False, False, False, GPT_OSS, (_lora(),), ExpertsPlan(
+        "triton", True, "", GPT_OSS, "dense", "fused", 0.0, False, False, False, False)),
+    ("GELU-tanh gate (Gemma 4)", 64, 2, True, False, False, False, GELU_TANH, (_lora(),), ExpertsPlan(
+        "triton", True, "", GELU_TANH, "dense", "fused", 0.0, False, False, False, False)),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    "tokens,top_k,triton,hopper,trained,four_bit,activation,lora,expected",
+    "tokens,top_k,triton,hopper,trained,four_bit,gating,lora,expected",
     [pytest.param(*case[1:], id=case[0]) for case in PLAN_CASES],
 )
-def test_plan(monkeypatch, tokens, top_k, triton, hopper, trained, four_bit, activation, lora, expected):
+def test_plan(monkeypatch, tokens, top_k, triton, hopper, trained, four_bit, gating, lora, expected):
     monkeypatch.setattr(plan_module, "use_triton", lambda t: triton)
     monkeypatch.setattr(plan_module, "grouped_mm_competes", lambda t, dtype: hopper)
     gate_up, down = torch.randn(E, 2 * I, H), torch.randn(E, H, I)
@@ -154,9 +159,22 @@ def test_plan(monkeypatch, tokens, top_k, triton, hopper, trained, four_bit, act
     else:
         gate_up.requires_grad_(trained)
         down.requires_grad_(trained)
-    plan = plan_experts(torch.empty(tokens, H), gate_up, down, top_k, activation=activation, lora=lora)
+    plan = plan_experts(torch.empty(tokens, H), gate_up, down, top_k, gating=gating, lora=lora)
     assert plan == expected
     assert plan.describe()
+
+
+def test_a_down_bias_keeps_the_routing_weight_out_of_h(monkeypatch):
+    """With a bias on the down projection, h is not stored times the routing weight (the bias's rows are scaled
+    by it after the GEMM), so the combine stays on the Triton kernel whose epilogue adds the bias."""
+    monkeypatch.setattr(plan_module, "use_triton", lambda t: True)
+    monkeypatch.setattr(plan_module, "grouped_mm_competes", lambda t, dtype: True)
+    gate_up, down = torch.randn(E, 2 * I, H, requires_grad=True), torch.randn(E, H, I, requires_grad=True)
+    plain = plan_experts(torch.empty(4096, H), gate_up, down, 2)
+    biased = plan_experts(torch.empty(4096, H), gate_up, down, 2, gating=GPT_OSS, biases=True)
+    assert plain.prescaled_h and plain.combine_on_grouped_mm
+    assert biased.fused and not biased.prescaled_h and not biased.combine_on_grouped_mm
+    assert "limit 7" in biased.describe()
 
 
 def test_plan_follows_the_settings_thresholds(monkeypatch):
@@ -175,7 +193,7 @@ def test_plan_follows_the_settings_thresholds(monkeypatch):
 def test_activation_names():
     from transformers.activations import ACT2FN
 
-    from moefuse.ops.plan import activation_name
+    from moefuse.ops.gating import activation_name
 
     for act_fn in (F.silu, torch.nn.SiLU(), ACT2FN["silu"]):
         assert activation_name(act_fn) == "silu"

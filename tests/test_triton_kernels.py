@@ -6,6 +6,8 @@ tests marked ``gpu`` repeat them in bf16 at larger shapes on a CUDA GPU.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 import moefuse
 from moefuse.ops import triton_gemm
 from moefuse.ops.backend import use_backend
+from moefuse.ops.gating import SWIGLU, Gating
 from moefuse.ops.grouped_gemm import moe_fused_linear_reference
 from moefuse.ops.moe import fused_experts_reference
 from moefuse.settings import override_settings
@@ -65,6 +68,21 @@ def _m(m_sizes: list[int]) -> torch.Tensor:
     return torch.tensor(m_sizes, dtype=torch.int64, device=DEVICE)
 
 
+# GPT-OSS's gating (alpha 1.702, up + 1, interleaved rows) with a limit the test values cross, so the clamps and
+# their zero gradients are exercised.
+CLAMPED = Gating("silu", alpha=1.702, limit=1.0, up_shift=1.0, interleaved=True)
+GATINGS = [
+    pytest.param(SWIGLU, id="swiglu"),
+    pytest.param(Gating("gelu_tanh"), id="geglu"),
+    pytest.param(CLAMPED, id="clamped-interleaved"),
+]
+
+
+def stacked(gate_up: torch.Tensor, gating: Gating) -> torch.Tensor:
+    """``[..., 2I]`` columns laid out as the weight's rows, as the kernels store them: gate columns, then up."""
+    return torch.cat(gating.split(gate_up), dim=-1)
+
+
 def lora_term(ids: torch.Tensor, num_experts: int, n: int, dtype: torch.dtype, masked: bool = False):
     """A rank-5 LoRA term for grouped rows of experts ``ids`` (``b`` a transposed view, as the kernels get
     ``Aᵀ`` in backward) and its float64 value."""
@@ -115,8 +133,11 @@ def test_grouped_gemm_gather_scale_and_scatter(dtype, lora_kind):
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("m_sizes", M_SIZES)
-@pytest.mark.parametrize("with_lora,scaled", [(False, False), (True, False), (False, True)])
-def test_gate_up_glu(m_sizes, dtype, with_lora, scaled):
+@pytest.mark.parametrize(
+    "with_lora,scaled,biased", [(False, False, False), (True, False, True), (False, True, False)]
+)
+@pytest.mark.parametrize("gating", GATINGS)
+def test_gate_up_glu(m_sizes, dtype, with_lora, scaled, biased, gating):
     tokens, inter, hidden = 7, 24, 40
     ids = group_ids(m_sizes).to(DEVICE)
     token_index = torch.randint(0, tokens, (sum(m_sizes),), device=DEVICE)
@@ -127,9 +148,12 @@ def test_gate_up_glu(m_sizes, dtype, with_lora, scaled):
     if with_lora:
         lora, lora_value = lora_term(ids, len(m_sizes), 2 * inter, dtype)
         gate_up_ref = gate_up_ref + lora_value
-    gate, up = gate_up_ref.chunk(2, dim=-1)
-    h_ref = F.silu(gate) * up
-    where = dict(lora=lora)
+    where = dict(lora=lora, gating=gating)
+    if biased:  # laid out as the weight's rows
+        where["bias"] = randn(len(m_sizes), 2 * inter, dtype=dtype, scale=0.5)
+        gate_up_ref = gate_up_ref + where["bias"].double()[ids]
+    h_ref = gating(gate_up_ref)
+    gate_up_ref = stacked(gate_up_ref, gating)
     if scaled:  # h times each row's routing weight
         where["row_scale"] = torch.rand(ids.numel(), device=DEVICE)
         h_ref = h_ref * where["row_scale"].double()[:, None]
@@ -143,7 +167,8 @@ def test_gate_up_glu(m_sizes, dtype, with_lora, scaled):
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("m_sizes", M_SIZES)
 @pytest.mark.parametrize("with_lora", [False, True])
-def test_glu_backward(m_sizes, dtype, with_lora):
+@pytest.mark.parametrize("gating", GATINGS)
+def test_glu_backward(m_sizes, dtype, with_lora, gating):
     tokens, inter, hidden = 6, 40, 24
     ids = group_ids(m_sizes).to(DEVICE)
     token_index = torch.randint(0, tokens, (sum(m_sizes),), device=DEVICE)
@@ -152,10 +177,9 @@ def test_glu_backward(m_sizes, dtype, with_lora):
     scale = torch.rand(sum(m_sizes), device=DEVICE)
     grad_out = randn(tokens, hidden, dtype=dtype)
 
-    g64 = gate_up.double().requires_grad_()
+    g64 = gate_up.double().requires_grad_()  # gate columns, then up columns, as the forward stores them
     s64 = scale.double().requires_grad_()
-    gate, up = g64.chunk(2, dim=-1)
-    h = F.silu(gate) * up
+    h = dataclasses.replace(gating, interleaved=False)(g64)
     y = torch.einsum("rn,rkn->rk", h, down.double()[ids]) * s64[:, None]
     loss = (y * grad_out.double()[token_index]).sum()
     lora = None
@@ -165,9 +189,11 @@ def test_glu_backward(m_sizes, dtype, with_lora):
     loss.backward()
 
     d_gate_up, d_scale = triton_gemm.glu_backward(
-        grad_out, down, gate_up, scale, _m(m_sizes), token_index, lora=lora
+        grad_out, down, gate_up, scale, _m(m_sizes), token_index, lora=lora, gating=gating
     )
-    assert_close(d_gate_up, g64.grad, dtype, "d_gate_up")
+    d_gate, d_up = g64.grad.chunk(2, dim=-1)  # laid out as the weight's rows
+    expected = torch.stack((d_gate, d_up), -1).flatten(-2) if gating.interleaved else g64.grad
+    assert_close(d_gate_up, expected, dtype, "d_gate_up")
     # d_scale sums each row's products g * h, which cancel: its error is measured against their sizes' sum
     g = torch.einsum("rk,rkn->rn", grad_out.double()[token_index], down.double()[ids])
     if with_lora:
@@ -188,6 +214,7 @@ def test_glu_backward(m_sizes, dtype, with_lora):
         _m(m_sizes),
         token_index,
         lora=lora,
+        gating=gating,
         d_scale_out=placed,
         d_scale_index=positions,
     )
@@ -252,17 +279,22 @@ EXPERT_CASES = [
 E128_TOP8 = (24, 32, 16, 128, 8, 0)
 
 
-def check_experts(args, dtype, names=("x", "gate_up_proj", "down_proj", "index", "weights"), **act):
+def check_experts(args, dtype, names=("x", "gate_up_proj", "down_proj", "index", "weights"), **keywords):
+    """The Triton path's output and every gradient (of ``args`` and of the tensors among ``keywords``: biases)
+    against the fp64 reference."""
+    tensors = {k: v for k, v in keywords.items() if isinstance(v, torch.Tensor)}
     ref_args = [a.detach().double().requires_grad_() if a.is_floating_point() else a for a in args]
+    ref_tensors = {k: v.detach().double().requires_grad_() for k, v in tensors.items()}
     with use_backend("triton"):
-        out = moefuse.fused_experts(*args, **act)
-    ref = fused_experts_reference(*ref_args, **act)
+        out = moefuse.fused_experts(*args, **keywords)
+    ref = fused_experts_reference(*ref_args, **{**keywords, **ref_tensors})
     assert out.dtype == dtype
     assert_close(out, ref, dtype, "output")
     grad = randn(*out.shape, dtype=dtype)
     out.backward(grad)
     ref.backward(grad.double())
-    for a, r, name in zip(args, ref_args, names, strict=True):
+    pairs = [*zip(args, ref_args, names, strict=True), *((tensors[k], ref_tensors[k], k) for k in tensors)]
+    for a, r, name in pairs:
         if a.is_floating_point():
             assert_close(a.grad, r.grad, dtype, f"grad {name}")
 
@@ -282,9 +314,33 @@ def test_fused_gelu_tanh_experts_on_triton(case, dtype, monkeypatch):
 
     fused = []
     original = moe_triton.triton_fused_experts
-    monkeypatch.setattr(moe_triton, "triton_fused_experts", lambda *a: fused.append(a[-1]) or original(*a))
+    monkeypatch.setattr(moe_triton, "triton_fused_experts", lambda *a: fused.append(a[6]) or original(*a))
     check_experts(experts_problem(*case, dtype=dtype), dtype, act_fn=torch.nn.GELU(approximate="tanh"))
-    assert [plan.activation for plan in fused] == ["gelu_tanh"]
+    assert [plan.gating for plan in fused] == [Gating("gelu_tanh")]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("case", EXPERT_CASES)
+def test_fused_clamped_biased_experts_on_triton(case, dtype, monkeypatch):
+    """GPT-OSS's experts (clamped SwiGLU with alpha and up + 1, interleaved gate/up rows, biases on both
+    projections) run fused, with the forward and every gradient (biases' and routing weights' included) of the
+    reference."""
+    from moefuse.ops import moe_triton
+
+    fused = []
+    original = moe_triton.triton_fused_experts
+    monkeypatch.setattr(moe_triton, "triton_fused_experts", lambda *a: fused.append(a[6]) or original(*a))
+    args = experts_problem(*case, dtype=dtype, scale=3.0)  # pre-activations past the limit: the clamps cut
+    # A pre-activation within a rounding of the limit passes or stops its gradient as it rounds: the clamps are
+    # checked end to end in fp32, and in fp16 on given pre-activations (test_glu_backward).
+    gating = CLAMPED if dtype == torch.float32 else dataclasses.replace(CLAMPED, limit=1e3)
+    num_experts, two_i, hidden = args[1].shape
+    biases = dict(
+        gate_up_bias=randn(num_experts, two_i, dtype=dtype, scale=0.5).requires_grad_(),
+        down_bias=randn(num_experts, hidden, dtype=dtype, scale=0.5).requires_grad_(),
+    )
+    check_experts(args, dtype, gate_fn=gating, **biases)
+    assert [plan.gating for plan in fused] == [gating]
 
 
 def test_fused_experts_on_triton_128_experts_top8():
@@ -378,6 +434,25 @@ def test_fused_experts_bf16_gpu(case, act_fn):
     check_experts(experts_problem(*case, dtype=torch.bfloat16), torch.bfloat16, act_fn=act_fn)
 
 
+# GPT-OSS's gating as gpt-oss-20b configures it.
+GPT_OSS = Gating("silu", alpha=1.702, limit=7.0, up_shift=1.0, interleaved=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "case", GPU_EXPERT_CASES + [(1000, 2880, 2880, 32, 4, 0)]
+)  # gpt-oss-20b's expert dims
+def test_fused_gpt_oss_experts_bf16_gpu(case):
+    """GPT-OSS's experts (clamped SwiGLU, interleaved rows, biases) fused in bf16; every gradient, biases' included."""
+    args = experts_problem(*case, dtype=torch.bfloat16)
+    num_experts, two_i, hidden = args[1].shape
+    biases = dict(
+        gate_up_bias=randn(num_experts, two_i, dtype=torch.bfloat16, scale=0.5).requires_grad_(),
+        down_bias=randn(num_experts, hidden, dtype=torch.bfloat16, scale=0.5).requires_grad_(),
+    )
+    check_experts(args, torch.bfloat16, gate_fn=GPT_OSS, **biases)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("m_sizes", M_SIZES + [[2] * 128, [300, 0, 1, 129, 64, 7]])
 @pytest.mark.parametrize("dims", [(24, 40), (2048, 1536), (768, 2048), (2048, 16), (16, 768)])
@@ -400,10 +475,18 @@ def test_moe_fused_linear_bf16_gpu(m_sizes, dims):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", [(64, 256, 128, 16, 4, 2), (1000, 2048, 768, 128, 8, 0)])
-@pytest.mark.parametrize("projections", [("gate", "up", "down"), ("down",), ("gate_up", "down")])
-def test_fused_lora_bf16_gpu(case, projections):
+@pytest.mark.parametrize(
+    "projections,structure",
+    [
+        (("gate", "up", "down"), "swiglu"),
+        (("down",), "swiglu"),
+        (("gate_up", "down"), "swiglu"),
+        (("gate_up", "down"), "gpt_oss"),
+    ],
+)
+def test_fused_lora_bf16_gpu(case, projections, structure):
     """One LoRA adapter on the fused Triton path (factors in fp32 as PEFT keeps them), base frozen; gate and up
-    apart or together."""
+    apart or together; on SwiGLU experts or on GPT-OSS's (clamped SwiGLU, interleaved rows, frozen biases)."""
     from moefuse.ops import ExpertsLora, LoraWeights
 
     x, gate_up, down, index, weights = experts_problem(*case, dtype=torch.bfloat16)
@@ -444,9 +527,17 @@ def test_fused_lora_bf16_gpu(case, projections):
         a.detach().double().requires_grad_(a.requires_grad) if a.is_floating_point() else a
         for a in (x, gate_up, down, index, weights)
     ]
+    structured = {}
+    if structure == "gpt_oss":
+        structured = dict(
+            gate_fn=GPT_OSS,
+            gate_up_bias=randn(experts, 2 * inter, dtype=torch.bfloat16, scale=0.5),
+            down_bias=randn(experts, hidden, dtype=torch.bfloat16, scale=0.5),
+        )
     with use_backend("triton"):
-        out = moefuse.fused_experts(x, gate_up, down, index, weights, lora=[lora])
-    ref = fused_experts_reference(*ref_args, lora=[ref_lora])
+        out = moefuse.fused_experts(x, gate_up, down, index, weights, lora=[lora], **structured)
+    ref_structured = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in structured.items()}
+    ref = fused_experts_reference(*ref_args, lora=[ref_lora], **ref_structured)
     assert_close(out, ref, torch.bfloat16, "output")
     grad = randn(*out.shape, dtype=torch.bfloat16)
     out.backward(grad)

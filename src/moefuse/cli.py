@@ -45,8 +45,9 @@ def experts_plan_rows(
         plain_refusal,
         stacked_expert_weights,
     )
+    from .ops.gating import gating_of
     from .ops.lora import ExpertsLora, LoraWeights
-    from .ops.plan import activation_name, plan_experts
+    from .ops.plan import plan_experts
 
     label, config = load_config(model)
     try:
@@ -54,7 +55,7 @@ def experts_plan_rows(
         structure = experts_structure(experts)
     except UnsupportedExpertsError as error:
         raise SystemExit(f"moefuse info: {label}: {error}") from None
-    activation = activation_name(structure["act_fn"]) if set(structure) == {"act_fn"} else None
+    gating = None if "post_fn" in structure else gating_of(structure.get("act_fn"), structure.get("gate_fn"))
     gate_up_meta, down_meta = stacked_expert_weights(experts)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
@@ -91,7 +92,13 @@ def experts_plan_rows(
         lora = (ExpertsLora(gate_up=factors(2 * intermediate, hidden), down=factors(hidden, intermediate)),)
     hidden_states = torch.empty(1, hidden, dtype=dtype, device=device).expand(tokens, -1)
     plan = plan_experts(
-        hidden_states, gate_up, down, experts_per_token(config), activation=activation, lora=lora
+        hidden_states,
+        gate_up,
+        down,
+        experts_per_token(config),
+        gating=gating,
+        biases="down_bias" in structure,
+        lora=lora,
     )
     where = f"{label}, {tokens} tokens, {finetuning_type}, {device.type}"
     return [("moefuse train, LoRA, QLoRA", training), (f"plan ({where})", plan.describe())]

@@ -9,6 +9,7 @@ route the experts through :func:`moefuse.fused_experts`.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Collection
 from typing import Any
 
@@ -17,6 +18,7 @@ from transformers.integrations import moe as transformers_moe
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.modeling_utils import PreTrainedModel
 
+from .ops.gating import ACTIVATIONS, Gating, recognise_gate
 from .ops.moe import fused_experts
 
 EXPERTS_IMPLEMENTATION = "moefuse"
@@ -135,11 +137,45 @@ def check_lora_supported(experts: torch.nn.Module, projections: Collection[str])
         raise _refuse(experts, reason)
 
 
+# A family's own gate found to be one the fused kernels compute (or not), by class and constants: found once.
+_OWN_GATINGS: dict[tuple, Gating | None] = {}
+
+
+def own_gating(experts: torch.nn.Module) -> Gating | None:
+    """The :class:`~moefuse.ops.gating.Gating` that computes the experts' own ``_apply_gate``, or ``None``.
+
+    The candidates are the kernels' gatings with the module's ``alpha`` and ``limit`` (GPT-OSS's clamped SwiGLU,
+    ``up + 1``, rows interleaved; DeepSeek-V4's clamped SiLU; ...); one is taken only where it returns what
+    ``_apply_gate`` does on probe values (:func:`~moefuse.ops.gating.recognise_gate`), so a family whose gate
+    differs, or a release that changes one, runs its own function, composed."""
+    alpha, limit = getattr(experts, "alpha", None), getattr(experts, "limit", None)
+    key = (type(experts), alpha, limit, type(getattr(experts, "act_fn", None)))
+    if key not in _OWN_GATINGS:
+        constants = {"limit": math.inf if limit is None else float(limit)}
+        candidates = [
+            Gating(activation, **constants, up_shift=up_shift, interleaved=interleaved)
+            for activation in ACTIVATIONS
+            for up_shift in (0.0, 1.0)
+            for interleaved in (False, True)
+        ]
+        if alpha is not None:  # a sigmoid slope: SiLU's
+            candidates = [
+                Gating(
+                    "silu", alpha=float(alpha), **constants, up_shift=c.up_shift, interleaved=c.interleaved
+                )
+                for c in candidates
+                if c.activation == "silu"
+            ]
+        _OWN_GATINGS[key] = recognise_gate(experts._apply_gate, candidates)
+    return _OWN_GATINGS[key]
+
+
 def experts_structure(experts: torch.nn.Module) -> dict[str, Any]:
     """The keyword arguments of :func:`moefuse.fused_experts` that compute these experts as Transformers' own
     experts functions do: the family's ``_apply_gate`` (or ``act_fn`` without a gate), biases and post-expert
     norm. Plain gated experts get ``act_fn`` alone, which the Triton path fuses when it is SiLU or GELU's tanh form
-    (:func:`moefuse.ops.plan.activation_name`).
+    (:func:`moefuse.ops.gating.activation_name`); a family's own gate that the kernels compute comes as a
+    :class:`~moefuse.ops.gating.Gating` (:func:`own_gating`), which the Triton path fuses too.
 
     Raises :class:`UnsupportedExpertsError` naming the model family and the structure it cannot compute.
     """
@@ -151,7 +187,7 @@ def experts_structure(experts: torch.nn.Module) -> dict[str, Any]:
         structure["gate_fn"] = experts.act_fn
     elif _has_own_gate(experts) or not getattr(experts, "is_concatenated", True):
         # Transformers' experts functions hand the gate/up GEMM's output to _apply_gate whatever the layout.
-        structure["gate_fn"] = experts._apply_gate
+        structure["gate_fn"] = own_gating(experts) or experts._apply_gate
     else:
         structure["act_fn"] = experts.act_fn
     if getattr(experts, "has_bias", False):

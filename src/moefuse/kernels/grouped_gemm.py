@@ -12,9 +12,10 @@ permuted copy of the hidden states is never materialised.
 Shapes in the kernels' parameter lists: ``E`` experts, ``R`` grouped rows (``m_sizes``' sum), ``T`` rows of an
 operand read or written through an index (tokens), ``N`` and ``K`` a weight's output and input sizes.
 
-- :func:`grouped_gemm_kernel`: ``C[c_row(r)] = scale[r] * A[a_row(r)] @ B[e]ᵀ``.
-- :func:`gate_up_glu_kernel`: the gate/up projection with the gated activation ``act(gate) * up`` in its epilogue
-  (SwiGLU, or GeGLU with GELU's tanh form).
+- :func:`grouped_gemm_kernel`: ``C[c_row(r)] = scale[r] * (A[a_row(r)] @ B[e]ᵀ + bias[e])``.
+- :func:`gate_up_glu_kernel`: the gate/up projection with the gated activation in its epilogue: ``act(gate) * up``
+  (SwiGLU, or GeGLU with GELU's tanh form), clamped as GPT-OSS's where asked, with biases, gate and up rows
+  stacked or interleaved (:class:`moefuse.ops.gating.Gating`).
 - :func:`glu_backward_rows_kernel`: the gated activation's backward and the routing weights' gradient, row by row,
   from the down projection's input gradient (a plain grouped GEMM).
 - :func:`grouped_weight_grad_kernel`: ``dW[e] = (scale * A[a_row(rows of e)])ᵀ @ B[b_row(rows of e)]``.
@@ -194,7 +195,7 @@ def _row_products(
     n_mask,
     stride_bn,
     stride_bk,
-    second_n,
+    second_offset,
     K,
     PAIR: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -203,13 +204,13 @@ def _row_products(
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    """``(A[a_rows] @ B[offs_n]ᵀ, A[a_rows] @ B[second_n + offs_n]ᵀ)`` as fp32 ``[BLOCK_M, BLOCK_N]`` tiles
-    (``b_ptr``: this expert's ``B``). The second product only with ``PAIR`` (else zeros), from the same loads of
-    ``A``: gate/up's two halves."""
+    """``(A[a_rows] @ B[offs_n]ᵀ, A[a_rows] @ B'[offs_n]ᵀ)`` as fp32 ``[BLOCK_M, BLOCK_N]`` tiles (``b_ptr``: this
+    expert's ``B``; ``B'`` the same rows ``second_offset`` elements further on). The second product only with
+    ``PAIR`` (else zeros), from the same loads of ``A``: gate/up's two halves."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
-    b2_ptrs = b_ptrs + second_n * stride_bn
+    b2_ptrs = b_ptrs + second_offset
     first = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     second = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
@@ -238,6 +239,12 @@ def _load_tile(ptr, rows, cols, row_mask, col_mask, stride_m, stride_n):
     """A ``[rows, cols]`` tile of a row-major operand in grouped order, as fp32 (zeros outside the masks)."""
     ptrs = ptr + rows.to(tl.int64)[:, None] * stride_m + cols[None, :] * stride_n
     return tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _bias_row(ptr, cols, col_mask, stride_n):
+    """One expert's bias over a tile's columns, as a fp32 ``[1, cols]`` row to add to the tile."""
+    return tl.load(ptr + cols * stride_n, mask=col_mask, other=0.0).to(tl.float32)[None, :]
 
 
 @triton.jit
@@ -289,6 +296,7 @@ def grouped_gemm_kernel(
     a_index_ptr,  # [R] a's row of each grouped row (GATHER_A; else never read)
     c_index_ptr,  # [R] c's row of each grouped row (SCATTER_C; else never read)
     scale_ptr,  # [R] each grouped row's factor (SCALE_ROWS; else never read)
+    bias_ptr,  # [E, N] each expert's bias (HAS_BIAS; else never read)
     lora_t_ptr,  # [R, lora_rank] (HAS_LORA; else never read)
     lora_b_ptr,  # [E, N, lora_rank], any strides (HAS_LORA; else never read)
     lora_mask_ptr,  # [R, N] (LORA_MASK; else never read)
@@ -306,6 +314,8 @@ def grouped_gemm_kernel(
     stride_bk,
     stride_cm,
     stride_cn,
+    stride_bias_e,
+    stride_bias_n,
     stride_ltm,  # lora_t's rows (its columns: unit stride)
     stride_lbe,
     stride_lbn,
@@ -315,6 +325,7 @@ def grouped_gemm_kernel(
     GATHER_A: tl.constexpr,  # a's rows through a_index
     SCATTER_C: tl.constexpr,  # c's rows through c_index
     SCALE_ROWS: tl.constexpr,  # each row times scale
+    HAS_BIAS: tl.constexpr,  # each row plus its expert's bias (before the scale)
     HAS_LORA: tl.constexpr,  # the LoRA term joins the product
     LORA_MASK: tl.constexpr,  # the LoRA term times lora_mask
     LORA_R: tl.constexpr,  # lora_rank's block: a power of two, at least 16
@@ -325,10 +336,10 @@ def grouped_gemm_kernel(
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K mask (heuristic)
 ):
-    """``C[c_row(r)] = scale[r] * (A[a_row(r)] @ B[e(r)]ᵀ + T[r] @ LB[e(r)]ᵀ)`` over grouped rows ``r``.
+    """``C[c_row(r)] = scale[r] * (A[a_row(r)] @ B[e(r)]ᵀ + T[r] @ LB[e(r)]ᵀ + bias[e(r)])`` over grouped rows ``r``.
 
     ``e(r)`` is the expert owning row ``r``; the LoRA term ``T @ LBᵀ`` (``HAS_LORA``, times a mask with
-    ``LORA_MASK``; :func:`_lora_term`) and the scale are optional.
+    ``LORA_MASK``; :func:`_lora_term`), the bias and the scale are optional.
     """
     expert, rows, row_mask, offs_n, n_mask = _row_tile(m_sizes_ptr, num_experts, N, BLOCK_M, BLOCK_N, E_POW2)
     if expert >= num_experts:
@@ -360,6 +371,8 @@ def grouped_gemm_kernel(
         acc = _lora_term(
             acc, lora, lora_strides, expert, rows, offs_n, row_mask, n_mask, LORA_MASK, LORA_R, PRECISION
         )
+    if HAS_BIAS:
+        acc += _bias_row(bias_ptr + expert.to(tl.int64) * stride_bias_e, offs_n, n_mask, stride_bias_n)
     if SCALE_ROWS:
         acc = acc * tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     c_rows = _row_offsets(c_index_ptr, rows, row_mask, SCATTER_C)
@@ -368,19 +381,47 @@ def grouped_gemm_kernel(
 
 
 @triton.jit
-def _activation(x, ACTIVATION: tl.constexpr):
-    """``(act(x), act'(x))`` in fp32 (a caller that drops the derivative leaves it to dead-code elimination). Both
-    activations are ``x * sigmoid(z)``: ``z = x`` for SiLU; for GELU's tanh form ``0.5 x (1 + tanh(u))``,
-    ``u = sqrt(2 / pi) * (x + 0.044715 x^3)``, ``z = 2u``, as ``0.5 (1 + tanh(u)) = sigmoid(2u)``."""
+def _activation(x, ACTIVATION: tl.constexpr, ALPHA: tl.constexpr):
+    """``(act(x), act'(x))`` in fp32. Both activations are ``x * sigmoid(z)``: ``z = ALPHA x`` for SiLU (its plain
+    form at ``ALPHA = 1``); for GELU's tanh form ``0.5 x (1 + tanh(u))``, ``u = sqrt(2 / pi) * (x + 0.044715 x^3)``,
+    ``z = 2u``, as ``0.5 (1 + tanh(u)) = sigmoid(2u)``."""
     if ACTIVATION == "silu":
-        sig = tl.sigmoid(x)
-        d_act = sig * (1.0 + x * (1.0 - sig))
+        sig = tl.sigmoid(ALPHA * x)
+        d_act = sig * (1.0 + ALPHA * x * (1.0 - sig))
     else:
         tl.static_assert(ACTIVATION == "gelu_tanh")
         sig = tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))  # 2 sqrt(2 / pi) = 1.5957...
         dz = 1.5957691216057308 * (1.0 + 0.134145 * x * x)  # 3 * 0.044715 = 0.134145
         d_act = sig + x * sig * (1.0 - sig) * dz
     return x * sig, d_act
+
+
+@triton.jit
+def _gated(
+    gate,
+    up,
+    ACTIVATION: tl.constexpr,
+    ALPHA: tl.constexpr,
+    CLAMP: tl.constexpr,
+    LIMIT: tl.constexpr,
+    UP_SHIFT: tl.constexpr,
+):
+    """``(h, dh/dgate, dh/dup)`` in fp32, ``h = act(min(gate, LIMIT)) * (clamp(up, -LIMIT, LIMIT) + UP_SHIFT)``
+    (the clamps only with ``CLAMP``; :class:`moefuse.ops.gating.Gating`). A caller that drops the derivatives leaves
+    them to dead-code elimination. A clamped value passes no gradient, as ``torch.clamp``'s (bounds included)."""
+    if CLAMP:
+        gate_inside = gate <= LIMIT
+        up_inside = (up >= -LIMIT) & (up <= LIMIT)
+        gate = tl.minimum(gate, LIMIT)
+        up = tl.minimum(tl.maximum(up, -LIMIT), LIMIT)
+    act, d_act = _activation(gate, ACTIVATION, ALPHA)
+    up = up + UP_SHIFT
+    d_gate = up * d_act
+    d_up = act
+    if CLAMP:
+        d_gate = tl.where(gate_inside, d_gate, 0.0)
+        d_up = tl.where(up_inside, d_up, 0.0)
+    return act * up, d_gate, d_up
 
 
 @triton.autotune(
@@ -394,14 +435,15 @@ def _activation(x, ACTIVATION: tl.constexpr):
 def gate_up_glu_kernel(
     # Pointers
     x_ptr,  # [T, K] read through x_index
-    w_ptr,  # [E, 2N, K]: gate rows, then up rows; any strides
-    gate_up_ptr,  # [R, 2N] pre-activations, for backward (STORE_GATE_UP; else never written)
-    h_ptr,  # [R, N] act(gate) * up
+    w_ptr,  # [E, 2N, K]: gate and up rows (stacked or interleaved: stride_wh); any strides
+    bias_ptr,  # [E, 2N] each expert's bias, laid out as w's rows (HAS_BIAS; else never read)
+    gate_up_ptr,  # [R, 2N] pre-activations, gate then up, for backward (STORE_GATE_UP; else never written)
+    h_ptr,  # [R, N] the gated activation
     scale_ptr,  # [R] each grouped row's factor on h (SCALE_H; else never read)
     m_sizes_ptr,  # [E] rows per expert; R = their sum
     x_index_ptr,  # [R] x's row (token) of each grouped row
     lora_t_ptr,  # [R, lora_rank] (HAS_LORA; else never read)
-    lora_b_ptr,  # [E, 2N, lora_rank], gate rows then up rows, any strides (HAS_LORA; else never read)
+    lora_b_ptr,  # [E, 2N, lora_rank], laid out as w's rows, any strides (HAS_LORA; else never read)
     lora_mask_ptr,  # [R, 2N] (LORA_MASK; else never read)
     # Dimensions
     N,  # the intermediate size: half of w's rows
@@ -409,25 +451,35 @@ def gate_up_glu_kernel(
     num_experts,  # E
     ROWS_PER_EXPERT,  # R / E as a power of two: a tuning key, not read by the kernel
     lora_rank,
-    # Strides
+    # Strides (each *h: from a gate row or column to its up partner)
     stride_xm,
     stride_xk,
     stride_we,
+    stride_wh,
     stride_wn,
     stride_wk,
+    stride_bias_e,
+    stride_bias_h,
+    stride_bias_n,
     stride_gm,  # gate_up's
     stride_gn,
     stride_hm,
     stride_hn,
     stride_ltm,  # lora_t's rows (its columns: unit stride)
     stride_lbe,
+    stride_lbh,
     stride_lbn,
     stride_lbr,
-    stride_lmm,  # lora_mask's rows (its columns: unit stride)
+    stride_lmm,  # lora_mask's rows (its columns: unit stride, gate then up)
     # Metadata
-    ACTIVATION: tl.constexpr,  # act: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, tanh approximation)
+    ACTIVATION: tl.constexpr,  # act: "silu" or "gelu_tanh" (GELU's tanh form); the gating's constants follow
+    ALPHA: tl.constexpr,  # SiLU's slope: x * sigmoid(ALPHA * x)
+    CLAMP: tl.constexpr,  # clamp gate (above) and up (both sides) at LIMIT
+    LIMIT: tl.constexpr,
+    UP_SHIFT: tl.constexpr,  # added to the clamped up
     STORE_GATE_UP: tl.constexpr,  # write gate_up
     SCALE_H: tl.constexpr,  # h's rows times scale
+    HAS_BIAS: tl.constexpr,  # the bias joins the pre-activations
     HAS_LORA: tl.constexpr,  # the LoRA term joins the pre-activations
     LORA_MASK: tl.constexpr,  # the LoRA term times lora_mask
     LORA_R: tl.constexpr,  # lora_rank's block: a power of two, at least 16
@@ -438,10 +490,11 @@ def gate_up_glu_kernel(
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K mask (heuristic)
 ):
-    """``h[r] = scale[r] * act(gate) * up`` with ``[gate, up] = X[x_row(r)] @ W[e(r)]ᵀ + T[r] @ LB[e(r)]ᵀ``.
+    """``h[r] = scale[r] * gated(gate, up)`` with ``[gate, up] = X[x_row(r)] @ W[e(r)]ᵀ + T[r] @ LB[e(r)]ᵀ + bias[e(r)]``.
 
     One program computes a column tile of both halves from the same loaded rows of ``X``. The LoRA term
-    (``HAS_LORA``) joins the pre-activations, which are written to ``gate_up`` with ``STORE_GATE_UP``.
+    (``HAS_LORA``) and the bias (``HAS_BIAS``) join the pre-activations, which are written to ``gate_up`` (gate
+    columns, then up columns, whatever w's layout) with ``STORE_GATE_UP``. ``gated``: :func:`_gated`.
     """
     expert, rows, row_mask, offs_n, n_mask = _row_tile(m_sizes_ptr, num_experts, N, BLOCK_M, BLOCK_N, E_POW2)
     if expert >= num_experts:
@@ -458,7 +511,7 @@ def gate_up_glu_kernel(
         n_mask,
         stride_wn,
         stride_wk,
-        N,  # up's rows follow gate's
+        stride_wh,
         K,
         True,
         PRECISION,
@@ -468,14 +521,37 @@ def gate_up_glu_kernel(
         EVEN_K,
     )
     if HAS_LORA:
-        lora = (lora_t_ptr, lora_b_ptr, lora_mask_ptr, lora_rank)
         lora_strides = (stride_ltm, stride_lbe, stride_lbn, stride_lbr, stride_lmm)
         gate = _lora_term(
-            gate, lora, lora_strides, expert, rows, offs_n, row_mask, n_mask, LORA_MASK, LORA_R, PRECISION
+            gate,
+            (lora_t_ptr, lora_b_ptr, lora_mask_ptr, lora_rank),
+            lora_strides,
+            expert,
+            rows,
+            offs_n,
+            row_mask,
+            n_mask,
+            LORA_MASK,
+            LORA_R,
+            PRECISION,
         )
         up = _lora_term(
-            up, lora, lora_strides, expert, rows, N + offs_n, row_mask, n_mask, LORA_MASK, LORA_R, PRECISION
+            up,
+            (lora_t_ptr, lora_b_ptr + stride_lbh, lora_mask_ptr + N, lora_rank),
+            lora_strides,
+            expert,
+            rows,
+            offs_n,
+            row_mask,
+            n_mask,
+            LORA_MASK,
+            LORA_R,
+            PRECISION,
         )
+    if HAS_BIAS:
+        expert_bias_ptr = bias_ptr + expert.to(tl.int64) * stride_bias_e
+        gate += _bias_row(expert_bias_ptr, offs_n, n_mask, stride_bias_n)
+        up += _bias_row(expert_bias_ptr + stride_bias_h, offs_n, n_mask, stride_bias_n)
     mask = row_mask[:, None] & n_mask[None, :]
     out_type = h_ptr.dtype.element_ty
     if STORE_GATE_UP:
@@ -486,8 +562,7 @@ def gate_up_glu_kernel(
     # agree.
     gate = gate.to(out_type).to(tl.float32)
     up = up.to(out_type).to(tl.float32)
-    act, _ = _activation(gate, ACTIVATION)
-    h = act * up
+    h, _, _ = _gated(gate, up, ACTIVATION, ALPHA, CLAMP, LIMIT, UP_SHIFT)
     if SCALE_H:
         h = h * tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + offs_n[None, :] * stride_hn
@@ -585,27 +660,35 @@ def grouped_weight_grad_kernel(
 @triton.jit
 def glu_backward_rows_kernel(
     # Pointers
-    g_ptr,  # [R, N] the gradient reaching h = act(gate) * up, before the row scale
+    g_ptr,  # [R, N] the gradient reaching h = gated(gate, up), before the row scale
     gate_up_ptr,  # [R, 2N] the pre-activations: gate, then up
     scale_ptr,  # [R] each grouped row's factor
-    d_gate_up_ptr,  # [R, 2N] out: d_gate, then d_up
+    d_gate_up_ptr,  # [R, 2N] out: d_gate and d_up, laid out as the weight's rows (stride_dgh)
     d_scale_ptr,  # [R] out, or [S] written through d_scale_index (SCATTER_D_SCALE)
     d_scale_index_ptr,  # [R] d_scale's element of each row (SCATTER_D_SCALE; else never read)
+    d_scale_plus_ptr,  # [R] fp32 added to each row's d_scale (D_SCALE_PLUS; else never read)
     # Dimensions
     rows,  # R
     N,
-    # Strides (every column stride: 1)
+    # Strides (g's and gate_up's column stride: 1)
     stride_gm,
     stride_gum,
     stride_dgm,
+    stride_dgh,  # from a d_gate column to its d_up partner
+    stride_dgn,
     # Metadata
-    ACTIVATION: tl.constexpr,  # act: "silu" or "gelu_tanh", as in the forward
+    ACTIVATION: tl.constexpr,  # the gating, as in the forward (gate_up_glu_kernel)
+    ALPHA: tl.constexpr,
+    CLAMP: tl.constexpr,
+    LIMIT: tl.constexpr,
+    UP_SHIFT: tl.constexpr,
     SCATTER_D_SCALE: tl.constexpr,  # d_scale's elements through d_scale_index
+    D_SCALE_PLUS: tl.constexpr,  # d_scale plus d_scale_plus (a down bias's share)
     BLOCK_R: tl.constexpr,  # rows per program
     BLOCK_C: tl.constexpr,  # columns per step
 ):
-    """``d_scale = sum_n g * act(gate) * up``, ``d_up = scale * g * act(gate)``, ``d_gate = scale * g * up *
-    act'(gate)``: the gated activation's backward, ``BLOCK_R`` rows a program.
+    """``d_scale = sum_n g * h (+ plus)``, ``d_gate = scale * g * dh/dgate``, ``d_up = scale * g * dh/dup`` with
+    ``h = gated(gate, up)`` (:func:`_gated`): the gated activation's backward, ``BLOCK_R`` rows a program.
 
     Each row's ``d_scale`` is summed in fp32 in one program (no atomics) and stored in ``d_scale``'s dtype, at
     ``d_scale_index[row]`` with ``SCATTER_D_SCALE`` (the routing weights' gradient in their own order)."""
@@ -623,13 +706,15 @@ def glu_backward_rows_kernel(
         gu_ptrs = gate_up_ptr + offs_r64[:, None] * stride_gum + cols[None, :]
         gate = tl.load(gu_ptrs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(gu_ptrs + N, mask=mask, other=0.0).to(tl.float32)
-        act, d_act = _activation(gate, ACTIVATION)
-        d_scale += tl.sum(g * act * up, axis=1)
+        h, dh_dgate, dh_dup = _gated(gate, up, ACTIVATION, ALPHA, CLAMP, LIMIT, UP_SHIFT)
+        d_scale += tl.sum(g * h, axis=1)
         dh = g * scale[:, None]
         out_type = d_gate_up_ptr.dtype.element_ty
-        d_ptrs = d_gate_up_ptr + offs_r64[:, None] * stride_dgm + cols[None, :]
-        tl.store(d_ptrs, (dh * up * d_act).to(out_type), mask=mask)
-        tl.store(d_ptrs + N, (dh * act).to(out_type), mask=mask)
+        d_ptrs = d_gate_up_ptr + offs_r64[:, None] * stride_dgm + cols[None, :] * stride_dgn
+        tl.store(d_ptrs, (dh * dh_dgate).to(out_type), mask=mask)
+        tl.store(d_ptrs + stride_dgh, (dh * dh_dup).to(out_type), mask=mask)
+    if D_SCALE_PLUS:
+        d_scale += tl.load(d_scale_plus_ptr + offs_r, mask=row_mask, other=0.0)
     d_scale_rows = offs_r64
     if SCATTER_D_SCALE:
         d_scale_rows = tl.load(d_scale_index_ptr + offs_r, mask=row_mask, other=0)

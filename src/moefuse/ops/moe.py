@@ -12,9 +12,10 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .gating import Gating, gating_of
 from .lora import ExpertsLora, check_lora_weights, down_lora_delta, gate_up_lora_delta
 from .moe_4bit import check_frozen, grouped_linear
-from .plan import activation_name, plan_experts
+from .plan import plan_experts
 from .routing import check_top_k_index, route
 
 
@@ -134,8 +135,9 @@ def fused_experts(
 ) -> torch.Tensor:
     """Route-sort, gate/up grouped GEMM, gated activation, down grouped GEMM, weighted combine.
 
-    The Triton path fuses plain gated experts (``act_fn`` SiLU or GELU's tanh form, no ``gate_fn``, biases or
-    ``post_fn``); any other structure runs composed: grouped GEMMs with PyTorch ops between them, on every device.
+    The Triton path fuses gated experts whose gating it computes (``act_fn`` SiLU or GELU's tanh form, or a
+    :class:`~moefuse.ops.gating.Gating` as ``gate_fn``), biases included, without ``post_fn``; any other structure
+    runs composed: grouped GEMMs with PyTorch ops between them, on every device.
 
     Args:
         hidden_states: ``[T, H]`` tokens.
@@ -145,10 +147,10 @@ def fused_experts(
         top_k_weights: ``[T, K]`` routing weights (differentiable: the router learns through them).
         act_fn: activation applied to the gate half (SiLU gives SwiGLU, GELU GeGLU).
         gate_fn: the experts' own gating of the gate/up GEMM's rows ``[S, N] -> [S, I]`` in place of
-            ``act_fn(gate) * up``: a Transformers experts class's ``_apply_gate`` (its layout, e.g. interleaved
-            gate/up columns, and its clamps are its own), or the activation of experts without a gate, whose
-            ``gate_up_proj`` is then an up projection ``[E, I, H]``. With ``lora``, only gate_up (gate and up
-            together) and down factors.
+            ``act_fn(gate) * up``: a :class:`~moefuse.ops.gating.Gating` (which the Triton path fuses), a
+            Transformers experts class's ``_apply_gate`` (its layout, e.g. interleaved gate/up columns, and its
+            clamps are its own), or the activation of experts without a gate, whose ``gate_up_proj`` is then an up
+            projection ``[E, I, H]``. With ``lora``, only gate_up (gate and up together) and down factors.
         gate_up_bias: ``[E, N]`` added to the gate/up GEMM's rows of each expert (before the gating).
         down_bias: ``[E, H]`` added to the down GEMM's rows of each expert.
         post_fn: applied to each expert's output rows ``[S, H]`` before the routing weights (Transformers'
@@ -168,7 +170,7 @@ def fused_experts(
         down_proj,
         top_k_index,
         top_k_weights,
-        paired=gate_fn is None,
+        paired=gate_fn is None or isinstance(gate_fn, Gating),
         check_index_range=check_index_range,
     )
     if gate_fn is not None and any(a.gate is not None or a.up is not None for a in lora):
@@ -180,20 +182,28 @@ def fused_experts(
     check_experts_biases(gate_up_bias, down_bias, gate_up_proj, down_proj)
     check_frozen("gate_up_proj", gate_up_proj)
     check_frozen("down_proj", down_proj)
-    plain = gate_fn is None and gate_up_bias is None and down_bias is None and post_fn is None
     plan = plan_experts(
         hidden_states,
         gate_up_proj,
         down_proj,
         top_k_index.shape[-1],
-        activation=activation_name(act_fn) if plain else None,
+        gating=gating_of(act_fn, gate_fn) if post_fn is None else None,
+        biases=gate_up_bias is not None or down_bias is not None,
         lora=lora,
     )
     if plan.fused:
         from .moe_triton import triton_fused_experts
 
         return triton_fused_experts(
-            hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights, lora, plan
+            hidden_states,
+            gate_up_proj,
+            down_proj,
+            top_k_index,
+            top_k_weights,
+            lora,
+            plan,
+            gate_up_bias,
+            down_bias,
         )
     composed = _composed_on_triton if plan.backend == "triton" else _composed
     return composed(
@@ -275,9 +285,13 @@ def fused_experts_reference(
     top_k_weights: torch.Tensor,
     *,
     act_fn: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+    gate_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
     lora: Sequence[ExpertsLora] = (),
 ) -> torch.Tensor:
-    """Token-by-expert loop, as Transformers' ``eager`` experts compute it (LoRA as per-expert PEFT ``Linear``s)."""
+    """Token-by-expert loop, as Transformers' ``eager`` experts compute it (LoRA as per-expert PEFT ``Linear``s;
+    ``gate_fn`` and the biases as in :func:`fused_experts`)."""
 
     intermediate = down_proj.shape[2]
     # Where each adapted projection's output lies in its weight's output (gate_up_proj's rows: gate, then up).
@@ -301,7 +315,17 @@ def fused_experts_reference(
         if token_idx.numel() == 0:
             continue
         x = hidden_states[token_idx]
-        gate, up = project(x, gate_up_proj, e, "gate", "up", "gate_up").chunk(2, dim=-1)
-        y = project(act_fn(gate) * up, down_proj, e, "down") * top_k_weights[token_idx, k_pos, None]
+        gate_up = project(x, gate_up_proj, e, "gate", "up", "gate_up")
+        if gate_up_bias is not None:
+            gate_up = gate_up + gate_up_bias[e]
+        if gate_fn is None:
+            gate, up = gate_up.chunk(2, dim=-1)
+            h = act_fn(gate) * up
+        else:
+            h = gate_fn(gate_up)
+        y = project(h, down_proj, e, "down")
+        if down_bias is not None:
+            y = y + down_bias[e]
+        y = y * top_k_weights[token_idx, k_pos, None]
         out = out.index_add(0, token_idx, y.to(out.dtype))
     return out

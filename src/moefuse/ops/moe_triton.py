@@ -1,4 +1,5 @@
-"""The experts on the Triton kernels: the whole gated experts block (SwiGLU, GeGLU), LoRA included, as one PyTorch operator.
+"""The experts on the Triton kernels: the whole gated experts block (SwiGLU, GeGLU, GPT-OSS's clamped SwiGLU; biases;
+gate and up rows stacked or interleaved), LoRA included, as one PyTorch operator.
 
 Forward: the gather of token rows is fused into the gate/up GEMM's loads, the gated activation into its epilogue, and the
 routing-weight multiply and the scatter of each row to its ``(token, k)`` slot into the down GEMM's epilogue (a
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 from . import triton_gemm as tg
 from .dequantize_4bit import dense
+from .gating import Gating
 from .grouped_gemm import grouped_mm, grouped_mm_weight_grad
 from .lora import ExpertsLora, LoraWeights, down_factors, gate_up_factors
 from .plan import ExpertsPlan
@@ -48,13 +50,14 @@ def combine(
     on_grouped_mm: bool = False,
     row_scale: torch.Tensor | None = None,
     lora: tg.LoraTerm | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``[T, N]``: each token's ``K`` rows of ``row_scale * (a @ weight[e]ᵀ + lora)`` summed, ``a [S, K']`` in
-    grouped order, ``weight [E, N, K']`` (any strides) dense or 4-bit.
+    """``[T, N]``: each token's ``K`` rows of ``row_scale * (a @ weight[e]ᵀ + lora + bias[e])`` summed, ``a [S, K']``
+    in grouped order, ``weight [E, N, K']`` (any strides) dense or 4-bit.
 
     The GEMM's epilogue stores every row at its slot ``t * K + k`` of a ``[T, K, N]`` buffer, then one sum over
     ``K``: no atomics, so results repeat bit for bit. ``on_grouped_mm`` (the plan's choice, taken only where nothing
-    joins the epilogue: no row scale, no LoRA) runs the product on ``grouped_mm`` in grouped order and
+    joins the epilogue: no row scale, LoRA or bias) runs the product on ``grouped_mm`` in grouped order and
     :meth:`ExpertRouting.token_sums` sums it."""
     weight = dense(weight)
     if on_grouped_mm:
@@ -63,7 +66,14 @@ def combine(
     width = weight.shape[1]
     slots = torch.empty(num_tokens * routing.top_k, width, device=a.device, dtype=weight.dtype)
     tg.grouped_gemm(
-        a, weight, routing.m_sizes, row_scale=row_scale, lora=lora, out=slots, out_index=routing.sorted_slots
+        a,
+        weight,
+        routing.m_sizes,
+        row_scale=row_scale,
+        lora=lora,
+        bias=bias,
+        out=slots,
+        out_index=routing.sorted_slots,
     )
     return slots.view(num_tokens, routing.top_k, width).sum(dim=1)
 
@@ -97,6 +107,29 @@ def base_weight_grad(
     )
 
 
+def bias_grad(
+    rows: torch.Tensor,
+    routing: ExpertRouting,
+    *,
+    gather: bool = False,
+    row_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A per-expert bias's gradient ``[E, N]``: each expert's sum of its rows of ``rows`` (``[S, N]`` in grouped
+    order, or ``[T, N]`` read through ``routing.token_index`` when gathered), times ``row_scale``. The weight
+    gradient's kernel with a column of ones, ``1ᵀ·rows`` per expert: deterministic, no atomics."""
+    grouped_rows = routing.token_index.numel()
+    ones = rows.new_ones(()).expand(grouped_rows, 1)
+    grad = tg.grouped_weight_grad(
+        ones,
+        rows,
+        routing.m_sizes,
+        b_index=routing.token_index if gather else None,
+        row_scale=row_scale,
+        out=rows.new_empty(routing.m_sizes.numel(), 1, rows.shape[1]),
+    )
+    return grad.squeeze(1)
+
+
 class Saved(NamedTuple):
     """What the forward keeps for the backward (``None`` where not needed): nothing of size ``[S, H]`` but the
     dropout mask of the gate/up LoRA's input."""
@@ -123,8 +156,11 @@ def experts_forward(
     adapter: ExpertsLora | None,
     plan: ExpertsPlan,
     store_gate_up: bool,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Saved]:
-    """The experts' output ``[T, H]`` (in ``hidden_states``' dtype) and what its backward needs."""
+    """The experts' output ``[T, H]`` (in ``hidden_states``' dtype) and what its backward needs; the biases
+    (``[E, 2I]`` laid out as ``gate_up_proj``'s rows, ``[E, H]``) join the GEMMs' epilogues."""
     token_index, m_sizes = routing.token_index, routing.m_sizes
     dtype = gate_up_proj.dtype
     x = hidden_states.to(dtype)
@@ -151,8 +187,9 @@ def experts_forward(
         m_sizes,
         token_index,
         store_gate_up=store_gate_up,
-        activation=plan.activation,
+        gating=plan.gating,
         lora=gate_up_lora,
+        bias=gate_up_bias,
         row_scale=scale if plan.prescaled_h else None,
     )
 
@@ -168,6 +205,7 @@ def experts_forward(
         on_grouped_mm=plan.combine_on_grouped_mm,
         row_scale=None if plan.prescaled_h else scale,
         lora=down_lora,
+        bias=down_bias,
     )
     saved = Saved(scale, gate_up, h, gate_up_a, gate_up_b, t, x_mask, down_a, down_b, td, h_mask)
     return out.to(hidden_states.dtype), saved
@@ -212,16 +250,17 @@ def experts_backward(
     weights_dtype: torch.dtype,
     needs: Sequence[bool],
     plan: ExpertsPlan,
+    down_bias: torch.Tensor | None = None,
 ) -> list[torch.Tensor | None]:
     """Gradients of ``(hidden_states, gate_up_proj, down_proj, top_k_weights, gate A, gate B, up A, up B, down A,
-    down B)``, each only where ``needs`` says (``None`` elsewhere)."""
+    down B, gate_up_bias, down_bias)``, each only where ``needs`` says (``None`` elsewhere)."""
     m_sizes, token_index = routing.m_sizes, routing.token_index
     x = hidden_states.to(gate_up_proj.dtype)
     grad_out = grad_out.to(down_proj.dtype)
     scale, gate_up, h = saved.scale, saved.gate_up, saved.h
     num_experts, two_i, hidden = gate_up_proj.shape
     inter = two_i // 2
-    grad: list[torch.Tensor | None] = [None] * 10
+    grad: list[torch.Tensor | None] = [None] * 12
     gate_up_rows = factors.gate_up_rows(inter)
     factor_shapes = lora_factor_shapes(gate_up_proj.shape, factors.ranks, factors.stacked_gate_up)
 
@@ -253,12 +292,17 @@ def experts_backward(
         m_sizes,
         token_index,
         lora=h_lora_grad,
-        activation=plan.activation,
+        gating=plan.gating,
+        down_bias=down_bias if needs[3] else None,
         d_scale_out=weights_grad,
         d_scale_index=routing.sorted_slots,
     )
     if needs[3]:
         grad[3] = weights_grad.view(x.shape[0], routing.top_k)
+    if needs[10]:  # d_gate_up's columns are laid out as the bias
+        grad[10] = bias_grad(d_gate_up, routing)
+    if needs[11]:  # the down bias's rows are scaled by the routing weights, as the GEMM's
+        grad[11] = bias_grad(grad_out, routing, gather=True, row_scale=scale)
 
     # Gate/up projection.
     x_lora_grad = None
@@ -360,23 +404,32 @@ def _factor_tensors(adapter: ExpertsLora | None) -> tuple[torch.Tensor | None, .
 # and never traces into the kernels' launches; CUDA graphs can capture them, as they never sync with the host.
 # The forward returns the routing and what the backward needs, so the backward is an operator of its own.
 _FORWARD_OUTPUTS = ("out", "m_sizes", "sorted_slots", "token_index", "inverse", "offsets", *Saved._fields)
-_GRADIENTS = ("hidden_states", "gate_up_proj", "down_proj", "top_k_weights", *(f"grad_{n}" for n in range(6)))
+_GRADIENTS = (
+    "hidden_states",
+    "gate_up_proj",
+    "down_proj",
+    "top_k_weights",
+    *(f"grad_{n}" for n in range(6)),
+    "gate_up_bias",
+    "down_bias",
+)
 
 
 def _fused_plan(
-    activation: str,
+    gating: Sequence,
     lora_dropout: float,
     prescaled_h: bool,
     combine_on_grouped_mm: bool = False,
     input_grad_on_grouped_mm: bool = False,
     weight_grad_on_grouped_mm: bool = False,
 ) -> ExpertsPlan:
-    """The plan of the fused path from the choices an operator receives as its arguments."""
+    """The plan of the fused path from the choices an operator receives as its arguments (``gating``: the
+    :class:`Gating`'s fields in order)."""
     return ExpertsPlan(
         backend="triton",
         fused=True,
         composed_because="",
-        activation=activation,
+        gating=Gating(*gating),
         weights="dense",
         lora="fused",
         lora_dropout=lora_dropout,
@@ -412,7 +465,8 @@ def _empty_if_none(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     mutates_args=(),
     schema="(Tensor hidden_states, Tensor gate_up_proj, Tensor down_proj, Tensor top_k_index, "
     "Tensor top_k_weights, Tensor? gate_a, Tensor? gate_b, Tensor? up_a, Tensor? up_b, Tensor? down_a, "
-    "Tensor? down_b, float[] scalings, str activation, float lora_dropout, bool store_gate_up, bool prescaled_h, "
+    "Tensor? down_b, Tensor? gate_up_bias, Tensor? down_bias, float[] scalings, str activation, float alpha, "
+    "float limit, float up_shift, bool interleaved, float lora_dropout, bool store_gate_up, bool prescaled_h, "
     "bool combine_on_grouped_mm, bool input_grad_on_grouped_mm, bool weight_grad_on_grouped_mm) "
     f"-> ({', '.join(['Tensor'] * len(_FORWARD_OUTPUTS))})",
 )
@@ -428,8 +482,14 @@ def _experts_op(
     up_b: torch.Tensor | None,
     down_a: torch.Tensor | None,
     down_b: torch.Tensor | None,
+    gate_up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
     scalings: Sequence[float],
     activation: str,
+    alpha: float,
+    limit: float,
+    up_shift: float,
+    interleaved: bool,
     lora_dropout: float,
     store_gate_up: bool,
     prescaled_h: bool,
@@ -441,9 +501,19 @@ def _experts_op(
     for each ``Saved`` field that is ``None``."""
     routing = route(top_k_index, gate_up_proj.shape[0], on_triton=True)
     adapter = _adapter((gate_a, gate_b, up_a, up_b, down_a, down_b), scalings, gate_up_proj.shape[1])
-    plan = _fused_plan(activation, lora_dropout, prescaled_h, combine_on_grouped_mm)
+    gating = (activation, alpha, limit, up_shift, interleaved)
+    plan = _fused_plan(gating, lora_dropout, prescaled_h, combine_on_grouped_mm)
     out, saved = experts_forward(
-        hidden_states, gate_up_proj, down_proj, top_k_weights, routing, adapter, plan, store_gate_up
+        hidden_states,
+        gate_up_proj,
+        down_proj,
+        top_k_weights,
+        routing,
+        adapter,
+        plan,
+        store_gate_up,
+        gate_up_bias,
+        down_bias,
     )
     routing_tensors = (
         routing.m_sizes,
@@ -458,8 +528,8 @@ def _experts_op(
 @_experts_op.register_fake
 def _(
     hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights, gate_a, gate_b, up_a, up_b, down_a,
-    down_b, scalings, activation, lora_dropout, store_gate_up, prescaled_h, combine_on_grouped_mm, input_grad_on_grouped_mm,
-    weight_grad_on_grouped_mm,
+    down_b, gate_up_bias, down_bias, scalings, activation, alpha, limit, up_shift, interleaved, lora_dropout,
+    store_gate_up, prescaled_h, combine_on_grouped_mm, input_grad_on_grouped_mm, weight_grad_on_grouped_mm,
 ):  # fmt: skip
     num_experts, two_i, hidden = gate_up_proj.shape
     inter, rows, dtype = two_i // 2, top_k_index.numel(), gate_up_proj.dtype
@@ -500,10 +570,11 @@ def _(
 @torch.library.custom_op(
     "moefuse::experts_backward",
     mutates_args=(),
-    schema="(Tensor grad_out, Tensor hidden_states, Tensor gate_up_proj, Tensor down_proj, Tensor m_sizes, "
+    schema="(Tensor grad_out, Tensor hidden_states, Tensor gate_up_proj, Tensor down_proj, Tensor? down_bias, "
+    "Tensor m_sizes, "
     "Tensor sorted_slots, Tensor token_index, Tensor inverse, Tensor offsets, int top_k, Tensor?[] saved, int[] ranks, "
-    "bool stacked_gate_up, float[] scalings, ScalarType factor_dtype, ScalarType weights_dtype, bool[] needs, str activation, "
-    "float lora_dropout, "
+    "bool stacked_gate_up, float[] scalings, ScalarType factor_dtype, ScalarType weights_dtype, bool[] needs, "
+    "str activation, float alpha, float limit, float up_shift, bool interleaved, float lora_dropout, "
     "bool prescaled_h, bool input_grad_on_grouped_mm, bool weight_grad_on_grouped_mm) "
     f"-> ({', '.join(['Tensor'] * len(_GRADIENTS))})",
 )
@@ -512,6 +583,7 @@ def _experts_backward_op(
     hidden_states: torch.Tensor,
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
+    down_bias: torch.Tensor | None,
     m_sizes: torch.Tensor,
     sorted_slots: torch.Tensor,
     token_index: torch.Tensor,
@@ -526,6 +598,10 @@ def _experts_backward_op(
     weights_dtype: torch.dtype,
     needs: Sequence[bool],
     activation: str,
+    alpha: float,
+    limit: float,
+    up_shift: float,
+    interleaved: bool,
     lora_dropout: float,
     prescaled_h: bool,
     input_grad_on_grouped_mm: bool,
@@ -535,8 +611,8 @@ def _experts_backward_op(
     tensor where ``needs`` asks none."""
     routing = ExpertRouting(m_sizes, sorted_slots, token_index, inverse, top_k, offsets, on_triton=True)
     plan = _fused_plan(
-        activation, lora_dropout, prescaled_h, input_grad_on_grouped_mm=input_grad_on_grouped_mm,
-        weight_grad_on_grouped_mm=weight_grad_on_grouped_mm,
+        (activation, alpha, limit, up_shift, interleaved), lora_dropout, prescaled_h,
+        input_grad_on_grouped_mm=input_grad_on_grouped_mm, weight_grad_on_grouped_mm=weight_grad_on_grouped_mm,
     )  # fmt: skip
     grads = experts_backward(
         grad_out,
@@ -549,15 +625,17 @@ def _experts_backward_op(
         weights_dtype,
         needs,
         plan,
+        down_bias,
     )
     return tuple(_empty_if_none(g, grad_out) for g in grads)
 
 
 @_experts_backward_op.register_fake
 def _(
-    grad_out, hidden_states, gate_up_proj, down_proj, m_sizes, sorted_slots, token_index, inverse, offsets, top_k,
-    saved, ranks, stacked_gate_up, scalings, factor_dtype, weights_dtype, needs, activation, lora_dropout,
-    prescaled_h, input_grad_on_grouped_mm, weight_grad_on_grouped_mm,
+    grad_out, hidden_states, gate_up_proj, down_proj, down_bias, m_sizes, sorted_slots, token_index, inverse, offsets,
+    top_k,
+    saved, ranks, stacked_gate_up, scalings, factor_dtype, weights_dtype, needs, activation, alpha, limit, up_shift,
+    interleaved, lora_dropout, prescaled_h, input_grad_on_grouped_mm, weight_grad_on_grouped_mm,
 ):  # fmt: skip
     tokens = hidden_states.shape[0]
     shapes = [
@@ -566,6 +644,8 @@ def _(
         (tuple(down_proj.shape), down_proj.dtype),
         ((tokens, top_k), weights_dtype),
         *((shape, factor_dtype) for shape in lora_factor_shapes(gate_up_proj.shape, ranks, stacked_gate_up)),
+        (tuple(gate_up_proj.shape[:2]), gate_up_proj.dtype),  # the biases' gradients: in the weights' dtype
+        ((gate_up_proj.shape[0], gate_up_proj.shape[2]), down_proj.dtype),
     ]
     return tuple(
         grad_out.new_empty(shape if need else (0,), dtype=dtype)
@@ -605,8 +685,12 @@ def _saved_present(ranks: Sequence[int], lora_dropout: float, store_gate_up: boo
 
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     hidden_states, gate_up_proj, down_proj, _, top_k_weights, *factors = inputs[:11]
-    scalings, activation, lora_dropout, store_gate_up, prescaled_h, _, *backward_choices = inputs[11:]
-    ctx.save_for_backward(hidden_states, gate_up_proj, down_proj, *output[1:])
+    scalings, *gating, lora_dropout, store_gate_up, prescaled_h, _, input_grad_choice, weight_grad_choice = (
+        inputs[13:]
+    )
+    ctx.save_for_backward(
+        hidden_states, gate_up_proj, down_proj, inputs[12], *output[1:]
+    )  # inputs[12]: down_bias
     # The routing and saved tensors are outputs only to reach the backward: autograd would otherwise build a zero
     # gradient of each one's size in every backward (``out`` alone takes a gradient, so it is never None).
     ctx.mark_non_differentiable(*output[1:])
@@ -619,20 +703,21 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     ctx.scalings = tuple(scalings)
     ctx.factor_dtype = present[0] if present else gate_up_proj.dtype
     ctx.weights_dtype = top_k_weights.dtype
-    ctx.choices = (activation, lora_dropout, prescaled_h, *backward_choices)
+    ctx.choices = (*gating, lora_dropout, prescaled_h, input_grad_choice, weight_grad_choice)
 
 
 def _backward(ctx, grad_out: torch.Tensor, *_: torch.Tensor) -> tuple:
-    hidden_states, gate_up_proj, down_proj, *routing_and_saved = ctx.saved_tensors
+    hidden_states, gate_up_proj, down_proj, down_bias, *routing_and_saved = ctx.saved_tensors
     routing_tensors, saved = routing_and_saved[:5], routing_and_saved[5:]
     saved = [t if present else None for t, present in zip(saved, ctx.present, strict=True)]
     n = ctx.needs_input_grad
-    needs = [n[0], n[1], n[2], n[4], *n[5:11]]  # top_k_index (input 3) takes no gradient
+    needs = [n[0], n[1], n[2], n[4], *n[5:13]]  # top_k_index (input 3) takes no gradient
     grads = _experts_backward_op(
         grad_out,
         hidden_states,
         gate_up_proj,
         down_proj,
+        down_bias,
         *routing_tensors,
         ctx.top_k,
         saved,
@@ -645,7 +730,7 @@ def _backward(ctx, grad_out: torch.Tensor, *_: torch.Tensor) -> tuple:
         *ctx.choices,
     )
     grads = [g if need else None for g, need in zip(grads, needs, strict=True)]
-    return (*grads[:3], None, grads[3], *grads[4:], *([None] * 8))
+    return (*grads[:3], None, grads[3], *grads[4:], *([None] * 12))
 
 
 _experts_op.register_autograd(_backward, setup_context=_setup_context)
@@ -666,13 +751,24 @@ class _Experts4bit(torch.autograd.Function):
         adapter: ExpertsLora | None,
         plan: ExpertsPlan,
         store_gate_up: bool,
+        gate_up_bias: torch.Tensor | None,
+        down_bias: torch.Tensor | None,
         *factors: torch.Tensor
         | None,  # _factor_tensors(adapter): the graph reaches the factors through these
     ) -> torch.Tensor:
         out, saved = experts_forward(
-            hidden_states, gate_up_proj, down_proj, top_k_weights, routing, adapter, plan, store_gate_up
+            hidden_states,
+            gate_up_proj,
+            down_proj,
+            top_k_weights,
+            routing,
+            adapter,
+            plan,
+            store_gate_up,
+            gate_up_bias,
+            down_bias,
         )
-        ctx.save_for_backward(hidden_states, gate_up_proj, down_proj, *saved)
+        ctx.save_for_backward(hidden_states, gate_up_proj, down_proj, down_bias, *saved)
         ctx.routing, ctx.plan = routing, plan
         ctx.factors = FactorSpec.of(adapter, gate_up_proj.dtype)
         ctx.weights_dtype = top_k_weights.dtype
@@ -680,7 +776,7 @@ class _Experts4bit(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        hidden_states, gate_up_proj, down_proj, *saved = ctx.saved_tensors
+        hidden_states, gate_up_proj, down_proj, down_bias, *saved = ctx.saved_tensors
         n = ctx.needs_input_grad
         grads = experts_backward(
             grad_out,
@@ -691,10 +787,11 @@ class _Experts4bit(torch.autograd.Function):
             Saved(*saved),
             ctx.factors,
             ctx.weights_dtype,
-            [n[0], n[1], n[2], n[3], *n[8:14]],
+            [n[0], n[1], n[2], n[3], *n[10:16], n[8], n[9]],
             ctx.plan,
+            down_bias,
         )
-        return (*grads[:4], None, None, None, None, *grads[4:])
+        return (*grads[:4], None, None, None, None, grads[10], grads[11], *grads[4:10])
 
 
 @torch.compiler.disable(reason="moefuse's 4-bit experts run eagerly under torch.compile")
@@ -707,6 +804,8 @@ def _fused_experts_4bit(
     adapter: ExpertsLora | None,
     plan: ExpertsPlan,
     store_gate_up: bool,
+    gate_up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
 ) -> torch.Tensor:
     routing = route(top_k_index, gate_up_proj.shape[0], on_triton=True)
     return _Experts4bit.apply(
@@ -718,6 +817,8 @@ def _fused_experts_4bit(
         adapter,
         plan,
         store_gate_up,
+        gate_up_bias,
+        down_bias,
         *_factor_tensors(adapter),
     )
 
@@ -730,17 +831,30 @@ def triton_fused_experts(
     top_k_weights: torch.Tensor,
     lora: Sequence[ExpertsLora],
     plan: ExpertsPlan,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gated experts (``act(gate) * up``) with at most one LoRA adapter on the Triton kernels, as ``plan`` (fused) says: the
-    ``moefuse::experts`` operator for dense weights, an eager autograd function for 4-bit ones."""
+    """Gated experts (``plan.gating``, biases optional) with at most one LoRA adapter on the Triton kernels, as
+    ``plan`` (fused) says: the ``moefuse::experts`` operator for dense weights, an eager autograd function for 4-bit
+    ones."""
     adapter = lora[0] if lora else None
     factors = _factor_tensors(adapter)
-    inputs = (hidden_states, gate_up_proj, down_proj, top_k_weights, *factors)
+    inputs = (hidden_states, gate_up_proj, down_proj, top_k_weights, gate_up_bias, down_bias, *factors)
     store_gate_up = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     if plan.weights == "4bit":
         return _fused_experts_4bit(
-            hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights, adapter, plan, store_gate_up
+            hidden_states,
+            gate_up_proj,
+            down_proj,
+            top_k_index,
+            top_k_weights,
+            adapter,
+            plan,
+            store_gate_up,
+            gate_up_bias,
+            down_bias,
         )
+    gating = plan.gating
     outputs = _experts_op(
         hidden_states,
         gate_up_proj,
@@ -748,8 +862,14 @@ def triton_fused_experts(
         top_k_index,
         top_k_weights,
         *factors,
+        gate_up_bias,
+        down_bias,
         list(FactorSpec.of(adapter, gate_up_proj.dtype).scalings),
-        plan.activation,
+        gating.activation,
+        gating.alpha,
+        gating.limit,
+        gating.up_shift,
+        gating.interleaved,
         plan.lora_dropout,
         store_gate_up,
         plan.prescaled_h,

@@ -7,26 +7,24 @@ take the plan and follow it; none of them decides again.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..quant.tensor import is_4bit
 from ..settings import Settings, settings
 from .backend import device_capability, use_triton
+from .gating import SWIGLU, Gating
 from .grouped_gemm import HAS_GROUPED_MM, grouped_mm_supports
 from .lora import ExpertsLora
 
 # Why a call runs composed (grouped GEMMs with PyTorch ops between them) instead of the fused Triton path.
 NOT_TRITON = "the PyTorch backend runs these tensors"
 NOT_GATED = (
-    "the experts are not plain act(gate) * up with SiLU or GELU-tanh (own gate function, biases, post-expert norm "
-    "or another activation)"
+    "the experts' gating is not one the fused kernels compute (act(gate) * up with SiLU or GELU-tanh, or a clamped "
+    "SwiGLU as GPT-OSS's) or they apply a norm after each expert"
 )
-# The gated activations the fused kernels compute in their epilogues: act(gate) * up.
-ACTIVATIONS = ("silu", "gelu_tanh")
 SEVERAL_ADAPTERS = "several LoRA adapters"
 CUSTOM_DROPOUT = "a LoRA dropout that is not nn.Dropout"
 
@@ -40,12 +38,13 @@ class ExpertsPlan:
         fused: the whole block is one Triton autograd function (gather, SwiGLU, LoRA and combine in the GEMMs'
             epilogues); otherwise it runs composed.
         composed_because: why it runs composed (empty when fused).
-        activation: the fused path's ``act`` in ``act(gate) * up``, one of :data:`ACTIVATIONS` (empty when composed:
-            the composed path calls the experts' own functions).
+        gating: the fused path's gated activation (:class:`~moefuse.ops.gating.Gating`; ``None`` when composed: the
+            composed path calls the experts' own functions).
         weights: ``"dense"`` or ``"4bit"`` (each 4-bit stack dequantised for the GEMMs that read it).
         lora: ``"none"``, ``"fused"`` (one adapter, its terms in the epilogues) or ``"composed"``.
         lora_dropout: the fused path's LoRA dropout probability (0 without dropout).
-        prescaled_h: ``h`` is stored times the routing weight (the down weight is trained and no LoRA reads ``h``),
+        prescaled_h: ``h`` is stored times the routing weight (the down weight is trained, no LoRA reads ``h`` and no
+            bias joins the down GEMM),
             so the down GEMM and its weight gradient need no row scale.
         combine_on_grouped_mm: the forward's down GEMM and combine run on ``grouped_mm`` then a token sum (only
             with ``prescaled_h``: nothing then joins that GEMM's epilogue).
@@ -56,7 +55,7 @@ class ExpertsPlan:
     backend: str
     fused: bool
     composed_because: str
-    activation: str
+    gating: Gating | None
     weights: str
     lora: str
     lora_dropout: float
@@ -79,27 +78,7 @@ class ExpertsPlan:
             if chosen
         ]
         cutlass = f"; on grouped_mm: {', '.join(on_grouped_mm)}" if on_grouped_mm else ""
-        return f"triton, fused ({self.activation}); weights {self.weights}, LoRA {self.lora}{cutlass}"
-
-
-# Transformers' activation classes (transformers.activations) by the name the kernels give their function.
-_TRANSFORMERS_ACTIVATIONS = {
-    "SiLUActivation": "silu",
-    "GELUTanh": "gelu_tanh",  # gelu_pytorch_tanh
-    "PytorchGELUTanh": "gelu_tanh",  # its name before Transformers 5
-    "NewGELUActivation": "gelu_tanh",  # gelu_new: the same formula
-}
-
-
-def activation_name(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> str | None:
-    """The fused kernels' name for ``act_fn`` (one of :data:`ACTIVATIONS`), or ``None`` when they do not compute
-    it: SiLU as ``F.silu``, ``nn.SiLU`` or Transformers' ``SiLUActivation``; GELU's tanh form as
-    ``nn.GELU(approximate="tanh")`` or Transformers' ``GELUTanh`` / ``NewGELUActivation``."""
-    if act_fn is F.silu or isinstance(act_fn, torch.nn.SiLU):
-        return "silu"
-    if isinstance(act_fn, torch.nn.GELU):
-        return "gelu_tanh" if act_fn.approximate == "tanh" else None
-    return _TRANSFORMERS_ACTIVATIONS.get(type(act_fn).__name__)
+        return f"triton, fused ({self.gating}); weights {self.weights}, LoRA {self.lora}{cutlass}"
 
 
 def lora_dropout_p(adapter: ExpertsLora) -> float | None:
@@ -130,7 +109,8 @@ def plan_experts(
     down_proj: torch.Tensor,
     top_k: int,
     *,
-    activation: str | None = "silu",
+    gating: Gating | None = SWIGLU,
+    biases: bool = False,
     lora: Sequence[ExpertsLora] = (),
     config: Settings | None = None,
 ) -> ExpertsPlan:
@@ -141,8 +121,9 @@ def plan_experts(
         gate_up_proj: ``[E, 2I, H]``, dense or 4-bit.
         down_proj: ``[E, H, I]``, dense or 4-bit.
         top_k: experts per token.
-        activation: the experts' ``act`` when they are plain ``act(gate) * up`` (no gate function, biases or
-            post-expert norm) and the kernels compute it (:func:`activation_name`); ``None`` otherwise.
+        gating: the experts' gated activation where the kernels compute it (no post-expert norm); ``None``
+            otherwise.
+        biases: the experts have biases (the down bias keeps the routing weight out of ``h``).
         lora: the LoRA adapters on the projections.
         config: the settings to plan with (default: those in force).
     """
@@ -155,7 +136,7 @@ def plan_experts(
             reason
             for reason, applies in (
                 (NOT_TRITON, backend != "triton"),
-                (NOT_GATED, activation not in ACTIVATIONS),
+                (NOT_GATED, gating is None),
                 (SEVERAL_ADAPTERS, len(lora) > 1),
                 (CUSTOM_DROPOUT, dropout is None),
             )
@@ -169,7 +150,7 @@ def plan_experts(
     gate_up_lora = adapter is not None and any(
         w is not None for w in (adapter.gate, adapter.up, adapter.gate_up)
     )
-    prescaled_h = fused and down_proj.requires_grad and not down_lora
+    prescaled_h = fused and down_proj.requires_grad and not down_lora and not biases
     rows_per_expert = hidden_states.shape[0] * top_k // max(1, gate_up_proj.shape[0])
     cutlass = fused and grouped_mm_competes(hidden_states, gate_up_proj.dtype)
 
@@ -182,7 +163,7 @@ def plan_experts(
         backend=backend,
         fused=fused,
         composed_because=composed_because,
-        activation=activation if fused else "",
+        gating=gating if fused else None,
         weights="4bit" if four_bit else "dense",
         lora="none" if not lora else ("fused" if fused else "composed"),
         lora_dropout=dropout or 0.0,

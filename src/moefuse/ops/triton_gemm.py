@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 
 from ..kernels import grouped_gemm as kernels
+from .gating import SWIGLU, Gating, halves
 from .launch import cdiv, launch, next_power_of_2, unit_columns
 
 
@@ -135,9 +136,10 @@ def grouped_gemm(
     out_index: torch.Tensor | None = None,
     row_scale: torch.Tensor | None = None,
     lora: LoraTerm | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``out[out_row(r)] = row_scale[r] * (a[a_row(r)] @ b[e(r)]ᵀ + lora[r])`` over the ``R = m_sizes.sum()``
-    grouped rows.
+    """``out[out_row(r)] = row_scale[r] * (a[a_row(r)] @ b[e(r)]ᵀ + lora[r] + bias[e(r)])`` over the
+    ``R = m_sizes.sum()`` grouped rows.
 
     Args:
         a: ``[R, K]`` in grouped order, or any ``[T, K]`` read through ``a_index [R]``.
@@ -147,6 +149,7 @@ def grouped_gemm(
         out: where to write; ``[R, N]`` (new) unless given. With ``out_index``, row ``r`` goes to ``out[out_index[r]]``.
         row_scale: ``[R]`` per-row factor applied in the epilogue.
         lora: a LoRA term added in the epilogue, before the scale (:class:`LoraTerm`).
+        bias: ``[E, N]`` each expert's bias, added in the epilogue before the scale.
     """
     n = b.shape[1]
     rows = a_index.numel() if a_index is not None else a.shape[0]
@@ -163,6 +166,7 @@ def grouped_gemm(
         a_index_ptr=_index(a_index, m_sizes),
         c_index_ptr=_index(out_index, m_sizes),
         scale_ptr=_index(row_scale, out),
+        bias_ptr=_index(bias, out),
         stride_am=a.stride(0),
         stride_ak=a.stride(1),
         stride_be=b.stride(0),
@@ -170,9 +174,12 @@ def grouped_gemm(
         stride_bk=b.stride(2),
         stride_cm=out.stride(0),
         stride_cn=out.stride(1),
+        stride_bias_e=0 if bias is None else bias.stride(0),
+        stride_bias_n=0 if bias is None else bias.stride(1),
         GATHER_A=a_index is not None,
         SCATTER_C=out_index is not None,
         SCALE_ROWS=row_scale is not None,
+        HAS_BIAS=bias is not None,
         **_row_kernel_arguments(b, m_sizes, rows, n, lora, out),
     )
     return out
@@ -185,13 +192,15 @@ def gate_up_glu(
     x_index: torch.Tensor,
     *,
     store_gate_up: bool,
-    activation: str = "silu",
+    gating: Gating = SWIGLU,
     lora: LoraTerm | None = None,
+    bias: torch.Tensor | None = None,
     row_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``h = act(gate) * up`` for the grouped rows ``x[x_index]``: ``(h [R, I], gate_up [R, 2I] or None)``;
-    ``activation``: ``"silu"`` or ``"gelu_tanh"`` (:data:`moefuse.ops.plan.ACTIVATIONS`); ``lora`` (its ``b`` ``[E, 2I, rank]``) joins the pre-activations;
-    ``h`` is multiplied by ``row_scale [R]`` when given."""
+    """``h = gating(gate_up)`` for the grouped rows ``x[x_index]``: ``(h [R, I], gate_up [R, 2I] or None)``, the
+    stored pre-activations gate columns then up columns whatever ``gating.interleaved`` says of the weight's rows.
+    ``lora`` (its ``b`` ``[E, 2I, rank]``) and ``bias [E, 2I]``, both laid out as ``gate_up_proj``'s rows, join the
+    pre-activations; ``h`` is multiplied by ``row_scale [R]`` when given."""
     two_i = gate_up_proj.shape[1]
     inter = two_i // 2
     rows = x_index.numel()
@@ -199,30 +208,55 @@ def gate_up_glu(
     gate_up = x.new_empty(rows, two_i, dtype=gate_up_proj.dtype) if store_gate_up else None
     if rows == 0:
         return h, gate_up
+    w = halves(gate_up_proj, 1, gating.interleaved)  # [E, 2, I, H]
+    bias_halves = None if bias is None else halves(bias, 1, gating.interleaved)  # [E, 2, I]
+    arguments = _row_kernel_arguments(gate_up_proj, m_sizes, rows, inter, lora, h)
+    stride_lbh = 0
+    if lora is not None:
+        b = halves(lora.b, 1, gating.interleaved)  # [E, 2, I, rank]
+        stride_lbh, arguments["stride_lbn"] = b.stride(1), b.stride(2)
     launch(
         kernels.gate_up_glu_kernel,
         _tile_grid(m_sizes, rows, inter),
         x_ptr=x,
         w_ptr=gate_up_proj,
+        bias_ptr=_index(bias, h),
         gate_up_ptr=h if gate_up is None else gate_up,
         h_ptr=h,
         scale_ptr=_index(row_scale, h),
         x_index_ptr=x_index,
         stride_xm=x.stride(0),
         stride_xk=x.stride(1),
-        stride_we=gate_up_proj.stride(0),
-        stride_wn=gate_up_proj.stride(1),
-        stride_wk=gate_up_proj.stride(2),
+        stride_we=w.stride(0),
+        stride_wh=w.stride(1),
+        stride_wn=w.stride(2),
+        stride_wk=w.stride(3),
+        stride_bias_e=0 if bias_halves is None else bias_halves.stride(0),
+        stride_bias_h=0 if bias_halves is None else bias_halves.stride(1),
+        stride_bias_n=0 if bias_halves is None else bias_halves.stride(2),
         stride_gm=0 if gate_up is None else gate_up.stride(0),
         stride_gn=0 if gate_up is None else gate_up.stride(1),
         stride_hm=h.stride(0),
         stride_hn=h.stride(1),
-        ACTIVATION=activation,
+        stride_lbh=stride_lbh,
+        **_gating_arguments(gating),
         STORE_GATE_UP=store_gate_up,
         SCALE_H=row_scale is not None,
-        **_row_kernel_arguments(gate_up_proj, m_sizes, rows, inter, lora, h),
+        HAS_BIAS=bias is not None,
+        **arguments,
     )
     return h, gate_up
+
+
+def _gating_arguments(gating: Gating) -> dict[str, object]:
+    """The gating's constants as the kernels take them."""
+    return {
+        "ACTIVATION": gating.activation,
+        "ALPHA": gating.alpha,
+        "CLAMP": gating.clamped,
+        "LIMIT": gating.limit if gating.clamped else 0.0,
+        "UP_SHIFT": gating.up_shift,
+    }
 
 
 def glu_backward(
@@ -234,14 +268,16 @@ def glu_backward(
     grad_index: torch.Tensor,
     lora: LoraTerm | None = None,
     *,
-    activation: str = "silu",
+    gating: Gating = SWIGLU,
+    down_bias: torch.Tensor | None = None,
     d_scale_out: torch.Tensor | None = None,
     d_scale_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients through ``scale * down(act(gate) * up)`` for the grouped rows: ``(d_gate_up [R, 2I], d_scale)``.
+    """Gradients through ``scale * (down(gating(gate_up)) + down_bias)`` for the grouped rows:
+    ``(d_gate_up [R, 2I], d_scale)``; ``down_bias [E, H]`` adds its share ``dY·bias`` to ``d_scale``.
 
     ``grad_out [T, H]`` is read through ``grad_index`` (each grouped row's token); ``down_proj [E, H, I]``;
-    ``lora`` (its ``b`` ``[E, I, rank]``) joins the gradient reaching ``act(gate) * up`` (from a LoRA on the
+    ``lora`` (its ``b`` ``[E, I, rank]``) joins the gradient reaching the gated activation (from a LoRA on the
     down projection).
     ``d_scale`` is ``[R]`` fp32 in grouped order, or ``d_scale_out`` with row ``r``'s at ``d_scale_index[r]``
     (see :func:`glu_backward_rows`).
@@ -252,8 +288,23 @@ def glu_backward(
     memory speed (the comparison: docs/measurements.md).
     """
     g = grouped_gemm(grad_out, down_proj.transpose(1, 2), m_sizes, a_index=grad_index, lora=lora)
+    d_scale_plus = None
+    if down_bias is not None:  # dY·bias per row: the bias as a one-row weight [E, 1, H]
+        d_scale_plus = grouped_gemm(
+            grad_out,
+            down_bias.to(grad_out.dtype).unsqueeze(1),
+            m_sizes,
+            a_index=grad_index,
+            out=g.new_empty(g.shape[0], 1, dtype=torch.float32),
+        ).squeeze(1)
     return glu_backward_rows(
-        g, gate_up, row_scale, activation=activation, d_scale_out=d_scale_out, d_scale_index=d_scale_index
+        g,
+        gate_up,
+        row_scale,
+        gating=gating,
+        d_scale_plus=d_scale_plus,
+        d_scale_out=d_scale_out,
+        d_scale_index=d_scale_index,
     )
 
 
@@ -262,14 +313,18 @@ def glu_backward_rows(
     gate_up: torch.Tensor,
     row_scale: torch.Tensor,
     *,
-    activation: str = "silu",
+    gating: Gating = SWIGLU,
+    d_scale_plus: torch.Tensor | None = None,
     d_scale_out: torch.Tensor | None = None,
     d_scale_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gated activation's backward row by row from ``g [R, I]``, the gradient reaching ``act(gate) * up``
-    (before the row scale): ``(d_gate_up [R, 2I], d_scale)``. Deterministic (each row summed in fp32 in one program).
+    """The gated activation's backward row by row from ``g [R, I]``, the gradient reaching ``gating(gate_up)``
+    (before the row scale), ``gate_up [R, 2I]`` gate columns then up columns as :func:`gate_up_glu` stores them:
+    ``(d_gate_up [R, 2I], d_scale)``, ``d_gate_up``'s columns laid out as the weight's rows (interleaved with
+    ``gating.interleaved``), so the GEMMs after it read it as they read the weight. Deterministic (each row summed
+    in fp32 in one program).
 
-    ``d_scale`` is ``[R]`` fp32 in grouped order; or, given ``d_scale_out`` (1-D, contiguous, any float dtype) and
+    ``d_scale`` is ``[R]`` fp32 in grouped order, plus ``d_scale_plus [R]`` (fp32) when given; or, given ``d_scale_out`` (1-D, contiguous, any float dtype) and
     ``d_scale_index [R]``, row ``r``'s value rounded once into ``d_scale_out[d_scale_index[r]]``: the routing
     weights' gradient in their ``(token, k)`` order and dtype, with no copy after the kernel."""
     rows, inter = g.shape
@@ -285,6 +340,7 @@ def glu_backward_rows(
     if rows == 0:
         return d_gate_up, d_scale
     g, gate_up = unit_columns(g), unit_columns(gate_up)
+    d_halves = halves(d_gate_up, 1, gating.interleaved)  # [R, 2, I]
     launch(
         kernels.glu_backward_rows_kernel,
         lambda meta: (cdiv(rows, meta["BLOCK_R"]),),
@@ -294,13 +350,17 @@ def glu_backward_rows(
         d_gate_up_ptr=d_gate_up,
         d_scale_ptr=d_scale,
         d_scale_index_ptr=_index(d_scale_index, d_scale),
+        d_scale_plus_ptr=_index(d_scale_plus, d_scale),
         rows=rows,
         N=inter,
         stride_gm=g.stride(0),
         stride_gum=gate_up.stride(0),
-        stride_dgm=d_gate_up.stride(0),
-        ACTIVATION=activation,
+        stride_dgm=d_halves.stride(0),
+        stride_dgh=d_halves.stride(1),
+        stride_dgn=d_halves.stride(2),
+        **_gating_arguments(gating),
         SCATTER_D_SCALE=scatter,
+        D_SCALE_PLUS=d_scale_plus is not None,
         BLOCK_R=_GLU_ROWS,
         BLOCK_C=_GLU_COLUMNS,
         num_warps=4,
