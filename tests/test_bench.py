@@ -220,6 +220,15 @@ def test_disagreement_fails_the_run(tmp_path, monkeypatch, capsys, one_thread):
         f"{check['worst_error']:.3g} > allowed 0.0001"
     ]
     assert "FAILED: block 16 tokens wrong_for_test disagrees with eager" in capsys.readouterr().err
+    # In bf16 the block level's noise floor is the reference's own rounding (the block again in fp32): it lets
+    # a tensor summed over many rows differ by what rounding moves it, and still catches 5% everywhere.
+    out = tmp_path / "wrong-block-bf16.json"
+    bf16 = ["--level", "block", "--modes", "fwd+bwd", "--dtype", "bf16", "--output", str(out)]
+    assert main([*argv, *bf16]) == 1
+    result = json.loads(out.read_text())
+    floor = result["rows"][0]["check"]["noise_floor"]
+    assert {"output", "grad input"} <= set(floor) and 0 < max(floor.values()) < 0.05
+    assert result["failures"][0].startswith("block 16 tokens wrong_for_test disagrees with eager: ")
 
 
 def test_missing_gradient_counts_as_wrong():

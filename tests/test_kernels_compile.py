@@ -54,7 +54,7 @@ COMPILE = textwrap.dedent(
     gating = json.loads(sys.argv[1])  # the gating's constants, and whether biases join
     biased = gating.pop("HAS_BIAS")
     forward = to_ttir(kernels.gate_up_glu_kernel, dict(
-        **gating, STORE_GATE_UP=True, SCALE_H=True, HAS_BIAS=biased, HAS_LORA=True, LORA_MASK=True, LORA_R=16,
+        **gating, INTERLEAVED=biased, STORE_GATE_UP=True, SCALE_H=True, HAS_BIAS=biased, HAS_LORA=True, LORA_MASK=True, LORA_R=16,
         PRECISION="ieee", E_POW2=16, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, EVEN_K=True,
     ))
     backward = to_ttir(kernels.glu_backward_rows_kernel, dict(

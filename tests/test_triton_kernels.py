@@ -440,8 +440,22 @@ GPT_OSS = Gating("silu", alpha=1.702, limit=7.0, up_shift=1.0, interleaved=True)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "case", GPU_EXPERT_CASES + [(1000, 2880, 2880, 32, 4, 0)]
-)  # gpt-oss-20b's expert dims
+    "case",
+    EXPERT_CASES
+    + [
+        E128_TOP8,
+        (512, 256, 128, 16, 4, 2),
+        (4096, 256, 128, 4, 2, 0),  # ~2k rows an expert: the biases' gradients sum many rows
+        (
+            512,
+            2880,
+            2880,
+            8,
+            4,
+            0,
+        ),  # gpt-oss-20b's expert dims (8 of its 32 experts: the fp64 reference's memory)
+    ],
+)
 def test_fused_gpt_oss_experts_bf16_gpu(case):
     """GPT-OSS's experts (clamped SwiGLU, interleaved rows, biases) fused in bf16; every gradient, biases' included."""
     args = experts_problem(*case, dtype=torch.bfloat16)

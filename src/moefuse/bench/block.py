@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -86,8 +88,19 @@ class BlockWorkload:
         self.close()  # the returned tensors are the caller's now; timing starts without gradients held
         return tensors
 
-    def perturbed_check_tensors(self) -> None:
-        return None  # the router runs before the experts, the same for all: they differ by rounding only
+    def perturbed_check_tensors(self) -> dict[str, torch.Tensor] | None:
+        """The reference's own rounding, as the check's noise floor: the same block and inputs in fp32 (``None``
+        where they already are). A gradient summed over many rows (an expert bias's) carries a large part of it
+        in bf16, for every implementation."""
+        if self.x.dtype == torch.float32:
+            return None
+        block = copy.deepcopy(self.block).float()
+        x = self.x.detach().float().requires_grad_()
+        out = block(x)
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(self.grad_out.float())
+        grads = {f"grad {name}": p.grad for name, p in block.named_parameters() if p.grad is not None}
+        return {"output": out.detach(), "grad input": x.grad, **grads}
 
     def run(self, mode: str) -> None:
         if mode == "fwd":

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -73,16 +74,26 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Frame(NamedTuple):
+    """One frame of a call stack, hashable (``traceback.FrameSummary`` is not on Python 3.12)."""
+
+    filename: str
+    lineno: int | None
+    name: str
+    line: str | None
+
+
 @contextmanager
-def recorded_syncs(depth: int = 40) -> Iterator[Counter[tuple[traceback.FrameSummary, ...]]]:
+def recorded_syncs(depth: int = 40) -> Iterator[Counter[tuple[Frame, ...]]]:
     """Each host synchronisation on CUDA while open (``torch.cuda.set_sync_debug_mode("warn")``): its call stack,
     innermost frame last, ``depth`` frames at most, with how often it ran."""
-    sites: Counter[tuple[traceback.FrameSummary, ...]] = Counter()
+    sites: Counter[tuple[Frame, ...]] = Counter()
 
     def record(message, category, filename, lineno, file=None, line=None) -> None:
         if "synchronizing" in str(message):  # not the note that the debug mode is a prototype
             # Leave out this function and the warnings module's frame that called it.
-            sites[tuple(traceback.extract_stack(limit=depth + 2)[:-2])] += 1
+            stack = traceback.extract_stack(limit=depth + 2)[:-2]
+            sites[tuple(Frame(f.filename, f.lineno, f.name, f.line) for f in stack)] += 1
 
     with warnings.catch_warnings():  # restores warnings.showwarning on exit
         warnings.simplefilter("always")
@@ -94,8 +105,8 @@ def recorded_syncs(depth: int = 40) -> Iterator[Counter[tuple[traceback.FrameSum
             torch.cuda.set_sync_debug_mode(0)
 
 
-def format_sync_site(stack: tuple[traceback.FrameSummary, ...]) -> str:
-    return "".join(traceback.format_list(list(stack)))
+def format_sync_site(stack: tuple[Frame, ...]) -> str:
+    return "".join(traceback.format_list(traceback.StackSummary.from_list(stack)))
 
 
 def free_memory(device: torch.device) -> None:

@@ -248,6 +248,12 @@ def _bias_row(ptr, cols, col_mask, stride_n):
 
 
 @triton.jit
+def _interleave(a, b, SIZE: tl.constexpr):
+    """``[a0, b0, a1, b1, ...]``: two ``[SIZE // 2]`` vectors woven into one ``[SIZE]``."""
+    return tl.reshape(tl.join(a, b), (SIZE,))
+
+
+@triton.jit
 def _lora_term(
     acc,
     lora,
@@ -477,6 +483,7 @@ def gate_up_glu_kernel(
     CLAMP: tl.constexpr,  # clamp gate (above) and up (both sides) at LIMIT
     LIMIT: tl.constexpr,
     UP_SHIFT: tl.constexpr,  # added to the clamped up
+    INTERLEAVED: tl.constexpr,  # w's gate and up rows alternate (stride_wn = 2 * stride_wh)
     STORE_GATE_UP: tl.constexpr,  # write gate_up
     SCALE_H: tl.constexpr,  # h's rows times scale
     HAS_BIAS: tl.constexpr,  # the bias joins the pre-activations
@@ -500,58 +507,105 @@ def gate_up_glu_kernel(
     if expert >= num_experts:
         return
     x_rows = _row_offsets(x_index_ptr, rows, row_mask, True)
-    gate, up = _row_products(
-        x_ptr,
-        x_rows,
-        row_mask,
-        stride_xm,
-        stride_xk,
-        w_ptr + expert.to(tl.int64) * stride_we,
-        offs_n,
-        n_mask,
-        stride_wn,
-        stride_wk,
-        stride_wh,
-        K,
-        True,
-        PRECISION,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_K,
-        EVEN_K,
-    )
-    if HAS_LORA:
-        lora_strides = (stride_ltm, stride_lbe, stride_lbn, stride_lbr, stride_lmm)
-        gate = _lora_term(
-            gate,
-            (lora_t_ptr, lora_b_ptr, lora_mask_ptr, lora_rank),
-            lora_strides,
-            expert,
-            rows,
-            offs_n,
+    if INTERLEAVED:
+        # BLOCK_N gate/up pairs are 2 * BLOCK_N adjacent rows: one tile, loaded whole (strided halves would defeat
+        # vectorised loads), LoRA term and bias added, then split into gate and up.
+        pair_mask = _interleave(n_mask, n_mask, 2 * BLOCK_N)
+        acc, _ = _row_products(
+            x_ptr,
+            x_rows,
             row_mask,
-            n_mask,
-            LORA_MASK,
-            LORA_R,
+            stride_xm,
+            stride_xk,
+            w_ptr + expert.to(tl.int64) * stride_we,
+            _interleave(offs_n * stride_wn, offs_n * stride_wn + stride_wh, 2 * BLOCK_N),
+            pair_mask,
+            1,  # the row offsets above are in elements
+            stride_wk,
+            0,
+            K,
+            False,
             PRECISION,
+            BLOCK_M,
+            2 * BLOCK_N,
+            BLOCK_K,
+            EVEN_K,
         )
-        up = _lora_term(
-            up,
-            (lora_t_ptr, lora_b_ptr + stride_lbh, lora_mask_ptr + N, lora_rank),
-            lora_strides,
-            expert,
-            rows,
-            offs_n,
+        if HAS_LORA:
+            acc = _lora_term(
+                acc,
+                (lora_t_ptr, lora_b_ptr, lora_mask_ptr, lora_rank),
+                (stride_ltm, stride_lbe, 1, stride_lbr, stride_lmm),
+                expert,
+                rows,
+                _interleave(offs_n * stride_lbn, offs_n * stride_lbn + stride_lbh, 2 * BLOCK_N),
+                row_mask,
+                pair_mask,
+                False,  # a forward's LoRA term is never masked (dropout is on its input)
+                LORA_R,
+                PRECISION,
+            )
+        if HAS_BIAS:
+            acc += _bias_row(
+                bias_ptr + expert.to(tl.int64) * stride_bias_e,
+                _interleave(offs_n * stride_bias_n, offs_n * stride_bias_n + stride_bias_h, 2 * BLOCK_N),
+                pair_mask,
+                1,
+            )
+        gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+    else:
+        gate, up = _row_products(
+            x_ptr,
+            x_rows,
             row_mask,
+            stride_xm,
+            stride_xk,
+            w_ptr + expert.to(tl.int64) * stride_we,
+            offs_n,
             n_mask,
-            LORA_MASK,
-            LORA_R,
+            stride_wn,
+            stride_wk,
+            stride_wh,
+            K,
+            True,
             PRECISION,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            EVEN_K,
         )
-    if HAS_BIAS:
-        expert_bias_ptr = bias_ptr + expert.to(tl.int64) * stride_bias_e
-        gate += _bias_row(expert_bias_ptr, offs_n, n_mask, stride_bias_n)
-        up += _bias_row(expert_bias_ptr + stride_bias_h, offs_n, n_mask, stride_bias_n)
+        if HAS_LORA:
+            lora_strides = (stride_ltm, stride_lbe, stride_lbn, stride_lbr, stride_lmm)
+            gate = _lora_term(
+                gate,
+                (lora_t_ptr, lora_b_ptr, lora_mask_ptr, lora_rank),
+                lora_strides,
+                expert,
+                rows,
+                offs_n,
+                row_mask,
+                n_mask,
+                LORA_MASK,
+                LORA_R,
+                PRECISION,
+            )
+            up = _lora_term(
+                up,
+                (lora_t_ptr, lora_b_ptr + stride_lbh, lora_mask_ptr + N, lora_rank),
+                lora_strides,
+                expert,
+                rows,
+                offs_n,
+                row_mask,
+                n_mask,
+                LORA_MASK,
+                LORA_R,
+                PRECISION,
+            )
+        if HAS_BIAS:
+            expert_bias_ptr = bias_ptr + expert.to(tl.int64) * stride_bias_e
+            gate += _bias_row(expert_bias_ptr, offs_n, n_mask, stride_bias_n)
+            up += _bias_row(expert_bias_ptr + stride_bias_h, offs_n, n_mask, stride_bias_n)
     mask = row_mask[:, None] & n_mask[None, :]
     out_type = h_ptr.dtype.element_ty
     if STORE_GATE_UP:

@@ -240,6 +240,7 @@ def gate_up_glu(
         stride_hn=h.stride(1),
         stride_lbh=stride_lbh,
         **_gating_arguments(gating),
+        INTERLEAVED=gating.interleaved,
         STORE_GATE_UP=store_gate_up,
         SCALE_H=row_scale is not None,
         HAS_BIAS=bias is not None,
