@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_checks.sh tests OUT      the GPU-marked tests; their summary to OUT/gpu-tests-<commit>.txt
 #   bash benchmarks/gpu_checks.sh block OUT N    N runs of the MoE block, eager and compiled, moefuse and grouped_mm
 #   bash benchmarks/gpu_checks.sh families OUT N N runs of the MoE block of other families' published shapes
-#        (gpt-oss-20b: composed on moefuse; mixtral-8x7b, olmoe-1b-7b), moefuse and grouped_mm, eager
+#        (gpt-oss-20b: clamped SwiGLU, biases, interleaved rows; mixtral-8x7b, olmoe-1b-7b), moefuse and grouped_mm, eager
 #   bash benchmarks/gpu_checks.sh train48 OUT NAME [moefuse train keys...]
 #        one 48-layer moefuse train run at Qwen3-30B-A3B dims (LoRA r16, packed 2048-token rows, checkpointing;
 #        the keys given are added, e.g. --per_device_train_batch_size 4 --experts_implementation grouped_mm);
