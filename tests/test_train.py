@@ -18,7 +18,8 @@ import moefuse
 from conftest import current_orientation, tiny_config, trained_precision
 from moefuse import cli
 from moefuse.bench.provenance import source_provenance
-from moefuse.convert.lora import adapter_layout
+from moefuse.convert.checkpoint import CheckpointError
+from moefuse.convert.lora import adapter_layout, convert_lora
 from moefuse.ops.cross_entropy import causal_lm_loss
 from moefuse.train import TrainConfigError, run_train
 from moefuse.train.builtin import DATASET, TOKENIZER_DIR, build_dataset, build_tokenizer
@@ -375,7 +376,9 @@ def test_every_family_with_plain_gated_experts_trains_lora_on_moefuse(tmp_path, 
 
 def test_gpt_oss_experts_train_lora_on_gate_up_proj(tmp_path):
     """GPT-OSS's experts (biases, interleaved gate/up rows, a clamped SwiGLU) take LoRA on gate_up_proj and
-    down_proj, lora_target all's: the gating runs composed between the grouped GEMMs."""
+    down_proj, lora_target all's (on the CPU composed; fused on the Triton path). A standalone conversion that
+    would split the adapter's gate_up_proj LoRA into gate and up is refused, its base model read from the adapter
+    config; the formats that keep it whole are written."""
     _family_config("gpt_oss").save_pretrained(tmp_path / "config")
     result = run_train(
         None,
@@ -394,6 +397,12 @@ def test_gpt_oss_experts_train_lora_on_gate_up_proj(tmp_path):
     # gate and up rows interleave: no per-expert gate_proj/up_proj copy; PEFT's (vLLM's) 3-D format holds it whole
     assert result.per_expert_adapter is None
     assert adapter_layout(result.adapter_in_format) == "peft_target_parameters"
+    for layout in ("per_expert", "qwen3_moe_fused"):
+        with pytest.raises(CheckpointError, match=r"model type 'gpt_oss'\) interleaves gate and up rows"):
+            convert_lora(result.adapter_in_format, tmp_path / layout, layout, progress=False)
+        assert not (tmp_path / layout).exists()
+    convert_lora(result.adapter_in_format, tmp_path / "fused", "fused", progress=False)
+    assert adapter_layout(tmp_path / "fused") == "fused"
 
 
 def test_experts_moefuse_cannot_take_are_refused_before_loading(tmp_path):

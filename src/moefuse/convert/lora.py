@@ -246,6 +246,46 @@ def open_adapter(path: str | os.PathLike) -> tuple[Checkpoint, dict, str, list[E
     return ckpt, config, layout, find_blocks(ckpt.shapes, ckpt.dtypes, LORA, layout, path)
 
 
+def _interleaving_base(config: dict) -> str | None:
+    """The model type of the adapter's base model where its experts interleave gate and up rows (GPT-OSS), so that
+    LoRA on gate_up_proj keeps its meaning only whole; ``None`` where they do not, or where the base
+    (``base_model_name_or_path``) is not a local folder with a ``config.json`` (its experts are then not known)."""
+    base = config.get("base_model_name_or_path")
+    if not base or not (Path(base) / "config.json").is_file():
+        return None
+    from transformers import AutoConfig
+
+    from ..bench.shapes import meta_moe_blocks
+    from ..experts import UnsupportedExpertsError, gate_and_up_apart
+
+    base_config = AutoConfig.from_pretrained(base)
+    try:
+        experts = meta_moe_blocks(base_config)[0].experts
+    except UnsupportedExpertsError:
+        return None
+    return None if gate_and_up_apart(experts) else base_config.model_type
+
+
+def _gate_up_targeted(config: dict) -> bool:
+    """Whether the adapter's config targets the stacked gate_up_proj (PEFT's target_parameters or moefuse's)."""
+    return any(
+        "gate_up_proj" in str(config.get(key) or "") for key in ("target_modules", "target_parameters")
+    )
+
+
+def _refuse_split_of_interleaved(config: dict, layout: str, where: Path) -> None:
+    """A one-line error where writing ``layout`` would split an interleaving base's gate_up_proj LoRA."""
+    if layout in (PEFT_LAYOUT, "fused") or not _gate_up_targeted(config):
+        return
+    model_type = _interleaving_base(config)
+    if model_type is not None:
+        raise CheckpointError(
+            f"{where}: the adapter's LoRA on gate_up_proj cannot be split into gate_proj and up_proj for "
+            f"{layout}: its base model ({config['base_model_name_or_path']}, model type '{model_type}') interleaves "
+            "gate and up rows; convert to peft_target_parameters (vllm_3d) or fused, which keep it whole"
+        )
+
+
 def _rewrite_patterns(patterns: dict, in_layout: str, out_layout: str, num_experts: int, where: Path) -> dict:
     """``rank_pattern`` / ``alpha_pattern`` keys naming expert projections, in ``out_layout``'s naming."""
     out: dict = {}
@@ -294,6 +334,7 @@ def convert_lora(
         )
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     check_destination(in_dir, out_dir, overwrite)
+    _refuse_split_of_interleaved(read_json(in_dir / ADAPTER_CONFIG, "a PEFT adapter"), layout, in_dir)
     ckpt, config, in_layout, blocks = open_adapter(in_dir)
     plan = plan_conversion(ckpt.shapes, ckpt.dtypes, LORA, in_layout, layout, blocks, in_dir)
     num_experts = max(block.num_experts for block in blocks)
@@ -322,6 +363,10 @@ def convert_lora(
             )
     if layout == "fused" and (joined := gate_up_joined(ckpt, plan, blocks, config)) is not None:
         ckpt, plan, config = joined
+    elif layout == "fused":  # gate and up apart
+        _refuse_split_of_interleaved(
+            read_json(in_dir / ADAPTER_CONFIG, "a PEFT adapter"), "fused apart", in_dir
+        )
     if layout == PEFT_LAYOUT:
         ckpt, plan, gate_up_ranks = packed(ckpt, plan, blocks, in_dir)
         if in_layout != PEFT_LAYOUT:
