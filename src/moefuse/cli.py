@@ -78,8 +78,13 @@ def experts_plan_rows(
     if not_plain is None:
         training = "yes: expert LoRA, 4-bit experts (QLoRA), expert parallelism"
     elif no_lora is None:
+        how = (
+            "fused on the Triton kernels"
+            if gating is not None
+            else "composed: PyTorch ops between grouped GEMMs"
+        )
         training = (
-            "LoRA on gate_up_proj and down_proj, full fine-tuning (composed: PyTorch ops between grouped GEMMs); "
+            f"LoRA on gate_up_proj and down_proj, full fine-tuning ({how}); "
             f"refused: QLoRA, gate_proj/up_proj apart, expert parallelism, as these experts {not_plain}"
         )
     else:
