@@ -109,12 +109,15 @@ def test_lora_matches_reference_with_grads(
 
 
 @pytest.mark.parametrize("projections", [("gate_up", "down"), ("down",)])
-def test_lora_with_gpt_oss_gating_and_biases_matches_reference(projections):
+@pytest.mark.parametrize("transposed", [False, True], ids=["stored", "transposed"])
+def test_lora_with_gpt_oss_gating_and_biases_matches_reference(projections, transposed):
     """LoRA on the experts of GPT-OSS's structure (clamped SwiGLU with alpha and up + 1, gate/up rows interleaved,
     biases on both projections, the biases trained): the fused path's output and every gradient, the biases'
     included, are the reference's. The limit is low enough that the clamps cut."""
     gating = Gating("silu", alpha=1.702, limit=0.5, up_shift=1.0, interleaved=True)
     x, gate_up, down, index, weights, lora = _problem(9, 32, 16, 8, 2, projections, unused=3)
+    if transposed:  # GPT-OSS stores [E, H, 2I] and [E, I, H]: the ops read transposed views of them
+        gate_up, down = (w.transpose(1, 2).contiguous().transpose(1, 2) for w in (gate_up, down))
     biases = {
         "gate_up_bias": (0.3 * torch.randn(8, 32)).requires_grad_(),
         "down_bias": (0.3 * torch.randn(8, 32)).requires_grad_(),
