@@ -149,7 +149,12 @@ def own_gating(experts: torch.nn.Module) -> Gating | None:
     ``_apply_gate`` does on probe values (:func:`~moefuse.ops.gating.recognise_gate`), so a family whose gate
     differs, or a release that changes one, runs its own function, composed."""
     alpha, limit = getattr(experts, "alpha", None), getattr(experts, "limit", None)
-    key = (type(experts), alpha, limit, type(getattr(experts, "act_fn", None)))
+    key = (
+        type(experts),
+        alpha,
+        limit,
+        repr(getattr(experts, "act_fn", None)),
+    )  # repr: nn.GELU's approximation
     if key not in _OWN_GATINGS:
         constants = {"limit": math.inf if limit is None else float(limit)}
         candidates = [
