@@ -73,6 +73,8 @@ def test_default_run_loss_falls_and_writes_everything(default_run):
         128,
         False,
     )
+    assert setup["attn_implementation"] is not None
+    assert setup["attn_implementation"] == result.model.config._attn_implementation
     # tokens/s is in every training log, also in the saved history
     history = json.loads((result.output_dir / "trainer_state.json").read_text())["log_history"]
     assert all("tokens_per_second" in log for log in history if "loss" in log)
@@ -508,6 +510,7 @@ def test_one_adapter_trains_to_the_same_losses_on_moefuse_and_on_grouped_mm(tmp_
         losses[implementation] = torch.tensor(result.losses)
         setups[implementation] = json.loads((result.output_dir / SUMMARY_FILE).read_text())["setup"]
     assert setups["moefuse"]["trainable_parameters"] == setups["grouped_mm"]["trainable_parameters"] > 0
+    assert setups["moefuse"]["attn_implementation"] == setups["grouped_mm"]["attn_implementation"]
     assert len(losses["moefuse"]) == 6 and not torch.equal(losses["moefuse"][0], losses["moefuse"][-1])
     torch.testing.assert_close(losses["moefuse"], losses["grouped_mm"], rtol=1e-4, atol=0)
 

@@ -306,6 +306,10 @@ def _summary_record(result: TrainResult, args: MoefuseTrainArguments, sft_config
             "packing": sft_config.packing,
             "torch_compile": sft_config.torch_compile,
             "gradient_checkpointing": sft_config.gradient_checkpointing,
+            # the attention the model ran with (Transformers' choice where none was given)
+            "attn_implementation": getattr(
+                getattr(result.model, "config", None), "_attn_implementation", None
+            ),
             "fused_norm": args.fused_norm,
             "lora_rank": args.lora_rank if args.finetuning_type in LORA_TYPES else None,
             "lora_target": args.lora_target if args.finetuning_type in LORA_TYPES else None,
