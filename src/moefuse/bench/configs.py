@@ -77,7 +77,7 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
     ),
-    # Biases, interleaved gate/up rows and a clamped SwiGLU (swiglu_limit): experts moefuse runs composed.
+    # Biases, interleaved gate/up rows and a clamped SwiGLU (swiglu_limit): fused as a Gating on the Triton path.
     "gpt-oss-20b": dict(
         model_type="gpt_oss",
         hidden_size=2880,

@@ -334,7 +334,8 @@ def convert_lora(
         )
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     check_destination(in_dir, out_dir, overwrite)
-    _refuse_split_of_interleaved(read_json(in_dir / ADAPTER_CONFIG, "a PEFT adapter"), layout, in_dir)
+    written_config = read_json(in_dir / ADAPTER_CONFIG, "a PEFT adapter")  # as written, before any renaming
+    _refuse_split_of_interleaved(written_config, layout, in_dir)
     ckpt, config, in_layout, blocks = open_adapter(in_dir)
     plan = plan_conversion(ckpt.shapes, ckpt.dtypes, LORA, in_layout, layout, blocks, in_dir)
     num_experts = max(block.num_experts for block in blocks)
@@ -364,9 +365,7 @@ def convert_lora(
     if layout == "fused" and (joined := gate_up_joined(ckpt, plan, blocks, config)) is not None:
         ckpt, plan, config = joined
     elif layout == "fused":  # gate and up apart
-        _refuse_split_of_interleaved(
-            read_json(in_dir / ADAPTER_CONFIG, "a PEFT adapter"), "fused apart", in_dir
-        )
+        _refuse_split_of_interleaved(written_config, "fused apart", in_dir)
     if layout == PEFT_LAYOUT:
         ckpt, plan, gate_up_ranks = packed(ckpt, plan, blocks, in_dir)
         if in_layout != PEFT_LAYOUT:

@@ -76,9 +76,8 @@ class Gating:
 
     def split(self, gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(gate, up)`` columns of the gate/up GEMM's output ``[..., 2I]``."""
-        if self.interleaved:
-            return gate_up[..., ::2], gate_up[..., 1::2]
-        return gate_up.chunk(2, dim=-1)
+        gate, up = halves(gate_up, gate_up.dim() - 1, self.interleaved).unbind(-2)
+        return gate, up
 
     def __call__(self, gate_up: torch.Tensor) -> torch.Tensor:
         """The reference twin of the kernels' epilogue, in PyTorch ops (differentiable)."""

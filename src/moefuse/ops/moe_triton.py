@@ -633,9 +633,8 @@ def _experts_backward_op(
 @_experts_backward_op.register_fake
 def _(
     grad_out, hidden_states, gate_up_proj, down_proj, down_bias, m_sizes, sorted_slots, token_index, inverse, offsets,
-    top_k,
-    saved, ranks, stacked_gate_up, scalings, factor_dtype, weights_dtype, needs, activation, alpha, limit, up_shift,
-    interleaved, lora_dropout, prescaled_h, input_grad_on_grouped_mm, weight_grad_on_grouped_mm,
+    top_k, saved, ranks, stacked_gate_up, scalings, factor_dtype, weights_dtype, needs, activation, alpha, limit,
+    up_shift, interleaved, lora_dropout, prescaled_h, input_grad_on_grouped_mm, weight_grad_on_grouped_mm,
 ):  # fmt: skip
     tokens = hidden_states.shape[0]
     shapes = [
@@ -684,13 +683,11 @@ def _saved_present(ranks: Sequence[int], lora_dropout: float, store_gate_up: boo
 
 
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
-    hidden_states, gate_up_proj, down_proj, _, top_k_weights, *factors = inputs[:11]
+    hidden_states, gate_up_proj, down_proj, _, top_k_weights, *factors, _, down_bias = inputs[:13]
     scalings, *gating, lora_dropout, store_gate_up, prescaled_h, _, input_grad_choice, weight_grad_choice = (
         inputs[13:]
     )
-    ctx.save_for_backward(
-        hidden_states, gate_up_proj, down_proj, inputs[12], *output[1:]
-    )  # inputs[12]: down_bias
+    ctx.save_for_backward(hidden_states, gate_up_proj, down_proj, down_bias, *output[1:])
     # The routing and saved tensors are outputs only to reach the backward: autograd would otherwise build a zero
     # gradient of each one's size in every backward (``out`` alone takes a gradient, so it is never None).
     ctx.mark_non_differentiable(*output[1:])
