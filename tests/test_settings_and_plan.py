@@ -190,6 +190,15 @@ def test_plan_follows_the_settings_thresholds(monkeypatch):
     )
 
 
+def test_a_gating_the_kernels_cannot_compute_is_refused_when_built():
+    with pytest.raises(ValueError, match="Gating.activation must be one of"):
+        Gating("relu")
+    with pytest.raises(ValueError, match="Gating.alpha applies to silu only"):
+        Gating("gelu_tanh", alpha=1.702)
+    with pytest.raises(ValueError, match="Gating.limit must be positive"):
+        Gating(limit=0.0)
+
+
 def test_activation_names():
     from transformers.activations import ACT2FN
 
