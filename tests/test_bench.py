@@ -473,3 +473,22 @@ def test_like_for_like_baseline_names():
     assert baseline_name("moefuse:triton+loss+norm", compiled=True) == "grouped_mm+loss+norm+compile"
     assert baseline_name("moefuse+compile", compiled=False) == "grouped_mm"
     assert canonical_name("grouped_mm+compile+loss") == "grouped_mm+loss+compile"
+
+
+def test_a_sync_belongs_to_the_innermost_code_outside_torch_and_transformers():
+    from moefuse.bench.measure import Frame, sync_owner
+
+    site = "/venv/lib/python3.12/site-packages"
+    stack = (
+        Frame(f"{site}/trl/trainer/utils.py", 1682, "_fused_forward", None),
+        Frame(
+            f"{site}/transformers/models/mixtral/modeling_mixtral.py", 534, "load_balancing_loss_func", None
+        ),
+    )
+    assert sync_owner(stack) == f"{site}/trl/trainer/utils.py"
+    backward = (
+        Frame(f"{site}/accelerate/accelerator.py", 2861, "backward", None),
+        Frame(f"{site}/torch/autograd/graph.py", 869, "_engine_run_backward", None),
+        Frame("<autograd engine>", None, "IndexBackward0", None),
+    )
+    assert sync_owner(backward) == f"{site}/accelerate/accelerator.py"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -86,23 +87,41 @@ class Frame(NamedTuple):
 @contextmanager
 def recorded_syncs(depth: int = 40) -> Iterator[Counter[tuple[Frame, ...]]]:
     """Each host synchronisation on CUDA while open (``torch.cuda.set_sync_debug_mode("warn")``): its call stack,
-    innermost frame last, ``depth`` frames at most, with how often it ran."""
+    innermost frame last, ``depth`` frames at most, with how often it ran. A sync inside the backward pass, where
+    the Python stack ends at the autograd engine, gets one more frame naming the autograd node that ran it."""
     sites: Counter[tuple[Frame, ...]] = Counter()
 
     def record(message, category, filename, lineno, file=None, line=None) -> None:
         if "synchronizing" in str(message):  # not the note that the debug mode is a prototype
             # Leave out this function and the warnings module's frame that called it.
-            stack = traceback.extract_stack(limit=depth + 2)[:-2]
-            sites[tuple(Frame(f.filename, f.lineno, f.name, f.line) for f in stack)] += 1
+            stack = [
+                Frame(f.filename, f.lineno, f.name, f.line) for f in traceback.extract_stack(limit=depth + 2)
+            ]
+            stack = stack[:-2]
+            node = torch._C._current_autograd_node()
+            if node is not None:
+                stack.append(Frame("<autograd engine>", None, node.name(), None))
+            sites[tuple(stack)] += 1
 
-    with warnings.catch_warnings():  # restores warnings.showwarning on exit
-        warnings.simplefilter("always")
-        warnings.showwarning = record
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
+    # The mode is set before the warnings are taken over: setting it is not a sync of the code under watch.
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():  # restores warnings.showwarning on exit
+            warnings.simplefilter("always")
+            warnings.showwarning = record
             yield sites
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def sync_owner(stack: tuple[Frame, ...]) -> str:
+    """The file of the innermost frame of a sync's stack outside PyTorch and Transformers: the code that asked for
+    the sync (Transformers' helpers are called by their users, e.g. TRL's loss calls its load-balancing loss)."""
+    for frame in reversed(stack):
+        parts = frame.filename.split(os.sep)
+        if frame.filename != "<autograd engine>" and "torch" not in parts and "transformers" not in parts:
+            return frame.filename
+    return stack[-1].filename if stack else ""
 
 
 def format_sync_site(stack: tuple[Frame, ...]) -> str:
