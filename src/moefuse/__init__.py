@@ -2,10 +2,12 @@
 
 ``import moefuse`` registers the experts implementation ``"moefuse"`` in Transformers, so any MoE model whose
 experts use ``@use_experts_implementation`` can run on it:
-``AutoModelForCausalLM.from_pretrained(path, experts_implementation="moefuse")``.
+``AutoModelForCausalLM.from_pretrained(path, experts_implementation="moefuse")``. It registers the attention
+implementation ``"moefuse_varlen"`` too: causal attention within each sequence of packed rows
+(``attn_implementation="moefuse_varlen"``, see ``moefuse.attention``).
 """
 
-from . import lora
+from . import attention, lora
 from ._version import package_version
 from .convert import (
     convert_lora,
@@ -23,6 +25,7 @@ from .ops import fused_experts, moe_fused_linear
 __version__ = package_version()
 
 register()
+attention.register()
 lora.install()  # PEFT's target_modules reach the experts by gate_proj/up_proj/down_proj
 
 __all__ = [

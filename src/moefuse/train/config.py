@@ -62,7 +62,13 @@ class MoefuseTrainArguments:
         default="moefuse",
         metadata={"help": "moefuse, or a Transformers one (grouped_mm, eager) to compare against"},
     )
-    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager, flash_attention_2, ..."})
+    attn_implementation: str = field(
+        default="sdpa",
+        metadata={
+            "help": "sdpa, eager, flash_attention_2, ..., or moefuse_varlen: attention within each sequence of "
+            "packed rows only (PyTorch's FlashAttention varlen kernel on CUDA; moefuse.attention)"
+        },
+    )
     chunked_loss: bool | None = field(
         default=None,
         metadata={

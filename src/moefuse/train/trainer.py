@@ -11,7 +11,9 @@ What a step would otherwise synchronise on, and what this class does about it:
   asking the host whether the row holds more than one sequence. Here the mask is built by Transformers' own mask
   functions from the sequence index TRL's collator computed on the CPU (``seq_idx``), and handed to the model as a
   prepared 4-D mask (a forward pre-hook on the decoder), which Transformers takes as it is (``sdpa`` and ``eager``
-  attention, no sliding window).
+  attention, no sliding window). With ``"moefuse_varlen"`` attention, which takes the sequences from the
+  collator's ``cu_seq_lens_q``, the decoder is handed the padding mask such a batch has (all true) instead, so
+  Transformers does not look for packed sequences in ``position_ids`` at all.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from transformers.masking_utils import (
 from transformers.trainer_pt_utils import LayerWiseDummyOptimizer
 from trl import SFTTrainer
 
+from ..attention import ATTN_IMPLEMENTATION
 from .config import trl_fused_lm_head
 
 PREPARED_MASK_ATTENTION = ("sdpa", "eager")  # attention that takes a prepared 4-D mask
@@ -96,6 +99,8 @@ class MoefuseSFTTrainer(SFTTrainer):
         self._decoder = base.base_model  # the module that builds the attention mask
         if takes_prepared_mask(self._decoder.config):
             self._decoder.register_forward_pre_hook(self._packed_mask, with_kwargs=True)
+        elif self._decoder.config._attn_implementation == ATTN_IMPLEMENTATION:
+            self._decoder.register_forward_pre_hook(self._padding_free_mask, with_kwargs=True)
 
     def _packed_mask(self, module, args: tuple, kwargs: dict):
         """Hand the decoder the mask of packed rows ready-made (a forward pre-hook; the causal-LM model above it
@@ -105,6 +110,19 @@ class MoefuseSFTTrainer(SFTTrainer):
             return None
         dtype = module.get_input_embeddings().weight.dtype
         return args, {**kwargs, "attention_mask": packed_causal_mask(module.config, sequence_index, dtype)}
+
+    def _padding_free_mask(self, module, args: tuple, kwargs: dict):
+        """Hand the decoder the padding mask of a padding-free batch (all true) where the collator gave the
+        sequences' bounds (a forward pre-hook, for ``"moefuse_varlen"`` attention)."""
+        position_ids = kwargs.get("position_ids")
+        if (
+            kwargs.get("cu_seq_lens_q") is None
+            or kwargs.get("attention_mask") is not None
+            or position_ids is None
+        ):
+            return None
+        mask = torch.ones(position_ids.shape, dtype=torch.bool, device=position_ids.device)
+        return args, {**kwargs, "attention_mask": mask}
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if not self.step_in_backward or self.optimizer is not None:
