@@ -290,7 +290,8 @@ def test_all_savers_together_with_checkpointing_still_train(tmp_path, capsys):
 
 
 @pytest.mark.gpu
-def test_a_step_after_warmup_waits_for_the_gpu_only_in_trls_loss(tmp_path, monkeypatch):
+@pytest.mark.parametrize("attention", ["sdpa", "moefuse_varlen"])
+def test_a_step_after_warmup_waits_for_the_gpu_only_in_trls_loss(tmp_path, monkeypatch, attention):
     """A few steps of the tiny built-in model on packed rows, then one whole step (forward, backward, clipping,
     optimizer, scheduler, callbacks) with every host sync recorded with its stack. TRL >= 1.0's fused LM head
     syncs inside TRL: it picks the scored positions with a boolean mask, and the load-balancing loss it calls counts
@@ -328,7 +329,7 @@ def test_a_step_after_warmup_waits_for_the_gpu_only_in_trls_loss(tmp_path, monke
     run_train(
         None,
         [*FEW_ROWS, "--max_steps", "8", "--logging_steps", "4", "--packing", "true"]
-        + ["--gpu_busy_steps", "0", "--output_dir", str(tmp_path)],
+        + ["--attn_implementation", attention, "--gpu_busy_steps", "0", "--output_dir", str(tmp_path)],
     )
     assert len(recorded) == 1
     outside_trl = [stack for stack in recorded[0] if f"{os.sep}trl{os.sep}" not in sync_owner(stack)]
