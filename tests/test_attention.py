@@ -164,6 +164,9 @@ def test_moefuse_train_on_packed_rows_trains_as_with_sdpa(tmp_path, monkeypatch)
     sdpa = run_train(None, [*common, "--output_dir", str(tmp_path / "b")])
     assert varlen.model.config._attn_implementation == ATTN_IMPLEMENTATION
     assert varlen.losses == pytest.approx(sdpa.losses, rel=1e-5)
+    # the packed rows' documents, as the summary records them: the built-in rows are 20-57 tokens
+    packed = varlen.packed_sequences
+    assert packed["sequences"] == 48 and 20 <= packed["mean_tokens"] <= packed["max_tokens"] <= 57
 
 
 @pytest.mark.gpu

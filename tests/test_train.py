@@ -75,6 +75,7 @@ def test_default_run_loss_falls_and_writes_everything(default_run):
     )
     assert setup["attn_implementation"] is not None
     assert setup["attn_implementation"] == result.model.config._attn_implementation
+    assert setup["packed_sequences"] is None  # the default does not pack
     # tokens/s is in every training log, also in the saved history
     history = json.loads((result.output_dir / "trainer_state.json").read_text())["log_history"]
     assert all("tokens_per_second" in log for log in history if "loss" in log)

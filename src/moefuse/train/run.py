@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,6 +59,7 @@ class TrainResult:
     throughput: dict[str, float] = field(default_factory=dict)
     model: PreTrainedModel | None = field(default=None, repr=False)  # the trained model, still in memory
     adapter_in_format: Path | None = None  # the adapter in adapter_format, when asked
+    packed_sequences: dict[str, float] | None = None  # see packed_sequence_lengths
 
 
 def _resume_checkpoint(sft_config: SFTConfig) -> str | None:
@@ -256,6 +258,7 @@ def train(args: MoefuseTrainArguments, sft_config: SFTConfig) -> TrainResult:
         losses=[log["loss"] for log in trainer.state.log_history if "loss" in log],
         throughput=throughput.totals,
         model=trainer.model,
+        packed_sequences=packed_sequence_lengths(trainer.train_dataset),
     )
     if trainer.is_world_process_zero():
         (output_dir / SUMMARY_FILE).write_text(
@@ -263,6 +266,21 @@ def train(args: MoefuseTrainArguments, sft_config: SFTConfig) -> TrainResult:
         )
         print(summary(result, args, source), flush=True)
     return result
+
+
+def packed_sequence_lengths(dataset: object) -> dict[str, float] | None:
+    """How many sequences TRL packed into the training rows and their tokens (mean, longest): attention that
+    skips the blocks between sequences costs what these lengths cost. ``None`` when the rows are not packed."""
+    if "seq_lengths" not in (getattr(dataset, "column_names", None) or ()):
+        return None
+    lengths = [n for row in dataset["seq_lengths"] for n in row]
+    if not lengths:
+        return None
+    return {
+        "sequences": len(lengths),
+        "mean_tokens": round(statistics.fmean(lengths), 1),
+        "max_tokens": max(lengths),
+    }
 
 
 def _adapter_copies(
@@ -304,6 +322,7 @@ def _summary_record(result: TrainResult, args: MoefuseTrainArguments, sft_config
             "gradient_accumulation_steps": sft_config.gradient_accumulation_steps,
             "max_length": sft_config.max_length,
             "packing": sft_config.packing,
+            "packed_sequences": result.packed_sequences,
             "torch_compile": sft_config.torch_compile,
             "gradient_checkpointing": sft_config.gradient_checkpointing,
             # the attention the model ran with (Transformers' choice where none was given)
