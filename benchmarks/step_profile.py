@@ -76,7 +76,8 @@ def build_step(args: argparse.Namespace):
     config._experts_implementation = implementation.experts
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     with torch.device(args.device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").train()
+        # Transformers picks the attention: SDPA where the family takes it, eager elsewhere (GPT-OSS's sinks)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).train()
     if args.setup == "lora":
         model = get_peft_model(model, lora_config_for(args.rank, implementation.is_moefuse))
     set_model_kernels(model, implementation)
