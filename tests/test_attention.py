@@ -189,3 +189,19 @@ def test_flash_varlen_matches_each_sequence_alone_bf16_gpu(bounds):
     for g, w in zip(got, want, strict=True):
         # bf16 gradients summed over up to ~2k keys: compare by relative norm
         assert ((g.float() - w).norm() / w.norm()).item() < 2e-2
+
+
+def test_an_attention_layer_compiles_whole_given_the_bounds():
+    """With the bounds given (TRL's collator), the attention traces with no graph break (``fullgraph=True``)."""
+    model = _tiny_model()
+    attention = model.model.layers[0].self_attn
+    hidden = torch.randn(1, 24, 64)
+    position_ids = torch.cat([torch.arange(end - start) for start, end in DOCUMENTS])[None]
+    rotary = model.model.rotary_emb(hidden, position_ids)
+    cu_seq_lens = torch.tensor([0, 10, 16, 24], dtype=torch.int32)
+
+    def attend(hidden: torch.Tensor) -> torch.Tensor:
+        return attention(hidden, rotary, None, cu_seq_lens_q=cu_seq_lens, max_length_q=10)[0]
+
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(attend, fullgraph=True)(hidden), attend(hidden))

@@ -16,6 +16,15 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # a torch without it computes the reference everywhere
+    varlen_attn = None
+
+# (left, 0) windows are causal, left -1 for none; older releases take is_causal and have no window. Read once:
+# a signature inspected inside the call would stop torch.compile's tracing.
+VARLEN_TAKES_WINDOW = varlen_attn is not None and "window_size" in inspect.signature(varlen_attn).parameters
+
 __all__ = ["varlen_attention", "varlen_attention_reference", "segments_of_padding", "segments_of_positions"]
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
@@ -40,7 +49,8 @@ def varlen_attention(
         raise ValueError(
             f"varlen attention: {query.shape[1]} query heads are not a multiple of {key.shape[1]}"
         )
-    if query.is_cuda and query.dtype in FLASH_DTYPES and query.shape[-1] <= FLASH_MAX_HEAD_DIM:
+    flash = varlen_attn is not None and query.is_cuda and query.dtype in FLASH_DTYPES
+    if flash and query.shape[-1] <= FLASH_MAX_HEAD_DIM:
         return _flash_varlen(query, key, value, cu_seq_lens, max_length, scale, sliding_window)
     return varlen_attention_reference(
         query, key, value, cu_seq_lens, scale=scale, sliding_window=sliding_window
@@ -56,10 +66,7 @@ def _flash_varlen(
     scale: float | None,
     sliding_window: int | None,
 ) -> torch.Tensor:
-    from torch.nn.attention.varlen import varlen_attn
-
-    # (left, 0): causal, left = -1 for no window. Older releases take is_causal and have no window.
-    if "window_size" in inspect.signature(varlen_attn).parameters:
+    if VARLEN_TAKES_WINDOW:
         left = -1 if sliding_window is None else sliding_window - 1
         mask = {"window_size": (left, 0)}
     elif sliding_window is None:
