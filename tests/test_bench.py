@@ -476,7 +476,7 @@ def test_like_for_like_baseline_names():
 
 
 def test_a_sync_belongs_to_the_innermost_code_outside_torch_and_transformers():
-    from moefuse.bench.measure import Frame, sync_owner
+    from moefuse.bench.measure import AUTOGRAD_ENGINE, Frame, sync_owner
 
     site = "/venv/lib/python3.12/site-packages"
     stack = (
@@ -491,4 +491,21 @@ def test_a_sync_belongs_to_the_innermost_code_outside_torch_and_transformers():
         Frame(f"{site}/torch/autograd/graph.py", 869, "_engine_run_backward", None),
         Frame("<autograd engine>", None, "IndexBackward0", None),
     )
-    assert sync_owner(backward) == f"{site}/accelerate/accelerator.py"
+    assert sync_owner(backward) == AUTOGRAD_ENGINE  # the backward's Python frames did not ask for it
+    built_by_trl = (*backward, Frame(f"{site}/trl/trainer/utils.py", 1650, "_fused_forward", None))
+    assert sync_owner(built_by_trl) == f"{site}/trl/trainer/utils.py"
+
+
+def test_forward_frames_are_where_anomaly_mode_saw_the_node_built():
+    from moefuse.bench.measure import _forward_frames
+
+    x = torch.randn(5, requires_grad=True)
+    seen = []
+    with torch.autograd.set_detect_anomaly(True, check_nan=False):
+        picked = x[x > 0]  # built here: an IndexBackward0 node
+    picked.register_hook(lambda grad: seen.append(_forward_frames(torch._C._current_autograd_node())))
+    picked.sum().backward()
+    (frames,) = seen
+    assert frames[-1].filename == __file__
+    assert frames[-1].name == "test_forward_frames_are_where_anomaly_mode_saw_the_node_built"
+    assert frames[-1].line == "picked = x[x > 0]  # built here: an IndexBackward0 node"

@@ -297,7 +297,7 @@ def test_a_step_after_warmup_waits_for_the_gpu_only_in_trls_loss(tmp_path, monke
     syncs inside TRL: it picks the scored positions with a boolean mask, and the load-balancing loss it calls counts
     experts with ``torch.bincount``. No other code may: not moefuse's ops, the model, PEFT, the loss's metrics (kept
     on the device by MoefuseSFTTrainer), the Trainer's loop, clipping, the optimizer or the callbacks. A sync in the
-    backward pass names the autograd node that ran it."""
+    backward pass belongs to the forward call that built its autograd node (kept by anomaly mode)."""
     from contextlib import ExitStack
 
     from transformers import TrainerCallback
@@ -313,6 +313,8 @@ def test_a_step_after_warmup_waits_for_the_gpu_only_in_trls_loss(tmp_path, monke
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == 5:
                 torch.cuda.synchronize()
+                # anomaly mode keeps each autograd node's forward call: a sync in the backward names its owner
+                self.stack.enter_context(torch.autograd.set_detect_anomaly(True, check_nan=False))
                 recorded.append(self.stack.enter_context(recorded_syncs()))
 
         def on_step_end(self, args, state, control, **kwargs):

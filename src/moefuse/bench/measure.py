@@ -6,6 +6,7 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -84,11 +85,27 @@ class Frame(NamedTuple):
     line: str | None
 
 
+AUTOGRAD_ENGINE = "<autograd engine>"  # the frame naming the autograd node of a sync in the backward
+_FRAME_LINE = re.compile(r'File "(?P<file>.*)", line (?P<line>\d+), in (?P<name>.*)')
+
+
+def _forward_frames(node: object) -> list[Frame]:
+    """The forward call that built an autograd ``node``, innermost last, as anomaly mode records it
+    (``torch.autograd.set_detect_anomaly(True)`` while the forward ran); empty otherwise."""
+    frames = []
+    for text in node.metadata.get("traceback_", ()):
+        if match := _FRAME_LINE.search(text):
+            code = text.split("\n", 1)[1].strip() if "\n" in text.strip() else None
+            frames.append(Frame(match["file"], int(match["line"]), match["name"].strip(), code))
+    return frames
+
+
 @contextmanager
 def recorded_syncs(depth: int = 40) -> Iterator[Counter[tuple[Frame, ...]]]:
     """Each host synchronisation on CUDA while open (``torch.cuda.set_sync_debug_mode("warn")``): its call stack,
     innermost frame last, ``depth`` frames at most, with how often it ran. A sync inside the backward pass, where
-    the Python stack ends at the autograd engine, gets one more frame naming the autograd node that ran it."""
+    the Python stack ends at the autograd engine, gets one more frame naming the autograd node that ran it,
+    followed, under anomaly mode, by the forward call that built the node."""
     sites: Counter[tuple[Frame, ...]] = Counter()
 
     def record(message, category, filename, lineno, file=None, line=None) -> None:
@@ -100,7 +117,8 @@ def recorded_syncs(depth: int = 40) -> Iterator[Counter[tuple[Frame, ...]]]:
             stack = stack[:-2]
             node = torch._C._current_autograd_node()
             if node is not None:
-                stack.append(Frame("<autograd engine>", None, node.name(), None))
+                stack.append(Frame(AUTOGRAD_ENGINE, None, node.name(), None))
+                stack.extend(_forward_frames(node))
             sites[tuple(stack)] += 1
 
     # The mode is set before the warnings are taken over: setting it is not a sync of the code under watch.
@@ -116,10 +134,13 @@ def recorded_syncs(depth: int = 40) -> Iterator[Counter[tuple[Frame, ...]]]:
 
 def sync_owner(stack: tuple[Frame, ...]) -> str:
     """The file of the innermost frame of a sync's stack outside PyTorch and Transformers: the code that asked for
-    the sync (Transformers' helpers are called by their users, e.g. TRL's loss calls its load-balancing loss)."""
+    the sync (Transformers' helpers are called by their users, e.g. TRL's loss calls its load-balancing loss). For
+    a sync in the backward, the forward call that built its autograd node where it was recorded, else the engine."""
     for frame in reversed(stack):
+        if frame.filename == AUTOGRAD_ENGINE:
+            return AUTOGRAD_ENGINE  # the backward's own Python frames did not ask for it
         parts = frame.filename.split(os.sep)
-        if frame.filename != "<autograd engine>" and "torch" not in parts and "transformers" not in parts:
+        if "torch" not in parts and "transformers" not in parts:
             return frame.filename
     return stack[-1].filename if stack else ""
 
