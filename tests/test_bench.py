@@ -16,7 +16,14 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 import moefuse
 from moefuse.bench import lora_factors
-from moefuse.bench.configs import BUILTIN_CONFIGS, load_config, tiny_config, with_layers
+from moefuse.bench.configs import (
+    BUILTIN_CONFIGS,
+    experts_per_token,
+    load_config,
+    num_experts,
+    tiny_config,
+    with_layers,
+)
 from moefuse.bench.implementations import parse_implementations
 from moefuse.bench.measure import compare, time_call
 from moefuse.bench.plots import write_plots
@@ -345,9 +352,10 @@ def test_builtin_configs_shapes(name):
     shape = moe_shape(tiny_config(config))
     assert shape.num_experts <= 8 and shape.top_k <= 2 and shape.hidden == 64
     full = BUILTIN_CONFIGS[name]
-    assert (
-        config.hidden_size == full["hidden_size"]
-        and config.num_experts_per_tok == full["num_experts_per_tok"]
+    top_k = full.get("num_experts_per_tok", full.get("top_k_experts"))
+    assert config.hidden_size == full["hidden_size"] and experts_per_token(config) == top_k
+    assert num_experts(config) == next(
+        full[k] for k in ("num_experts", "num_local_experts", "n_routed_experts") if k in full
     )
 
 
@@ -364,10 +372,19 @@ def test_config_from_a_folder_and_clear_errors(tmp_path):
         load_config(str(tmp_path / "missing" / "x"))
 
 
-@pytest.mark.parametrize("name,model_type", [("mixtral-8x7b", "mixtral"), ("gpt-oss-20b", "gpt_oss")])
+@pytest.mark.parametrize(
+    "name,model_type",
+    [
+        ("mixtral-8x7b", "mixtral"),
+        ("gpt-oss-20b", "gpt_oss"),
+        ("deepseek-v3", "deepseek_v3"),
+        ("qwen3.5-35b-a3b", "qwen3_5_moe_text"),
+    ],
+)
 def test_tiny_block_of_another_family(tmp_path, one_thread, name, model_type):
-    """Mixtral names its experts differently, GPT-OSS's run composed (biases, interleaved rows, a clamped
-    SwiGLU); the block level runs them all the same."""
+    """Mixtral names its experts differently, GPT-OSS's have biases, interleaved rows and a clamped SwiGLU,
+    DeepSeek-V3 routes by expert groups beside a shared expert, Qwen3.5-MoE gates its shared expert; the block
+    level runs them all the same."""
     out = tmp_path / f"{name}.json"
     argv = [
         "bench",

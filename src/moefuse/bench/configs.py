@@ -96,6 +96,108 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
         swiglu_limit=7.0,
         tie_word_embeddings=False,
     ),
+    # DeepSeek-V3's routing (sigmoid scores, expert groups, a correction bias) and a shared expert; its first three
+    # layers are dense, so the MoE block is built from layer 3 on.
+    "deepseek-v3": dict(
+        model_type="deepseek_v3",
+        hidden_size=7168,
+        intermediate_size=18432,
+        moe_intermediate_size=2048,
+        n_routed_experts=256,
+        n_shared_experts=1,
+        num_experts_per_tok=8,
+        n_group=8,
+        topk_group=4,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        first_k_dense_replace=3,
+        num_hidden_layers=61,
+        num_attention_heads=128,
+        num_key_value_heads=128,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        vocab_size=129280,
+        max_position_embeddings=163840,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    ),
+    # The same architecture at a size one GPU fine-tunes.
+    "moonlight-16b-a3b": dict(
+        model_type="deepseek_v3",
+        hidden_size=2048,
+        intermediate_size=11264,
+        moe_intermediate_size=1408,
+        n_routed_experts=64,
+        n_shared_experts=2,
+        num_experts_per_tok=6,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=2.446,
+        norm_topk_prob=True,
+        first_k_dense_replace=1,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        q_lora_rank=None,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        vocab_size=163840,
+        max_position_embeddings=8192,
+        rope_theta=50000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
+    # The text model of Qwen3.5-35B-A3B (its config nests it as text_config): a gated shared expert beside 256
+    # routed ones; three of every four layers are linear attention (gated delta-net), which the MoE block omits.
+    "qwen3.5-35b-a3b": dict(
+        model_type="qwen3_5_moe_text",
+        hidden_size=2048,
+        moe_intermediate_size=512,
+        shared_expert_intermediate_size=512,
+        num_experts=256,
+        num_experts_per_tok=8,
+        num_hidden_layers=40,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        head_dim=256,
+        linear_num_key_heads=16,
+        linear_num_value_heads=32,
+        linear_key_head_dim=128,
+        linear_value_head_dim=128,
+        linear_conv_kernel_dim=4,
+        vocab_size=248320,
+        max_position_embeddings=262144,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    ),
+    # The text model of Gemma 4 26B-A4B (text_config): 128 experts beside a dense MLP in every layer, GeGLU, five
+    # sliding-window layers to one global.
+    "gemma-4-26b-a4b": dict(
+        model_type="gemma4_text",
+        hidden_size=2816,
+        intermediate_size=2112,
+        moe_intermediate_size=704,
+        num_experts=128,
+        top_k_experts=8,
+        enable_moe_block=True,
+        num_hidden_layers=30,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        num_global_key_value_heads=2,
+        head_dim=256,
+        global_head_dim=512,
+        attention_k_eq_v=True,
+        sliding_window=1024,
+        vocab_size=262144,
+        max_position_embeddings=262144,
+        final_logit_softcapping=30.0,
+        tie_word_embeddings=True,
+    ),
 }
 BUILTIN_CONFIGS["tiny"] = json.loads((files("moefuse") / "data" / "tiny-qwen3-moe.json").read_text())
 DEFAULT_CONFIG = "qwen3-30b-a3b"
@@ -201,6 +303,8 @@ def tiny_config(config: PretrainedConfig) -> PretrainedConfig:
     for key in _TOP_K_FIELDS:
         if fields.get(key):
             fields[key] = min(fields[key], 2)
+    if (fields.get("n_group") or 1) > 1:  # DeepSeek-V3's expert groups: two of four experts, one group picked
+        fields["n_group"], fields["topk_group"] = 2, 1
     if isinstance(fields.get("layer_types"), list):
         fields["layer_types"] = fields["layer_types"][: fields["num_hidden_layers"]]
     return AutoConfig.for_model(fields.pop("model_type"), **fields)
