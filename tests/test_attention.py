@@ -161,12 +161,48 @@ def test_moefuse_train_on_packed_rows_trains_as_with_sdpa(tmp_path, monkeypatch)
         None, [*common, "--attn_implementation", ATTN_IMPLEMENTATION, "--output_dir", str(tmp_path / "a")]
     )
     assert handed and all(handed)
-    sdpa = run_train(None, [*common, "--output_dir", str(tmp_path / "b")])
+    sdpa = run_train(None, [*common, "--attn_implementation", "sdpa", "--output_dir", str(tmp_path / "b")])
     assert varlen.model.config._attn_implementation == ATTN_IMPLEMENTATION
     assert varlen.losses == pytest.approx(sdpa.losses, rel=1e-5)
     # the packed rows' documents, as the summary records them: the built-in rows are 20-57 tokens
     packed = varlen.packed_sequences
     assert packed["sequences"] == 48 and 20 <= packed["mean_tokens"] <= packed["max_tokens"] <= 57
+
+
+@pytest.mark.parametrize(
+    ("settings", "cuda", "kernel", "expected"),
+    [
+        ({"packing": True}, True, True, ATTN_IMPLEMENTATION),
+        ({"packing": True, "packing_strategy": "bfd_split"}, True, True, ATTN_IMPLEMENTATION),
+        ({"padding_free": True, "fp16": True, "bf16": False}, True, True, ATTN_IMPLEMENTATION),
+        ({"packing": True, "packing_strategy": "wrapped"}, True, True, "sdpa"),  # rows padded, not packed
+        ({}, True, True, "sdpa"),  # padded batches
+        ({"packing": True, "bf16": False}, True, True, "sdpa"),  # fp32: the kernel takes half precision only
+        ({"packing": True}, False, True, "sdpa"),  # no CUDA
+        ({"packing": True, "use_cpu": True}, True, True, "sdpa"),
+        ({"packing": True}, True, False, "sdpa"),  # a torch without the varlen kernel
+    ],
+)
+def test_default_attention(settings, cuda, kernel, expected, monkeypatch):
+    from types import SimpleNamespace
+
+    from moefuse.ops import attention as attention_ops
+    from moefuse.train import config as config_module
+
+    values = {"padding_free": False, "packing": False, "packing_strategy": "bfd", "bf16": True, "fp16": False}
+    sft_config = SimpleNamespace(**{**values, "use_cpu": False, **settings})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(attention_ops, "varlen_attn", attention_ops.varlen_attn if kernel else None)
+    if kernel and attention_ops.varlen_attn is None:
+        monkeypatch.setattr(attention_ops, "varlen_attn", object())
+    assert config_module.default_attention(sft_config) == expected
+
+
+def test_moefuse_train_records_the_attention_it_chose(tmp_path):
+    result = run_train(
+        None, [*FEW_ROWS, "--max_steps", "1", "--packing", "true", "--output_dir", str(tmp_path)]
+    )
+    assert result.model.config._attn_implementation == "sdpa"  # this machine: no CUDA
 
 
 @pytest.mark.gpu

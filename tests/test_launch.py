@@ -214,6 +214,45 @@ def test_keyword_order_does_not_split_the_cache(compiled_launches, monkeypatch):
     assert len(compiled) == 1
 
 
+def test_a_new_batch_size_launches_directly(compiled_launches, monkeypatch):
+    """Row counts change from step to step with packed rows. A kernel that declares its row count
+    ``do_not_specialize`` is bound once: the next call, with other rows, launches the compiled kernel directly
+    and gives the right result; an integer that is specialised on (the columns) still binds anew."""
+    monkeypatch.setattr(launch_module, "_launchers", {})
+    results = []
+    for rows, inter in [(5, 12), (7, 12), (33, 12), (7, 20)]:
+        g, gate_up, scale = (
+            randn(rows, inter, dtype=torch.float32),
+            randn(rows, 2 * inter, dtype=torch.float32),
+            randn(rows, dtype=torch.float32),
+        )
+        with override_settings(fast_launch=False):
+            expected = triton_gemm.glu_backward_rows(g, gate_up, scale)
+        got = triton_gemm.glu_backward_rows(g, gate_up, scale)
+        results.append((compiled_launches["binder"], compiled_launches["direct"]))
+        for value, ref in zip(got, expected, strict=True):
+            assert torch.equal(value, ref), (rows, inter)
+    assert results == [(1, 0), (1, 1), (1, 2), (2, 2)]
+    launcher = launch_module._launchers[id(kernels.glu_backward_rows_kernel)]
+    assert [launcher.runtime_names[i] for i in launcher.unspecialized] == ["rows"]
+    assert len(launcher.compiled) == 2
+
+
+def test_unspecialised_integer_cannot_be_a_tuning_key():
+    import triton
+    import triton.language as tl
+
+    @triton.autotune(configs=[triton.Config({"BLOCK": 16})], key=["n"])
+    @triton.jit(do_not_specialize=["n"])
+    def keyed_kernel(x_ptr, n, BLOCK: tl.constexpr):
+        pass
+
+    with pytest.raises(
+        TypeError, match="keyed_kernel: a do_not_specialize parameter cannot be an autotuning"
+    ):
+        launch_module.launch(keyed_kernel, lambda meta: (1,), x_ptr=None, n=1)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled kernels)")
 def test_compiled_kernel_per_specialization(autotuner_calls):

@@ -112,3 +112,18 @@ def test_family_norms_switch_and_match_their_own_forward(family):
 @pytest.mark.parametrize("shape", [(4096, 2048), (4096, 32, 128), (4096, 4, 128)])
 def test_bf16_at_qwen3_widths_gpu(shape):
     _compare(*_inputs(shape, torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled kernels)")
+def test_every_row_count_runs_one_compiled_kernel_gpu(monkeypatch):
+    """Packed steps bring a new row count each step. The row count is not specialised on: one compiled kernel
+    per direction serves 16-divisible, odd and one-row counts (launched directly after the first), each right."""
+    from moefuse.kernels import rms_norm as kernels
+    from moefuse.ops import launch as launch_module
+
+    monkeypatch.setattr(launch_module, "_launchers", {})
+    for rows in (4096, 4097, 1, 7200, 7216):
+        _compare(*_inputs((rows, 2048), torch.bfloat16, seed=rows))
+    for kernel in (kernels.rms_norm_forward_kernel, kernels.rms_norm_backward_kernel):
+        assert len(launch_module._launchers[id(kernel)].compiled) == 1, kernel.fn.__name__

@@ -711,7 +711,8 @@ def grouped_weight_grad_kernel(
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
 
 
-@triton.jit
+# Sizes that follow the batch are not specialised on: one compiled kernel serves every step's size.
+@triton.jit(do_not_specialize=["rows"])
 def glu_backward_rows_kernel(
     # Pointers
     g_ptr,  # [R, N] the gradient reaching h = gated(gate, up), before the row scale

@@ -26,7 +26,8 @@ def _rows(x_ptr, stride_x, block, rows, H, BLOCK_R: tl.constexpr, BLOCK_H: tl.co
     return offs_r, cols, mask, x.to(tl.float32)
 
 
-@triton.jit
+# Sizes that follow the batch are not specialised on: one compiled kernel serves every step's size.
+@triton.jit(do_not_specialize=["rows"])
 def rms_norm_forward_kernel(
     # Pointers
     x_ptr,  # [rows, H], unit column stride
@@ -55,7 +56,8 @@ def rms_norm_forward_kernel(
     tl.store(rstd_ptr + offs_r, rstd, mask=offs_r < rows)
 
 
-@triton.jit
+# Sizes that follow the batch are not specialised on: one compiled kernel serves every step's size.
+@triton.jit(do_not_specialize=["rows"])
 def rms_norm_backward_kernel(
     # Pointers
     dy_ptr,  # [rows, H], unit column stride

@@ -29,7 +29,8 @@ def _block_ids(ids_ptr, block, S, E, BLOCK: tl.constexpr):
     return tl.where((ids >= 0) & (ids < E), ids, E)
 
 
-@triton.jit
+# Sizes that follow the batch are not specialised on: one compiled kernel serves every step's size.
+@triton.jit(do_not_specialize=["S"])
 def routing_count_kernel(
     # Pointers
     ids_ptr,  # [S] expert id of each assignment (token-major: t * K + k)
@@ -48,7 +49,8 @@ def routing_count_kernel(
     tl.store(counts_ptr + block * E + bins, counts, mask=bins < E)
 
 
-@triton.jit
+# Sizes that follow the batch are not specialised on: one compiled kernel serves every step's size.
+@triton.jit(do_not_specialize=["S", "num_blocks"])
 def routing_scatter_kernel(
     # Pointers
     ids_ptr,  # [S] expert id of each assignment (token-major: t * K + k)
@@ -107,7 +109,8 @@ def routing_scatter_kernel(
     tl.store(grouped_row_ptr + slot, tl.where(valid, row, -1).to(tl.int64), mask=slot < S)
 
 
-@triton.jit
+# Sizes that follow the batch are not specialised on: one compiled kernel serves every step's size.
+@triton.jit(do_not_specialize=["T"])
 def grouped_rows_kernel(
     # Pointers
     x_ptr,  # [T, H], unit column stride
@@ -145,7 +148,8 @@ def grouped_rows_kernel(
         )
 
 
-@triton.jit
+# Sizes that follow the batch are not specialised on: one compiled kernel serves every step's size.
+@triton.jit(do_not_specialize=["T"])
 def token_sums_kernel(
     # Pointers
     y_ptr,  # [S, H] in grouped order, unit column stride

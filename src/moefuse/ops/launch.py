@@ -16,7 +16,10 @@ short steps.
 per set of arguments (it compiles, or takes its cached kernel); from then on a call with the same arguments up
 to their values (tensors: dtype and 16-byte alignment; integers and floats: exact values; the constexprs and
 launch options) launches the compiled kernel directly. That key is finer than what Triton specialises on, so a
-launch never reaches a kernel compiled for other arguments. The setting ``fast_launch=False``
+launch never reaches a kernel compiled for other arguments. The one exception are the integers a kernel declares
+``do_not_specialize`` (the batch's size, which changes from step to step with packed rows): Triton compiles one
+kernel for all their values, and the key holds only their width (32 or 64 bits), so a new size launches directly
+too. Such an integer must not feed the autotuner's key or a heuristic (checked for the key). The setting ``fast_launch=False``
 (``MOEFUSE_FAST_LAUNCH=0``) goes through Triton's path on every call.
 """
 
@@ -105,6 +108,14 @@ class _Launcher:
         )
         keys = set(self.autotuner.keys if self.autotuner else ())
         self.key_positions = [i for i, name in enumerate(self.runtime_names) if name in keys]
+        declared = getattr(fn, "do_not_specialize", None)
+        if declared is None:  # Triton's interpreter keeps the decorator's arguments as they were given
+            declared = fn.kwargs.get("do_not_specialize") or ()
+        self.unspecialized = [
+            i for i, name in enumerate(self.runtime_names) if name in declared or i in declared
+        ]
+        if keys & {self.arg_names[i] for i in self.unspecialized}:
+            raise TypeError(f"{self.name}: a do_not_specialize parameter cannot be an autotuning key")
         self.chosen: dict[tuple, dict] = {}
         # arguments' key -> (compiled kernel, meta-parameters, every constexpr's value in parameter order)
         self.compiled: dict[tuple, tuple[object, dict, list]] = {}
@@ -171,12 +182,12 @@ class _Launcher:
                 self.jit[grid(meta)](*args, **meta)
             return
         device = driver.active.get_current_device()
-        key = (
-            device,
-            *constants,
-            *options.items(),
-            *[a if type(a) is int or type(a) is float else (a.dtype, a.data_ptr() % 16 == 0) for a in args],
-        )
+        values = [
+            a if type(a) is int or type(a) is float else (a.dtype, a.data_ptr() % 16 == 0) for a in args
+        ]
+        for i in self.unspecialized:  # Triton's type for it: i32, or 64 bits past that
+            values[i] = -(2**31) <= args[i] < 2**31
+        key = (device, *constants, *options.items(), *values)
         entry = self.compiled.get(key)
         if entry is None:  # Triton's own path: compiles, or finds its kernel for these arguments
             meta = self.meta(grid, args, self.constexprs(constants, options))

@@ -21,6 +21,7 @@ import yaml
 from transformers import HfArgumentParser
 from trl import SFTConfig
 
+from ..attention import ATTN_IMPLEMENTATION
 from .builtin import DEFAULT_CONFIG
 
 FINETUNING_TYPES = ("lora", "full", "qlora")
@@ -62,11 +63,13 @@ class MoefuseTrainArguments:
         default="moefuse",
         metadata={"help": "moefuse, or a Transformers one (grouped_mm, eager) to compare against"},
     )
-    attn_implementation: str = field(
-        default="sdpa",
+    attn_implementation: str | None = field(
+        default=None,
         metadata={
             "help": "sdpa, eager, flash_attention_2, ..., or moefuse_varlen: attention within each sequence of "
-            "packed rows only (PyTorch's FlashAttention varlen kernel on CUDA; moefuse.attention)"
+            "packed rows only (PyTorch's FlashAttention varlen kernel on CUDA; moefuse.attention). Default: "
+            "moefuse_varlen where TRL's collator makes the batch padding-free (packing: true) on a CUDA device "
+            "in bf16/fp16 with PyTorch's varlen kernel, else sdpa"
         },
     )
     chunked_loss: bool | None = field(
@@ -303,7 +306,24 @@ def parse_train_args(
     if moefuse_args.step_in_backward and "max_grad_norm" not in {*values, *_cli_keys(overrides)}:
         sft_config.max_grad_norm = 0.0  # the step runs before the whole gradient's norm is known
     check_train_args(moefuse_args, sft_config)
+    if moefuse_args.attn_implementation is None:
+        moefuse_args.attn_implementation = default_attention(sft_config)
     return moefuse_args, sft_config
+
+
+def default_attention(sft_config: SFTConfig) -> str:
+    """``moefuse_varlen`` where it computes what SDPA would at a fraction of the cost: TRL's collator lays each
+    batch's sequences end to end (padding-free: ``padding_free``, or packing with a best-fit strategy), and the
+    run is on CUDA in half precision with PyTorch's FlashAttention varlen kernel. SDPA then attends over the
+    whole batch's square under a block-diagonal mask; the varlen kernel over each sequence's own. Else ``sdpa``."""
+    from ..ops.attention import varlen_attn
+
+    padding_free = sft_config.padding_free or (
+        sft_config.packing and sft_config.packing_strategy in ("bfd", "bfd_split")
+    )
+    cuda = torch.cuda.is_available() and not sft_config.use_cpu
+    half = sft_config.bf16 or sft_config.fp16
+    return ATTN_IMPLEMENTATION if padding_free and cuda and half and varlen_attn is not None else "sdpa"
 
 
 def trl_fused_lm_head() -> bool:
