@@ -516,6 +516,49 @@ def test_one_adapter_trains_to_the_same_losses_on_moefuse_and_on_grouped_mm(tmp_
     torch.testing.assert_close(losses["moefuse"], losses["grouped_mm"], rtol=1e-4, atol=0)
 
 
+@current_orientation
+def test_one_seed_starts_both_experts_implementations_from_one_adapter(tmp_path):
+    """A new adapter's A factors are drawn by their place in the model (draw_lora_a): with one seed, moefuse's
+    experts LoRA and PEFT's target_parameters on Transformers' experts start from the same factors (PEFT's own
+    draws differ: it consumes the global stream in another order), so from scratch the two train to the same
+    losses step after step (fp32, CPU). Another seed draws other factors."""
+    args = {
+        impl: parse_train_args(None, ["--experts_implementation", impl, "--output_dir", "unused"])[0]
+        for impl in ("moefuse", "grouped_mm")
+    }
+    factors = {}
+    for impl, seed in [("moefuse", 0), ("grouped_mm", 0), ("grouped_mm", 1)]:
+        model = apply_lora(
+            load_model(resolve_model(args[impl]), torch.float32, torch.device("cpu")),
+            args[impl],
+            tmp_path,
+            seed,
+        )
+        params = dict(model.named_parameters())
+        experts = "base_model.model.model.layers.1.mlp.experts"
+        gate_up = (
+            params[f"{experts}.gate_up_proj.lora_A.default.weight"]
+            if impl == "moefuse"
+            else params[f"{experts}.base_layer.lora_A.default.weight"].reshape(16, 8, -1)
+        )
+        q = params["base_model.model.model.layers.1.self_attn.q_proj.lora_A.default.weight"]
+        factors[impl, seed] = (gate_up.detach().clone(), q.detach().clone())
+    for same, other in zip(factors["moefuse", 0], factors["grouped_mm", 0], strict=True):
+        assert torch.equal(same, other)
+    assert not torch.equal(factors["grouped_mm", 0][0], factors["grouped_mm", 1][0])
+    lr = ["--learning_rate", "1e-2", "--logging_steps", "1", "--max_steps", "5"]
+    losses = {
+        impl: torch.tensor(
+            run_train(
+                None, [*FEW_ROWS, *lr, "--experts_implementation", impl, "--output_dir", str(tmp_path / impl)]
+            ).losses
+        )
+        for impl in ("moefuse", "grouped_mm")
+    }
+    assert not torch.equal(losses["moefuse"][0], losses["moefuse"][-1])
+    torch.testing.assert_close(losses["moefuse"], losses["grouped_mm"], rtol=1e-5, atol=0)
+
+
 def test_an_adapter_that_does_not_fit_the_model_is_refused_in_one_line(tmp_path, capsys):
     first = run_train(None, [*FEW_ROWS, "--max_steps", "1", "--output_dir", str(tmp_path / "a")])
     bad = tmp_path / "bad"

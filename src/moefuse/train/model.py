@@ -3,6 +3,9 @@ its experts on moefuse, and PEFT LoRA on attention and experts."""
 
 from __future__ import annotations
 
+import math
+import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from ..experts import (
     gate_and_up_apart,
 )
 from ..lora import ATTENTION_PROJECTIONS
+from ..lora.layer import ExpertsProjectionLora
 from ..lora.targets import PROJECTIONS, moefuse_experts
 from ..models import Qwen3MoeFusedForCausalLM
 from .builtin import TOKENIZER_DIR
@@ -323,16 +327,65 @@ def trained_lora_layout(args: MoefuseTrainArguments) -> str:
     return "fused" if args.experts_implementation == EXPERTS_IMPLEMENTATION else "peft_target_parameters"
 
 
-def apply_lora(model: PreTrainedModel, args: MoefuseTrainArguments, work_dir: Path) -> PeftModel:
-    """A new LoRA adapter from the ``lora_*`` keys, or the one at ``adapter_name_or_path`` to go on training
-    (converted first, into ``work_dir/adapter-start``, where its expert LoRA is in another layout)."""
+def _place(name: str) -> str:
+    """A LoRA factor's place in the model, without the ``base_layer`` links PEFT adds where it nests wrappers."""
+    return re.sub(r"(\.base_layer)+", "", name)
+
+
+def draw_lora_a(model: nn.Module, seed: int) -> int:
+    """Draw every LoRA A factor of ``model`` again, from PEFT's default distribution (each expert's as
+    ``nn.Linear(in, r)``'s kaiming-uniform: U(±1/√in)), each factor from its own generator seeded by ``seed`` and
+    its place in the model (``model.layers.3.mlp.experts.gate_up_proj``, ``...self_attn.q_proj``). PEFT draws
+    them from the global stream in the order it builds them, and consumes it differently for its
+    ``target_parameters`` wrappers of Transformers' experts than moefuse's experts LoRA does; drawn by place,
+    one seed gives moefuse's experts and Transformers' the same starting adapter. B factors stay zero. Returns
+    how many factors were drawn."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import ParamWrapper
+
+    drawn = 0
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, ParamWrapper):  # lora_A [E*r, in], expert-major
+                place, experts = f"{_place(name)}.{module.parameter_name}", module.num_experts
+            elif isinstance(module, ExpertsProjectionLora):  # lora_A [E, r, in]
+                place, experts = _place(name), None
+            elif isinstance(module, LoraLinear):  # lora_A [r, in]
+                place, experts = _place(name), 1
+            else:
+                continue
+            for adapter, factor in module.lora_A.items():
+                weight = factor.weight
+                shape = (
+                    weight.shape
+                    if experts is None
+                    else (experts, weight.shape[0] // experts, weight.shape[1])
+                )
+                # 32 bits: the CPU generator's Mersenne Twister keeps no more of a seed.
+                key = zlib.crc32(f"{seed}/{place}/{adapter}".encode())
+                generator = torch.Generator(weight.device).manual_seed(key)
+                bound = 1 / math.sqrt(shape[-1])
+                values = torch.empty(shape, device=weight.device).uniform_(-bound, bound, generator=generator)
+                weight.copy_(values.reshape(weight.shape))
+                drawn += 1
+    return drawn
+
+
+def apply_lora(
+    model: PreTrainedModel, args: MoefuseTrainArguments, work_dir: Path, seed: int = 0
+) -> PeftModel:
+    """A new LoRA adapter from the ``lora_*`` keys (its A factors drawn from ``seed`` by :func:`draw_lora_a`), or
+    the one at ``adapter_name_or_path`` to go on training (converted first, into ``work_dir/adapter-start``,
+    where its expert LoRA is in another layout)."""
     # PEFT keeps adapters in float32 over half-precision weights unless told not to.
     autocast = args.lora_dtype == "float32"
     if args.adapter_name_or_path is None:
         try:
-            return get_peft_model(model, lora_config(args), autocast_adapter_dtype=autocast)
+            peft_model = get_peft_model(model, lora_config(args), autocast_adapter_dtype=autocast)
         except (ValueError, UnsupportedExpertsError) as e:  # PEFT: no target found; what the experts refuse
             raise TrainConfigError(f"lora_target: {args.lora_target}: {e}") from e
+        draw_lora_a(peft_model, seed)
+        return peft_model
     source = Path(args.adapter_name_or_path)
     try:
         layout, wanted = adapter_layout(source), trained_lora_layout(args)

@@ -222,7 +222,7 @@ def train(args: MoefuseTrainArguments, sft_config: SFTConfig) -> TrainResult:
     model.config._name_or_path = base_model or ""  # recorded as the adapter's base_model_name_or_path
     model.name_or_path = model.config._name_or_path
     if args.finetuning_type in LORA_TYPES:
-        model = apply_lora(model, args, output_dir)
+        model = apply_lora(model, args, output_dir, seed=sft_config.seed)
 
     trainer = MoefuseSFTTrainer(
         model=model,
