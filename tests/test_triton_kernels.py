@@ -275,6 +275,7 @@ EXPERT_CASES = [
     (1, 32, 16, 4, 1, 0),  # one token, top-1
     (5, 16, 16, 1, 1, 0),  # E = 1
     (13, 24, 40, 6, 3, 1),  # sizes not a multiple of the block
+    (7, 16, 72, 4, 2, 1),  # two column tiles of the interpreter's block (64), the second partial
 ]
 E128_TOP8 = (24, 32, 16, 128, 8, 0)
 

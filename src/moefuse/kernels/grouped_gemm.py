@@ -248,12 +248,6 @@ def _bias_row(ptr, cols, col_mask, stride_n):
 
 
 @triton.jit
-def _interleave(a, b, SIZE: tl.constexpr):
-    """``[a0, b0, a1, b1, ...]``: two ``[SIZE // 2]`` vectors woven into one ``[SIZE]``."""
-    return tl.reshape(tl.join(a, b), (SIZE,))
-
-
-@triton.jit
 def _lora_term(
     acc,
     lora,
@@ -508,9 +502,12 @@ def gate_up_glu_kernel(
         return
     x_rows = _row_offsets(x_index_ptr, rows, row_mask, True)
     if INTERLEAVED:
-        # BLOCK_N gate/up pairs are 2 * BLOCK_N adjacent rows: one tile, loaded whole (strided halves would defeat
-        # vectorised loads), LoRA term and bias added, then split into gate and up.
-        pair_mask = _interleave(n_mask, n_mask, 2 * BLOCK_N)
+        # BLOCK_N gate/up pairs are 2 * BLOCK_N adjacent rows (stride_wn = 2 * stride_wh): one tile, loaded whole,
+        # LoRA term and bias added, then split into gate and up. Its rows are an aligned range (a multiple of
+        # 2 * BLOCK_N plus arange), which the compiler can prove contiguous and load in vectors; rows woven from the
+        # two halves' offsets it cannot, and loads them an element at a time.
+        pair_rows = (tl.max(offs_n, 0) // BLOCK_N) * (2 * BLOCK_N) + tl.arange(0, 2 * BLOCK_N)
+        pair_mask = pair_rows < 2 * N
         acc, _ = _row_products(
             x_ptr,
             x_rows,
@@ -518,7 +515,7 @@ def gate_up_glu_kernel(
             stride_xm,
             stride_xk,
             w_ptr + expert.to(tl.int64) * stride_we,
-            _interleave(offs_n * stride_wn, offs_n * stride_wn + stride_wh, 2 * BLOCK_N),
+            pair_rows * stride_wh,
             pair_mask,
             1,  # the row offsets above are in elements
             stride_wk,
@@ -538,7 +535,7 @@ def gate_up_glu_kernel(
                 (stride_ltm, stride_lbe, 1, stride_lbr, stride_lmm),
                 expert,
                 rows,
-                _interleave(offs_n * stride_lbn, offs_n * stride_lbn + stride_lbh, 2 * BLOCK_N),
+                pair_rows * stride_lbh,
                 row_mask,
                 pair_mask,
                 False,  # a forward's LoRA term is never masked (dropout is on its input)
@@ -548,7 +545,7 @@ def gate_up_glu_kernel(
         if HAS_BIAS:
             acc += _bias_row(
                 bias_ptr + expert.to(tl.int64) * stride_bias_e,
-                _interleave(offs_n * stride_bias_n, offs_n * stride_bias_n + stride_bias_h, 2 * BLOCK_N),
+                pair_rows * stride_bias_h,
                 pair_mask,
                 1,
             )
