@@ -33,10 +33,11 @@ tests)
     log="$out/gpu-tests-$label.txt"
     { echo "commit: $commit"; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
       python -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-      echo "command: python -m pytest -q -m gpu -n 8 -p no:cacheprovider tests"; } >"$log"
-    # Each worker takes a slice of the card; the largest tests compare in chunks to fit beside the others.
+      echo "command: python -m pytest -q -m gpu -n 8 --dist loadgroup -p no:cacheprovider tests"; } >"$log"
+    # Each worker takes a slice of the card; the largest tests compare in chunks to fit beside the others, and
+    # the cases at a real model's expert dims run on one worker, one after another (xdist_group "card-sized").
     # The summary's tail goes in the results file; the whole output (failures' tracebacks) beside it.
-    python -m pytest -q -m gpu -n 8 -p no:cacheprovider tests >"$out/gpu-tests-$label.log" 2>&1 || true
+    python -m pytest -q -m gpu -n 8 --dist loadgroup -p no:cacheprovider tests >"$out/gpu-tests-$label.log" 2>&1 || true
     tail -n 40 "$out/gpu-tests-$label.log" | tee -a "$log"
     ;;
 block)

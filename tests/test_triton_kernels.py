@@ -421,11 +421,15 @@ def test_triton_backend_refused_on_cpu_without_interpreter(monkeypatch):
 
 # --- on a GPU: bf16 at larger shapes, Qwen3-30B-A3B's included --------------------------------------------
 
-GPU_EXPERT_CASES = EXPERT_CASES + [
-    E128_TOP8,
-    (512, 256, 128, 16, 4, 2),
-    (1000, 2048, 768, 128, 8, 0),  # Qwen3-30B-A3B's expert dims
-]
+
+def card_sized(*case: int):
+    """A case at a real model's expert dims: its fp64 reference takes 10-15 GiB. GPU runs share one card among
+    several pytest-xdist workers; these cases go to one worker (``--dist loadgroup``), one after another."""
+    return pytest.param(case, marks=pytest.mark.xdist_group("card-sized"))
+
+
+QWEN3_30B_EXPERTS = card_sized(1000, 2048, 768, 128, 8, 0)  # Qwen3-30B-A3B's expert dims
+GPU_EXPERT_CASES = EXPERT_CASES + [E128_TOP8, (512, 256, 128, 16, 4, 2), QWEN3_30B_EXPERTS]
 
 
 @pytest.mark.gpu
@@ -447,14 +451,7 @@ GPT_OSS = Gating("silu", alpha=1.702, limit=7.0, up_shift=1.0, interleaved=True)
         E128_TOP8,
         (512, 256, 128, 16, 4, 2),
         (4096, 256, 128, 4, 2, 0),  # ~2k rows an expert: the biases' gradients sum many rows
-        (
-            512,
-            2880,
-            2880,
-            8,
-            4,
-            0,
-        ),  # gpt-oss-20b's expert dims (8 of its 32 experts: the fp64 reference's memory)
+        card_sized(512, 2880, 2880, 8, 4, 0),  # gpt-oss-20b's expert dims (8 of its 32 experts)
     ],
 )
 def test_fused_gpt_oss_experts_bf16_gpu(case):
@@ -489,7 +486,7 @@ def test_moe_fused_linear_bf16_gpu(m_sizes, dims):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [(64, 256, 128, 16, 4, 2), (1000, 2048, 768, 128, 8, 0)])
+@pytest.mark.parametrize("case", [(64, 256, 128, 16, 4, 2), QWEN3_30B_EXPERTS])
 @pytest.mark.parametrize(
     "projections,structure",
     [
