@@ -26,7 +26,7 @@ from moefuse.train.builtin import DATASET, TOKENIZER_DIR, build_dataset, build_t
 from moefuse.train.callbacks import FlopsModel, _batch_counts
 from moefuse.train.config import parse_train_args, trl_fused_lm_head
 from moefuse.train.data import to_sft_format
-from moefuse.train.model import apply_lora, load_model, resolve_model
+from moefuse.train.model import apply_lora, draw_lora_a, load_model, resolve_model
 from moefuse.train.run import SUMMARY_FILE
 
 # The built-in default, shortened; everything else as `moefuse train` runs it.
@@ -543,6 +543,9 @@ def test_one_seed_starts_both_experts_implementations_from_one_adapter(tmp_path)
         )
         q = params["base_model.model.model.layers.1.self_attn.q_proj.lora_A.default.weight"]
         factors[impl, seed] = (gate_up.detach().clone(), q.detach().clone())
+        # every factor drawn again, the same ones on both sides: four attention projections and two expert
+        # stacks a layer
+        assert draw_lora_a(model, seed) == 6 * model.config.num_hidden_layers
     for same, other in zip(factors["moefuse", 0], factors["grouped_mm", 0], strict=True):
         assert torch.equal(same, other)
     assert not torch.equal(factors["grouped_mm", 0][0], factors["grouped_mm", 1][0])

@@ -36,7 +36,7 @@ from ..experts import (
     gate_and_up_apart,
 )
 from ..lora import ATTENTION_PROJECTIONS
-from ..lora.layer import ExpertsProjectionLora
+from ..lora.layer import ExpertsLoraFactor, ExpertsProjectionLora
 from ..lora.targets import PROJECTIONS, moefuse_experts
 from ..models import Qwen3MoeFusedForCausalLM
 from .builtin import TOKENIZER_DIR
@@ -340,8 +340,7 @@ def draw_lora_a(model: nn.Module, seed: int) -> int:
     ``target_parameters`` wrappers of Transformers' experts than moefuse's experts LoRA does; drawn by place,
     one seed gives moefuse's experts and Transformers' the same starting adapter. B factors stay zero. Returns
     how many factors were drawn."""
-    from peft.tuners.lora import Linear as LoraLinear
-    from peft.tuners.lora import ParamWrapper
+    from peft.tuners.lora import LoraLayer, ParamWrapper
 
     drawn = 0
     with torch.no_grad():
@@ -350,11 +349,13 @@ def draw_lora_a(model: nn.Module, seed: int) -> int:
                 place, experts = f"{_place(name)}.{module.parameter_name}", module.num_experts
             elif isinstance(module, ExpertsProjectionLora):  # lora_A [E, r, in]
                 place, experts = _place(name), None
-            elif isinstance(module, LoraLinear):  # lora_A [r, in]
+            elif isinstance(module, LoraLayer):  # linear layers, bitsandbytes' too: lora_A [r, in]
                 place, experts = _place(name), 1
             else:
                 continue
             for adapter, factor in module.lora_A.items():
+                if not isinstance(factor, (nn.Linear, ExpertsLoraFactor)):
+                    continue  # another kind of factor (a convolution's): PEFT's own draw stands
                 weight = factor.weight
                 shape = (
                     weight.shape
