@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 import moefuse  # noqa: F401  (registers the attention implementation)
-from moefuse.attention import ATTN_IMPLEMENTATION
+from conftest import tiny_config
+from moefuse.attention import ATTN_IMPLEMENTATION, VARLEN_MODEL_TYPES
 from moefuse.ops.attention import (
     segments_of_padding,
     segments_of_positions,
@@ -105,8 +106,14 @@ def _tiny_model() -> AutoModelForCausalLM:
 DOCUMENTS = ((0, 10), (10, 16), (16, 24))
 
 
-def test_packed_documents_attend_as_if_each_ran_alone():
-    model = _tiny_model()
+@pytest.mark.parametrize("family", VARLEN_MODEL_TYPES)
+def test_packed_documents_attend_as_if_each_ran_alone(family):
+    """Every family moefuse train gives this attention by default: a packed row's documents, bounded by TRL's
+    keywords or by restarting positions, give what each document gives alone."""
+    config = tiny_config(family, num_experts=4)
+    config.vocab_size = 100
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=ATTN_IMPLEMENTATION).eval()
     ids = torch.randint(0, 100, (1, 24))
     position_ids = torch.cat([torch.arange(end - start) for start, end in DOCUMENTS])[None]
     cu_seq_lens = torch.tensor([0, 10, 16, 24], dtype=torch.int32)
@@ -173,6 +180,8 @@ def test_moefuse_train_on_packed_rows_trains_as_with_sdpa(tmp_path, monkeypatch)
     ("settings", "cuda", "kernel", "expected"),
     [
         ({"packing": True}, True, True, ATTN_IMPLEMENTATION),
+        ({"packing": True, "model_type": "gpt_oss"}, True, True, "sdpa"),  # attention sinks
+        ({"packing": True, "model_type": "deepseek_v3"}, True, True, "sdpa"),  # latent attention's head dims
         ({"packing": True, "packing_strategy": "bfd_split"}, True, True, ATTN_IMPLEMENTATION),
         ({"padding_free": True, "fp16": True, "bf16": False}, True, True, ATTN_IMPLEMENTATION),
         ({"packing": True, "packing_strategy": "wrapped"}, True, True, "sdpa"),  # rows padded, not packed
@@ -190,12 +199,13 @@ def test_default_attention(settings, cuda, kernel, expected, monkeypatch):
     from moefuse.train import config as config_module
 
     values = {"padding_free": False, "packing": False, "packing_strategy": "bfd", "bf16": True, "fp16": False}
+    model_type = settings.pop("model_type", "qwen3_moe")
     sft_config = SimpleNamespace(**{**values, "use_cpu": False, **settings})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(attention_ops, "varlen_attn", attention_ops.varlen_attn if kernel else None)
     if kernel and attention_ops.varlen_attn is None:
         monkeypatch.setattr(attention_ops, "varlen_attn", object())
-    assert config_module.default_attention(sft_config) == expected
+    assert config_module.default_attention(sft_config, model_type) == expected
 
 
 def test_moefuse_train_records_the_attention_it_chose(tmp_path):

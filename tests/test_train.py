@@ -294,10 +294,12 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):
 
 
 def test_expert_lora_rank_and_alpha_reach_the_experts(tmp_path):
-    args, _ = parse_train_args(
+    args, sft_config = parse_train_args(
         None, ["--lora_rank", "4", "--expert_lora_rank", "8", "--output_dir", "unused"]
     )
-    model = apply_lora(load_model(resolve_model(args), torch.float32, torch.device("cpu")), args, tmp_path)
+    model = apply_lora(
+        load_model(resolve_model(args, sft_config), torch.float32, torch.device("cpu")), args, tmp_path
+    )
     shapes = {
         n.split("layers.0.")[1]: tuple(p.shape) for n, p in model.named_parameters() if "layers.0." in n
     }
@@ -329,8 +331,10 @@ def test_lora_dtype_model_trains_the_adapter_in_the_weights_dtype(tmp_path, expe
     setup = json.loads((result.output_dir / SUMMARY_FILE).read_text())["setup"]
     assert setup["lora_dtype"] == "model"
 
-    args, _ = parse_train_args(None, [*bf16, "--output_dir", "unused"])
-    model = apply_lora(load_model(resolve_model(args), torch.bfloat16, torch.device("cpu")), args, tmp_path)
+    args, sft_config = parse_train_args(None, [*bf16, "--output_dir", "unused"])
+    model = apply_lora(
+        load_model(resolve_model(args, sft_config), torch.bfloat16, torch.device("cpu")), args, tmp_path
+    )
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
 
 
@@ -522,14 +526,15 @@ def test_one_seed_starts_both_experts_implementations_from_one_adapter(tmp_path)
     experts LoRA and PEFT's target_parameters on Transformers' experts start from the same factors (PEFT's own
     draws differ: it consumes the global stream in another order), so from scratch the two train to the same
     losses step after step (fp32, CPU). Another seed draws other factors."""
-    args = {
-        impl: parse_train_args(None, ["--experts_implementation", impl, "--output_dir", "unused"])[0]
+    parsed = {
+        impl: parse_train_args(None, ["--experts_implementation", impl, "--output_dir", "unused"])
         for impl in ("moefuse", "grouped_mm")
     }
+    args = {impl: train_args for impl, (train_args, _) in parsed.items()}
     factors = {}
     for impl, seed in [("moefuse", 0), ("grouped_mm", 0), ("grouped_mm", 1)]:
         model = apply_lora(
-            load_model(resolve_model(args[impl]), torch.float32, torch.device("cpu")),
+            load_model(resolve_model(*parsed[impl]), torch.float32, torch.device("cpu")),
             args[impl],
             tmp_path,
             seed,

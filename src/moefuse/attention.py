@@ -23,6 +23,9 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from .ops.attention import segments_of_padding, segments_of_positions, varlen_attention
 
 ATTN_IMPLEMENTATION = "moefuse_varlen"
+# The families whose attention this computes (causal, no sinks, softcapping or latent heads; tested against each
+# packed document run alone): `moefuse train`'s default picks it for these only.
+VARLEN_MODEL_TYPES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
 
 
 def padding_mask(

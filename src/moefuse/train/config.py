@@ -21,7 +21,7 @@ import yaml
 from transformers import HfArgumentParser
 from trl import SFTConfig
 
-from ..attention import ATTN_IMPLEMENTATION
+from ..attention import ATTN_IMPLEMENTATION, VARLEN_MODEL_TYPES
 from .builtin import DEFAULT_CONFIG
 
 FINETUNING_TYPES = ("lora", "full", "qlora")
@@ -69,7 +69,8 @@ class MoefuseTrainArguments:
             "help": "sdpa, eager, flash_attention_2, ..., or moefuse_varlen: attention within each sequence of "
             "packed rows only (PyTorch's FlashAttention varlen kernel on CUDA; moefuse.attention). Default: "
             "moefuse_varlen where TRL's collator makes the batch padding-free (packing: true) on a CUDA device "
-            "in bf16/fp16 with PyTorch's varlen kernel, else sdpa"
+            "in bf16/fp16 with PyTorch's varlen kernel, for the families it is tested on (Qwen3-MoE, Qwen2-MoE, "
+            "Mixtral, OLMoE), else sdpa"
         },
     )
     chunked_loss: bool | None = field(
@@ -306,16 +307,15 @@ def parse_train_args(
     if moefuse_args.step_in_backward and "max_grad_norm" not in {*values, *_cli_keys(overrides)}:
         sft_config.max_grad_norm = 0.0  # the step runs before the whole gradient's norm is known
     check_train_args(moefuse_args, sft_config)
-    if moefuse_args.attn_implementation is None:
-        moefuse_args.attn_implementation = default_attention(sft_config)
     return moefuse_args, sft_config
 
 
-def default_attention(sft_config: SFTConfig) -> str:
+def default_attention(sft_config: SFTConfig, model_type: str) -> str:
     """``moefuse_varlen`` where it computes what SDPA would at a fraction of the cost: TRL's collator lays each
-    batch's sequences end to end (padding-free: ``padding_free``, or packing with a best-fit strategy), and the
-    run is on CUDA in half precision with PyTorch's FlashAttention varlen kernel. SDPA then attends over the
-    whole batch's square under a block-diagonal mask; the varlen kernel over each sequence's own. Else ``sdpa``."""
+    batch's sequences end to end (padding-free: ``padding_free``, or packing with a best-fit strategy), the run
+    is on CUDA in half precision with PyTorch's FlashAttention varlen kernel, and the family's attention is one
+    it computes (``VARLEN_MODEL_TYPES``). SDPA then attends over the whole batch's square under a block-diagonal
+    mask; the varlen kernel over each sequence's own. Else ``sdpa``."""
     from ..ops.attention import varlen_attn
 
     padding_free = sft_config.padding_free or (
@@ -323,7 +323,8 @@ def default_attention(sft_config: SFTConfig) -> str:
     )
     cuda = torch.cuda.is_available() and not sft_config.use_cpu
     half = sft_config.bf16 or sft_config.fp16
-    return ATTN_IMPLEMENTATION if padding_free and cuda and half and varlen_attn is not None else "sdpa"
+    varlen = padding_free and cuda and half and varlen_attn is not None and model_type in VARLEN_MODEL_TYPES
+    return ATTN_IMPLEMENTATION if varlen else "sdpa"
 
 
 def trl_fused_lm_head() -> bool:

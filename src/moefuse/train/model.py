@@ -21,6 +21,7 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers import PreTrainedTokenizerBase as Tokenizer
+from trl import SFTConfig
 
 from ..bench.configs import experts_per_token
 from ..convert import CheckpointError, convert_lora
@@ -40,7 +41,7 @@ from ..lora.layer import ExpertsLoraFactor, ExpertsProjectionLora
 from ..lora.targets import PROJECTIONS, moefuse_experts
 from ..models import Qwen3MoeFusedForCausalLM
 from .builtin import TOKENIZER_DIR
-from .config import MoefuseTrainArguments, TrainConfigError
+from .config import MoefuseTrainArguments, TrainConfigError, default_attention
 
 START_ADAPTER_DIR = "adapter-start"  # adapter_name_or_path converted into the layout this run trains
 
@@ -77,8 +78,10 @@ def _builtin_config(name: str) -> tuple[PretrainedConfig, str]:
     )
 
 
-def resolve_model(args: MoefuseTrainArguments) -> ModelSource:
-    """Read the model's config (no weights) and refuse models moefuse train cannot fine-tune."""
+def resolve_model(args: MoefuseTrainArguments, sft_config: SFTConfig) -> ModelSource:
+    """Read the model's config (no weights), settle its attention (``attn_implementation``, or
+    :func:`~moefuse.train.config.default_attention` for this run and family) and refuse models moefuse train
+    cannot fine-tune."""
     name = args.model_name_or_path
     if name.startswith(CONFIG_PREFIX):
         config, description = _builtin_config(name[len(CONFIG_PREFIX) :])
@@ -109,6 +112,8 @@ def resolve_model(args: MoefuseTrainArguments) -> ModelSource:
             )
         source.config = with_layers(source.config, args.num_layers)
     source.config._experts_implementation = args.experts_implementation
+    if args.attn_implementation is None:
+        args.attn_implementation = default_attention(sft_config, source.config.model_type)
     source.config._attn_implementation = args.attn_implementation
     check_experts_structure(source.config, args)
     return source

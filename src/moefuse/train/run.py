@@ -24,7 +24,13 @@ from ..experts import EXPERTS_IMPLEMENTATION
 from ..ops.cross_entropy import causal_lm_loss, use_chunked_loss
 from ..ops.rms_norm import use_fused_rms_norm
 from .callbacks import GIB, ThroughputCallback, add_throughput_callback
-from .config import LORA_TYPES, MoefuseTrainArguments, TrainConfigError, parse_train_args, trl_fused_lm_head
+from .config import (
+    LORA_TYPES,
+    MoefuseTrainArguments,
+    TrainConfigError,
+    parse_train_args,
+    trl_fused_lm_head,
+)
 from .data import is_conversational, load_train_dataset
 from .model import (
     ModelSource,
@@ -183,7 +189,7 @@ def run_train(config_file: str | Path | None = None, overrides: list[str] | None
 
 def train(args: MoefuseTrainArguments, sft_config: SFTConfig) -> TrainResult:
     """Fine-tune as ``args`` and ``sft_config`` say (from :func:`~moefuse.train.config.parse_train_args`)."""
-    source = resolve_model(args)
+    source = resolve_model(args, sft_config)
     tokenizer = load_tokenizer(args, source)
     train_dataset, eval_dataset = load_train_dataset(args, sft_config.dataset_text_field, sft_config.seed)
     if (
