@@ -16,7 +16,7 @@ from transformers.trainer_pt_utils import LayerWiseDummyOptimizer
 
 from moefuse.train import TrainConfigError, run_train
 from moefuse.train import trainer as trainer_module
-from moefuse.train.callbacks import FlopsModel, busy_seconds, kernel_table
+from moefuse.train.callbacks import FlopsModel, TritonCompiles, busy_seconds, kernel_table
 from moefuse.train.run import SUMMARY_FILE
 from moefuse.train.trainer import MoefuseSFTTrainer, packed_causal_mask, packed_sequence_index
 
@@ -144,8 +144,41 @@ def test_cpu_summary_reports_what_it_measured_and_why_not_the_rest(tmp_path, cap
     assert steady["from_step"] == 2 and 0 < steady["tokens"] < totals["tokens"]
     assert "CPU" in totals["gpu_busy"]["not_measured"] and "CPU" in totals["memory"]["not_measured"]
     assert totals["flops_per_token"]["model"] > 0 and totals["flops_per_token"]["recompute"] == 0
+    assert totals["triton_compiles"]["compiles"] == 0  # the interpreter compiles nothing
     out = capsys.readouterr().out
     assert "tokens/s after warm-up" in out and "GPU busy   not measured: a CPU run" in out
+
+
+def test_triton_compiles_are_counted_by_step_and_the_hooks_put_back(monkeypatch):
+    """Triton calls its JIT hooks around each compile: the recorder puts each in the step in progress with its
+    seconds, calls the hooks that were set before it (the cache hook's answer decides whether Triton compiles,
+    so it passes that on), and puts them back when removed."""
+    from triton import knobs
+
+    earlier = []
+    monkeypatch.setattr(knobs.runtime, "jit_cache_hook", lambda **kw: earlier.append("cache") or None)
+    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook", lambda **kw: earlier.append("post"))
+    before = (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook)
+    compiles = TritonCompiles()
+    compiles.install()
+
+    def compile_one():  # as Triton's JIT function does around a compile
+        assert not knobs.runtime.jit_cache_hook(
+            key="k", repr="r", fn=None, compile={}, is_manual_warmup=False
+        )
+        knobs.runtime.jit_post_compile_hook(key="k", repr="r", fn=None, compile={}, is_manual_warmup=False)
+
+    compile_one()
+    compiles.step = 7
+    compile_one()
+    compile_one()
+    compiles.remove()
+    compile_one()  # after removal: not counted
+    assert (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook) == before
+    assert earlier == ["cache", "post"] * 4
+    record = compiles.record()
+    assert record["compiles"] == 3 and [e["step"] for e in record["by_step"]] == [0, 7]
+    assert [e["compiles"] for e in record["by_step"]] == [1, 2] and record["seconds"] >= 0
 
 
 def test_throughput_warmup_steps_moves_the_steady_window(tmp_path):

@@ -172,6 +172,62 @@ class _Mark:
         return later.time - self.time, later.tokens - self.tokens, later.squares - self.squares
 
 
+class TritonCompiles:
+    """Triton's kernel compiles during training, by the step they fell in. A kernel meeting arguments it was not
+    specialised for (or an autotuner timing its configs) compiles on the host in the middle of that step; with a
+    warm disk cache a compile is a load, so the seconds tell the two apart. Through Triton's JIT hooks
+    (``triton.knobs.runtime``), chained to any hooks already set and restored by :meth:`remove`; without
+    Triton, or a Triton without these hooks, nothing is recorded."""
+
+    def __init__(self):
+        self.step = 0  # the step in progress (0: before the first)
+        self.by_step: dict[int, list] = {}  # step -> [compiles, seconds]
+        self._runtime = None
+        self._saved: tuple = (None, None)
+        self._started: float | None = None
+
+    def install(self) -> None:
+        try:
+            from triton import knobs
+        except ImportError:
+            return
+        runtime = knobs.runtime
+        if not hasattr(runtime, "jit_post_compile_hook"):
+            return
+        self._runtime, self._saved = runtime, (runtime.jit_cache_hook, runtime.jit_post_compile_hook)
+        runtime.jit_cache_hook, runtime.jit_post_compile_hook = self._before, self._after
+
+    def remove(self) -> None:
+        if self._runtime is not None:
+            self._runtime.jit_cache_hook, self._runtime.jit_post_compile_hook = self._saved
+            self._runtime = None
+
+    def _before(self, **kwargs):
+        self._started = time.perf_counter()
+        earlier = self._saved[0]
+        return earlier(**kwargs) if earlier is not None else None  # a true value would skip the compile
+
+    def _after(self, **kwargs) -> None:
+        seconds = time.perf_counter() - self._started if self._started is not None else 0.0
+        entry = self.by_step.setdefault(self.step, [0, 0.0])
+        entry[0] += 1
+        entry[1] += seconds
+        if self._saved[1] is not None:
+            self._saved[1](**kwargs)
+
+    def record(self) -> dict:
+        """``{"compiles", "seconds", "by_step": [{"step", "compiles", "seconds"}, ...]}`` (step 0: before the
+        first step)."""
+        return {
+            "compiles": sum(count for count, _ in self.by_step.values()),
+            "seconds": round(sum(seconds for _, seconds in self.by_step.values()), 3),
+            "by_step": [
+                {"step": step, "compiles": count, "seconds": round(seconds, 3)}
+                for step, (count, seconds) in sorted(self.by_step.items())
+            ],
+        }
+
+
 class ThroughputCallback(TrainerCallback):
     """Adds ``tokens_per_second`` and (when the device's peak is known) ``mfu`` and ``hfu`` to each training log,
     measured on this process since the previous log. :attr:`totals` holds the whole run's figures; under
@@ -179,7 +235,8 @@ class ThroughputCallback(TrainerCallback):
     less the profiled steps (the steady state: Triton compiles and tunes its kernels in the first steps);
     ``gpu_busy`` (CUDA): the device's busy time over the wall time of ``gpu_busy_steps`` steps profiled with
     ``torch.profiler`` right after the warm-up (kernels, copies and fills; overlapping ones counted once);
-    ``memory``: CUDA's peak allocated and reserved memory over the training.
+    ``memory``: CUDA's peak allocated and reserved memory over the training; ``triton_compiles``: Triton's kernel
+    compiles by step (:class:`TritonCompiles`).
 
     Attach it with :func:`add_throughput_callback` so that the reporting integrations (TensorBoard, W&B) see
     its figures too, or pass it in ``callbacks=[...]`` (then only the console and ``log_history`` do).
@@ -205,6 +262,7 @@ class ThroughputCallback(TrainerCallback):
         self._profile_marks: tuple[_Mark, float, int] | None = None  # (mark, clock after start, first step)
         self._profiled = (0.0, 0, 0)  # (seconds, tokens, squares) the steady figures leave out
         self._gpu_busy: dict | None = None
+        self.compiles = TritonCompiles()
         self.totals: dict = {}
 
     def _count(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -230,6 +288,7 @@ class ThroughputCallback(TrainerCallback):
         if args.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(args.device)
         self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
+        self.compiles.install()
         self._start = self._last_log = self._mark(args)
 
     def _figures(self, seconds: float, tokens: int, squares: int) -> dict[str, float]:
@@ -242,6 +301,7 @@ class ThroughputCallback(TrainerCallback):
         return figures
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.compiles.step = state.global_step + 1
         if self._steady is None or self._profile_marks is not None or self._gpu_busy is not None:
             return
         if not self.gpu_busy_steps:
@@ -306,6 +366,7 @@ class ThroughputCallback(TrainerCallback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        self.compiles.remove()
         if self._profile_marks is not None:  # the run ended inside the profiled steps
             self._stop_profiler(args, state.global_step)
         end = self._mark(args)
@@ -337,6 +398,7 @@ class ThroughputCallback(TrainerCallback):
             }
         else:
             self.totals["memory"] = {"not_measured": "a CPU run: PyTorch tracks peak memory on GPUs"}
+        self.totals["triton_compiles"] = self.compiles.record()
 
     def _steady_step(self, state: TrainerState) -> int | None:
         logged = [log["step"] for log in state.log_history if "loss" in log]

@@ -388,6 +388,12 @@ def _throughput_lines(t: dict) -> list[str]:
             lines.append(f"             {kernel['share']:6.1%} {kernel['calls']:>6} x {kernel['name'][:70]}")
     elif busy:
         lines.append(f"  GPU busy   {busy['not_measured']}")
+    compiles = t.get("triton_compiles", {})
+    if compiles.get("compiles"):
+        steps = ", ".join(f"{entry['step']} ({entry['seconds']:.1f} s)" for entry in compiles["by_step"])
+        lines.append(
+            f"  compiles   {compiles['compiles']} Triton kernels, {compiles['seconds']:.1f} s, in steps {steps}"
+        )
     memory = t.get("memory", {})
     if "peak_reserved_gib" in memory:
         lines.append(
