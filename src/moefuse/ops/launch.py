@@ -19,8 +19,8 @@ launch options) launches the compiled kernel directly. That key is finer than wh
 launch never reaches a kernel compiled for other arguments. The one exception are the integers a kernel declares
 ``do_not_specialize`` (the batch's size, which changes from step to step with packed rows): Triton compiles one
 kernel for all their values, and the key holds only their width (32 or 64 bits), so a new size launches directly
-too. Such an integer must not feed the autotuner's key or a heuristic (checked for the key). The setting ``fast_launch=False``
-(``MOEFUSE_FAST_LAUNCH=0``) goes through Triton's path on every call.
+too. Such an integer must not feed the autotuner's key or a heuristic (checked for the key). The setting
+``fast_launch=False`` (``MOEFUSE_FAST_LAUNCH=0``) goes through Triton's path on every call.
 """
 
 from __future__ import annotations

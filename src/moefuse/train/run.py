@@ -24,13 +24,7 @@ from ..experts import EXPERTS_IMPLEMENTATION
 from ..ops.cross_entropy import causal_lm_loss, use_chunked_loss
 from ..ops.rms_norm import use_fused_rms_norm
 from .callbacks import GIB, ThroughputCallback, add_throughput_callback
-from .config import (
-    LORA_TYPES,
-    MoefuseTrainArguments,
-    TrainConfigError,
-    parse_train_args,
-    trl_fused_lm_head,
-)
+from .config import LORA_TYPES, MoefuseTrainArguments, TrainConfigError, parse_train_args, trl_fused_lm_head
 from .data import is_conversational, load_train_dataset
 from .model import (
     ModelSource,
