@@ -58,7 +58,7 @@ COMPILE = textwrap.dedent(
         PRECISION="ieee", E_POW2=16, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, EVEN_K=True,
     ))
     backward = to_ttir(kernels.glu_backward_rows_kernel, dict(
-        **gating, SCATTER_D_SCALE=True, D_SCALE_PLUS=biased, BLOCK_R=8, BLOCK_C=256,
+        **gating, INTERLEAVED=biased, SCATTER_D_SCALE=True, D_SCALE_PLUS=biased, BLOCK_R=8, BLOCK_C=256,
     ))
     down = to_ttir(kernels.grouped_gemm_kernel, dict(
         GATHER_A=False, SCATTER_C=True, SCALE_ROWS=True, HAS_BIAS=biased, HAS_LORA=True, LORA_MASK=False,

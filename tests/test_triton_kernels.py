@@ -168,8 +168,9 @@ def test_gate_up_glu(m_sizes, dtype, with_lora, scaled, biased, gating):
 @pytest.mark.parametrize("m_sizes", M_SIZES)
 @pytest.mark.parametrize("with_lora", [False, True])
 @pytest.mark.parametrize("gating", GATINGS)
-def test_glu_backward(m_sizes, dtype, with_lora, gating):
-    tokens, inter, hidden = 6, 40, 24
+@pytest.mark.parametrize("inter", [40, 264], ids=["one-column-block", "two-column-blocks"])
+def test_glu_backward(m_sizes, dtype, with_lora, gating, inter):
+    tokens, hidden = 6, 24
     ids = group_ids(m_sizes).to(DEVICE)
     token_index = torch.randint(0, tokens, (sum(m_sizes),), device=DEVICE)
     gate_up = randn(sum(m_sizes), 2 * inter, dtype=dtype)

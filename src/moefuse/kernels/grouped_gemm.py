@@ -715,25 +715,24 @@ def glu_backward_rows_kernel(
     g_ptr,  # [R, N] the gradient reaching h = gated(gate, up), before the row scale
     gate_up_ptr,  # [R, 2N] the pre-activations: gate, then up
     scale_ptr,  # [R] each grouped row's factor
-    d_gate_up_ptr,  # [R, 2N] out: d_gate and d_up, laid out as the weight's rows (stride_dgh)
+    d_gate_up_ptr,  # [R, 2N] out: d_gate and d_up, laid out as the weight's rows (INTERLEAVED)
     d_scale_ptr,  # [R] out, or [S] written through d_scale_index (SCATTER_D_SCALE)
     d_scale_index_ptr,  # [R] d_scale's element of each row (SCATTER_D_SCALE; else never read)
     d_scale_plus_ptr,  # [R] fp32 added to each row's d_scale (D_SCALE_PLUS; else never read)
     # Dimensions
     rows,  # R
     N,
-    # Strides (g's and gate_up's column stride: 1)
+    # Strides (every column stride: 1)
     stride_gm,
     stride_gum,
     stride_dgm,
-    stride_dgh,  # from a d_gate column to its d_up partner
-    stride_dgn,
     # Metadata
     ACTIVATION: tl.constexpr,  # the gating, as in the forward (gate_up_glu_kernel)
     ALPHA: tl.constexpr,
     CLAMP: tl.constexpr,
     LIMIT: tl.constexpr,
     UP_SHIFT: tl.constexpr,
+    INTERLEAVED: tl.constexpr,  # d_gate_up's columns d_gate, d_up pairwise; else all d_gate, then all d_up
     SCATTER_D_SCALE: tl.constexpr,  # d_scale's elements through d_scale_index
     D_SCALE_PLUS: tl.constexpr,  # d_scale plus d_scale_plus (a down bias's share)
     BLOCK_R: tl.constexpr,  # rows per program
@@ -762,9 +761,17 @@ def glu_backward_rows_kernel(
         d_scale += tl.sum(g * h, axis=1)
         dh = g * scale[:, None]
         out_type = d_gate_up_ptr.dtype.element_ty
-        d_ptrs = d_gate_up_ptr + offs_r64[:, None] * stride_dgm + cols[None, :] * stride_dgn
-        tl.store(d_ptrs, (dh * dh_dgate).to(out_type), mask=mask)
-        tl.store(d_ptrs + stride_dgh, (dh * dh_dup).to(out_type), mask=mask)
+        d_rows = d_gate_up_ptr + offs_r64[:, None] * stride_dgm
+        d_gate, d_up = (dh * dh_dgate).to(out_type), (dh * dh_dup).to(out_type)
+        if INTERLEAVED:  # the pairs woven into one aligned range of columns: stored in vectors, not strided
+            pair_cols = 2 * c0 + tl.arange(0, 2 * BLOCK_C)
+            pairs = tl.reshape(tl.join(d_gate, d_up), (BLOCK_R, 2 * BLOCK_C))
+            tl.store(
+                d_rows + pair_cols[None, :], pairs, mask=row_mask[:, None] & (pair_cols < 2 * N)[None, :]
+            )
+        else:
+            tl.store(d_rows + cols[None, :], d_gate, mask=mask)
+            tl.store(d_rows + N + cols[None, :], d_up, mask=mask)
     if D_SCALE_PLUS:
         d_scale += tl.load(d_scale_plus_ptr + offs_r, mask=row_mask, other=0.0)
     d_scale_rows = offs_r64

@@ -341,7 +341,6 @@ def glu_backward_rows(
     if rows == 0:
         return d_gate_up, d_scale
     g, gate_up = unit_columns(g), unit_columns(gate_up)
-    d_halves = halves(d_gate_up, 1, gating.interleaved)  # [R, 2, I]
     launch(
         kernels.glu_backward_rows_kernel,
         lambda meta: (cdiv(rows, meta["BLOCK_R"]),),
@@ -356,10 +355,9 @@ def glu_backward_rows(
         N=inter,
         stride_gm=g.stride(0),
         stride_gum=gate_up.stride(0),
-        stride_dgm=d_halves.stride(0),
-        stride_dgh=d_halves.stride(1),
-        stride_dgn=d_halves.stride(2),
+        stride_dgm=d_gate_up.stride(0),
         **_gating_arguments(gating),
+        INTERLEAVED=gating.interleaved,
         SCATTER_D_SCALE=scatter,
         D_SCALE_PLUS=d_scale_plus is not None,
         BLOCK_R=_GLU_ROWS,
