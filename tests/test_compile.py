@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import moefuse
 from conftest import randomize_, tiny_config
+from moefuse.lora.linear import LoraLinear, use_fused_lora_linear
 from moefuse.ops.backend import use_backend
 from moefuse.ops.gating import SWIGLU, Gating
 from moefuse.ops.moe_triton import _experts_backward_op, _experts_op, _saved_present
@@ -160,7 +161,7 @@ _SAVED = (
 )
 
 
-def _lora_model() -> torch.nn.Module:
+def _lora_model(fused_linear: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(
         tiny_config("qwen3_moe", num_experts=8, top_k=2),
@@ -168,7 +169,8 @@ def _lora_model() -> torch.nn.Module:
     )
     model = randomize_(model, std=0.1).float()
     targets = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
-    model = get_peft_model(model, LoraConfig(r=4, target_modules=targets))
+    config = LoraConfig(r=4, target_modules=targets)
+    model = get_peft_model(model, use_fused_lora_linear(config) if fused_linear else config)
     for name, param in model.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero: make every factor's gradient count
             torch.nn.init.normal_(param, std=0.1)
@@ -193,8 +195,11 @@ def _layer_step(layer: torch.nn.Module, inner: torch.nn.Module, call) -> tuple[t
     return out.detach(), {**grads, "input": hidden.grad}
 
 
-def test_decoder_layer_with_lora_compiles_fullgraph():
-    model = _lora_model()
+@pytest.mark.parametrize("fused_linear", [False, True], ids=["peft-linear", "moefuse-linear"])
+def test_decoder_layer_with_lora_compiles_fullgraph(fused_linear):
+    """Attention LoRA through PEFT's Linear or moefuse's (one autograd function), the experts' LoRA fused."""
+    model = _lora_model(fused_linear)
+    assert any(type(m) is LoraLinear for m in model.modules()) == fused_linear
     inner = model.base_model.model.model
     layer = inner.layers[0]
     ref, ref_grads = _layer_step(layer, inner, layer)

@@ -90,6 +90,15 @@ class MoefuseTrainArguments:
             "false: the norm modules' own forward"
         },
     )
+    fused_lora_linear: bool = field(
+        default=True,
+        metadata={
+            "help": "LoRA on linear layers (attention) as one autograd function: the adapter's product accumulated "
+            "onto the base product, the input never cast to the adapter's dtype (moefuse.lora.linear; PEFT's "
+            "layer, adapter and saved format, PEFT's forward wherever dropout trains or a variant is on); false: "
+            "PEFT's forward"
+        },
+    )
     dtype: str = field(
         default="auto",
         metadata={

@@ -38,6 +38,7 @@ from ..experts import (
 )
 from ..lora import ATTENTION_PROJECTIONS
 from ..lora.layer import ExpertsLoraFactor, ExpertsProjectionLora
+from ..lora.linear import use_fused_lora_linear
 from ..lora.targets import PROJECTIONS, moefuse_experts
 from ..models import Qwen3MoeFusedForCausalLM
 from .builtin import TOKENIZER_DIR
@@ -385,9 +386,15 @@ def apply_lora(
     where its expert LoRA is in another layout)."""
     # PEFT keeps adapters in float32 over half-precision weights unless told not to.
     autocast = args.lora_dtype == "float32"
+
+    def fused_linear(config: LoraConfig) -> LoraConfig:
+        return use_fused_lora_linear(config) if args.fused_lora_linear else config
+
     if args.adapter_name_or_path is None:
         try:
-            peft_model = get_peft_model(model, lora_config(args), autocast_adapter_dtype=autocast)
+            peft_model = get_peft_model(
+                model, fused_linear(lora_config(args)), autocast_adapter_dtype=autocast
+            )
         except (ValueError, UnsupportedExpertsError) as e:  # PEFT: no target found; what the experts refuse
             raise TrainConfigError(f"lora_target: {args.lora_target}: {e}") from e
         draw_lora_a(peft_model, seed)
@@ -400,7 +407,11 @@ def apply_lora(
                 source, work_dir / START_ADAPTER_DIR, wanted, overwrite=True, progress=False
             )
         return PeftModel.from_pretrained(
-            model, str(source), is_trainable=True, autocast_adapter_dtype=autocast
+            model,
+            str(source),
+            is_trainable=True,
+            config=fused_linear(LoraConfig.from_pretrained(str(source))),
+            autocast_adapter_dtype=autocast,
         )
     # PEFT: ValueError/KeyError where the adapter's targets are not in this model, RuntimeError where its factors'
     # shapes do not fit it.

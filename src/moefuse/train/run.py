@@ -330,6 +330,7 @@ def _summary_record(result: TrainResult, args: MoefuseTrainArguments, sft_config
                 getattr(result.model, "config", None), "_attn_implementation", None
             ),
             "fused_norm": args.fused_norm,
+            "fused_lora_linear": args.fused_lora_linear if args.finetuning_type in LORA_TYPES else None,
             "lora_rank": args.lora_rank if args.finetuning_type in LORA_TYPES else None,
             "lora_target": args.lora_target if args.finetuning_type in LORA_TYPES else None,
             # equal on both sides of a like-for-like comparison (the same adapter, parameter for parameter)
