@@ -145,6 +145,11 @@ def test_cpu_summary_reports_what_it_measured_and_why_not_the_rest(tmp_path, cap
     assert "CPU" in totals["gpu_busy"]["not_measured"] and "CPU" in totals["memory"]["not_measured"]
     assert totals["flops_per_token"]["model"] > 0 and totals["flops_per_token"]["recompute"] == 0
     assert totals["triton_compiles"]["compiles"] == 0  # the interpreter compiles nothing
+    logs = totals["by_log"]
+    assert [log["step"] for log in logs] == [2, 4, 6] and sum(log["tokens"] for log in logs) == totals[
+        "tokens"
+    ]
+    assert all(log["seconds"] > 0 and log["tokens_per_second"] > 0 for log in logs)
     out = capsys.readouterr().out
     assert "tokens/s after warm-up" in out and "GPU busy   not measured: a CPU run" in out
 

@@ -236,7 +236,8 @@ class ThroughputCallback(TrainerCallback):
     ``gpu_busy`` (CUDA): the device's busy time over the wall time of ``gpu_busy_steps`` steps profiled with
     ``torch.profiler`` right after the warm-up (kernels, copies and fills; overlapping ones counted once);
     ``memory``: CUDA's peak allocated and reserved memory over the training; ``triton_compiles``: Triton's kernel
-    compiles by step (:class:`TritonCompiles`).
+    compiles by step (:class:`TritonCompiles`); ``by_log``: each log's step, seconds, tokens and figures (the
+    profiled steps included), to tell a slow stretch of the run from a slow run.
 
     Attach it with :func:`add_throughput_callback` so that the reporting integrations (TensorBoard, W&B) see
     its figures too, or pass it in ``callbacks=[...]`` (then only the console and ``log_history`` do).
@@ -263,6 +264,7 @@ class ThroughputCallback(TrainerCallback):
         self._profiled = (0.0, 0, 0)  # (seconds, tokens, squares) the steady figures leave out
         self._gpu_busy: dict | None = None
         self.compiles = TritonCompiles()
+        self.by_log: list[dict] = []  # each log's step, seconds and tokens since the previous log
         self.totals: dict = {}
 
     def _count(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -359,6 +361,9 @@ class ThroughputCallback(TrainerCallback):
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(figures)
         self._last_log = mark
+        self.by_log.append(
+            {"step": state.global_step, "seconds": round(seconds, 4), "tokens": tokens, **figures}
+        )
         if self._steady is None and state.global_step >= (self.warmup_steps or 0):
             self._steady = mark
 
@@ -399,6 +404,7 @@ class ThroughputCallback(TrainerCallback):
         else:
             self.totals["memory"] = {"not_measured": "a CPU run: PyTorch tracks peak memory on GPUs"}
         self.totals["triton_compiles"] = self.compiles.record()
+        self.totals["by_log"] = self.by_log
 
     def _steady_step(self, state: TrainerState) -> int | None:
         logged = [log["step"] for log in state.log_history if "loss" in log]
