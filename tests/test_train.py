@@ -670,3 +670,32 @@ def test_builtin_dataset_and_tokenizer_are_what_the_builder_makes(tmp_path):
     assert shipped.decode(shipped(text)["input_ids"]) == text
     masks = shipped.apply_chat_template(rows[0], return_dict=True, return_assistant_tokens_mask=True)
     assert sum(masks["assistant_masks"]) > 0  # {% generation %} marks the answer for assistant_only_loss
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_lora_linear_reaches_new_and_resumed_adapters(tmp_path, fused):
+    """fused_lora_linear (on by default) gives the attention projections moefuse's LoraLinear, for a new adapter and
+    for one training goes on from; false leaves PEFT's Linear. Either way the adapter is PEFT's, key for key."""
+    from peft.tuners.lora import Linear as PeftLinear
+
+    from moefuse.lora.linear import LoraLinear
+
+    keys = [] if fused else ["--fused_lora_linear", "false"]
+    args, sft_config = parse_train_args(None, [*keys, "--output_dir", "unused"])
+    assert args.fused_lora_linear is fused
+    expected = LoraLinear if fused else PeftLinear
+
+    def attention_types(model):
+        return {type(m) for n, m in model.named_modules() if n.endswith(("q_proj", "o_proj"))}
+
+    model = apply_lora(
+        load_model(resolve_model(args, sft_config), torch.float32, torch.device("cpu")), args, tmp_path
+    )
+    assert attention_types(model) == {expected}
+    model.save_pretrained(tmp_path / "adapter")
+    args.adapter_name_or_path = str(tmp_path / "adapter")
+    resumed = apply_lora(
+        load_model(resolve_model(args, sft_config), torch.float32, torch.device("cpu")), args, tmp_path
+    )
+    assert attention_types(resumed) == {expected}
+    assert resumed.state_dict().keys() == model.state_dict().keys()
