@@ -37,9 +37,11 @@ _REQUESTS = (
 )
 _TARGETED = "_moefuse_experts_keys"  # attribute of a LoraConfig: experts module keys it targets
 _PATTERN_KEYS = "_moefuse_pattern_keys"  # attribute of a LoraConfig: rank/alpha_pattern keys moefuse applied
-# PEFT >= 0.21 warns about pattern keys that name no targeted module: the experts' projections are not modules.
+# PEFT >= 0.21 warns about pattern keys that name no targeted module: the experts' projections are not modules
+# (>= 0.22 says "module or parameter").
 _UNMATCHED = re.compile(
-    r"^The following (?:rank|alpha)_pattern keys did not match any targeted module and were ignored: (\[.*\])\.$"
+    r"^The following (?:rank|alpha)_pattern keys did not match any targeted module(?: or parameter)? and were "
+    r"ignored: (\[.*\])\.$"
 )
 
 
