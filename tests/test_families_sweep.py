@@ -8,6 +8,7 @@ family's config at toy sizes, so a new Transformers release is swept without edi
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 from pathlib import Path
@@ -26,6 +27,7 @@ from moefuse.experts import check_lora_supported, experts_structure, lora_refusa
 from moefuse.ops.backend import use_backend
 from moefuse.ops.gating import SWIGLU, Gating, gating_of
 from moefuse.ops.lora import ExpertsLora, LoraWeights
+from moefuse.quant import ExpertWeights4bit
 
 TOY = {"experts": 4, "hidden": 16, "intermediate": 8}
 TOP_K = 2
@@ -274,8 +276,9 @@ def test_gated_families_run_fused_on_the_triton_kernels(monkeypatch):
     )
 
 
-def _check_against_eager(experts: torch.nn.Module) -> None:
-    """``"moefuse"`` experts give ``eager``'s output and every gradient (or raise UnsupportedExpertsError)."""
+def _check_against_eager(experts: torch.nn.Module, reference: torch.nn.Module | None = None) -> None:
+    """``"moefuse"`` experts give ``eager``'s output and every gradient (or raise UnsupportedExpertsError); ``eager``
+    runs ``reference`` where given (the same experts with other stored weights)."""
     g = torch.Generator().manual_seed(0)
     # Inputs large enough that the families' clamps (SwiGLU limits, softcaps) cut some gate/up values.
     hidden_states = 2 * torch.randn(TOKENS, TOY["hidden"], generator=g)
@@ -284,7 +287,7 @@ def _check_against_eager(experts: torch.nn.Module) -> None:
     inputs = (hidden_states, top_k_index, top_k_weights)
     grad_out = torch.randn(TOKENS, TOY["hidden"], generator=g)
 
-    out_eager, grads_eager = _forward_backward(experts, "eager", inputs, grad_out)
+    out_eager, grads_eager = _forward_backward(reference or experts, "eager", inputs, grad_out)
     out, grads = _forward_backward(experts, moefuse.EXPERTS_IMPLEMENTATION, inputs, grad_out)
     scale = out_eager.abs().max().item()
     torch.testing.assert_close(out, out_eager, rtol=1e-5, atol=1e-5 * scale)
@@ -294,6 +297,37 @@ def _check_against_eager(experts: torch.nn.Module) -> None:
         if grad_eager is not None:
             atol = 1e-5 * max(grad_eager.abs().max().item(), 1.0)
             torch.testing.assert_close(grads[name], grad_eager, rtol=1e-5, atol=atol, msg=name)
+
+
+def _quantized(experts: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """``experts`` with 4-bit gate_up_proj and down_proj stacks (frozen, as QLoRA holds them), and a copy holding
+    their dequantized values as dense stacks."""
+    dense = copy.deepcopy(experts)
+    for name in ("gate_up_proj", "down_proj"):
+        quantized = ExpertWeights4bit.quantize(getattr(experts, name).detach(), "nf4", 64, False)
+        setattr(experts, name, torch.nn.Parameter(quantized, requires_grad=False))
+        setattr(dense, name, torch.nn.Parameter(quantized.dequantize(), requires_grad=False))
+    return experts, dense
+
+
+@pytest.mark.parametrize(
+    "family, experts_class, config_classes",
+    EXPERTS_CLASSES,
+    ids=[f"{f}-{c.__name__}" for f, c, _ in EXPERTS_CLASSES],
+)
+def test_4bit_experts_match_eager_on_their_dequantized_weights(family, experts_class, config_classes):
+    """Every family whose experts moefuse takes LoRA on (what QLoRA trains) runs on frozen 4-bit stacks with the
+    output and gradients (input, routing weights, biases) eager gives on the stacks' dequantized values; on the
+    Triton path too for the gatings the fused kernels compute other than plain SwiGLU, and for Qwen3-MoE's."""
+    experts, _ = toy_experts(experts_class, config_classes)
+    if lora_refusal(experts, ("gate_up_proj", "down_proj")) is not None:
+        return  # refused for LoRA, so for QLoRA: test_gate_up_lora_is_the_lora_of_the_stacked_weights_or_is_refused
+    gating = _fused_gating(experts)
+    quantized, dense = _quantized(experts)
+    _check_against_eager(quantized, dense)
+    if gating is not None and (gating != SWIGLU or family == "qwen3_moe"):
+        with use_backend("triton"):
+            _check_against_eager(quantized, dense)
 
 
 def test_structure_arguments_that_do_not_fit_are_refused_clearly():

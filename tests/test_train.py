@@ -412,6 +412,33 @@ def test_gpt_oss_experts_train_lora_on_gate_up_proj(tmp_path):
     assert adapter_layout(tmp_path / "fused") == "fused"
 
 
+def test_gpt_oss_experts_train_qlora_and_reload(tmp_path):
+    """QLoRA on GPT-OSS: its expert stacks (stored transposed) become moefuse's 4-bit ones, its biases stay dense,
+    LoRA reaches gate_up_proj and down_proj; the saved 4-bit base and adapter reload to the trained outputs."""
+    pytest.importorskip("bitsandbytes")
+    from moefuse.quant import from_pretrained, is_4bit
+
+    _family_config("gpt_oss").save_pretrained(tmp_path / "config")
+    out = tmp_path / "out"
+    result = run_train(
+        None,
+        [*FEW_ROWS, "--model_name_or_path", f"config:{tmp_path / 'config'}", "--max_steps", "2"]
+        + ["--attn_implementation", "eager", "--finetuning_type", "qlora", "--output_dir", str(out)],
+    )
+    assert result.global_step == 2 and all(math.isfinite(loss) for loss in result.losses)
+    experts = [m.get_base_layer() for n, m in result.model.named_modules() if n.endswith(".experts")]
+    assert experts and all(is_4bit(e.gate_up_proj) and is_4bit(e.down_proj) for e in experts)
+    assert all(not is_4bit(e.gate_up_proj_bias) for e in experts)
+    assert any(".experts.gate_up_proj.lora_B" in n for n, _ in result.model.named_parameters())
+
+    trained = result.model.eval()
+    reloaded = PeftModel.from_pretrained(
+        from_pretrained(out / "base-model", device=trained.device), out / "adapter"
+    )
+    with torch.no_grad(), trained_precision(trained):
+        torch.testing.assert_close(reloaded(_ids()).logits, trained(_ids()).logits, rtol=0, atol=0)
+
+
 def test_experts_moefuse_cannot_take_are_refused_before_loading(tmp_path):
     _family_config("gpt_oss").save_pretrained(tmp_path / "config")
     argv = [
@@ -421,10 +448,6 @@ def test_experts_moefuse_cannot_take_are_refused_before_loading(tmp_path):
         "--output_dir",
         str(tmp_path / "o"),
     ]
-    with pytest.raises(
-        TrainConfigError, match=r"experts of model type 'gpt_oss' \(GptOssExperts\): they have biases"
-    ):
-        run_train(None, [*argv, "--attn_implementation", "eager", "--finetuning_type", "qlora"])
     with pytest.raises(
         TrainConfigError,
         match=r"so LoRA on gate_proj and up_proj apart cannot be placed; target gate_up_proj",

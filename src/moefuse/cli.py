@@ -84,8 +84,8 @@ def experts_plan_rows(
             else "composed: PyTorch ops between grouped GEMMs"
         )
         training = (
-            f"LoRA on gate_up_proj and down_proj, full fine-tuning ({how}); "
-            f"refused: QLoRA, gate_proj/up_proj apart, expert parallelism, as these experts {not_plain}"
+            f"LoRA and QLoRA on gate_up_proj and down_proj, full fine-tuning ({how}); "
+            f"refused: gate_proj/up_proj apart, expert parallelism, as these experts {not_plain}"
         )
     else:
         training = f"refused: these experts {no_lora} (experts_implementation: grouped_mm trains them)"

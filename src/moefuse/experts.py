@@ -59,7 +59,7 @@ def _contract_reason(experts: torch.nn.Module) -> str | None:
 
 def plain_refusal(experts: torch.nn.Module) -> str | None:
     """Why these experts are not plain gated experts (``act_fn(gate) * up`` on ``[gate; up]`` rows, no bias, no
-    post-expert norm), the structure the fused Triton kernels, 4-bit experts and expert parallelism take, or None."""
+    post-expert norm), the structure expert parallelism takes, or None."""
     reason = _contract_reason(experts)
     if reason is not None:
         return reason
@@ -110,13 +110,13 @@ def _refuse(experts: torch.nn.Module, reason: str, supported: str = "") -> Unsup
 
 def check_supported(experts: torch.nn.Module) -> None:
     """Raise :class:`UnsupportedExpertsError` naming the model family unless these are plain gated experts, the
-    structure moefuse's 4-bit experts and expert parallelism take."""
+    structure moefuse's expert parallelism takes."""
     reason = plain_refusal(experts)
     if reason is not None:
         raise _refuse(
             experts,
             reason,
-            "moefuse's 4-bit experts and expert parallelism take gated experts stored as gate_up_proj "
+            "moefuse's expert parallelism takes gated experts stored as gate_up_proj "
             f"[E, 2I, H] and down_proj [E, H, I] without bias (tested: {', '.join(SUPPORTED_FAMILIES)}). ",
         )
 

@@ -32,7 +32,6 @@ from ..experts import (
     EXPERTS_IMPLEMENTATION,
     UnsupportedExpertsError,
     check_lora_supported,
-    check_supported,
     experts_structure,
     gate_and_up_apart,
 )
@@ -130,9 +129,9 @@ def check_model_config(config: PretrainedConfig, args: MoefuseTrainArguments) ->
 
 
 def check_trainable(experts: nn.Module, args: MoefuseTrainArguments) -> None:
-    """Raise :class:`UnsupportedExpertsError` where moefuse cannot train these experts as ``args`` ask: QLoRA's
-    4-bit experts take plain gated experts; LoRA reaches any gating, biases and norms through gate_up_proj and
-    down_proj (gate_proj/up_proj apart need plain gating); full fine-tuning takes what moefuse computes."""
+    """Raise :class:`UnsupportedExpertsError` where moefuse cannot train these experts as ``args`` ask: LoRA, on
+    dense or 4-bit (QLoRA) stacks, reaches any gating, biases and norms through gate_up_proj and down_proj
+    (gate_proj/up_proj apart need plain gating); full fine-tuning takes what moefuse computes."""
     if (
         args.adapter_format is not None
         and resolve(args.adapter_format) != PEFT_LAYOUT
@@ -143,9 +142,7 @@ def check_trainable(experts: nn.Module, args: MoefuseTrainArguments) -> None:
             f"{type(experts).__name__} computes its own gate from the gate/up rows, in an order of its own "
             "(GPT-OSS interleaves them); write peft_target_parameters (vllm_3d)"
         )
-    if args.finetuning_type == "qlora":
-        check_supported(experts)
-    elif args.finetuning_type == "lora" and args.adapter_name_or_path is None:
+    if args.finetuning_type in ("lora", "qlora") and args.adapter_name_or_path is None:
         check_lora_supported(experts, [p for t in lora_targets(args) if (p := expert_projection(t))])
     else:  # an adapter's own targets are checked when PEFT injects it
         experts_structure(experts)
