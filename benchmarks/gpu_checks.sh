@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_checks.sh block OUT N    N runs of the MoE block, eager and compiled, moefuse and grouped_mm
 #   bash benchmarks/gpu_checks.sh families OUT N N runs of the MoE block of other families' published shapes
 #        (gpt-oss-20b: clamped SwiGLU, biases, interleaved rows; mixtral-8x7b, olmoe-1b-7b; moonlight-16b-a3b:
-#        DeepSeek-V3's routing and shared experts; qwen3.5-35b-a3b: a gated shared expert), moefuse and grouped_mm, eager
+#        DeepSeek-V3's routing and shared experts; qwen3.5-35b-a3b: a gated shared expert; gemma-4-26b-a4b: GeGLU
+#        experts, router and experts on the decoder layer), moefuse and grouped_mm, eager
 #   bash benchmarks/gpu_checks.sh train48 OUT NAME [moefuse train keys...]
 #        one 48-layer moefuse train run at Qwen3-30B-A3B dims (LoRA r16, packed 2048-token rows, checkpointing;
 #        the keys given are added, e.g. --per_device_train_batch_size 4 --experts_implementation grouped_mm);
@@ -51,7 +52,7 @@ block)
 families)
     runs=${3:-3}
     for _ in $(seq "$runs"); do
-        for config in gpt-oss-20b mixtral-8x7b olmoe-1b-7b moonlight-16b-a3b qwen3.5-35b-a3b; do
+        for config in gpt-oss-20b mixtral-8x7b olmoe-1b-7b moonlight-16b-a3b qwen3.5-35b-a3b gemma-4-26b-a4b; do
             python -m moefuse.cli bench --level block --config "$config" --tokens 4096,16384 --modes fwd+bwd \
                 --implementations moefuse,grouped_mm --quiet --output "$(next_run "block_$config")"
         done

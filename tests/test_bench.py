@@ -404,9 +404,26 @@ def test_tiny_block_of_another_family(tmp_path, one_thread, name, model_type):
     assert all(r["tflops"] > 0 and r["check"]["ok"] for r in result["rows"])
 
 
-def test_gemma4_runs_at_the_model_and_op_levels_and_the_block_level_says_why_not(tmp_path, one_thread):
-    """Gemma 4 names its top-k ``top_k_experts``, keeps its experts on the decoder layer and gives its
-    full-attention layers a wider head (``per_layer_config``): the model level counts each layer's own width."""
+def test_random_weights_keep_norms_and_scales_at_one():
+    """Gemma 4's router multiplies its input by ``scale`` and each expert's weight by ``per_expert_scale``: at 0 (a
+    bias's value) no token would reach an expert."""
+    from moefuse.bench.block import randomize_
+
+    gemma4 = pytest.importorskip("transformers.models.gemma4.modeling_gemma4")
+    config = gemma4.Gemma4TextConfig(num_experts=8, top_k_experts=2, hidden_size=64, enable_moe_block=True)
+    router = gemma4.Gemma4TextRouter(config)
+    torch.nn.init.zeros_(router.scale), torch.nn.init.zeros_(router.per_expert_scale)
+    randomize_(router, seed=0, std=0.02)
+    assert torch.equal(router.scale, torch.ones(64)) and torch.equal(router.per_expert_scale, torch.ones(8))
+    assert 0.01 < router.proj.weight.std().item() < 0.03
+    _, top_k_weights, _ = router(torch.randn(5, 64))
+    torch.testing.assert_close(top_k_weights.sum(-1), torch.ones(5))
+
+
+def test_gemma4_runs_at_every_level(tmp_path, one_thread):
+    """Gemma 4 names its top-k ``top_k_experts``, keeps its router and experts on the decoder layer (the block
+    level times the two together) and gives its full-attention layers a wider head (``per_layer_config``): the
+    model level counts each layer's own width."""
     gemma4 = pytest.importorskip("transformers.models.gemma4.configuration_gemma4")
     config = gemma4.Gemma4TextConfig(
         enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=64, hidden_size=128,
@@ -414,9 +431,7 @@ def test_gemma4_runs_at_the_model_and_op_levels_and_the_block_level_says_why_not
     )  # fmt: skip
     config.save_pretrained(tmp_path)
     argv = ["bench", *FAST, "--config", str(tmp_path), "--tokens", "16", "--modes", "fwd+bwd"]
-    with pytest.raises(SystemExit, match="keeps its experts on the decoder layer .Gemma4TextDecoderLayer."):
-        main([*argv, "--level", "block", "--output", str(tmp_path / "block.json")])
-    for level, options in (("op", []), ("model", ["--layers", "2", "--setups", "lora"])):
+    for level, options in (("op", []), ("block", []), ("model", ["--layers", "2", "--setups", "lora"])):
         out = tmp_path / f"{level}.json"
         assert main([*argv, "--level", level, *options, "--output", str(out)]) == 0
         rows = json.loads(out.read_text())["rows"]

@@ -27,8 +27,9 @@ def unsupported(implementation: Implementation) -> str | None:
 
 
 def randomize_(module: torch.nn.Module, seed: int, std: float) -> None:
-    """Deterministic random weights from ``seed``: matrices N(0, std), norm weights 1, biases 0 (as the models
-    initialise them, so activations keep their scale through the layers and routing spreads over experts)."""
+    """Deterministic random weights from ``seed``: matrices N(0, std), norm weights and scales 1 (Gemma 4's router
+    scales its input and each expert's weight), biases 0, as the models initialise them, so activations keep
+    their scale through the layers and routing spreads over experts."""
     generator = None
     with torch.no_grad():
         for name, param in module.named_parameters():
@@ -37,20 +38,44 @@ def randomize_(module: torch.nn.Module, seed: int, std: float) -> None:
             if param.dim() >= 2:
                 param.normal_(0.0, std, generator=generator)
             else:
-                param.fill_(1.0 if "norm" in name else 0.0)
+                param.fill_(1.0 if "norm" in name or name.rsplit(".", 1)[-1].endswith("scale") else 0.0)
+
+
+class LayerRoutedExperts(torch.nn.Module):
+    """The router and experts of a decoder layer that holds them itself (Gemma 4's, beside a dense MLP) as one
+    block: the layer's own ``experts(x, top_k_index, top_k_weights)`` on what its ``router(x)`` returns
+    (Transformers' routers return ``(scores, top_k_weights, top_k_index)``). The layer's norms around the experts
+    are left out, as the FLOP count leaves out elementwise work."""
+
+    def __init__(self, router: torch.nn.Module, experts: torch.nn.Module):
+        super().__init__()
+        self.router, self.experts = router, experts
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        _, top_k_weights, top_k_index = self.router(flat)
+        return self.experts(flat, top_k_index, top_k_weights).reshape(hidden_states.shape)
+
+
+def _build_block(ctx: BenchContext) -> torch.nn.Module:
+    block_class = ctx.shape.block_class
+    if not (isinstance(block_class, type) and issubclass(block_class, GradientCheckpointingLayer)):
+        return block_class(ctx.config)
+    layer = block_class(ctx.config, 0)  # decoder layers take their index; the first holds experts too
+    if not isinstance(getattr(layer, "router", None), torch.nn.Module):
+        raise SystemExit(
+            f"moefuse bench: model type '{ctx.config.model_type}' keeps its experts on the decoder layer "
+            f"({block_class.__name__}) without a router module beside them, so the block level cannot time them "
+            "apart; use --level op (the experts) or --level model"
+        )
+    return LayerRoutedExperts(layer.router, layer.experts)
 
 
 def random_block(ctx: BenchContext) -> torch.nn.Module:
-    """The config's MoE block on the device, in ``ctx.dtype``, with random weights from ``ctx.seed``."""
-    block_class = ctx.shape.block_class
-    if isinstance(block_class, type) and issubclass(block_class, GradientCheckpointingLayer):
-        raise SystemExit(
-            f"moefuse bench: model type '{ctx.config.model_type}' keeps its experts on the decoder layer "
-            f"({block_class.__name__}), not in an MoE block of their own, so the block level cannot time them "
-            "apart; use --level op (the experts) or --level model"
-        )
+    """The config's MoE block (router + experts) on the device, in ``ctx.dtype``, with random weights from
+    ``ctx.seed``."""
     with torch.device(ctx.device):
-        block = ctx.shape.block_class(ctx.config)
+        block = _build_block(ctx)
     block.to(ctx.dtype)
     randomize_(block, ctx.seed, getattr(ctx.config, "initializer_range", 0.02))
     return block
