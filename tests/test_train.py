@@ -17,6 +17,7 @@ from transformers import LlamaConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM
 import moefuse
 from conftest import current_orientation, tiny_config, trained_precision
 from moefuse import cli
+from moefuse.bench import configs as bench_configs
 from moefuse.bench.provenance import source_provenance
 from moefuse.convert.checkpoint import CheckpointError
 from moefuse.convert.lora import adapter_layout, convert_lora
@@ -379,6 +380,39 @@ def test_every_family_with_plain_gated_experts_trains_lora_on_moefuse(tmp_path, 
             m.get_base_layer().down_proj for n, m in result.model.named_modules() if n.endswith(".experts")
         ]
         assert stacks and all(is_4bit(stack) for stack in stacks)
+
+
+@pytest.mark.parametrize("name", sorted(bench_configs.BUILTIN_CONFIGS))
+def test_every_builtin_config_trains_at_tiny_dims(tmp_path, name):
+    """Each built-in config (``moefuse bench --config``'s names: Qwen3-MoE, Mixtral, OLMoE, GPT-OSS, DeepSeek-V3's
+    latent attention and expert groups, Moonlight, Qwen3.5-MoE's linear attention, Gemma 4) at the sizes of
+    ``tiny_config`` and two layers (DeepSeek-V3's: its dense first layers and one MoE layer): one LoRA step of
+    moefuse train."""
+    _, config = bench_configs.load_config(name)
+    layers = max(
+        2, (getattr(config, "first_k_dense_replace", None) or 0) + 1
+    )  # DeepSeek-V3's first are dense
+    bench_configs.with_layers(bench_configs.tiny_config(config), layers).save_pretrained(tmp_path / "config")
+    attention = (
+        ["--attn_implementation", "eager"] if config.model_type == "gpt_oss" else []
+    )  # sinks: eager only
+    result = run_train(
+        None,
+        ["--max_samples", "8", "--model_name_or_path", f"config:{tmp_path / 'config'}", "--max_steps", "1"]
+        + [
+            "--logging_steps",
+            "1",
+            "--save_strategy",
+            "no",
+            *attention,
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
+    )
+    assert result.global_step == 1 and all(math.isfinite(loss) for loss in result.losses)
+    assert any(
+        ".experts." in n and "lora_" in n for n, p in result.model.named_parameters() if p.requires_grad
+    )
 
 
 def test_gpt_oss_experts_train_lora_on_gate_up_proj(tmp_path):

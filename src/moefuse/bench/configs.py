@@ -288,10 +288,10 @@ def with_layers(config: PretrainedConfig, num_layers: int) -> PretrainedConfig:
 def tiny_config(config: PretrainedConfig) -> PretrainedConfig:
     """The same family and structure at toy sizes (for CPU runs and CI): at most 8 experts, top-2."""
     fields = config.to_dict()
+    heads, kv_heads = fields.get("num_attention_heads"), fields.get("num_key_value_heads")
     for key, value in _TINY_FIELDS.items():
         if key in fields:
             fields[key] = value
-    heads, kv_heads = fields.get("num_attention_heads"), fields.get("num_key_value_heads")
     if kv_heads is not None and heads is not None:
         fields["num_key_value_heads"] = fields["num_attention_heads"] if kv_heads == heads else 2
     # Where experts are sized by intermediate_size (Mixtral, OLMoE) it is their width; otherwise the dense MLP's.
@@ -303,6 +303,12 @@ def tiny_config(config: PretrainedConfig) -> PretrainedConfig:
     for key in _TOP_K_FIELDS:
         if fields.get(key):
             fields[key] = min(fields[key], 2)
+    if "qk_rope_head_dim" in fields:  # DeepSeek-V3's latent attention: its head_dim is the rotary part's
+        fields.update(
+            qk_rope_head_dim=8, qk_nope_head_dim=8, qk_head_dim=16, v_head_dim=16, kv_lora_rank=16, head_dim=8
+        )
+        if fields.get("q_lora_rank"):
+            fields["q_lora_rank"] = 32
     if (fields.get("n_group") or 1) > 1:  # DeepSeek-V3's expert groups: two of four experts, one group picked
         fields["n_group"], fields["topk_group"] = 2, 1
     if isinstance(fields.get("layer_types"), list):
