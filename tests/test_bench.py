@@ -420,6 +420,29 @@ def test_random_weights_keep_norms_and_scales_at_one():
     torch.testing.assert_close(top_k_weights.sum(-1), torch.ones(5))
 
 
+def test_block_level_refuses_a_decoder_layer_without_router_and_experts():
+    from types import SimpleNamespace
+
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from moefuse.bench.block import random_block
+
+    class DenseLayer(GradientCheckpointingLayer):
+        def __init__(self, config, layer_idx):
+            super().__init__()
+            self.mlp = torch.nn.Linear(4, 4)
+
+    ctx = SimpleNamespace(
+        shape=SimpleNamespace(block_class=DenseLayer),
+        config=SimpleNamespace(model_type="toy"),
+        device="cpu",
+    )
+    with pytest.raises(
+        SystemExit, match=r"model type 'toy' keeps its experts on the decoder layer \(DenseLayer\)"
+    ):
+        random_block(ctx)
+
+
 def test_gemma4_runs_at_every_level(tmp_path, one_thread):
     """Gemma 4 names its top-k ``top_k_experts``, keeps its router and experts on the decoder layer (the block
     level times the two together) and gives its full-attention layers a wider head (``per_layer_config``): the

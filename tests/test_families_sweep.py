@@ -27,7 +27,8 @@ from moefuse.experts import check_lora_supported, experts_structure, lora_refusa
 from moefuse.ops.backend import use_backend
 from moefuse.ops.gating import SWIGLU, Gating, gating_of
 from moefuse.ops.lora import ExpertsLora, LoraWeights
-from moefuse.quant import ExpertWeights4bit
+from moefuse.quant import quantize_experts
+from moefuse.quant.model import PROJECTIONS
 
 TOY = {"experts": 4, "hidden": 16, "intermediate": 8}
 TOP_K = 2
@@ -303,10 +304,10 @@ def _quantized(experts: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Modu
     """``experts`` with 4-bit gate_up_proj and down_proj stacks (frozen, as QLoRA holds them), and a copy holding
     their dequantized values as dense stacks."""
     dense = copy.deepcopy(experts)
-    for name in ("gate_up_proj", "down_proj"):
-        quantized = ExpertWeights4bit.quantize(getattr(experts, name).detach(), "nf4", 64, False)
-        setattr(experts, name, torch.nn.Parameter(quantized, requires_grad=False))
-        setattr(dense, name, torch.nn.Parameter(quantized.dequantize(), requires_grad=False))
+    experts.config._experts_implementation = moefuse.EXPERTS_IMPLEMENTATION
+    quantize_experts(experts, progress=False)  # QLoRA's defaults: NF4, nested statistics
+    for name in PROJECTIONS:
+        setattr(dense, name, torch.nn.Parameter(getattr(experts, name).dequantize(), requires_grad=False))
     return experts, dense
 
 

@@ -61,12 +61,12 @@ def _build_block(ctx: BenchContext) -> torch.nn.Module:
     block_class = ctx.shape.block_class
     if not (isinstance(block_class, type) and issubclass(block_class, GradientCheckpointingLayer)):
         return block_class(ctx.config)
-    layer = block_class(ctx.config, 0)  # decoder layers take their index; the first holds experts too
-    if not isinstance(getattr(layer, "router", None), torch.nn.Module):
+    layer = block_class(ctx.config, 0)  # decoder layers take their index
+    if not all(isinstance(getattr(layer, name, None), torch.nn.Module) for name in ("router", "experts")):
         raise SystemExit(
             f"moefuse bench: model type '{ctx.config.model_type}' keeps its experts on the decoder layer "
-            f"({block_class.__name__}) without a router module beside them, so the block level cannot time them "
-            "apart; use --level op (the experts) or --level model"
+            f"({block_class.__name__}) without a router module beside them in its first layer, so the block "
+            "level cannot time them apart; use --level op (the experts) or --level model"
         )
     return LayerRoutedExperts(layer.router, layer.experts)
 
