@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 import moefuse
@@ -15,7 +16,13 @@ from conftest import randomize_, tiny_config
 from moefuse.lora.linear import LoraLinear, use_fused_lora_linear
 from moefuse.ops.backend import use_backend
 from moefuse.ops.gating import SWIGLU, Gating
-from moefuse.ops.moe_triton import _experts_backward_op, _experts_op, _saved_present
+from moefuse.ops.moe_triton import (
+    _EagerExperts,
+    _experts_backward_op,
+    _experts_op,
+    _operator_out,
+    _saved_present,
+)
 
 pytestmark = pytest.mark.interpreter  # the operators run the Triton kernels (interpreted on the CPU)
 
@@ -261,25 +268,53 @@ def test_composed_experts_on_triton_run_eagerly_with_their_reason():
     torch.testing.assert_close(torch.compile(experts, backend="eager")(x), experts(x))
 
 
-def test_the_operators_backward_builds_no_gradient_for_its_saved_outputs():
-    """The routing and saved tensors leave the forward operator only to reach the backward: autograd must not
-    materialise a zero gradient of each one's size (a memset of the [rows, 2I] activations per layer)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+class _Calls(TorchDispatchMode):
+    """The names of the operators dispatched inside it."""
 
-    class Calls(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names: list[str] = []
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.__name__)
-            return func(*args, **(kwargs or {}))
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
 
+
+@pytest.mark.parametrize("experts", [_operator_out, _EagerExperts.apply], ids=["operator", "eager"])
+def test_the_backward_builds_no_gradient_for_the_saved_outputs(experts):
+    """The routing and saved tensors leave the forward only to reach the backward: autograd must not materialise a
+    zero gradient of each one's size (a memset of the [rows, 2I] activations per layer), through the operator (they
+    are its outputs, marked as taking none) or through the eager autograd function (they stay on its context)."""
     args = _operator_args(lora=True, trained=True)
-    outputs = _experts_op(*args)
-    assert all(not o.requires_grad for o in outputs[1:]) and outputs[0].requires_grad
-    with Calls() as calls:
-        outputs[0].sum().backward()
-    assert "experts_backward.default" in calls.names
+    if experts is _operator_out:
+        outputs = _experts_op(*args)
+        assert all(not o.requires_grad for o in outputs[1:])
+    out = experts(*args)
+    assert out.requires_grad
+    with _Calls() as calls:
+        out.sum().backward()
+    assert ("experts_backward.default" in calls.names) == (experts is _operator_out)
     assert not [name for name in calls.names if name.startswith(("zeros", "zeros_like", "fill"))], calls.names
     assert all(t.grad is not None for t in (args[0], args[1], args[2], args[4], *args[5:11]))
+
+
+@pytest.mark.parametrize(
+    "lora,together,biases", [(True, False, False), (True, True, False), (False, False, True)]
+)
+def test_eager_experts_call_the_operators_functions_without_their_dispatch(lora, together, biases):
+    """Eager ``fused_experts`` runs the operators' forward and backward directly (their dispatch is host work on
+    every layer of every step) with the operator's output and gradients, bit for bit."""
+
+    def output_and_grads(experts) -> list[torch.Tensor]:
+        args = _operator_args(lora=lora, trained=True, together=together, biases=biases)
+        leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        out = experts(*args)
+        out.square().sum().backward()
+        return [out.detach(), *(t.grad for t in leaves)]
+
+    for got, want in zip(output_and_grads(_EagerExperts.apply), output_and_grads(_operator_out), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    x, gate_up, down, index, weights = _operator_args(lora=False, trained=True)[:5]
+    with _Calls() as calls:
+        moefuse.fused_experts(x, gate_up, down, index, weights).sum().backward()
+    assert not [name for name in calls.names if name.startswith("experts")], calls.names

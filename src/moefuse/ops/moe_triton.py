@@ -22,7 +22,8 @@ products run on ``torch.nn.functional.grouped_mm`` (CUTLASS) instead of the Trit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -402,7 +403,8 @@ def _factor_tensors(adapter: ExpertsLora | None) -> tuple[torch.Tensor | None, .
 
 # The dense experts as PyTorch custom operators: torch.compile keeps them whole in its graphs (no graph break)
 # and never traces into the kernels' launches; CUDA graphs can capture them, as they never sync with the host.
-# The forward returns the routing and what the backward needs, so the backward is an operator of its own.
+# The forward returns the routing and what the backward needs, so the backward is an operator of its own. Eager
+# calls take the same two functions through an autograd function (_EagerExperts), without the operators' dispatch.
 _FORWARD_OUTPUTS = ("out", "m_sizes", "sorted_slots", "token_index", "inverse", "offsets", *Saved._fields)
 _GRADIENTS = (
     "hidden_states",
@@ -415,8 +417,9 @@ _GRADIENTS = (
 )
 
 
+@functools.lru_cache(maxsize=64)  # built on every call from a handful of distinct argument sets
 def _fused_plan(
-    gating: Sequence,
+    gating: tuple,
     lora_dropout: float,
     prescaled_h: bool,
     combine_on_grouped_mm: bool = False,
@@ -460,17 +463,17 @@ def _empty_if_none(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0) if t is None else t
 
 
-@torch.library.custom_op(
-    "moefuse::experts",
-    mutates_args=(),
-    schema="(Tensor hidden_states, Tensor gate_up_proj, Tensor down_proj, Tensor top_k_index, "
+_EXPERTS_SCHEMA = (
+    "(Tensor hidden_states, Tensor gate_up_proj, Tensor down_proj, Tensor top_k_index, "
     "Tensor top_k_weights, Tensor? gate_a, Tensor? gate_b, Tensor? up_a, Tensor? up_b, Tensor? down_a, "
     "Tensor? down_b, Tensor? gate_up_bias, Tensor? down_bias, float[] scalings, str activation, float alpha, "
     "float limit, float up_shift, bool interleaved, float lora_dropout, bool store_gate_up, bool prescaled_h, "
     "bool combine_on_grouped_mm, bool input_grad_on_grouped_mm, bool weight_grad_on_grouped_mm) "
-    f"-> ({', '.join(['Tensor'] * len(_FORWARD_OUTPUTS))})",
+    f"-> ({', '.join(['Tensor'] * len(_FORWARD_OUTPUTS))})"
 )
-def _experts_op(
+
+
+def _experts_forward_parts(
     hidden_states: torch.Tensor,
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
@@ -496,9 +499,9 @@ def _experts_op(
     combine_on_grouped_mm: bool,
     input_grad_on_grouped_mm: bool,
     weight_grad_on_grouped_mm: bool,
-) -> tuple[torch.Tensor, ...]:
-    """The fused experts' forward (:func:`experts_forward`): ``(out, routing tensors, Saved)``, an empty tensor
-    for each ``Saved`` field that is ``None``."""
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], Saved]:
+    """The fused experts' forward (:func:`experts_forward`) on the operator's arguments: ``(out, routing tensors,
+    Saved)``."""
     routing = route(top_k_index, gate_up_proj.shape[0], on_triton=True)
     adapter = _adapter((gate_a, gate_b, up_a, up_b, down_a, down_b), scalings, gate_up_proj.shape[1])
     gating = (activation, alpha, limit, up_shift, interleaved)
@@ -522,6 +525,14 @@ def _experts_op(
         routing.inverse,
         routing.offsets,
     )
+    return out, routing_tensors, saved
+
+
+@torch.library.custom_op("moefuse::experts", mutates_args=(), schema=_EXPERTS_SCHEMA)
+def _experts_op(*args) -> tuple[torch.Tensor, ...]:
+    """:func:`_experts_forward_parts` as one tuple of tensors: an empty one for each ``Saved`` field that is
+    ``None``."""
+    out, routing_tensors, saved = _experts_forward_parts(*args)
     return (out, *routing_tensors, *(_empty_if_none(t, out) for t in saved))
 
 
@@ -567,18 +578,18 @@ def _(
     )
 
 
-@torch.library.custom_op(
-    "moefuse::experts_backward",
-    mutates_args=(),
-    schema="(Tensor grad_out, Tensor hidden_states, Tensor gate_up_proj, Tensor down_proj, Tensor? down_bias, "
+_EXPERTS_BACKWARD_SCHEMA = (
+    "(Tensor grad_out, Tensor hidden_states, Tensor gate_up_proj, Tensor down_proj, Tensor? down_bias, "
     "Tensor m_sizes, "
     "Tensor sorted_slots, Tensor token_index, Tensor inverse, Tensor offsets, int top_k, Tensor?[] saved, int[] ranks, "
     "bool stacked_gate_up, float[] scalings, ScalarType factor_dtype, ScalarType weights_dtype, bool[] needs, "
     "str activation, float alpha, float limit, float up_shift, bool interleaved, float lora_dropout, "
     "bool prescaled_h, bool input_grad_on_grouped_mm, bool weight_grad_on_grouped_mm) "
-    f"-> ({', '.join(['Tensor'] * len(_GRADIENTS))})",
+    f"-> ({', '.join(['Tensor'] * len(_GRADIENTS))})"
 )
-def _experts_backward_op(
+
+
+def _experts_backward_parts(
     grad_out: torch.Tensor,
     hidden_states: torch.Tensor,
     gate_up_proj: torch.Tensor,
@@ -606,9 +617,9 @@ def _experts_backward_op(
     prescaled_h: bool,
     input_grad_on_grouped_mm: bool,
     weight_grad_on_grouped_mm: bool,
-) -> tuple[torch.Tensor, ...]:
-    """The fused experts' backward (:func:`experts_backward`): one gradient per differentiable input, an empty
-    tensor where ``needs`` asks none."""
+) -> list[torch.Tensor | None]:
+    """The fused experts' backward (:func:`experts_backward`) on the operator's arguments: one gradient per
+    differentiable input, ``None`` where ``needs`` asks none."""
     routing = ExpertRouting(m_sizes, sorted_slots, token_index, inverse, top_k, offsets, on_triton=True)
     plan = _fused_plan(
         (activation, alpha, limit, up_shift, interleaved), lora_dropout, prescaled_h,
@@ -627,7 +638,14 @@ def _experts_backward_op(
         plan,
         down_bias,
     )
-    return tuple(_empty_if_none(g, grad_out) for g in grads)
+    return grads
+
+
+@torch.library.custom_op("moefuse::experts_backward", mutates_args=(), schema=_EXPERTS_BACKWARD_SCHEMA)
+def _experts_backward_op(*args) -> tuple[torch.Tensor, ...]:
+    """:func:`_experts_backward_parts` as one tuple of tensors: an empty one where ``needs`` asks none."""
+    grad_out = args[0]
+    return tuple(_empty_if_none(g, grad_out) for g in _experts_backward_parts(*args))
 
 
 @_experts_backward_op.register_fake
@@ -682,15 +700,13 @@ def _saved_present(ranks: Sequence[int], lora_dropout: float, store_gate_up: boo
     )
 
 
-def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
+def _save_context(ctx, inputs: tuple, routing_and_saved: Sequence[torch.Tensor | None]) -> None:
+    """Keep what :func:`_backward` reads: the inputs it needs, the routing and saved tensors, the choices."""
     hidden_states, gate_up_proj, down_proj, _, top_k_weights, *factors, _, down_bias = inputs[:13]
     scalings, *gating, lora_dropout, store_gate_up, prescaled_h, _, input_grad_choice, weight_grad_choice = (
         inputs[13:]
     )
-    ctx.save_for_backward(hidden_states, gate_up_proj, down_proj, down_bias, *output[1:])
-    # The routing and saved tensors are outputs only to reach the backward: autograd would otherwise build a zero
-    # gradient of each one's size in every backward (``out`` alone takes a gradient, so it is never None).
-    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(hidden_states, gate_up_proj, down_proj, down_bias, *routing_and_saved)
     ctx.set_materialize_grads(False)
     ctx.top_k = inputs[3].shape[-1]
     present = [f.dtype for f in factors if f is not None]
@@ -703,13 +719,22 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     ctx.choices = (*gating, lora_dropout, prescaled_h, input_grad_choice, weight_grad_choice)
 
 
-def _backward(ctx, grad_out: torch.Tensor, *_: torch.Tensor) -> tuple:
+def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    _save_context(ctx, inputs, output[1:])
+    # The routing and saved tensors are outputs only to reach the backward: autograd would otherwise build a zero
+    # gradient of each one's size in every backward (``out`` alone takes a gradient, so it is never None).
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, grad_out: torch.Tensor, backward: Callable[..., Sequence] = _experts_backward_op) -> tuple:
+    """The gradients of the forward's inputs; ``backward`` computes them (the operator, or
+    :func:`_experts_backward_parts` called directly)."""
     hidden_states, gate_up_proj, down_proj, down_bias, *routing_and_saved = ctx.saved_tensors
     routing_tensors, saved = routing_and_saved[:5], routing_and_saved[5:]
     saved = [t if present else None for t, present in zip(saved, ctx.present, strict=True)]
     n = ctx.needs_input_grad
     needs = [n[0], n[1], n[2], n[4], *n[5:13]]  # top_k_index (input 3) takes no gradient
-    grads = _experts_backward_op(
+    grads = backward(
         grad_out,
         hidden_states,
         gate_up_proj,
@@ -730,7 +755,32 @@ def _backward(ctx, grad_out: torch.Tensor, *_: torch.Tensor) -> tuple:
     return (*grads[:3], None, grads[3], *grads[4:], *([None] * 12))
 
 
-_experts_op.register_autograd(_backward, setup_context=_setup_context)
+_experts_op.register_autograd(
+    lambda ctx, grad_out, *_: _backward(ctx, grad_out), setup_context=_setup_context
+)
+
+
+class _EagerExperts(torch.autograd.Function):
+    """The operators' forward and backward, called directly: what eager runs, with the operator's arguments and
+    ``out`` alone as its output (the routing and saved tensors stay on ``ctx``). A custom operator's call passes
+    PyTorch's dispatcher and its Python autograd wrapper (which rebuilds the schema's argument list once per
+    argument), and each of its outputs is one more for autograd: host work repeated for every layer of every
+    step. Compiled graphs keep the operators."""
+
+    @staticmethod
+    def forward(ctx, *inputs) -> torch.Tensor:
+        out, routing_tensors, saved = _experts_forward_parts(*inputs)
+        _save_context(ctx, inputs, (*routing_tensors, *saved))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple:
+        return _backward(ctx, grad_out, _experts_backward_parts)
+
+
+def _operator_out(*args) -> torch.Tensor:
+    """``out`` of the ``moefuse::experts`` operator (what compiled graphs call)."""
+    return _experts_op(*args)[0]
 
 
 class _Experts4bit(torch.autograd.Function):
@@ -832,8 +882,8 @@ def triton_fused_experts(
     down_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gated experts (``plan.gating``, biases optional) with at most one LoRA adapter on the Triton kernels, as
-    ``plan`` (fused) says: the ``moefuse::experts`` operator for dense weights, an eager autograd function for 4-bit
-    ones."""
+    ``plan`` (fused) says. Dense weights: the ``moefuse::experts`` operator under torch.compile, its implementation
+    through an autograd function in eager; 4-bit ones: an eager autograd function."""
     adapter = lora[0] if lora else None
     factors = _factor_tensors(adapter)
     inputs = (hidden_states, gate_up_proj, down_proj, top_k_weights, gate_up_bias, down_bias, *factors)
@@ -852,7 +902,8 @@ def triton_fused_experts(
             down_bias,
         )
     gating = plan.gating
-    outputs = _experts_op(
+    experts = _operator_out if torch.compiler.is_compiling() else _EagerExperts.apply
+    return experts(
         hidden_states,
         gate_up_proj,
         down_proj,
@@ -874,4 +925,3 @@ def triton_fused_experts(
         plan.input_grad_on_grouped_mm,
         plan.weight_grad_on_grouped_mm,
     )
-    return outputs[0]
