@@ -17,7 +17,7 @@ from transformers.trainer_pt_utils import LayerWiseDummyOptimizer
 from moefuse.train import TrainConfigError, run_train
 from moefuse.train import trainer as trainer_module
 from moefuse.train.callbacks import FlopsModel, TritonCompiles, busy_seconds, kernel_table
-from moefuse.train.run import SUMMARY_FILE
+from moefuse.train.run import SUMMARY_FILE, _throughput_lines
 from moefuse.train.trainer import MoefuseSFTTrainer, packed_causal_mask, packed_sequence_index
 
 FEW_ROWS = ["--max_samples", "48", "--save_steps", "1000"]
@@ -145,6 +145,7 @@ def test_cpu_summary_reports_what_it_measured_and_why_not_the_rest(tmp_path, cap
     assert "CPU" in totals["gpu_busy"]["not_measured"] and "CPU" in totals["memory"]["not_measured"]
     assert totals["flops_per_token"]["model"] > 0 and totals["flops_per_token"]["recompute"] == 0
     assert totals["triton_compiles"]["compiles"] == 0  # the interpreter compiles nothing
+    assert steady["triton_compile_seconds"] == 0
     logs = totals["by_log"]
     assert [log["step"] for log in logs] == [2, 4, 6] and sum(log["tokens"] for log in logs) == totals[
         "tokens"
@@ -184,6 +185,35 @@ def test_triton_compiles_are_counted_by_step_and_the_hooks_put_back(monkeypatch)
     record = compiles.record()
     assert record["compiles"] == 3 and [e["step"] for e in record["by_step"]] == [0, 7]
     assert [e["compiles"] for e in record["by_step"]] == [1, 2] and record["seconds"] >= 0
+
+
+def test_compile_seconds_within_the_steady_window_leave_out_the_profiled_steps():
+    compiles = TritonCompiles()
+    compiles.by_step = {1: [80, 30.0], 6: [2, 1.5], 7: [1, 0.25], 23: [14, 12.0]}
+    assert compiles.seconds_within(6) == pytest.approx(13.75)
+    assert compiles.seconds_within(6, range(6, 8)) == pytest.approx(12.0)
+    assert compiles.seconds_within(24) == 0
+
+
+def test_the_summary_says_what_compiles_and_allocator_retries_cost():
+    steady = {"tokens_per_second": 714.0, "from_step": 5, "seconds": 61.1, "triton_compile_seconds": 12.0}
+    memory = {"peak_allocated_gib": 18.2, "peak_reserved_gib": 18.9, "alloc_retries": 42}
+    text = "\n".join(
+        _throughput_lines({"tokens_per_second": 456.0, "tokens": 1, "after_warmup": steady, "memory": memory})
+    )
+    assert "12.0 s went to Triton compiles" in text and "42 allocations retried" in text
+    quiet = {**steady, "triton_compile_seconds": 0.0}
+    text = "\n".join(
+        _throughput_lines(
+            {
+                "tokens_per_second": 1.0,
+                "tokens": 1,
+                "after_warmup": quiet,
+                "memory": {**memory, "alloc_retries": 0},
+            }
+        )
+    )
+    assert "Triton compiles" not in text and "retried" not in text
 
 
 def test_throughput_warmup_steps_moves_the_steady_window(tmp_path):

@@ -215,6 +215,10 @@ class TritonCompiles:
         if self._saved[1] is not None:
             self._saved[1](**kwargs)
 
+    def seconds_within(self, first: int, leave_out: range = range(0)) -> float:
+        """The compiles' seconds in steps ``first`` on, those in ``leave_out`` left out."""
+        return sum(s for step, (_, s) in self.by_step.items() if step >= first and step not in leave_out)
+
     def record(self) -> dict:
         """``{"compiles", "seconds", "by_step": [{"step", "compiles", "seconds"}, ...]}`` (step 0: before the
         first step)."""
@@ -232,10 +236,12 @@ class ThroughputCallback(TrainerCallback):
     """Adds ``tokens_per_second`` and (when the device's peak is known) ``mfu`` and ``hfu`` to each training log,
     measured on this process since the previous log. :attr:`totals` holds the whole run's figures; under
     ``"after_warmup"`` those from the first log at or after ``warmup_steps`` (default: the first log) to the end,
-    less the profiled steps (the steady state: Triton compiles and tunes its kernels in the first steps);
+    less the profiled steps (the steady state: Triton compiles and tunes its kernels in the first steps; the
+    seconds of compiles that still fell in it, for a batch shape first met there, are given apart);
     ``gpu_busy`` (CUDA): the device's busy time over the wall time of ``gpu_busy_steps`` steps profiled with
     ``torch.profiler`` right after the warm-up (kernels, copies and fills; overlapping ones counted once);
-    ``memory``: CUDA's peak allocated and reserved memory over the training; ``triton_compiles``: Triton's kernel
+    ``memory``: CUDA's peak allocated and reserved memory over the training, and the allocations retried after
+    freeing the cache (under a memory cap, each costs device syncs); ``triton_compiles``: Triton's kernel
     compiles by step (:class:`TritonCompiles`); ``by_log``: each log's step, seconds, tokens and figures (the
     profiled steps included), to tell a slow stretch of the run from a slow run.
 
@@ -389,17 +395,25 @@ class ThroughputCallback(TrainerCallback):
                 a - b for a, b in zip((seconds, tokens, squares), self._profiled, strict=True)
             )
             if tokens > 0:
+                from_step = self._steady_step(state)
+                first, last = self._gpu_busy["steps"] if self._gpu_busy else (0, -1)
                 self.totals["after_warmup"] = {
-                    "from_step": self._steady_step(state),
+                    "from_step": from_step,
                     "tokens": tokens,
                     "seconds": seconds,
                     **self._figures(seconds, tokens, squares),
+                    # A compile in the window (a new batch shape tuned) is part of its seconds; shown apart.
+                    "triton_compile_seconds": round(
+                        self.compiles.seconds_within((from_step or 0) + 1, range(first, last + 1)), 3
+                    ),
                 }
         self.totals["gpu_busy"] = self._gpu_busy or {"not_measured": self._why_no_gpu_busy(args)}
         if args.device.type == "cuda":
             self.totals["memory"] = {
                 "peak_allocated_gib": torch.cuda.max_memory_allocated(args.device) / GIB,
                 "peak_reserved_gib": torch.cuda.max_memory_reserved(args.device) / GIB,
+                # Allocations that failed, freed the cache and retried: a process near its cap pays device syncs
+                "alloc_retries": torch.cuda.memory_stats(args.device).get("num_alloc_retries", 0),
             }
         else:
             self.totals["memory"] = {"not_measured": "a CPU run: PyTorch tracks peak memory on GPUs"}

@@ -372,6 +372,11 @@ def _throughput_lines(t: dict) -> list[str]:
             f"             {steady['tokens_per_second']:.0f} tokens/s after warm-up{_utilisation(steady)} (from "
             f"the log at step {steady['from_step']}, profiled steps left out: kernels compile and tune first)"
         )
+        if steady.get("triton_compile_seconds"):
+            lines.append(
+                f"             of its {steady['seconds']:.1f} s, {steady['triton_compile_seconds']:.1f} s went to "
+                "Triton compiles (a batch shape met for the first time)"
+            )
     busy = t.get("gpu_busy", {})
     if "fraction" in busy:
         first, last = busy["steps"]
@@ -395,6 +400,10 @@ def _throughput_lines(t: dict) -> list[str]:
             f"  memory     peak {memory['peak_allocated_gib']:.2f} GiB allocated, "
             f"{memory['peak_reserved_gib']:.2f} GiB reserved (PyTorch's allocator, during training)"
         )
+        if memory.get("alloc_retries"):
+            lines.append(
+                f"             {memory['alloc_retries']} allocations retried after freeing the cache (near the cap)"
+            )
     return lines
 
 
