@@ -339,6 +339,38 @@ def test_lora_dtype_model_trains_the_adapter_in_the_weights_dtype(tmp_path, expe
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
 
 
+def test_fused_rope_applies_through_training_only_and_keeps_the_losses(tmp_path, monkeypatch):
+    """``--fused_rope true`` sends Qwen3-MoE's rotary embeddings through moefuse's function while training (on this
+    CPU's PyTorch path: Transformers' formula, so the losses are the same to the bit), and puts the modeling
+    code's own back afterwards."""
+    import sys
+
+    from transformers.models.qwen3_moe import modeling_qwen3_moe
+
+    from moefuse.ops import rope
+
+    own = modeling_qwen3_moe.apply_rotary_pos_emb
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return rope.rope_reference(*args, **kwargs)
+
+    monkeypatch.setattr(rope, "apply_rotary_pos_emb", counted)
+    runs = {}
+    for on in ("false", "true"):
+        runs[on] = run_train(
+            None,
+            [*FEW_ROWS, "--max_steps", "3", "--logging_steps", "1", "--fused_rope", on]
+            + ["--output_dir", str(tmp_path / on)],
+        )
+        assert bool(calls) == (on == "true")
+    assert runs["true"].losses == runs["false"].losses
+    assert sys.modules[own.__module__].apply_rotary_pos_emb is own
+    summary = json.loads((runs["true"].output_dir / SUMMARY_FILE).read_text())
+    assert summary["setup"]["fused_rope"] is True
+
+
 def _family_config(family: str):
     """A tiny config of ``family`` that the built-in tokenizer's 512 words fit."""
     config = tiny_config(family, num_experts=8)

@@ -90,6 +90,14 @@ class MoefuseTrainArguments:
             "false: the norm modules' own forward"
         },
     )
+    fused_rope: bool = field(
+        default=False,
+        metadata={
+            "help": "rotary embeddings of queries and keys in one kernel each way (moefuse.ops.rope; Transformers' "
+            "formula, rounded once) for Qwen3-MoE, Qwen2-MoE, Mixtral and OLMoE; other families keep their own. "
+            "Off by default until its GPU tests have run"
+        },
+    )
     fused_lora_linear: bool = field(
         default=True,
         metadata={

@@ -7,7 +7,7 @@ import json
 import statistics
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from ..convert.lora import adapter_layout
 from ..experts import EXPERTS_IMPLEMENTATION
 from ..ops.cross_entropy import causal_lm_loss, use_chunked_loss
 from ..ops.rms_norm import use_fused_rms_norm
+from ..ops.rope import fused_rope
 from .callbacks import GIB, ThroughputCallback, add_throughput_callback
 from .config import LORA_TYPES, MoefuseTrainArguments, TrainConfigError, parse_train_args, trl_fused_lm_head
 from .data import is_conversational, load_train_dataset
@@ -238,7 +239,8 @@ def train(args: MoefuseTrainArguments, sft_config: SFTConfig) -> TrainResult:
     )
     if is_main:
         print(_describe(model, args, source, len(train_dataset), sft_config), flush=True)
-    trainer.train(resume_from_checkpoint=resume)
+    with fused_rope(model) if args.fused_rope else nullcontext():
+        trainer.train(resume_from_checkpoint=resume)
 
     final_dir = output_dir / (ADAPTER_DIR if args.finetuning_type in LORA_TYPES else MODEL_DIR)
     trainer.save_model(str(final_dir))
@@ -330,6 +332,7 @@ def _summary_record(result: TrainResult, args: MoefuseTrainArguments, sft_config
                 getattr(result.model, "config", None), "_attn_implementation", None
             ),
             "fused_norm": args.fused_norm,
+            "fused_rope": args.fused_rope,
             "fused_lora_linear": args.fused_lora_linear if args.finetuning_type in LORA_TYPES else None,
             "lora_rank": args.lora_rank if args.finetuning_type in LORA_TYPES else None,
             "lora_target": args.lora_target if args.finetuning_type in LORA_TYPES else None,
