@@ -60,15 +60,16 @@ def test_info_prints_a_models_experts_plan(capsys, finetuning_type, expected):
 
 def test_info_says_whether_the_models_experts_train(tmp_path, capsys):
     """GPT-OSS's experts (biases, interleaved gate/up, a clamped SwiGLU) take LoRA and QLoRA on gate_up_proj, fused
-    on the Triton kernels, and not expert parallelism: info says so and plans the LoRA forward; Qwen3-MoE's take
-    everything."""
+    on the Triton kernels, and expert parallelism, not LoRA on gate and up apart: info says so and plans the LoRA
+    forward; Qwen3-MoE's take everything."""
     tiny_config("gpt_oss").save_pretrained(tmp_path)
     assert main(["info", "--model", str(tmp_path), "--tokens", "64"]) == 0
     out = capsys.readouterr().out
     assert (
-        "LoRA and QLoRA on gate_up_proj and down_proj, full fine-tuning (fused on the Triton kernels)" in out
+        "LoRA and QLoRA on gate_up_proj and down_proj, full fine-tuning, expert parallelism (fused on the Triton "
+        "kernels); refused: these experts interleave the gate and up rows, so LoRA on gate_proj and up_proj "
+        "apart cannot be placed" in out
     )
-    assert "refused: gate_proj/up_proj apart, expert parallelism, as these experts have biases" in out
     assert f"plan ({tmp_path / 'config.json'}, 64 tokens, lora, cpu)" in out and "LoRA composed" in out
     with override_settings(backend="triton"):
         assert main(["info", "--model", str(tmp_path), "--tokens", "64"]) == 0

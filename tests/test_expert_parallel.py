@@ -8,6 +8,7 @@ a file store. Every rank also builds the single-process reference from the same 
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,11 +17,12 @@ import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
-from transformers import Qwen3MoeForCausalLM
+from transformers import AutoModelForCausalLM, Qwen3MoeForCausalLM
 
 import moefuse
 from conftest import randomize_, tiny_config
 from moefuse import Qwen3MoeFusedForCausalLM
+from moefuse.convert.checkpoint import CheckpointError
 from moefuse.convert.layouts import Checkpoint, detect_layout
 from moefuse.ops import ExpertsLora, LoraWeights, fused_experts_reference
 from moefuse.parallel import (
@@ -213,6 +215,51 @@ def test_model_ep2_matches_single_process(tmp_path, wrapper):
 def test_model_ep2_dp2_matches_single_process(tmp_path):
     """4 ranks: 2 replicas of a 2-way expert split (expert gradients summed over the replicas)."""
     run_ranks(4, tmp_path, _check_model, "ddp", 2)
+
+
+def _family_model(family: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        tiny_config(family, num_experts=8), experts_implementation=moefuse.EXPERTS_IMPLEMENTATION
+    )
+    return randomize_(model, seed=3)
+
+
+def _check_family(rank: int, world_size: int, family: str, out_dir: str) -> None:
+    reference = _family_model(family)
+    ref_loss = sum(reference(_batch(r), labels=_batch(r)).loss for r in range(world_size)) / world_size
+    ref_loss.backward()
+    ref_grads = {k: p.grad for k, p in reference.named_parameters()}
+    ref_logits = reference(_batch(rank)).logits.detach()
+
+    model = _family_model(family)
+    apply_expert_parallel(model, init_device_mesh("cpu", (world_size,), mesh_dim_names=("ep",)))
+    sharded = expert_parameters(model)
+    names = {name for name, p in model.named_parameters() if p in sharded}
+    assert any(name.endswith("_bias") for name in names) == (family == "gpt_oss")  # biases sharded too
+    wrapped = DistributedDataParallel(model)  # kept: its reducer averages the dense gradients in the backward
+    out = wrapped(_batch(rank), labels=_batch(rank))
+    torch.testing.assert_close(out.logits, ref_logits, **TOL)
+    out.loss.backward()
+    local = slice(rank * 8 // world_size, (rank + 1) * 8 // world_size)
+    for name, param in model.named_parameters():
+        expected = ref_grads[name][local] if name in names else ref_grads[name]
+        torch.testing.assert_close(param.grad, expected, **TOL, msg=lambda m, name=name: f"{name}: {m}")
+    state = expert_parallel_state_dict(model)  # gathered whole, biases included
+    for key, tensor in reference.state_dict().items():
+        torch.testing.assert_close(state[key], tensor, rtol=0, atol=0, msg=key)
+    if family == "gpt_oss":  # sharded loading reads [E, 2I, H] row ranges: these stacks are stored otherwise
+        saved = Path(out_dir)
+        save_expert_parallel(model, saved)
+        with pytest.raises(CheckpointError, match="transposed"):
+            load_expert_parallel(type(reference), saved, init_device_mesh("cpu", (world_size,)))
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "gemma4_text"])
+def test_other_experts_structures_ep2_match_single_process(tmp_path, family):
+    """GPT-OSS (biases, interleaved gate/up rows, a clamped SwiGLU, transposed stacks) and Gemma 4 (GeGLU experts
+    on the decoder layer) shard like Qwen3-MoE: forward, every gradient, and the gathered state dict."""
+    run_ranks(2, tmp_path, _check_family, family, str(tmp_path / "saved"))
 
 
 # ---- checkpoints: each rank reads its experts from any layout; saving gathers a normal checkpoint ----

@@ -42,7 +42,6 @@ def experts_plan_rows(
         UnsupportedExpertsError,
         experts_structure,
         lora_refusal,
-        plain_refusal,
         stacked_expert_weights,
     )
     from .ops.gating import gating_of
@@ -73,9 +72,9 @@ def experts_plan_rows(
             lora_B=stand_in(torch.empty(experts_count, out_features, rank, device="meta")),
         )
 
-    not_plain = plain_refusal(experts)
+    apart = lora_refusal(experts, ("gate_proj", "up_proj"))
     no_lora = lora_refusal(experts, ("gate_up_proj", "down_proj"))
-    if not_plain is None:
+    if apart is None:
         training = "yes: expert LoRA, 4-bit experts (QLoRA), expert parallelism"
     elif no_lora is None:
         how = (
@@ -84,8 +83,8 @@ def experts_plan_rows(
             else "composed: PyTorch ops between grouped GEMMs"
         )
         training = (
-            f"LoRA and QLoRA on gate_up_proj and down_proj, full fine-tuning ({how}); "
-            f"refused: gate_proj/up_proj apart, expert parallelism, as these experts {not_plain}"
+            f"LoRA and QLoRA on gate_up_proj and down_proj, full fine-tuning, expert parallelism ({how}); "
+            f"refused: these experts {apart}"
         )
     else:
         training = f"refused: these experts {no_lora} (experts_implementation: grouped_mm trains them)"

@@ -22,8 +22,6 @@ from .ops.gating import ACTIVATIONS, Gating, recognise_gate
 from .ops.moe import fused_experts
 
 EXPERTS_IMPLEMENTATION = "moefuse"
-# The families whose expert LoRA and training CI runs (the structure decides what is taken: check_supported).
-SUPPORTED_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gemma4_text")
 
 
 class UnsupportedExpertsError(NotImplementedError):
@@ -57,25 +55,6 @@ def _contract_reason(experts: torch.nn.Module) -> str | None:
     return None
 
 
-def plain_refusal(experts: torch.nn.Module) -> str | None:
-    """Why these experts are not plain gated experts (``act_fn(gate) * up`` on ``[gate; up]`` rows, no bias, no
-    post-expert norm), the structure expert parallelism takes, or None."""
-    reason = _contract_reason(experts)
-    if reason is not None:
-        return reason
-    if not getattr(experts, "has_gate", True):
-        return "have no gate (a plain up projection)"
-    if getattr(experts, "has_bias", False):
-        return "have biases"
-    if not getattr(experts, "is_concatenated", True):
-        return "interleave the gate and up rows"
-    if getattr(experts, "has_post_expert_norm", False):
-        return "apply a norm after each expert"
-    if _has_own_gate(experts):
-        return f"compute their own gate ({type(experts).__name__}._apply_gate)"
-    return None
-
-
 def lora_refusal(experts: torch.nn.Module, projections: Collection[str]) -> str | None:
     """Why moefuse's expert LoRA on ``projections`` (``gate_proj``, ``up_proj``, ``gate_up_proj``, ``down_proj``)
     cannot reach these experts, or None. LoRA on the stacked ``gate_up_proj`` (gate and up together) and on
@@ -106,19 +85,6 @@ def _refuse(experts: torch.nn.Module, reason: str, supported: str = "") -> Unsup
         f"moefuse cannot run the experts of model type '{model_type}' ({type(experts).__name__}): they {reason}. "
         f"{supported}Load this model with experts_implementation='grouped_mm'."
     )
-
-
-def check_supported(experts: torch.nn.Module) -> None:
-    """Raise :class:`UnsupportedExpertsError` naming the model family unless these are plain gated experts, the
-    structure moefuse's expert parallelism takes."""
-    reason = plain_refusal(experts)
-    if reason is not None:
-        raise _refuse(
-            experts,
-            reason,
-            "moefuse's expert parallelism takes gated experts stored as gate_up_proj "
-            f"[E, 2I, H] and down_proj [E, H, I] without bias (tested: {', '.join(SUPPORTED_FAMILIES)}). ",
-        )
 
 
 def gate_and_up_apart(experts: torch.nn.Module) -> bool:

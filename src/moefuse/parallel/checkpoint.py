@@ -40,8 +40,11 @@ def load_expert_parallel_checkpoint(
         shard: ExpertParallelShard | None = getattr(module, "expert_parallel", None)
         if shard is None:
             raise ValueError(f"{name} is not expert-parallel; call apply_expert_parallel before loading")
-        if getattr(module, "is_transposed", False):
-            raise CheckpointError(f"{ckpt.path}: transposed expert storage ({name}) cannot be loaded sharded")
+        if getattr(module, "is_transposed", False) or set(shard.param_names) - {"gate_up_proj", "down_proj"}:
+            raise CheckpointError(
+                f"{ckpt.path}: {name} stores its experts transposed or with biases, which cannot be loaded "
+                "sharded yet; load the model whole (from_pretrained) and call apply_expert_parallel on it"
+            )
         for projection in ("gate_up_proj", "down_proj"):
             key = f"{name}.{projection}"
             if key not in view:
@@ -120,7 +123,7 @@ def expert_parallel_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         shard: ExpertParallelShard | None = getattr(module, "expert_parallel", None)
         if shard is None:
             continue
-        for param_name in ("gate_up_proj", "down_proj"):
+        for param_name in shard.param_names:
             local = getattr(module, param_name).detach().contiguous()
             parts = [torch.empty_like(local) for _ in range(shard.ep_size)]
             dist.all_gather(parts, local, group=shard.group)

@@ -26,7 +26,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 
-from ..experts import check_supported, stacked_expert_weights
+from ..experts import experts_structure, stacked_expert_weights
 from ..ops.lora import ExpertsLora
 from ..ops.moe import fused_experts
 from ..ops.routing import check_top_k_index, route
@@ -59,6 +59,10 @@ def expert_parallel_fused_experts(
     *,
     group: ProcessGroup,
     act_fn: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+    gate_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    post_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     lora: Sequence[ExpertsLora] = (),
 ) -> torch.Tensor:
     """:func:`moefuse.fused_experts` with the experts spread over the ranks of ``group``.
@@ -70,7 +74,9 @@ def expert_parallel_fused_experts(
         top_k_index: ``[T, K]`` global expert ids (``0 .. L * group size - 1``).
         top_k_weights: ``[T, K]`` routing weights (their gradient stays on this rank).
         group: the expert-parallel process group; every rank of it must call this together.
-        act_fn, lora: as in :func:`moefuse.fused_experts` (LoRA factors of the local experts, ``[L, ...]``).
+        act_fn, gate_fn, gate_up_bias, down_bias, post_fn, lora: as in :func:`moefuse.fused_experts`, for the
+            local experts (biases ``[L, ...]``, LoRA factors ``[L, ...]``). Each expert's output, its bias and
+            post-expert function included, comes back to the token's rank, which applies the routing weights.
 
     Returns:
         ``[T, H]``, equal to :func:`moefuse.fused_experts` on the full expert stacks.
@@ -94,6 +100,10 @@ def expert_parallel_fused_experts(
         plan.local_expert_index.unsqueeze(1),
         received.new_ones(received.shape[0], 1),
         act_fn=act_fn,
+        gate_fn=gate_fn,
+        gate_up_bias=gate_up_bias,
+        down_bias=down_bias,
+        post_fn=post_fn,
         lora=lora,
     )
     y = combine(expert_out, plan, group)[routing.inverse].view(num_tokens, routing.top_k, hidden)
@@ -110,6 +120,7 @@ class ExpertParallelShard:
     ep_size: int
     num_experts: int  # global
     gradient_divide_factor: float
+    param_names: tuple[str, ...]  # the module's parameters sliced along the experts (stacks, biases)
 
     @property
     def num_local_experts(self) -> int:
@@ -125,18 +136,17 @@ def _expert_parallel_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     shard: ExpertParallelShard = self.expert_parallel
-    gate_up_proj, down_proj = (
-        _ReduceExpertGrad.apply(w, shard.replica_group, shard.gradient_divide_factor)
-        for w in stacked_expert_weights(self)
-    )
+
+    def reduced(t: torch.Tensor) -> torch.Tensor:
+        return _ReduceExpertGrad.apply(t, shard.replica_group, shard.gradient_divide_factor)
+
+    gate_up_proj, down_proj = (reduced(w) for w in stacked_expert_weights(self))
+    structure = experts_structure(self)  # gating, this rank's biases, post-expert function
+    for bias in ("gate_up_bias", "down_bias"):
+        if bias in structure:
+            structure[bias] = reduced(structure[bias])
     return expert_parallel_fused_experts(
-        hidden_states,
-        gate_up_proj,
-        down_proj,
-        top_k_index,
-        top_k_weights,
-        group=shard.group,
-        act_fn=self.act_fn,
+        hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights, group=shard.group, **structure
     )
 
 
@@ -172,8 +182,9 @@ def apply_expert_parallel(
     """Shard the experts of ``model`` in place over the expert-parallel ranks of ``mesh``.
 
     Args:
-        model: a model whose experts store ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]`` stacks (any
-            family moefuse runs). Parameters may be on the meta device (sharding before loading).
+        model: a model whose experts store ``gate_up_proj`` / ``down_proj`` stacks, experts first (any
+            structure :func:`moefuse.experts.experts_structure` takes: biases, a family's own gate, a
+            post-expert norm). Parameters may be on the meta device (sharding before loading).
         mesh: a 1-D mesh (all its ranks form one EP group) or a 2-D mesh whose ``ep_dim`` dimension is the EP
             group and whose other dimension holds replicas of the same expert shard (their expert gradients
             are summed), e.g. from :func:`init_expert_parallel_mesh`.
@@ -181,8 +192,8 @@ def apply_expert_parallel(
             DDP/FSDP apply to the dense parameters over all ranks.
 
     Returns:
-        ``model``: each experts module keeps parameters named ``gate_up_proj`` and ``down_proj`` holding its
-        rank's ``E / ep_size`` experts, records an :class:`ExpertParallelShard` as ``module.expert_parallel``,
+        ``model``: each experts module keeps its per-expert parameters (stacks and biases) under their names,
+        holding its rank's ``E / ep_size`` experts, records an :class:`ExpertParallelShard` as ``module.expert_parallel``,
         and is skipped by DDP (``DistributedDataParallel(model)`` works as is).
     """
     group, replica_group = _ep_and_replica_groups(mesh, ep_dim)
@@ -205,16 +216,22 @@ def apply_expert_parallel(
     for name, module in modules:
         if hasattr(module, "expert_parallel"):
             raise ValueError(f"{name} is already expert-parallel; apply_expert_parallel once per model")
-        check_supported(module)
+        experts_structure(module)  # a structure moefuse cannot compute is refused here, by name
         num_experts = module.gate_up_proj.shape[0]
         if num_experts % ep_size:
             raise ValueError(
                 f"{name} has {num_experts} experts, not divisible by ep_size={ep_size}; pick an ep_size that "
                 f"divides {num_experts}"
             )
-        shard = ExpertParallelShard(group, replica_group, ep_rank, ep_size, num_experts, divide_factor)
+        # The stacks and the per-expert biases; a post-expert norm's weight (a submodule's) stays replicated.
+        param_names = tuple(
+            n for n, p in module.named_parameters(recurse=False) if p.dim() and p.shape[0] == num_experts
+        )
+        shard = ExpertParallelShard(
+            group, replica_group, ep_rank, ep_size, num_experts, divide_factor, param_names
+        )
         local = slice(shard.expert_range.start, shard.expert_range.stop)
-        for param_name in ("gate_up_proj", "down_proj"):
+        for param_name in param_names:
             full = getattr(module, param_name)
             setattr(module, param_name, nn.Parameter(full[local].clone(), requires_grad=full.requires_grad))
             ignored.append(f"{name}.{param_name}" if name else param_name)
@@ -231,7 +248,7 @@ def expert_parameters(model: nn.Module) -> set[nn.Parameter]:
         p
         for _, module in experts_modules(model)
         if hasattr(module, "expert_parallel")
-        for p in (module.gate_up_proj, module.down_proj)
+        for p in (getattr(module, n) for n in module.expert_parallel.param_names)
     }
 
 
