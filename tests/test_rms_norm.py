@@ -82,6 +82,24 @@ def test_non_contiguous_rows_and_gradient():
     torch.testing.assert_close(x2.grad, x2_ref.grad)
 
 
+@pytest.mark.interpreter
+def test_compiled_graphs_take_the_reference_whole():
+    """Under torch.compile the reference goes into the graph (the compiler fuses it): no graph break, no kernel
+    launch traced, the reference's values and gradients."""
+    x, w = _inputs((6, 4, 32), torch.float32)
+    x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    torch._dynamo.reset()
+    with use_backend("triton"):
+        out = torch.compile(rms_norm, backend="aot_eager", fullgraph=True)(x, w, 1e-6)
+    ref = rms_norm_reference(x_ref, w_ref, 1e-6)
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(w.grad, w_ref.grad)
+    torch._dynamo.reset()
+
+
 def test_bad_weight_names_the_shapes():
     with pytest.raises(ValueError, match=r"weight must be \[width\] = \[8\].*got \(7,\)"):
         rms_norm(torch.randn(3, 8), torch.ones(7), 1e-6)

@@ -137,13 +137,14 @@ def _programs(x: torch.Tensor) -> int:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim of ``x`` with ``weight [width]``, as Transformers' Llama-style norms compute it
     (output dtype: ``weight``'s and ``x``'s promoted). One Triton kernel each way on the Triton backend (rows up
-    to :data:`MAX_FUSED_WIDTH` wide), :func:`rms_norm_reference` otherwise."""
+    to :data:`MAX_FUSED_WIDTH` wide, eager), :func:`rms_norm_reference` otherwise and under torch.compile."""
     if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
         raise ValueError(
             f"rms_norm: weight must be [width] = [{x.shape[-1]}] for x of shape {tuple(x.shape)}, "
             f"got {tuple(weight.shape)}"
         )
-    if x.shape[-1] <= MAX_FUSED_WIDTH and use_triton(x):
+    # Compiled graphs take the reference: the compiler fuses its elementwise ops and reduction itself.
+    if x.shape[-1] <= MAX_FUSED_WIDTH and not torch.compiler.is_compiling() and use_triton(x):
         return _RMSNorm.apply(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 
