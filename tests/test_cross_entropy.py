@@ -207,3 +207,18 @@ def test_triton_cross_entropy_gpu_qwen3_vocab(dtype):
     torch.testing.assert_close(grad.float(), expected_grad.float(), rtol=1e-2, atol=1e-7)
     reference = torch.nn.functional.cross_entropy(logits.double(), target, reduction="none")
     torch.testing.assert_close(loss.double(), reference, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.interpreter
+def test_compiled_graphs_take_the_chunked_path_whole():
+    """Under torch.compile the loss goes into the graph as the chunked PyTorch path (no kernel launch traced, no
+    graph break) with Transformers' values and gradient."""
+    logits, labels = _case(torch.float32)
+    want_loss, want_grad = _loss_and_grad(ForCausalLMLoss, logits, labels)
+    torch._dynamo.reset()
+    with use_backend("triton"):
+        compiled = torch.compile(causal_lm_loss, backend="aot_eager", fullgraph=True)
+        loss, grad = _loss_and_grad(compiled, logits, labels)
+    torch._dynamo.reset()
+    torch.testing.assert_close(loss, want_loss)
+    torch.testing.assert_close(grad, want_grad)

@@ -74,6 +74,14 @@ def use_triton(tensor: torch.Tensor) -> bool:
     return True
 
 
+def launches_triton(tensor: torch.Tensor) -> bool:
+    """Whether an op that launches its Triton kernels from Python (RMSNorm, RoPE, cross-entropy; the experts are
+    custom operators instead) runs them on ``tensor``: :func:`use_triton`, and not while torch.compile traces.
+    A compiled graph takes the op's PyTorch reference, which the compiler fuses itself; tracing into a launch
+    would break the graph."""
+    return not torch.compiler.is_compiling() and use_triton(tensor)
+
+
 def active_backend_description(device: torch.device) -> str:
     """One line for ``moefuse info``: what runs the experts on ``device`` with the current settings."""
     probe = torch.empty(0, device=device)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backend import use_triton
+from .backend import launches_triton
 from .launch import unit_columns
 
 # fp32 values of one chunk (~64 MiB): the working set of forward and backward.
@@ -132,7 +132,7 @@ def _backward_triton(
 class _CrossEntropyRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, ignore_index: int, chunk_rows: int | None):
-        ctx.triton = use_triton(logits)
+        ctx.triton = launches_triton(logits)
         if ctx.triton:
             logits = unit_columns(logits)
             target = target.contiguous()

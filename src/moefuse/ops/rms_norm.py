@@ -16,7 +16,7 @@ import functools
 import torch
 from torch import nn
 
-from .backend import use_triton
+from .backend import launches_triton
 from .launch import cdiv, launch, next_power_of_2, unit_columns
 
 # Widest row kept whole in registers; wider rows take the PyTorch path.
@@ -143,8 +143,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
             f"rms_norm: weight must be [width] = [{x.shape[-1]}] for x of shape {tuple(x.shape)}, "
             f"got {tuple(weight.shape)}"
         )
-    # Compiled graphs take the reference: the compiler fuses its elementwise ops and reduction itself.
-    if x.shape[-1] <= MAX_FUSED_WIDTH and not torch.compiler.is_compiling() and use_triton(x):
+    if x.shape[-1] <= MAX_FUSED_WIDTH and launches_triton(x):
         return _RMSNorm.apply(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .backend import use_triton
+from .backend import launches_triton
 from .launch import launch, next_power_of_2
 
 # Model types whose modeling code applies rotary embeddings with the formula above, under this function name
@@ -126,8 +126,7 @@ def _fused_applies(
         and cos.stride() == sin.stride()
         and not (cos.requires_grad or sin.requires_grad)
         and q.dtype == k.dtype
-        and not torch.compiler.is_compiling()  # compiled graphs fuse the reference's elementwise ops themselves
-        and use_triton(q)
+        and launches_triton(q)
     )
 
 
