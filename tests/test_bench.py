@@ -318,8 +318,12 @@ def test_implementation_names():
     with_loss, plain, both = parse_implementations("grouped_mm+loss,grouped_mm,moefuse+norm+loss")
     assert with_loss.moefuse_loss and with_loss.experts == "grouped_mm" and not plain.moefuse_loss
     assert both.moefuse_loss and both.moefuse_norm and both.model_level_only == "'+loss' and '+norm'"
+    (rope,) = parse_implementations("moefuse+rope")
+    assert rope.moefuse_rope and not rope.moefuse_norm and rope.model_level_only == "'+rope'"
     for bad in ("grouped_mm+fast", "moefuse+loss+loss"):
-        with pytest.raises(SystemExit, match="suffixes are \\+loss, \\+norm, \\+compile, each at most once"):
+        with pytest.raises(
+            SystemExit, match="suffixes are \\+loss, \\+norm, \\+rope, \\+compile, each at most once"
+        ):
             parse_implementations(bad)
     if importlib.util.find_spec("moefuse.ops.backend") is None:
         with pytest.raises(SystemExit, match="cannot force a kernel backend"):
@@ -497,6 +501,26 @@ def test_suffixes_set_moefuse_loss_and_norms_undo_them_and_refuse_what_they_cann
     (with_norm,) = parse_implementations("grouped_mm+norm")
     with pytest.raises(SystemExit, match="no RMSNorm module.*drop '\\+norm'"):
         set_model_kernels(torch.nn.Linear(2, 2), with_norm)
+
+
+def test_rope_suffix_swaps_the_family_function_for_the_step_and_refuses_other_families():
+    import sys
+
+    from moefuse.bench.model import set_model_kernels
+    from moefuse.ops.rope import apply_rotary_pos_emb
+
+    _, config = load_config("qwen3-30b-a3b")
+    model = AutoModelForCausalLM.from_config(tiny_config(config))
+    module = sys.modules[type(model).__module__]
+    own = module.apply_rotary_pos_emb
+    (with_rope,) = parse_implementations("moefuse+rope")
+    undo = set_model_kernels(model, with_rope)
+    assert module.apply_rotary_pos_emb is apply_rotary_pos_emb
+    undo()
+    assert module.apply_rotary_pos_emb is own
+    model.config.model_type = "some_family"
+    with pytest.raises(SystemExit, match="rotary embeddings stand in for.*not some_family's; drop '\\+rope'"):
+        set_model_kernels(model, with_rope)
 
 
 def test_compiled_implementations_and_like_for_like_ratios(tmp_path, one_thread):

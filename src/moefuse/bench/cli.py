@@ -276,7 +276,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="comma-separated: moefuse (its backend chosen automatically) or moefuse:BACKEND to force one "
         f"(torch, triton), and Transformers' experts implementations (eager, grouped_mm, batched_mm, ...); "
         "suffixes (model level): '+loss' computes the loss with moefuse's causal_lm_loss instead of "
-        "Transformers', '+norm' runs the RMSNorm modules through moefuse's rms_norm (e.g. moefuse+loss+norm); "
+        "Transformers', '+norm' runs the RMSNorm modules through moefuse's rms_norm, '+rope' the rotary "
+        "embeddings through moefuse's kernel (e.g. moefuse+loss+norm+rope); "
         f"default {DEFAULT_IMPLEMENTATIONS}",
     )
     what.add_argument(

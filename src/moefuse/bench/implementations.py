@@ -3,8 +3,9 @@
 (``moefuse:torch``, ``moefuse:triton``). Suffixes (model level only) swap in moefuse's kernels for parts of the
 model outside the experts, as ``moefuse train`` and ``moefuse.Qwen3MoeFusedForCausalLM`` do: ``+loss`` computes
 the causal-LM loss with :func:`~moefuse.ops.causal_lm_loss` instead of Transformers' ``ForCausalLMLoss``, ``+norm``
-runs the RMSNorm modules through :func:`~moefuse.ops.rms_norm` (``moefuse+loss+norm``; on ``grouped_mm`` they
-show what those kernels alone give Transformers' experts). ``+compile`` (any level) runs the block or model under
+runs the RMSNorm modules through :func:`~moefuse.ops.rms_norm`, ``+rope`` the rotary embeddings through
+:func:`~moefuse.ops.apply_rotary_pos_emb` (``moefuse+loss+norm+rope``; on ``grouped_mm`` they show what those
+kernels alone give Transformers' experts). ``+compile`` (any level) runs the block or model under
 ``torch.compile`` with its default options, as the Trainer's ``torch_compile=True`` does."""
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import torch
 from ..experts import EXPERTS_IMPLEMENTATION
 
 DEFAULT_IMPLEMENTATIONS = f"{EXPERTS_IMPLEMENTATION},grouped_mm,eager"
-# Model-level suffixes: the loss and the norms from moefuse; then torch.compile, at any level.
-MODEL_LEVEL_MODIFIERS = ("loss", "norm")
+# Model-level suffixes: the loss, the norms and the rotary embeddings from moefuse; then torch.compile, at any level.
+MODEL_LEVEL_MODIFIERS = ("loss", "norm", "rope")
 MODIFIERS = (*MODEL_LEVEL_MODIFIERS, "compile")
 # The baseline a ratio is taken against: Transformers' grouped_mm experts given the same suffixes.
 BASELINE_EXPERTS = "grouped_mm"
@@ -35,6 +36,7 @@ class Implementation:
     ``backend`` (moefuse only) forces moefuse's grouped-GEMM backend, ``None`` leaves moefuse's own choice;
     ``moefuse_loss``: the model level's loss is moefuse's ``causal_lm_loss`` (else Transformers');
     ``moefuse_norm``: the model's RMSNorm modules run moefuse's ``rms_norm`` (else their own forward);
+    ``moefuse_rope``: the model's rotary embeddings run moefuse's ``apply_rotary_pos_emb`` (else its family's);
     ``compiled``: the block or model runs under ``torch.compile``."""
 
     name: str
@@ -42,6 +44,7 @@ class Implementation:
     backend: str | None = None
     moefuse_loss: bool = False
     moefuse_norm: bool = False
+    moefuse_rope: bool = False
     compiled: bool = False
 
     @property
@@ -49,7 +52,9 @@ class Implementation:
         """The suffixes that only a whole model can take (``"'+loss'"``, ...), ``None`` when there are none."""
         suffixes = [
             f"'+{m}'"
-            for m, on in zip(MODEL_LEVEL_MODIFIERS, (self.moefuse_loss, self.moefuse_norm), strict=True)
+            for m, on in zip(
+                MODEL_LEVEL_MODIFIERS, (self.moefuse_loss, self.moefuse_norm, self.moefuse_rope), strict=True
+            )
             if on
         ]
         return " and ".join(suffixes) or None
@@ -117,7 +122,8 @@ def parse_implementations(spec: str) -> list[Implementation]:
             raise SystemExit(
                 f"moefuse bench: unknown implementation '{experts}' in --implementations; "
                 f"choose from {', '.join(known)} (moefuse may take ':backend', e.g. moefuse:torch; any may take "
-                "'+loss' and '+norm' for moefuse's loss and norms at the model level, and '+compile')"
+                "'+loss', '+norm' and '+rope' for moefuse's loss, norms and rotary embeddings at the model level, and "
+                "'+compile')"
             )
         if backend and experts != EXPERTS_IMPLEMENTATION:
             raise SystemExit(
@@ -138,6 +144,7 @@ def parse_implementations(spec: str) -> list[Implementation]:
                 backend or None,
                 "loss" in modifiers,
                 "norm" in modifiers,
+                "rope" in modifiers,
                 "compile" in modifiers,
             )
         )

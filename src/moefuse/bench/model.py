@@ -15,6 +15,7 @@ moefuse's ``rms_norm`` (one kernel each way), as ``moefuse train`` does by defau
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -25,6 +26,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from ..lora import ATTENTION_PROJECTIONS, lora_config
 from ..ops.cross_entropy import use_chunked_loss
 from ..ops.rms_norm import RMS_NORM_CLASSES, use_fused_rms_norm
+from ..ops.rope import ROPE_MODEL_TYPES, fused_rope
 from .block import randomize_
 from .configs import with_layers
 from .implementations import Implementation, set_experts_implementation
@@ -182,8 +184,8 @@ class TrainStep:
 
 
 def set_model_kernels(model: PreTrainedModel, implementation: Implementation) -> Callable[[], None]:
-    """Give ``model`` moefuse's causal-LM loss (``+loss``) and RMSNorm (``+norm``) when ``implementation`` asks
-    for them; returns the undo."""
+    """Give ``model`` moefuse's causal-LM loss (``+loss``), RMSNorm (``+norm``) and rotary embeddings (``+rope``)
+    when ``implementation`` asks for them; returns the undo."""
     if implementation.moefuse_loss and not use_chunked_loss(model):
         raise SystemExit(
             f"moefuse bench: '{implementation.name}': this model's loss is not Transformers' ForCausalLMLoss, "
@@ -194,12 +196,19 @@ def set_model_kernels(model: PreTrainedModel, implementation: Implementation) ->
             f"moefuse bench: '{implementation.name}': this model has no RMSNorm module moefuse's rms_norm computes "
             f"({', '.join(sorted(RMS_NORM_CLASSES))}); drop '+norm'"
         )
+    rope = contextlib.ExitStack()
+    if implementation.moefuse_rope and not rope.enter_context(fused_rope(model)):
+        raise SystemExit(
+            f"moefuse bench: '{implementation.name}': moefuse's rotary embeddings stand in for the modeling code of "
+            f"{', '.join(sorted(ROPE_MODEL_TYPES))} only, not {model.config.model_type}'s; drop '+rope'"
+        )
 
     def undo() -> None:
         if implementation.moefuse_loss:
             vars(model).pop("_loss_function", None)  # back to the class's loss_function
         if implementation.moefuse_norm:
             use_fused_rms_norm(model, enable=False)
+        rope.close()
 
     return undo
 
