@@ -223,6 +223,10 @@ def _bad_dataset(tmp_path) -> str:
         (["--config_overrides", '{"no_such_field": 1}'], "have no field 'no_such_field'"),
         (["--num_layers", "9"], "num_layers: 9 must be between 1"),
         (["--lora_dtype", "bfloat16"], "lora_dtype: 'bfloat16'; choose one of float32, model"),
+        (
+            ["--model_name_or_path", "config:gpt-oss-20b", "--fused_rope", "true"],
+            "not model type 'gpt_oss'; set fused_rope: false",
+        ),
     ],
 )
 def test_bad_configs_fail_before_training(tmp_path, overrides, message):

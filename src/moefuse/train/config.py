@@ -94,7 +94,7 @@ class MoefuseTrainArguments:
         default=False,
         metadata={
             "help": "rotary embeddings of queries and keys in one kernel each way (moefuse.ops.rope; Transformers' "
-            "formula, rounded once) for Qwen3-MoE, Qwen2-MoE, Mixtral and OLMoE; other families keep their own. "
+            "formula, rounded once) for Qwen3-MoE, Qwen2-MoE, Mixtral and OLMoE (other families are refused). "
             "Off by default until its GPU tests have run"
         },
     )

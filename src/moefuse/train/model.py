@@ -40,6 +40,7 @@ from ..lora.layer import ExpertsLoraFactor, ExpertsProjectionLora
 from ..lora.linear import use_fused_lora_linear
 from ..lora.targets import PROJECTIONS, moefuse_experts
 from ..models import Qwen3MoeFusedForCausalLM
+from ..ops.rope import ROPE_MODEL_TYPES
 from .builtin import TOKENIZER_DIR
 from .config import MoefuseTrainArguments, TrainConfigError, default_attention
 
@@ -125,6 +126,11 @@ def check_model_config(config: PretrainedConfig, args: MoefuseTrainArguments) ->
         raise TrainConfigError(
             f"model_name_or_path: {args.model_name_or_path} (model type '{model_type}') is not a "
             "Mixture-of-Experts model; moefuse train fine-tunes MoE models"
+        )
+    if args.fused_rope and model_type not in ROPE_MODEL_TYPES:
+        raise TrainConfigError(
+            f"fused_rope: moefuse's rotary embeddings stand in for the modeling code of "
+            f"{', '.join(sorted(ROPE_MODEL_TYPES))} only, not model type '{model_type}'; set fused_rope: false"
         )
 
 
