@@ -6,6 +6,8 @@
 #        (gpt-oss-20b: clamped SwiGLU, biases, interleaved rows; mixtral-8x7b, olmoe-1b-7b; moonlight-16b-a3b:
 #        DeepSeek-V3's routing and shared experts; qwen3.5-35b-a3b: a gated shared expert; gemma-4-26b-a4b: GeGLU
 #        experts, router and experts on the decoder layer), moefuse and grouped_mm, eager
+#   bash benchmarks/gpu_checks.sh model OUT N    N runs of a 4-layer LoRA step at 16384 tokens: moefuse with its loss and
+#        norms, the same with its RoPE, and grouped_mm with the same loss and norms
 #   bash benchmarks/gpu_checks.sh train48 OUT NAME [moefuse train keys...]
 #        one 48-layer moefuse train run at Qwen3-30B-A3B dims (LoRA r16, packed 2048-token rows, checkpointing;
 #        the keys given are added, e.g. --per_device_train_batch_size 4 --experts_implementation grouped_mm);
@@ -58,6 +60,14 @@ families)
         done
     done
     ;;
+model)
+    runs=${3:-3}
+    for _ in $(seq "$runs"); do
+        python -m moefuse.cli bench --level model --config qwen3-30b-a3b --layers 4 --tokens 16384 --setups lora \
+            --implementations moefuse+loss+norm,moefuse+loss+norm+rope,grouped_mm+loss+norm --quiet \
+            --output "$(next_run model_lora_rope_qwen3-30b-a3b)"
+    done
+    ;;
 train48)
     name=$3
     shift 3
@@ -72,7 +82,7 @@ train48)
     rm -rf "$work"
     ;;
 *)
-    echo "usage: $0 tests|block|families|train48 OUT [RUNS | NAME KEYS...]" >&2
+    echo "usage: $0 tests|block|families|model|train48 OUT [RUNS | NAME KEYS...]" >&2
     exit 2
     ;;
 esac
