@@ -302,8 +302,18 @@ def _frozen_loss(result) -> float:
     return result.losses[0]
 
 
-def test_step_in_backward_trains_like_the_usual_step(tmp_path, built_optimizers):
-    common = [*FEW_ROWS, "--max_steps", "6", "--logging_steps", "1"]
+@pytest.mark.parametrize(
+    "optim",
+    [
+        "adamw_torch_fused",
+        # torchao's 8-bit AdamW takes its learning rate as a tensor, set in place
+        pytest.param("adamw_torch_8bit", marks=pytest.mark.slow),
+    ],
+)
+def test_step_in_backward_trains_like_the_usual_step(tmp_path, built_optimizers, optim):
+    if optim == "adamw_torch_8bit":
+        pytest.importorskip("torchao")
+    common = [*FEW_ROWS, "--max_steps", "6", "--logging_steps", "1", "--optim", optim]
     usual = run_train(None, [*common, "--max_grad_norm", "0", "--output_dir", str(tmp_path / "a")])
     in_backward = run_train(
         None, [*common, "--step_in_backward", "true", "--output_dir", str(tmp_path / "b")]
@@ -316,7 +326,7 @@ def test_step_in_backward_trains_like_the_usual_step(tmp_path, built_optimizers)
     assert in_backward.losses == pytest.approx(usual.losses, rel=1e-4)
     assert in_backward.losses[-1] < _frozen_loss(in_backward) - 0.1
     # the learning-rate schedule reached the per-tensor optimizers
-    lrs = {o.param_groups[0]["lr"] for o in optimizer.optimizer_dict.values()}
+    lrs = {float(o.param_groups[0]["lr"]) for o in optimizer.optimizer_dict.values()}
     assert len(lrs) == 1 and lrs.pop() == pytest.approx(3e-3)
 
 
@@ -358,8 +368,16 @@ def test_all_savers_together_with_checkpointing_still_train(tmp_path, capsys):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("attention", ["sdpa", "moefuse_varlen"])
-def test_a_step_after_warmup_waits_for_the_gpu_only_in_trls_loss(tmp_path, monkeypatch, attention):
+@pytest.mark.parametrize(
+    "attention, keys",
+    [
+        ("sdpa", []),
+        ("moefuse_varlen", []),
+        # QLoRA's memory without bitsandbytes' per-tensor syncs: torchao's 8-bit AdamW, one tensor at a time
+        ("moefuse_varlen", ["--optim", "adamw_torch_8bit", "--step_in_backward", "true"]),
+    ],
+)
+def test_a_step_after_warmup_waits_for_the_gpu_only_in_trls_loss(tmp_path, monkeypatch, attention, keys):
     """A few steps of the tiny built-in model on packed rows, then one whole step (forward, backward, clipping,
     optimizer, scheduler, callbacks) with every host sync recorded with its stack. TRL >= 1.0's fused LM head
     syncs inside TRL: it picks the scored positions with a boolean mask, and the load-balancing loss it calls counts
@@ -367,6 +385,9 @@ def test_a_step_after_warmup_waits_for_the_gpu_only_in_trls_loss(tmp_path, monke
     on the device by MoefuseSFTTrainer), the Trainer's loop, clipping, the optimizer or the callbacks. A sync in the
     backward pass belongs to the forward call that built its autograd node (kept by anomaly mode)."""
     from contextlib import ExitStack
+
+    if "adamw_torch_8bit" in keys:
+        pytest.importorskip("torchao")
 
     from transformers import TrainerCallback
 
@@ -399,7 +420,7 @@ def test_a_step_after_warmup_waits_for_the_gpu_only_in_trls_loss(tmp_path, monke
     run_train(
         None,
         [*FEW_ROWS, "--max_steps", "8", "--logging_steps", "4", "--packing", "true"]
-        + ["--attn_implementation", attention, "--gpu_busy_steps", "0", "--output_dir", str(tmp_path)],
+        + ["--attn_implementation", attention, "--gpu_busy_steps", "0", "--output_dir", str(tmp_path), *keys],
     )
     assert len(recorded) == 1
     outside_trl = [stack for stack in recorded[0] if f"{os.sep}trl{os.sep}" not in sync_owner(stack)]

@@ -146,7 +146,11 @@ class MoefuseSFTTrainer(SFTTrainer):
 
         def step(param: torch.Tensor) -> None:
             optimizer = optimizers[param]
-            optimizer.param_groups[0]["lr"] = schedule.param_groups[0]["lr"]
+            group, lr = optimizer.param_groups[0], schedule.param_groups[0]["lr"]
+            if isinstance(group["lr"], torch.Tensor):  # torchao's optimizers read a tensor, set in place
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)  # the gradient is freed as soon as it is used
 
