@@ -306,12 +306,13 @@ def _frozen_loss(result) -> float:
     "optim",
     [
         "adamw_torch_fused",
-        # torchao's 8-bit AdamW takes its learning rate as a tensor, set in place
+        # torchao's low-bit AdamWs take their learning rate as a tensor, set in place
         pytest.param("adamw_torch_8bit", marks=pytest.mark.slow),
+        pytest.param("adamw_torch_4bit", marks=pytest.mark.slow),
     ],
 )
 def test_step_in_backward_trains_like_the_usual_step(tmp_path, built_optimizers, optim):
-    if optim == "adamw_torch_8bit":
+    if optim != "adamw_torch_fused":
         pytest.importorskip("torchao")
     common = [*FEW_ROWS, "--max_steps", "6", "--logging_steps", "1", "--optim", optim]
     usual = run_train(None, [*common, "--max_grad_norm", "0", "--output_dir", str(tmp_path / "a")])

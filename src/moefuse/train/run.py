@@ -124,6 +124,7 @@ def _optimizer(args: MoefuseTrainArguments, sft) -> str:
         "paged_adamw_8bit": "bitsandbytes' paged 8-bit AdamW",
         "adamw_8bit": "bitsandbytes' 8-bit AdamW",
         "adamw_torch_8bit": "torchao's 8-bit AdamW",
+        "adamw_torch_4bit": "torchao's 4-bit AdamW",
     }.get(name, "set by optim")
     clip = f"gradients clipped at norm {sft.max_grad_norm}" if sft.max_grad_norm else "no gradient clipping"
     where = "; stepped in the backward, one tensor at a time" if args.step_in_backward else ""
