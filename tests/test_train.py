@@ -260,6 +260,33 @@ def test_chunked_loss_is_refused_where_trl_computes_the_loss(tmp_path):
         parse_train_args(None, ["--chunked_loss", "true", "--output_dir", str(tmp_path / "out")])
 
 
+@pytest.mark.parametrize(
+    "versions, refused",
+    [
+        ({"peft": "0.18.1", "torchao": "0.18.0"}, True),
+        ({"peft": "0.18.1", "torchao": "0.17.0"}, False),
+        ({"peft": "0.19.0", "torchao": "0.18.0"}, False),
+        ({"peft": "0.18.1"}, False),  # torchao not installed
+    ],
+)
+def test_lora_beside_a_torchao_old_peft_cannot_import_is_refused(tmp_path, monkeypatch, versions, refused):
+    import importlib.metadata
+
+    def version(name: str) -> str:
+        if name not in versions:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return versions[name]
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    keys = ["--output_dir", str(tmp_path / "out")]
+    if refused:
+        with pytest.raises(TrainConfigError, match=r"PEFT 0.18.1 cannot apply LoRA beside torchao 0.18.0"):
+            parse_train_args(None, keys)
+    else:
+        parse_train_args(None, keys)
+    parse_train_args(None, [*keys, "--finetuning_type", "full"])  # no LoRA, no PEFT layer
+
+
 def test_unknown_key_in_a_yaml_names_the_file(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(f"model_name_or_path: config:tiny\ndataset: {DATASET}\nlearning_rat: 1.0e-4\n")

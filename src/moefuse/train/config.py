@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.metadata
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 import yaml
+from packaging.version import Version
 from transformers import HfArgumentParser
 from trl import SFTConfig
 
@@ -407,7 +409,26 @@ def check_train_args(args: MoefuseTrainArguments, sft_config: SFTConfig) -> None
     check_adapter_args(args)
     if args.finetuning_type in LORA_TYPES and args.lora_rank < 1:
         raise TrainConfigError(f"lora_rank: {args.lora_rank} must be at least 1")
+    if args.finetuning_type in LORA_TYPES and (conflict := peft_torchao_conflict()):
+        raise TrainConfigError(conflict)
     check_memory_args(args, sft_config)
+
+
+def peft_torchao_conflict() -> str | None:
+    """Why PEFT cannot apply LoRA beside the installed torchao, or None: PEFT < 0.19 imports torchao's
+    ``LinearActivationQuantizedTensor`` for every layer it adapts whenever torchao is installed, and torchao 0.18
+    removed it."""
+    try:
+        torchao = Version(importlib.metadata.version("torchao"))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    peft = Version(importlib.metadata.version("peft"))
+    if peft < Version("0.19") and torchao >= Version("0.18"):
+        return (
+            f"PEFT {peft} cannot apply LoRA beside torchao {torchao}: it imports a class torchao 0.18 removed; "
+            "upgrade PEFT (pip install 'peft>=0.19') or install torchao < 0.18"
+        )
+    return None
 
 
 def check_adapter_args(args: MoefuseTrainArguments) -> None:
