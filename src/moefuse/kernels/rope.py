@@ -32,7 +32,9 @@ def _rotate_heads(
     BLOCK_HEADS: tl.constexpr,
     HALF: tl.constexpr,
 ):
-    """Rotate the ``heads`` heads of one token (rows at ``base`` + head * stride), a block of heads at a time."""
+    """Rotate the ``heads`` heads of one token, a block of heads at a time: head ``h``'s ``[2 * HALF]`` values
+    at ``x_ptr + base_x + h * stride_xh`` (unit stride), written at ``out_ptr + base_out + h * stride_oh``;
+    ``c1, c2, s1, s2`` are the token's cos and sin halves, ``[HALF]`` each in fp32."""
     cols = tl.arange(0, HALF)
     for start in range(0, heads, BLOCK_HEADS):
         offs_h = start + tl.arange(0, BLOCK_HEADS)
