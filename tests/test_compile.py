@@ -5,6 +5,8 @@ operators run eagerly between the compiled graphs, with their reason."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -215,6 +217,42 @@ def test_decoder_layer_with_lora_compiles_fullgraph(fused_linear):
     assert grads.keys() == ref_grads.keys() and any("experts.down_proj.lora_A" in n for n in grads)
     for name, grad in ref_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+FRESH_PROCESS_LAYER = """
+import sys
+import torch
+from transformers import AutoModelForCausalLM
+import moefuse
+sys.path.insert(0, {tests!r})
+from conftest import tiny_config
+model = AutoModelForCausalLM.from_config(
+    tiny_config("qwen3_moe", num_experts=8), experts_implementation=moefuse.EXPERTS_IMPLEMENTATION
+).float()
+layer = model.model.layers[0]
+hidden = torch.randn(1, 6, model.config.hidden_size, requires_grad=True)
+positions = torch.arange(6)[None]
+out = torch.compile(layer, backend="aot_eager", fullgraph=True)(
+    hidden, position_embeddings=model.model.rotary_emb(hidden, positions), attention_mask=None,
+    position_ids=positions,
+)
+(out[0] if isinstance(out, tuple) else out).sum().backward()
+"""
+
+
+def test_a_fresh_process_compiles_a_layer_fullgraph_before_any_eager_call():
+    """The first experts call of a process may be the one torch.compile traces: moefuse's settings must be read by
+    then (they are read at import), since Dynamo cannot trace reading the environment."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "MOEFUSE_BACKEND": "triton"}
+    script = FRESH_PROCESS_LAYER.format(tests=str(Path(__file__).parent))
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def _loss_and_grads(

@@ -1,4 +1,4 @@
-"""moefuse's settings, read once from the ``MOEFUSE_*`` environment variables.
+"""moefuse's settings, read once from the ``MOEFUSE_*`` environment variables, when moefuse is imported.
 
 Nothing else in moefuse reads the environment. Tests and benchmarks change settings for a block of code with
 ``with override_settings(backend="torch"): ...``; the experts' plan (:mod:`moefuse.ops.plan`) reads them once per
@@ -83,9 +83,8 @@ def _from_environment() -> Settings:
         raise ValueError(f"moefuse's environment variables: {error}") from None
 
 
-# The environment's settings, read at the first settings() and kept in a plain global: torch.compile traces
-# settings() in every compiled experts call, and a functools.cache there is what Dynamo warns about and traces
-# through.
+# The environment's settings, kept in a plain global: torch.compile traces settings() in every compiled experts
+# call, and a functools.cache there is what Dynamo warns about and traces through.
 _environment: Settings | None = None
 _overrides: list[Settings] = []
 
@@ -105,6 +104,12 @@ def settings() -> Settings:
     if _environment is None:
         _environment = _from_environment()
     return _environment
+
+
+# Read now, not at the first settings(): that may come inside a graph torch.compile traces, which cannot trace the
+# reading and would break the graph there. A value that does not parse raises at the first settings() instead.
+with contextlib.suppress(ValueError):
+    _environment = _from_environment()
 
 
 @contextlib.contextmanager
