@@ -31,3 +31,30 @@ def test_queue_runs_what_fits_and_archives_new_results(tmp_path):
         names = sorted(Path(n).name for n in tar.getnames() if not n.endswith("logs"))
     assert names == ["a_run1.json", "c_run1.json", "job1.log", "job3.log"]
     assert not (results / "b_run1.json").exists()
+
+
+PENDING = SCRIPT.parent / "queues" / "pending.txt"
+
+
+def _pending_jobs() -> list[list[str]]:
+    lines = [line.split() for line in PENDING.read_text().splitlines()]
+    return [words for words in lines if words and not words[0].startswith("#")]
+
+
+def test_pending_gpu_runs_name_modes_and_keys_that_exist():
+    """The queue waiting for a GPU: each job an estimate, a tree and a gpu_checks.sh mode it has, and every
+    train48 job's keys ones moefuse train knows, each given a value (their values are checked on the GPU, where
+    the GPU-only keys apply)."""
+    from moefuse.train.config import known_keys
+
+    checks = (SCRIPT.parent / "gpu_checks.sh").read_text()
+    known = known_keys()
+    jobs = _pending_jobs()
+    assert jobs
+    for est, tree, *command in jobs:
+        assert int(est) > 0 and tree in (".", ".gpu/tree-7d731e2")
+        assert command[:2] == ["bash", "benchmarks/gpu_checks.sh"] and f"\n{command[2]})\n" in checks
+        if command[2] == "train48":
+            keys = command[5::2]  # after OUT and NAME: --key value pairs
+            assert all(k.startswith("--") and k[2:] in known for k in keys), keys
+            assert len(command[5:]) == 2 * len(keys)
