@@ -242,6 +242,25 @@ def test_dense_model_is_refused(tmp_path):
     _refused(path, tmp_path / "out", r"dense: a qwen3 model has no experts; moefuse converts MoE checkpoints")
 
 
+def test_experts_on_the_decoder_layer_are_read_and_families_loaded_stacked_stay_stacked(tmp_path, capsys):
+    """Gemma 4 keeps its experts on the decoder layer (``model.layers.N.experts.gate_up_proj``): read as the
+    transformers layout, converted to another fused layout and back bit for bit. Transformers loads Gemma 4's
+    experts stacked only (no per-expert rule in its conversion mapping), so a per-expert copy is refused."""
+    model = randomize_(AutoModelForCausalLM.from_config(tiny_config("gemma4_text", num_experts=4))).eval()
+    path = _save(model, tmp_path / "in")
+    assert describe(path)["layout"] == "transformers"
+    veomni = convert_model(path, tmp_path / "veomni", "veomni", progress=False)
+    assert any(k.endswith("layers.0.experts.gate_proj") for k in _load(veomni))
+    back = moefuse.convert_model_to_fused(veomni, tmp_path / "back", progress=False)
+    _assert_same_tensors(_load(back), _load(path))
+    _refused(path, tmp_path / "out", r"loads gemma4_text's experts stacked only", layout="per_expert")
+    _refused(path, tmp_path / "out", r"experts sit outside one; convert to", layout="qwen3_moe_fused")
+    assert (
+        main(["convert", "to-fused", str(path), str(tmp_path / "cli"), "--layout", "veomni", "--quiet"]) == 0
+    )
+    assert "read as is by" not in capsys.readouterr().out  # engines of adapter formats, not of models
+
+
 @pytest.fixture(scope="module")
 def mixtral_hub(tmp_path_factory):
     """A tiny Mixtral as Transformers 5 saves it: block_sparse_moe.experts.{e}.w1 / w3 / w2, the router beside."""

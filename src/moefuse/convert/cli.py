@@ -45,7 +45,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"moefuse convert: {e}", file=sys.stderr)
         return 1
     print(f"wrote {target} ({layout} layout)")
-    if layout in FORMATS:
+    if lora.is_adapter(target) and layout in FORMATS:  # the table is of adapter formats
         engines = sorted({reader.engine for reader in FORMATS[layout].readers})
         print(f"read as is by {', '.join(engines)}: moefuse inspect {target} says which versions and models")
     return 0

@@ -1,7 +1,7 @@
 """Layouts of MoE expert weights and of LoRA adapters on experts: names, detection, and conversion plans.
 
-Model layouts (``{p}`` is a block's MoE prefix, e.g. ``model.layers.3.mlp``; E experts, hidden H, expert
-intermediate I):
+Model layouts (``{p}`` is what holds the experts module: a block's MoE prefix, e.g. ``model.layers.3.mlp``, or
+for Gemma 4 the decoder layer, ``model.layers.3``; E experts, hidden H, expert intermediate I):
 
 ``per_expert``       ``{p}.experts.{e}.gate_proj.weight [I, H]``, ``...up_proj.weight [I, H]``,
                      ``...down_proj.weight [H, I]``: the Hub layout that vLLM, SGLang and llama.cpp read.
@@ -67,11 +67,12 @@ MIXTRAL_BLOCK, BLOCK = ".block_sparse_moe", ".mlp"
 
 _LORA_ITEM = r"(?P<item>(?:gate|up|down)_proj\.lora_[AB](?:\.[\w-]+)?)"
 _PATTERNS = {
+    # The experts module sits in the MLP block (<...>.mlp.experts) or, as Gemma 4's, on the decoder layer.
     (MODEL, "per_expert"): re.compile(
-        r"^(?P<p>.+\.mlp)\.experts\.(?P<e>\d+)\.(?P<item>gate|up|down)_proj\.weight$"
+        r"^(?P<p>.+)\.experts\.(?P<e>\d+)\.(?P<item>gate|up|down)_proj\.weight$"
     ),
-    (MODEL, "transformers"): re.compile(r"^(?P<p>.+\.mlp)\.experts\.(?P<item>gate_up|down)_proj$"),
-    (MODEL, "veomni"): re.compile(r"^(?P<p>.+\.mlp)\.experts\.(?P<item>gate|up|down)_proj$"),
+    (MODEL, "transformers"): re.compile(r"^(?P<p>.+)\.experts\.(?P<item>gate_up|down)_proj$"),
+    (MODEL, "veomni"): re.compile(r"^(?P<p>.+)\.experts\.(?P<item>gate|up|down)_proj$"),
     (MODEL, "qwen3_moe_fused"): re.compile(r"^(?P<p>.+\.mlp)\.(?P<item>gate|up|down)_proj\.weight$"),
     (LORA, "per_expert"): re.compile(rf"^(?P<p>.+)\.experts\.(?P<e>\d+)\.{_LORA_ITEM}\.weight$"),
     (LORA, "fused"): re.compile(rf"^(?P<p>.+)\.experts\.{_LORA_ITEM}\.weight$"),
@@ -142,6 +143,11 @@ def _stored_name(kind: str, layout: str, prefix: str, item: str, expert: int | N
         if layout == "per_expert":
             return f"{prefix}.experts.{expert}.{item}_proj.weight"
         if layout == "qwen3_moe_fused":
+            if not prefix.endswith(BLOCK):
+                raise CheckpointError(
+                    f"{prefix}: the qwen3_moe_fused layout names experts by their MLP block (<...>{BLOCK}."
+                    "gate_proj.weight), and these experts sit outside one; convert to transformers or veomni"
+                )
             return f"{prefix}.{item}_proj.weight"
         return f"{prefix}.experts.{item}_proj"  # transformers (item gate_up or down), veomni
     if layout == "per_expert":

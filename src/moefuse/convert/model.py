@@ -13,7 +13,16 @@ import os
 from pathlib import Path
 
 from .checkpoint import Checkpoint, CheckpointError
-from .layouts import FUSED_LAYOUTS, LAYOUTS, MODEL, ExpertBlock, detect_layout, find_blocks, plan_conversion
+from .layouts import (
+    FUSED_LAYOUTS,
+    LAYOUTS,
+    MODEL,
+    PER_EXPERT_LAYOUTS,
+    ExpertBlock,
+    detect_layout,
+    find_blocks,
+    plan_conversion,
+)
 from .streaming import check_destination, copy_side_files, staged_output, verify_written, write_shards
 
 # Where the configs of MoE families keep the number of routed experts.
@@ -108,6 +117,8 @@ def convert_model(
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     check_destination(in_dir, out_dir, overwrite)
     ckpt, config, in_layout, blocks = open_model(in_dir)
+    if layout in PER_EXPERT_LAYOUTS and in_layout not in PER_EXPERT_LAYOUTS:
+        check_loads_per_expert(config, in_dir)
     plan = plan_conversion(ckpt.shapes, ckpt.dtypes, MODEL, in_layout, layout, blocks, in_dir)
     with staged_output(out_dir) as staging:
         write_shards(plan, ckpt, staging, max_shard_size=max_shard_size, progress=progress)
@@ -117,6 +128,29 @@ def convert_model(
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     report_left_behind(in_dir, left_behind)
     return out_dir
+
+
+def check_loads_per_expert(config: dict, where: object) -> None:
+    """Refuse to write per-expert experts for a family that Transformers loads stacked only: its conversion
+    mapping (what ``from_pretrained`` applies to a checkpoint's names) has no rule that stacks per-expert
+    tensors, because the family's checkpoints are published stacked (e.g. Gemma 4, GPT-OSS)."""
+    from transformers import __version__
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    families = [config.get("model_type"), (config.get("text_config") or {}).get("model_type")]
+    families = [f for f in families if f]
+    if not families:
+        return  # no family named: nothing to check against
+    for family in families:
+        for rule in get_checkpoint_conversion_mapping(family) or []:
+            sources = str(getattr(rule, "source_patterns", ""))
+            if "experts.*." in sources and "experts." in str(getattr(rule, "target_patterns", "")):
+                return
+    raise CheckpointError(
+        f"{where}: Transformers {__version__} loads {families[0]}'s experts stacked only (its checkpoints are "
+        "published so), so a per-expert checkpoint would not load; keep the transformers layout, the one its "
+        "checkpoints are published in"
+    )
 
 
 def convert_model_to_fused(
