@@ -368,6 +368,52 @@ def test_all_savers_together_with_checkpointing_still_train(tmp_path, capsys):
     assert result.throughput["flops_per_token"]["recompute"] > 0
 
 
+@pytest.mark.slow
+@pytest.mark.interpreter
+def test_torch_compile_trains_to_eager_losses_and_moefuse_breaks_no_graph(tmp_path):
+    """``torch_compile: true`` (the Trainer compiles the PEFT model; Dynamo's graphs run on ``aot_eager`` here) with
+    moefuse's experts on the Triton path: eager's loss, and every graph break Dynamo logs is outside moefuse's
+    source (TRL's, Transformers' and PEFT's are theirs to remove)."""
+    import logging
+    import re
+    from pathlib import Path
+
+    import moefuse
+    from moefuse.settings import override_settings
+
+    breaks: list[str] = []
+
+    class Breaks(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            found = re.search(r"Graph break in user code at (\S+):\d+", record.getMessage())
+            if found:
+                breaks.append(found[1])
+
+    common = ["--max_samples", "16", "--max_steps", "1", "--logging_steps", "1"]
+    common += ["--save_strategy", "no", "--save_base_model", "false"]
+    logger = logging.getLogger("torch._dynamo.symbolic_convert.__graph_breaks")
+    handler = Breaks()
+    torch._dynamo.reset()
+    with override_settings(backend="triton"):
+        eager = run_train(None, [*common, "--output_dir", str(tmp_path / "a")])
+        torch._logging.set_logs(graph_breaks=True)
+        logger.addHandler(handler)
+        try:
+            compiled = run_train(
+                None,
+                [*common, "--torch_compile", "true", "--torch_compile_backend", "aot_eager"]
+                + ["--output_dir", str(tmp_path / "b")],
+            )
+        finally:
+            logger.removeHandler(handler)
+            torch._logging.set_logs()
+            torch._dynamo.reset()
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-5)
+    assert breaks  # the recorder sees Dynamo's breaks (TRL's, Transformers', PEFT's)
+    source = str(Path(moefuse.__file__).parent)
+    assert not [b for b in breaks if b.startswith(source)], breaks
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "attention, keys",
