@@ -29,8 +29,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         return 2
     source, target = paths
     options = dict(overwrite=args.overwrite, progress=not args.quiet)
+    adapter = lora.is_adapter(source)
     try:
-        if lora.is_adapter(source):
+        if adapter:
             layout = lora_layout_for(resolve(layout))
             lora.convert_lora(source, target, layout, **options)
         else:
@@ -45,7 +46,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"moefuse convert: {e}", file=sys.stderr)
         return 1
     print(f"wrote {target} ({layout} layout)")
-    if lora.is_adapter(target) and layout in FORMATS:  # the table is of adapter formats
+    if adapter and layout in FORMATS:  # the table is of adapter formats
         engines = sorted({reader.engine for reader in FORMATS[layout].readers})
         print(f"read as is by {', '.join(engines)}: moefuse inspect {target} says which versions and models")
     return 0

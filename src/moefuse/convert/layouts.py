@@ -92,9 +92,9 @@ _PATTERNS = {
 
 @dataclass(frozen=True)
 class _Found:
-    """A tensor of experts as a layout names it, in the common terms: the block's prefix (``<...>.mlp``), the
-    item (``gate``/``gate_up``/... or, for LoRA, ``gate_proj.lora_A[.adapter]``) and the expert (per-expert
-    layouts)."""
+    """A tensor of experts as a layout names it, in the common terms: what holds the experts (``<...>.mlp``, or a
+    decoder layer), the item (``gate``/``gate_up``/... or, for LoRA, ``gate_proj.lora_A[.adapter]``) and the
+    expert (per-expert layouts)."""
 
     prefix: str
     item: str
