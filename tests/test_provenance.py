@@ -1,5 +1,5 @@
 """Provenance recorded by the tool: the commit and dirty flag from git, or from the stamp in a copy without
-``.git``; result files named per run and never overwritten; the version from the source tree."""
+``.git`` (or with an older one); result files named per run and never overwritten; the version from the source tree."""
 
 from __future__ import annotations
 
@@ -57,6 +57,25 @@ def test_stamp_of_a_dirty_tree_stays_dirty(checkout: Path, tmp_path: Path):
     copy = tmp_path / "copy"
     shutil.copytree(checkout, copy, ignore=shutil.ignore_patterns(".git"))
     assert source_provenance(copy)["dirty"] is True
+
+
+def test_copy_with_an_older_git_reads_the_stamp_that_matches_its_files(checkout: Path, tmp_path: Path):
+    first = _git(checkout, "rev-parse", "HEAD")
+    (checkout / "src" / "moefuse" / "ops.py").write_text("x = 2\n")
+    _git(checkout, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "second")
+    second = _git(checkout, "rev-parse", "HEAD")
+    write_stamp(checkout)
+    copy = tmp_path / "copy"
+    shutil.copytree(checkout, copy)
+    _git(
+        copy, "reset", "-q", "--soft", first
+    )  # the copy's .git is the first commit's; its files the second's
+    assert source_provenance(copy) == {"commit": second, "dirty": False, "source": STAMP_FILE}
+    (copy / "src" / "moefuse" / "new.py").write_text("y = 1\n")  # a file the stamp does not list
+    assert source_provenance(copy) == {"commit": first, "dirty": True, "source": "git"}
+    (copy / "src" / "moefuse" / "new.py").unlink()
+    (copy / "src" / "moefuse" / "ops.py").write_text("x = 3\n")  # a stamped file changed
+    assert source_provenance(copy) == {"commit": first, "dirty": True, "source": "git"}
 
 
 def test_unreadable_stamp_is_a_clear_error(checkout: Path, tmp_path: Path):

@@ -3,7 +3,8 @@
 In a git checkout git answers. A copy of the tree without ``.git`` (a GPU machine's) is answered by a stamp that
 ``python -m moefuse.bench.provenance`` writes at the checkout's root before the copy: the commit, git's dirty
 flag, and a hash of every source file's contents. On the copy the hash is taken again; a tree changed after
-the stamp counts as dirty.
+the stamp counts as dirty. Where git finds the tree dirty, a stamp that matches every file (the same files, the
+same contents) answers instead: a copy can carry a ``.git`` older than its files.
 """
 
 from __future__ import annotations
@@ -66,13 +67,16 @@ def _from_git(root: Path) -> dict | None:
     return {"commit": commit, "dirty": dirty, "source": "git"}
 
 
-def _from_stamp(root: Path) -> dict | None:
+def _from_stamp(root: Path, files: list[str] | None = None) -> dict | None:
+    """The stamp at ``root``, dirty if a stamped file changed or (given the tree's ``files``) the list differs."""
     path = root / STAMP_FILE
     if not path.is_file():
         return None
     try:
         stamp = json.loads(path.read_text())
-        changed = tree_hash(root, stamp["files"]) != stamp["sha256"]
+        changed = tree_hash(root, stamp["files"]) != stamp["sha256"] or (
+            files is not None and files != stamp["files"]
+        )
         return {"commit": stamp["commit"], "dirty": stamp["dirty"] or changed, "source": STAMP_FILE}
     except (ValueError, KeyError, TypeError) as error:  # no result is written under an unreadable provenance
         raise RuntimeError(
@@ -86,7 +90,14 @@ def source_provenance(root: Path = SOURCE_ROOT) -> dict:
     unknown (an installed wheel)."""
     if not (root / "src" / "moefuse").is_dir():
         return {"commit": "unknown", "dirty": None, "source": "installed package"}
-    return _from_git(root) or _from_stamp(root) or {"commit": "unknown", "dirty": None, "source": "none"}
+    git = _from_git(root)
+    if git is not None and git["dirty"]:
+        # A copy may carry a .git older than its files (a GPU machine's): a stamp matching every file there names
+        # them exactly.
+        stamp = _from_stamp(root, _source_files(root))
+        if stamp is not None and not stamp["dirty"]:
+            return stamp
+    return git or _from_stamp(root) or {"commit": "unknown", "dirty": None, "source": "none"}
 
 
 def commit_label(provenance: dict) -> str:
