@@ -229,6 +229,7 @@ def test_throughput_warmup_steps_moves_the_steady_window(tmp_path):
     "overrides, message",
     [
         (["--gpu_busy_steps", "3"], "this run is on the CPU"),
+        (["--host_profile_steps=-1"], "host_profile_steps: -1 must be 0"),
         (["--memory_cap_gib", "20"], "memory_cap_gib: 20.0: the cap is on GPU memory"),
         (["--step_in_backward", "true", "--max_grad_norm", "1.0"], "set max_grad_norm: 0"),
         (
@@ -472,6 +473,26 @@ def test_a_step_after_warmup_waits_for_the_gpu_only_in_trls_loss(tmp_path, monke
     assert len(recorded) == 1
     outside_trl = [stack for stack in recorded[0] if f"{os.sep}trl{os.sep}" not in sync_owner(stack)]
     assert not outside_trl, "host syncs outside TRL's loss:\n" + "\n".join(map(format_sync_site, outside_trl))
+
+
+def test_host_profile_lists_the_functions_of_its_steps_and_leaves_them_out(tmp_path, capsys):
+    run_train(
+        None,
+        [*FEW_ROWS, "--max_steps", "8", "--logging_steps", "2", "--host_profile_steps", "2"]
+        + ["--output_dir", str(tmp_path)],
+    )
+    totals = json.loads((tmp_path / SUMMARY_FILE).read_text())["throughput"]
+    host = totals["host_profile"]
+    assert host["steps"] == [3, 4] and host["wall_seconds"] > 0  # right after the warm-up's log at step 2
+    functions = host["functions"]
+    own = [f["own_seconds"] for f in functions]
+    assert own == sorted(own, reverse=True) and all(f["calls"] > 0 for f in functions)
+    assert all(f["cumulative_seconds"] >= f["own_seconds"] for f in functions)
+    assert sum(f["own_share"] for f in functions) <= 1.0
+    # the profiled steps are left out of the steady figures: the logs at steps 6 and 8 make them up
+    logs = {log["step"]: log["tokens"] for log in totals["by_log"]}
+    assert totals["after_warmup"]["tokens"] == logs[6] + logs[8]
+    assert functions[0]["name"][-70:] in capsys.readouterr().out  # the summary names the top functions
 
 
 @pytest.mark.gpu

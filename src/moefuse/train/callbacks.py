@@ -16,7 +16,10 @@ output head); ``hfu`` (hardware FLOPs utilisation) counts them too.
 
 from __future__ import annotations
 
+import cProfile
+import pstats
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -144,6 +147,25 @@ def busy_seconds(intervals: list[tuple[float, float]]) -> float:
 TOP_KERNELS = 12  # kernels listed in the GPU-busy figures
 
 
+def host_table(profile: cProfile.Profile, wall: float, top: int = TOP_KERNELS) -> list[dict]:
+    """The ``top`` Python functions of ``profile`` by their own time (tottime), each with its calls, own and
+    cumulative seconds, and own share of ``wall`` (seconds): where a host-bound step's time goes."""
+    stats = pstats.Stats(
+        profile
+    ).stats  # (file, line, function) -> (primitive calls, calls, own, cumulative, ...)
+    ranked = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    return [
+        {
+            "name": f"{file}:{line}({function})"[-160:],
+            "calls": calls,
+            "own_seconds": round(own, 6),
+            "cumulative_seconds": round(cumulative, 6),
+            "own_share": round(own / wall, 4),
+        }
+        for (file, line, function), (_, calls, own, cumulative, _) in ranked
+    ]
+
+
 def kernel_table(kernels: list[tuple[str, float, float]], busy: float, top: int = TOP_KERNELS) -> list[dict]:
     """The ``top`` kernels of ``(name, start, end)`` intervals (microseconds) by their summed time: each with its
     calls, seconds and share of ``busy`` (seconds; kernels that overlap count in full, so shares can sum past 1).
@@ -215,7 +237,7 @@ class TritonCompiles:
         if self._saved[1] is not None:
             self._saved[1](**kwargs)
 
-    def seconds_within(self, first: int, leave_out: range = range(0)) -> float:
+    def seconds_within(self, first: int, leave_out: Collection[int] = ()) -> float:
         """The compiles' seconds in steps ``first`` on, those in ``leave_out`` left out."""
         return sum(s for step, (_, s) in self.by_step.items() if step >= first and step not in leave_out)
 
@@ -243,7 +265,9 @@ class ThroughputCallback(TrainerCallback):
     ``memory``: CUDA's peak allocated and reserved memory over the training, and the allocations retried after
     freeing the cache (under a memory cap, each costs device syncs); ``triton_compiles``: Triton's kernel
     compiles by step (:class:`TritonCompiles`); ``by_log``: each log's step, seconds, tokens and figures (the
-    profiled steps included), to tell a slow stretch of the run from a slow run.
+    profiled steps included), to tell a slow stretch of the run from a slow run; ``host_profile`` (with
+    ``host_profile_steps``): the Python functions by their own time over that many steps profiled with cProfile
+    after the GPU-busy steps (left out of the after-warm-up figures too: cProfile slows the host).
 
     Attach it with :func:`add_throughput_callback` so that the reporting integrations (TensorBoard, W&B) see
     its figures too, or pass it in ``callbacks=[...]`` (then only the console and ``log_history`` do).
@@ -254,10 +278,12 @@ class ThroughputCallback(TrainerCallback):
         peak_tflops: float | None = None,
         warmup_steps: int | None = None,
         gpu_busy_steps: int | None = None,
+        host_profile_steps: int = 0,
     ):
         self.peak_tflops = peak_tflops
         self.warmup_steps = warmup_steps
         self.gpu_busy_steps = gpu_busy_steps
+        self.host_profile_steps = host_profile_steps
         self.flops_model: FlopsModel | None = None
         self._hook = None
         self._tokens: torch.Tensor | int = 0  # since the start, on the device until a mark reads them
@@ -265,10 +291,14 @@ class ThroughputCallback(TrainerCallback):
         self._start: _Mark | None = None
         self._last_log: _Mark | None = None
         self._steady: _Mark | None = None
-        self._profiler = None
-        self._profile_marks: tuple[_Mark, float, int] | None = None  # (mark, clock after start, first step)
+        self._profiler = None  # torch.profiler's (the GPU-busy steps) or cProfile's (the host-profile steps)
+        self._window: tuple[str, _Mark, float, int] | None = (
+            None  # (kind, mark, clock after start, first step)
+        )
         self._profiled = (0.0, 0, 0)  # (seconds, tokens, squares) the steady figures leave out
+        self._profiled_steps: set[int] = set()
         self._gpu_busy: dict | None = None
+        self._host_profile: dict | None = None
         self.compiles = TritonCompiles()
         self.by_log: list[dict] = []  # each log's step, seconds and tokens since the previous log
         self.totals: dict = {}
@@ -308,29 +338,60 @@ class ThroughputCallback(TrainerCallback):
             figures["hfu"] = round((flops + recompute) / seconds / (self.peak_tflops * 1e12), 4)
         return figures
 
+    def _next_window(self) -> str | None:
+        """The profiled window to open next, once the warm-up is over: the GPU-busy steps, then the host's."""
+        if self.gpu_busy_steps and self._gpu_busy is None:
+            return "gpu"
+        if self.host_profile_steps and self._host_profile is None:
+            return "host"
+        return None
+
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self.compiles.step = state.global_step + 1
-        if self._steady is None or self._profile_marks is not None or self._gpu_busy is not None:
+        kind = None if self._steady is None or self._window is not None else self._next_window()
+        if kind is None:
             return
-        if not self.gpu_busy_steps:
-            return
-        from torch.profiler import ProfilerActivity, profile
-
         mark = self._mark(args)
-        self._profiler = profile(activities=[ProfilerActivity.CUDA])
-        self._profiler.start()
-        torch.cuda.synchronize(args.device)
-        self._profile_marks = (mark, time.perf_counter(), state.global_step)
+        if kind == "gpu":
+            from torch.profiler import ProfilerActivity, profile
+
+            self._profiler = profile(activities=[ProfilerActivity.CUDA])
+            self._profiler.start()
+            torch.cuda.synchronize(args.device)
+        else:
+            self._profiler = cProfile.Profile()
+            self._profiler.enable()
+        self._window = (kind, mark, time.perf_counter(), state.global_step)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if self._profile_marks is None or state.global_step - self._profile_marks[2] < self.gpu_busy_steps:
+        if self._window is None:
             return
-        self._stop_profiler(args, state.global_step)
+        kind, _, _, first_step = self._window
+        steps = self.gpu_busy_steps if kind == "gpu" else self.host_profile_steps
+        if state.global_step - first_step >= steps:
+            self._close_window(args, state.global_step)
 
-    def _stop_profiler(self, args: TrainingArguments, step: int) -> None:
+    def _close_window(self, args: TrainingArguments, step: int) -> None:
+        kind, before, started, first_step = self._window
+        if kind == "gpu":
+            self._gpu_busy = self._stop_gpu_profiler(args, started, (first_step + 1, step))
+        else:
+            self._profiler.disable()
+            wall = time.perf_counter() - started
+            self._host_profile = {
+                "wall_seconds": wall,
+                "steps": [first_step + 1, step],
+                "functions": host_table(self._profiler, wall),
+            }
+        self._profiler = self._window = None
+        self._profiled = tuple(
+            a + b for a, b in zip(self._profiled, before.until(self._mark(args)), strict=True)
+        )
+        self._profiled_steps.update(range(first_step + 1, step + 1))
+
+    def _stop_gpu_profiler(self, args: TrainingArguments, started: float, steps: tuple[int, int]) -> dict:
         from torch.autograd import DeviceType
 
-        before, started, first_step = self._profile_marks
         torch.cuda.synchronize(args.device)
         wall = time.perf_counter() - started
         self._profiler.stop()
@@ -342,15 +403,13 @@ class ThroughputCallback(TrainerCallback):
         ]
         intervals = [(start, end) for _, start, end in kernels]
         busy = busy_seconds(intervals) / 1e6  # the profiler's clock is in microseconds
-        self._gpu_busy = {
+        return {
             "fraction": round(busy / wall, 4),
             "busy_seconds": busy,
             "wall_seconds": wall,
-            "steps": [first_step + 1, step],
+            "steps": list(steps),
             "kernels": kernel_table(kernels, busy) if busy else [],
         }
-        self._profiler = self._profile_marks = None
-        self._profiled = before.until(self._mark(args))
 
     def on_log(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs
@@ -378,8 +437,8 @@ class ThroughputCallback(TrainerCallback):
             self._hook.remove()
             self._hook = None
         self.compiles.remove()
-        if self._profile_marks is not None:  # the run ended inside the profiled steps
-            self._stop_profiler(args, state.global_step)
+        if self._window is not None:  # the run ended inside profiled steps
+            self._close_window(args, state.global_step)
         end = self._mark(args)
         seconds, tokens, squares = self._start.until(end)
         if tokens:
@@ -396,7 +455,6 @@ class ThroughputCallback(TrainerCallback):
             )
             if tokens > 0:
                 from_step = self._steady_step(state)
-                first, last = self._gpu_busy["steps"] if self._gpu_busy else (0, -1)
                 self.totals["after_warmup"] = {
                     "from_step": from_step,
                     "tokens": tokens,
@@ -404,10 +462,14 @@ class ThroughputCallback(TrainerCallback):
                     **self._figures(seconds, tokens, squares),
                     # A compile in the window (a new batch shape tuned) is part of its seconds; shown apart.
                     "triton_compile_seconds": round(
-                        self.compiles.seconds_within((from_step or 0) + 1, range(first, last + 1)), 3
+                        self.compiles.seconds_within((from_step or 0) + 1, self._profiled_steps), 3
                     ),
                 }
         self.totals["gpu_busy"] = self._gpu_busy or {"not_measured": self._why_no_gpu_busy(args)}
+        if self.host_profile_steps:
+            self.totals["host_profile"] = self._host_profile or {
+                "not_measured": "the run ended before the warm-up and the GPU-busy steps were over"
+            }
         if args.device.type == "cuda":
             self.totals["memory"] = {
                 "peak_allocated_gib": torch.cuda.max_memory_allocated(args.device) / GIB,
@@ -437,9 +499,10 @@ def add_throughput_callback(
     peak_tflops: float | None = None,
     warmup_steps: int | None = None,
     gpu_busy_steps: int | None = None,
+    host_profile_steps: int = 0,
 ) -> ThroughputCallback:
     """Attach a :class:`ThroughputCallback` first in ``trainer``'s callbacks, ahead of the reporting
     integrations and the progress bar, so all of them log its figures."""
-    callback = ThroughputCallback(peak_tflops, warmup_steps, gpu_busy_steps)
+    callback = ThroughputCallback(peak_tflops, warmup_steps, gpu_busy_steps, host_profile_steps)
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback

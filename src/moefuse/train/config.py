@@ -217,6 +217,14 @@ class MoefuseTrainArguments:
             "GPU; refused on the CPU (no GPU kernels)"
         },
     )
+    host_profile_steps: int = field(
+        default=0,
+        metadata={
+            "help": "steps profiled with cProfile after the warm-up and the GPU-busy steps: the Python functions "
+            "by their own time go to the summary's host_profile (where a host-bound step's time goes; left out "
+            "of the after-warm-up tokens/s, as cProfile slows the host); 0 (default) turns it off"
+        },
+    )
     step_in_backward: bool = field(
         default=False,
         metadata={
@@ -458,6 +466,8 @@ def check_memory_args(args: MoefuseTrainArguments, sft_config: SFTConfig) -> Non
     cuda = torch.cuda.is_available() and not sft_config.use_cpu
     if args.lora_dtype not in LORA_DTYPES:
         raise TrainConfigError(f"lora_dtype: {args.lora_dtype!r}; choose one of {', '.join(LORA_DTYPES)}")
+    if args.host_profile_steps < 0:
+        raise TrainConfigError(f"host_profile_steps: {args.host_profile_steps} must be 0 (off) or more")
     if args.gpu_busy_steps is not None and args.gpu_busy_steps < 0:
         raise TrainConfigError(f"gpu_busy_steps: {args.gpu_busy_steps} must be 0 (off) or more")
     if args.gpu_busy_steps and not cuda:

@@ -237,7 +237,7 @@ def train(args: MoefuseTrainArguments, sft_config: SFTConfig) -> TrainResult:
         offload_activations=args.offload_activations,
     )
     throughput = add_throughput_callback(
-        trainer, args.peak_tflops, args.throughput_warmup_steps, args.gpu_busy_steps
+        trainer, args.peak_tflops, args.throughput_warmup_steps, args.gpu_busy_steps, args.host_profile_steps
     )
     if is_main:
         print(_describe(model, args, source, len(train_dataset), sft_config), flush=True)
@@ -393,6 +393,18 @@ def _throughput_lines(t: dict) -> list[str]:
             lines.append(f"             {kernel['share']:6.1%} {kernel['calls']:>6} x {kernel['name'][:70]}")
     elif busy:
         lines.append(f"  GPU busy   {busy['not_measured']}")
+    host = t.get("host_profile", {})
+    if "functions" in host:
+        first, last = host["steps"]
+        lines.append(
+            f"  host       {host['wall_seconds']:.2f} s over steps {first}-{last} under cProfile; by own time:"
+        )
+        for function in host["functions"][:5]:
+            lines.append(
+                f"             {function['own_share']:6.1%} {function['calls']:>6} x {function['name'][-70:]}"
+            )
+    elif host:
+        lines.append(f"  host       {host['not_measured']}")
     compiles = t.get("triton_compiles", {})
     if compiles.get("compiles"):
         steps = ", ".join(f"{entry['step']} ({entry['seconds']:.1f} s)" for entry in compiles["by_step"])
