@@ -423,6 +423,12 @@ def test_torch_compile_trains_to_eager_losses_and_moefuse_breaks_no_graph(tmp_pa
         ("moefuse_varlen", []),
         # QLoRA's memory without bitsandbytes' per-tensor syncs: torchao's 8-bit AdamW, one tensor at a time
         ("moefuse_varlen", ["--optim", "adamw_torch_8bit", "--step_in_backward", "true"]),
+        # QLoRA with every saver its capped runs use: 4-bit experts, bitsandbytes' 4-bit attention, offload
+        (
+            "moefuse_varlen",
+            ["--finetuning_type", "qlora", "--optim", "adamw_torch_4bit", "--step_in_backward", "true"]
+            + ["--offload_activations", "true", "--lora_dtype", "model", "--gradient_checkpointing", "true"],
+        ),
     ],
 )
 def test_a_step_after_warmup_waits_for_the_gpu_only_in_trls_loss(tmp_path, monkeypatch, attention, keys):
@@ -434,8 +440,10 @@ def test_a_step_after_warmup_waits_for_the_gpu_only_in_trls_loss(tmp_path, monke
     backward pass belongs to the forward call that built its autograd node (kept by anomaly mode)."""
     from contextlib import ExitStack
 
-    if "adamw_torch_8bit" in keys:
+    if any(key.startswith("adamw_torch_") for key in keys):
         pytest.importorskip("torchao")
+    if "qlora" in keys:
+        pytest.importorskip("bitsandbytes")
 
     from transformers import TrainerCallback
 
