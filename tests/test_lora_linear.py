@@ -60,31 +60,6 @@ def test_lora_linear_matches_its_reference_with_gradients(bias, contiguous, lead
             torch.testing.assert_close(got, expected)
 
 
-def test_lora_linear_dequantizes_a_packed_weight_in_forward_and_backward():
-    """A packed weight (here int8 codes, scaled) with its dequantize function: the reference's results and
-    gradients, the function called once in the forward and once in the backward; a packed weight that asks for a
-    gradient is refused."""
-    x, weight, bias, a, b = _inputs(torch.float64, bias=True)
-    codes = (weight.detach() * 100).round().to(torch.int8)
-    calls = []
-
-    def dequantize(packed: torch.Tensor) -> torch.Tensor:
-        calls.append(packed)
-        return packed.to(torch.float64) / 100
-
-    tensors = [x, codes, bias, a, b]
-    out, grads = _grads(lambda *t: lora_linear(*t, dequantize=dequantize), tensors, 0.5)
-    assert len(calls) == 2 and all(c is codes for c in calls)
-    ref, ref_grads = _grads(lambda *t: lora_linear_reference(*t, dequantize=dequantize), tensors, 0.5)
-    torch.testing.assert_close(out, ref)
-    for got, expected in zip(grads, ref_grads, strict=True):
-        assert (got is None) == (expected is None)
-        if got is not None:
-            torch.testing.assert_close(got, expected)
-    with pytest.raises(ValueError, match="takes no gradient"):
-        lora_linear(x, codes.float().requires_grad_(), bias, a, b, 0.5, dequantize=dequantize)
-
-
 def test_lora_linear_under_autocast_computes_in_its_dtype_and_returns_factor_grads_in_theirs():
     """bf16 weights, float32 factors (PEFT's default) under bf16 autocast: the output in bf16, each gradient in
     its tensor's dtype, within bf16 rounding of the fp64 reference."""
@@ -191,88 +166,6 @@ def test_lora_linear_falls_back_to_peft_where_not_plain(monkeypatch, tmp_path):
         torch.testing.assert_close(reloaded(ids).logits, fused(ids).logits)
         merged = copy.deepcopy(fused).merge_and_unload()
         torch.testing.assert_close(merged(ids).logits, fused(ids).logits, rtol=1e-4, atol=1e-5)
-
-
-def _4bit_pair(dtype: torch.dtype, device: str = "cpu"):
-    """One bitsandbytes NF4 layer (with a bias) under the same adapter twice: PEFT's ``Linear4bit`` and moefuse's."""
-    pytest.importorskip("bitsandbytes")
-    from transformers import BitsAndBytesConfig
-
-    from moefuse.lora.linear_4bit import LoraLinear4bit
-    from moefuse.quant.model import quantize_linears
-
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
-    )
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q"])
-    layers = []
-    for fused in (False, True):
-        torch.manual_seed(0)
-        module = nn.ModuleDict({"q": nn.Linear(64, 96, dtype=dtype)})
-        quantize_linears(module, quantization, device=device)
-        module = get_peft_model(module, use_fused_lora_linear(copy.deepcopy(config)) if fused else config)
-        layers.append(module.base_model.model["q"].to(device=device, dtype=dtype))
-    plain, fused = layers
-    assert type(fused) is LoraLinear4bit and type(plain) is not LoraLinear4bit
-    assert fused.state_dict().keys() == plain.state_dict().keys()
-    with torch.no_grad():  # the same base from the same seed; the same adapter
-        plain.lora_B["default"].weight.normal_(std=0.1)
-        for factor in ("lora_A", "lora_B"):
-            getattr(fused, factor)["default"].weight.copy_(getattr(plain, factor)["default"].weight)
-    return plain, fused
-
-
-CUDA_CASE = pytest.param(
-    "cuda",
-    marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
-)
-
-
-@pytest.mark.parametrize("device", ["cpu", CUDA_CASE])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lora_over_bitsandbytes_4bit_matches_peft_and_keeps_no_dense_weight(monkeypatch, dtype, device):
-    """QLoRA's attention: output and the input's and factors' gradients equal PEFT's own Linear4bit layer's (the
-    same dequantised weight on both sides); the fused path ran, and no dense copy of the weight was saved for the
-    backward."""
-    calls = []
-    monkeypatch.setattr(lora_linear_module, "lora_linear", lambda *a: calls.append(a[-1]) or lora_linear(*a))
-    plain, fused = _4bit_pair(dtype, device)
-    x = torch.randn(3, 5, 64, dtype=dtype, device=device)
-    g = torch.randn(3, 5, 96, dtype=dtype, device=device)
-    results, saved = [], []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.append((tuple(t.shape), t.dtype))
-        return t
-
-    for layer in (plain, fused):
-        xi = x.clone().requires_grad_()
-        saved.clear()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = layer(xi)
-        out.backward(g)
-        results.append(
-            [out, xi.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad]
-        )
-    assert len(calls) == 1 and calls[0] is not None  # once, with bitsandbytes' dequantisation
-    assert ((96, 64), dtype) not in saved  # the fused layer's saved tensors hold the packed weight only
-    tolerance = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
-    for name, got, ref in zip(["out", "x", "lora_A", "lora_B"], results[1], results[0], strict=True):
-        torch.testing.assert_close(got, ref, msg=name, **tolerance)
-
-
-def test_lora_over_bitsandbytes_4bit_falls_back_to_peft_while_dropout_trains(monkeypatch):
-    calls = []
-    monkeypatch.setattr(lora_linear_module, "lora_linear", lambda *a: calls.append(1) or lora_linear(*a))
-    plain, fused = _4bit_pair(torch.float32)
-    for layer in (plain, fused):
-        layer.lora_dropout["default"] = nn.Dropout(0.5)
-    x = torch.randn(4, 64)
-    torch.manual_seed(1)
-    ref = plain.train()(x)
-    torch.manual_seed(1)
-    torch.testing.assert_close(fused.train()(x), ref)
-    assert not calls
 
 
 @pytest.mark.gpu

@@ -8,19 +8,12 @@ adapter's own products. Here the input is read in the compute dtype as it is, th
 small ``B`` (``[out, r]``), and the adapter's product is accumulated onto the base output in the GEMM's epilogue
 (``addmm_``); the backward likewise accumulates ``(dY·s·B)·A`` onto ``dY·W``. The factors' gradients come back in
 their own dtype. The products run in autocast's dtype where autocast is on, else in the input's.
-
-A packed weight (bitsandbytes' NF4 or FP4) comes with the function that dequantises it: called in the forward and
-again in the backward, so no dense copy outlives either.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
-
-Dequantize = Callable[[torch.Tensor], torch.Tensor]  # a packed weight -> its dense [out, in]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -28,22 +21,17 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def _dense(weight: torch.Tensor, dequantize: Dequantize | None, dtype: torch.dtype) -> torch.Tensor:
-    return (weight if dequantize is None else dequantize(weight)).to(dtype)
-
-
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, dtype: torch.dtype, dequantize):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, dtype: torch.dtype):
         with torch.autocast(x.device.type, enabled=False):
             rows = x.reshape(-1, x.shape[-1]).to(dtype)  # [N, in]; no copy when x is in dtype already
-            w, a = _dense(weight, dequantize, dtype), lora_a.to(dtype)  # [out, in], [r, in]
+            w, a = weight.to(dtype), lora_a.to(dtype)  # [out, in], [r, in]
             scaled_b = (lora_b * scaling).to(dtype)  # [out, r]
             t = rows @ a.T  # [N, r]
             out = F.linear(rows, w, None if bias is None else bias.to(dtype))
             out.addmm_(t, scaled_b.T)  # + s·t·Bᵀ, accumulated by the GEMM
-        ctx.save_for_backward(rows, t, w if dequantize is None else weight, a, scaled_b)
-        ctx.dequantize = dequantize
+        ctx.save_for_backward(rows, t, w, a, scaled_b)
         ctx.scaling, ctx.x_shape, ctx.x_dtype = scaling, x.shape, x.dtype
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype, lora_a.dtype, lora_b.dtype)
         return out.reshape(*x.shape[:-1], w.shape[0])
@@ -51,12 +39,10 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         rows, t, w, a, scaled_b = ctx.saved_tensors
-        if ctx.dequantize is not None:
-            w = _dense(w, ctx.dequantize, rows.dtype)
         weight_dtype, bias_dtype, a_dtype, b_dtype = ctx.dtypes
         g = grad_out.reshape(-1, w.shape[0]).to(rows.dtype)  # [N, out]
         dt = g @ scaled_b  # [N, r]
-        grads = [None] * 8
+        grads = [None] * 7
         if ctx.needs_input_grad[0]:
             dx = g @ w
             dx.addmm_(dt, a)  # + (dY·s·B)·A, accumulated by the GEMM
@@ -79,15 +65,11 @@ def lora_linear(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scaling: float,
-    dequantize: Dequantize | None = None,
 ) -> torch.Tensor:
     """``x·Wᵀ + b + scaling·(x·Aᵀ)·Bᵀ`` for ``x [..., in]``, ``weight [out, in]``, ``lora_a [r, in]``, ``lora_b
     [out, r]``: PEFT's LoRA ``Linear`` (no dropout), in autocast's dtype where autocast is on, else in ``x``'s
-    (every tensor is cast to it; the output is in it). ``dequantize``: for a packed, frozen ``weight``, the function
-    giving its dense ``[out, in]``."""
-    if dequantize is not None and weight.requires_grad:
-        raise ValueError("lora_linear: a packed weight (given with dequantize) takes no gradient; freeze it")
-    return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, float(scaling), _compute_dtype(x), dequantize)
+    (every tensor is cast to it; the output is in it)."""
+    return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, float(scaling), _compute_dtype(x))
 
 
 def lora_linear_reference(
@@ -97,9 +79,8 @@ def lora_linear_reference(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scaling: float,
-    dequantize: Dequantize | None = None,
 ) -> torch.Tensor:
     """Plain PyTorch twin of :func:`lora_linear` (in ``x``'s dtype), for tests."""
     dtype = x.dtype
     lora = F.linear(F.linear(x, lora_a.to(dtype)), lora_b.to(dtype)) * scaling
-    return F.linear(x, _dense(weight, dequantize, dtype), None if bias is None else bias.to(dtype)) + lora
+    return F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype)) + lora
