@@ -150,9 +150,8 @@ TOP_KERNELS = 12  # kernels listed in the GPU-busy figures
 def host_table(profile: cProfile.Profile, wall: float, top: int = TOP_KERNELS) -> list[dict]:
     """The ``top`` Python functions of ``profile`` by their own time (tottime), each with its calls, own and
     cumulative seconds, and own share of ``wall`` (seconds): where a host-bound step's time goes."""
-    stats = pstats.Stats(
-        profile
-    ).stats  # (file, line, function) -> (primitive calls, calls, own, cumulative, ...)
+    # (file, line, function) -> (primitive calls, calls, own seconds, cumulative seconds, callers)
+    stats = pstats.Stats(profile).stats
     ranked = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
     return [
         {
@@ -292,9 +291,8 @@ class ThroughputCallback(TrainerCallback):
         self._last_log: _Mark | None = None
         self._steady: _Mark | None = None
         self._profiler = None  # torch.profiler's (the GPU-busy steps) or cProfile's (the host-profile steps)
-        self._window: tuple[str, _Mark, float, int] | None = (
-            None  # (kind, mark, clock after start, first step)
-        )
+        # the profiled window open: (kind, mark, clock after the profiler started, the step before its first)
+        self._window: tuple[str, _Mark, float, int] | None = None
         self._profiled = (0.0, 0, 0)  # (seconds, tokens, squares) the steady figures leave out
         self._profiled_steps: set[int] = set()
         self._gpu_busy: dict | None = None
