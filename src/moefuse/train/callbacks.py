@@ -145,9 +145,10 @@ def busy_seconds(intervals: list[tuple[float, float]]) -> float:
 
 
 TOP_KERNELS = 12  # kernels listed in the GPU-busy figures
+TOP_FUNCTIONS = 12  # Python functions listed in the host profile
 
 
-def host_table(profile: cProfile.Profile, wall: float, top: int = TOP_KERNELS) -> list[dict]:
+def host_table(profile: cProfile.Profile, wall: float, top: int = TOP_FUNCTIONS) -> list[dict]:
     """The ``top`` Python functions of ``profile`` by their own time (tottime), each with its calls, own and
     cumulative seconds, and own share of ``wall`` (seconds): where a host-bound step's time goes."""
     # (file, line, function) -> (primitive calls, calls, own seconds, cumulative seconds, callers)
@@ -294,7 +295,6 @@ class ThroughputCallback(TrainerCallback):
         # the profiled window open: (kind, mark, clock after the profiler started, the step before its first)
         self._window: tuple[str, _Mark, float, int] | None = None
         self._profiled = (0.0, 0, 0)  # (seconds, tokens, squares) the steady figures leave out
-        self._profiled_steps: set[int] = set()
         self._gpu_busy: dict | None = None
         self._host_profile: dict | None = None
         self.compiles = TritonCompiles()
@@ -385,7 +385,11 @@ class ThroughputCallback(TrainerCallback):
         self._profiled = tuple(
             a + b for a, b in zip(self._profiled, before.until(self._mark(args)), strict=True)
         )
-        self._profiled_steps.update(range(first_step + 1, step + 1))
+
+    def _profiled_steps(self) -> set[int]:
+        """The steps of the profiled windows (from each window's record)."""
+        windows = (w["steps"] for w in (self._gpu_busy, self._host_profile) if w is not None)
+        return {step for first, last in windows for step in range(first, last + 1)}
 
     def _stop_gpu_profiler(self, args: TrainingArguments, started: float, steps: tuple[int, int]) -> dict:
         from torch.autograd import DeviceType
@@ -460,7 +464,7 @@ class ThroughputCallback(TrainerCallback):
                     **self._figures(seconds, tokens, squares),
                     # A compile in the window (a new batch shape tuned) is part of its seconds; shown apart.
                     "triton_compile_seconds": round(
-                        self.compiles.seconds_within((from_step or 0) + 1, self._profiled_steps), 3
+                        self.compiles.seconds_within((from_step or 0) + 1, self._profiled_steps()), 3
                     ),
                 }
         self.totals["gpu_busy"] = self._gpu_busy or {"not_measured": self._why_no_gpu_busy(args)}
