@@ -86,6 +86,13 @@ def test_unreadable_stamp_is_a_clear_error(checkout: Path, tmp_path: Path):
         source_provenance(copy)
 
 
+def test_unreadable_stamp_beside_a_dirty_git_tree_is_a_clear_error(checkout: Path):
+    (checkout / "src" / "moefuse" / "ops.py").write_text("x = 2\n")  # git: dirty, so the stamp is read
+    (checkout / STAMP_FILE).write_text("not json")
+    with pytest.raises(RuntimeError, match="is not a stamp written by"):
+        source_provenance(checkout)
+
+
 def test_no_source_tree_is_unknown(tmp_path: Path):
     assert source_provenance(tmp_path)["commit"] == "unknown"
 
