@@ -198,10 +198,13 @@ def test_compile_seconds_within_the_steady_window_leave_out_the_profiled_steps()
 def test_the_summary_says_what_compiles_and_allocator_retries_cost():
     steady = {"tokens_per_second": 714.0, "from_step": 5, "seconds": 61.1, "triton_compile_seconds": 12.0}
     memory = {"peak_allocated_gib": 18.2, "peak_reserved_gib": 18.9, "alloc_retries": 42}
+    memory["after_warmup"] = {"cuda_mallocs": 310, "cuda_frees": 305}
     text = "\n".join(
         _throughput_lines({"tokens_per_second": 456.0, "tokens": 1, "after_warmup": steady, "memory": memory})
     )
     assert "12.0 s went to Triton compiles" in text and "42 allocations retried" in text
+    assert "310 cudaMalloc and 305 cudaFree calls after the warm-up" in text
+    memory["after_warmup"] = {"cuda_mallocs": 2, "cuda_frees": 0}
     quiet = {**steady, "triton_compile_seconds": 0.0}
     text = "\n".join(
         _throughput_lines(
@@ -213,7 +216,7 @@ def test_the_summary_says_what_compiles_and_allocator_retries_cost():
             }
         )
     )
-    assert "Triton compiles" not in text and "retried" not in text
+    assert "Triton compiles" not in text and "retried" not in text and "cudaFree" not in text
 
 
 def test_throughput_warmup_steps_moves_the_steady_window(tmp_path):
@@ -333,21 +336,52 @@ def test_step_in_backward_trains_like_the_usual_step(tmp_path, built_optimizers,
 
 
 def test_offload_activations_moves_saved_tensors_and_trains_alike(tmp_path, monkeypatch):
-    packed = []
+    copied, kept = [], []
 
-    class CountingSaveOnCpu(torch.autograd.graph.saved_tensors_hooks):
-        def __init__(self, pin_memory: bool):
-            super().__init__(lambda t: packed.append(1) or t.to("cpu"), lambda t: t)
+    class RecordingOffload(trainer_module.OffloadSavedTensors):
+        def __init__(self, device_type: str):
+            super().__init__(device_type)
+            pack = self.pack_hook
+
+            def recording_pack(tensor):
+                packed = pack(tensor)
+                (kept if packed is tensor else copied).append(tensor)
+                return packed
+
+            self.pack_hook = recording_pack
 
     common = [*FEW_ROWS, "--max_steps", "4", "--logging_steps", "1"]
     plain = run_train(None, [*common, "--output_dir", str(tmp_path / "a")])
-    monkeypatch.setattr(trainer_module, "save_on_cpu", CountingSaveOnCpu)
+    monkeypatch.setattr(trainer_module, "OffloadSavedTensors", RecordingOffload)
     offloaded = run_train(
         None, [*common, "--offload_activations", "true", "--output_dir", str(tmp_path / "b")]
     )
-    assert len(packed) > 100  # every tensor saved for the backward
+    assert len(copied) > 100  # the tensors saved for the backward
+    weights = [t for t in kept if isinstance(t if t._base is None else t._base, torch.nn.Parameter)]
+    assert weights  # the weights autograd saves (or their transposes) stay in place
+    assert not any(isinstance(t if t._base is None else t._base, torch.nn.Parameter) for t in copied)
     assert offloaded.losses == pytest.approx(plain.losses, rel=1e-5)
     assert offloaded.losses[-1] < _frozen_loss(offloaded)
+
+
+def test_offloaded_tensors_come_back_with_their_values_and_strides():
+    weight = torch.nn.Parameter(torch.randn(64, 48))
+    x = torch.randn(48, 32).t().requires_grad_()  # saved non-contiguous
+    packed = []
+    hooks = trainer_module.OffloadSavedTensors("cpu", min_bytes=1024)
+    pack = hooks.pack_hook
+    hooks.pack_hook = lambda t: packed.append(pack(t)) or packed[-1]
+    with hooks:
+        y = (torch.nn.functional.linear(x, weight).sin() * x.sum()).sum()
+    y.backward()
+    grads = weight.grad.clone(), x.grad.clone()
+    weight.grad = x.grad = None
+    (torch.nn.functional.linear(x, weight).sin() * x.sum()).sum().backward()
+    assert torch.equal(grads[0], weight.grad) and torch.equal(grads[1], x.grad)
+    copies = [p[1] for p in packed if isinstance(p, tuple)]
+    assert any(c.stride() == x.stride() and torch.equal(c, x) for c in copies)
+    assert any(isinstance(p, torch.Tensor) and p._base is weight for p in packed)  # nor is a parameter's view
+    assert all(c.numel() * c.element_size() >= 1024 for c in copies)  # nor a small tensor
 
 
 def test_all_savers_together_with_checkpointing_still_train(tmp_path, capsys):
@@ -510,8 +544,11 @@ def test_gpu_busy_profiles_steps_and_lists_their_kernels(tmp_path, capsys):
         [*FEW_ROWS, "--max_steps", "6", "--logging_steps", "2", "--gpu_busy_steps", "2"]
         + ["--output_dir", str(tmp_path)],
     )
-    busy = json.loads((tmp_path / SUMMARY_FILE).read_text())["throughput"]["gpu_busy"]
+    throughput = json.loads((tmp_path / SUMMARY_FILE).read_text())["throughput"]
+    busy = throughput["gpu_busy"]
     first, last = busy["steps"]
+    steady = throughput["memory"]["after_warmup"]  # the allocator's calls to the driver after the warm-up
+    assert steady["cuda_mallocs"] >= 0 and steady["cuda_frees"] >= 0
     assert 0 < busy["fraction"] <= 1 and last - first == 1
     kernels = busy["kernels"]
     assert kernels and all(k["calls"] > 0 and 0 < k["share"] for k in kernels)

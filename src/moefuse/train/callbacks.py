@@ -133,6 +133,12 @@ def _batch_counts(args: tuple, kwargs: dict) -> tuple[torch.Tensor | int, torch.
     return rows * length, rows * length**2
 
 
+def _device_memory_calls(device: torch.device) -> tuple[int, int]:
+    """The caching allocator's cudaMalloc and cudaFree calls so far on ``device``."""
+    stats = torch.cuda.memory_stats(device)
+    return stats.get("num_device_alloc", 0), stats.get("num_device_free", 0)
+
+
 def busy_seconds(intervals: list[tuple[float, float]]) -> float:
     """The time covered by the union of ``(start, end)`` intervals (kernels on several streams overlap)."""
     busy, reach = 0.0, float("-inf")
@@ -262,8 +268,9 @@ class ThroughputCallback(TrainerCallback):
     seconds of compiles that still fell in it, for a batch shape first met there, are given apart);
     ``gpu_busy`` (CUDA): the device's busy time over the wall time of ``gpu_busy_steps`` steps profiled with
     ``torch.profiler`` right after the warm-up (kernels, copies and fills; overlapping ones counted once);
-    ``memory``: CUDA's peak allocated and reserved memory over the training, and the allocations retried after
-    freeing the cache (under a memory cap, each costs device syncs); ``triton_compiles``: Triton's kernel
+    ``memory``: CUDA's peak allocated and reserved memory over the training, the allocations retried after
+    freeing the cache (under a memory cap, each costs device syncs), and the allocator's cudaMalloc and cudaFree
+    calls after the warm-up; ``triton_compiles``: Triton's kernel
     compiles by step (:class:`TritonCompiles`); ``by_log``: each log's step, seconds, tokens and figures (the
     profiled steps included), to tell a slow stretch of the run from a slow run; ``host_profile`` (with
     ``host_profile_steps``): the Python functions by their own time over that many steps profiled with cProfile
@@ -291,6 +298,7 @@ class ThroughputCallback(TrainerCallback):
         self._start: _Mark | None = None
         self._last_log: _Mark | None = None
         self._steady: _Mark | None = None
+        self._steady_device_calls: tuple[int, int] | None = None  # (cudaMalloc, cudaFree) calls at its start
         self._profiler = None  # torch.profiler's (the GPU-busy steps) or cProfile's (the host-profile steps)
         # the profiled window open: (kind, mark, clock after the profiler started, the step before its first)
         self._window: tuple[str, _Mark, float, int] | None = None
@@ -433,6 +441,8 @@ class ThroughputCallback(TrainerCallback):
         )
         if self._steady is None and state.global_step >= (self.warmup_steps or 0):
             self._steady = mark
+            if args.device.type == "cuda":
+                self._steady_device_calls = _device_memory_calls(args.device)
 
     def on_train_end(self, args: TrainingArguments, state, control, **kwargs):
         if self._hook is not None:
@@ -479,6 +489,14 @@ class ThroughputCallback(TrainerCallback):
                 # Allocations that failed, freed the cache and retried: a process near its cap pays device syncs
                 "alloc_retries": torch.cuda.memory_stats(args.device).get("num_alloc_retries", 0),
             }
+            if self._steady_device_calls is not None:
+                # A warm cache serves every allocation; cudaFree waits for the device, so a run at its memory
+                # cap that keeps returning cached blocks to the driver shows here, not in alloc_retries.
+                now = _device_memory_calls(args.device)
+                self.totals["memory"]["after_warmup"] = {
+                    "cuda_mallocs": now[0] - self._steady_device_calls[0],
+                    "cuda_frees": now[1] - self._steady_device_calls[1],
+                }
         else:
             self.totals["memory"] = {"not_measured": "a CPU run: PyTorch tracks peak memory on GPUs"}
         self.totals["triton_compiles"] = self.compiles.record()

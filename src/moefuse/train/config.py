@@ -237,7 +237,7 @@ class MoefuseTrainArguments:
         default=False,
         metadata={
             "help": "tensors saved for the backward (with gradient_checkpointing: each layer's input) wait in "
-            "pinned CPU memory (torch.autograd.graph.save_on_cpu)"
+            "pinned CPU memory, copied without waiting for the GPU; parameters stay in place"
         },
     )
     memory_cap_gib: float | None = field(

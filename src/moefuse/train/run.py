@@ -421,6 +421,12 @@ def _throughput_lines(t: dict) -> list[str]:
             lines.append(
                 f"             {memory['alloc_retries']} allocations retried after freeing the cache (near the cap)"
             )
+        steady = memory.get("after_warmup", {})
+        if steady.get("cuda_frees"):
+            lines.append(
+                f"             {steady['cuda_mallocs']} cudaMalloc and {steady['cuda_frees']} cudaFree calls after the "
+                "warm-up (each cudaFree waits for the GPU: the cache gives memory back, near the cap)"
+            )
     return lines
 
 

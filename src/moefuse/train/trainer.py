@@ -14,6 +14,9 @@ What a step would otherwise synchronise on, and what this class does about it:
   attention, no sliding window). With ``"moefuse_varlen"`` attention, which takes the sequences from the
   collator's ``cu_seq_lens_q``, the decoder is handed the padding mask such a batch has (all true) instead, so
   Transformers does not look for packed sequences in ``position_ids`` at all.
+- ``offload_activations`` copies the tensors saved for the backward to pinned host memory. PyTorch's
+  ``save_on_cpu`` makes each copy a blocking one (a sync per saved tensor) and copies the parameters autograd
+  saves too; :class:`OffloadSavedTensors` does neither.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
-from torch.autograd.graph import save_on_cpu
+from torch import nn
+from torch.autograd.graph import saved_tensors_hooks
 from transformers import PretrainedConfig
 from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS,
@@ -82,9 +86,43 @@ def packed_causal_mask(
     )
 
 
+class OffloadSavedTensors(saved_tensors_hooks):
+    """The tensors autograd saves for the backward, on ``device_type``, wait in host memory (pinned where CUDA is
+    available): each is copied out when saved and back when the backward unpacks it, both queued on the current
+    stream without waiting for the device (the stream orders the copy back after the copy out, and the caching
+    allocators keep both buffers until their copies ran). Parameters stay where they are (they are resident
+    anyway), and so do tensors under ``min_bytes`` (a copy costs more host time than their memory is worth)."""
+
+    def __init__(self, device_type: str, min_bytes: int = 1024):
+        pin = torch.cuda.is_available()
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor | tuple[torch.device, torch.Tensor]:
+            if (
+                tensor.device.type != device_type
+                or tensor.layout != torch.strided
+                or isinstance(
+                    tensor if tensor._base is None else tensor._base, nn.Parameter
+                )  # or a view of one
+                or tensor.numel() * tensor.element_size() < min_bytes
+            ):
+                return tensor
+            packed = torch.empty_like(tensor, device="cpu", pin_memory=pin)
+            packed.copy_(tensor, non_blocking=pin)
+            return tensor.device, packed
+
+        def unpack(packed: torch.Tensor | tuple[torch.device, torch.Tensor]) -> torch.Tensor:
+            if isinstance(packed, torch.Tensor):
+                return packed
+            device, tensor = packed
+            return tensor.to(device, non_blocking=pin)
+
+        super().__init__(pack, unpack)
+
+
 class MoefuseSFTTrainer(SFTTrainer):
     """``SFTTrainer`` with ``step_in_backward`` (an optimizer per trainable tensor, stepped by a hook when its
-    gradient is complete, behind Transformers' no-op layer-wise optimizer) and ``offload_activations`` (``save_on_cpu``), and
+    gradient is complete, behind Transformers' no-op layer-wise optimizer) and ``offload_activations``
+    (:class:`OffloadSavedTensors`), and
     the sync-free loss metrics and packed masks described in the module's docstring."""
 
     def __init__(self, *args, step_in_backward: bool = False, offload_activations: bool = False, **kwargs):
@@ -160,8 +198,8 @@ class MoefuseSFTTrainer(SFTTrainer):
         return self.optimizer
 
     def training_step(self, *args, **kwargs):
-        pin = self.args.device.type == "cuda"
-        with save_on_cpu(pin_memory=pin) if self.offload_activations else nullcontext():
+        offload = OffloadSavedTensors(self.args.device.type) if self.offload_activations else nullcontext()
+        with offload:
             return super().training_step(*args, **kwargs)
 
     def _deferred_metrics_path(self, model, return_outputs: bool) -> bool:
