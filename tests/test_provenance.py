@@ -50,6 +50,18 @@ def test_copy_without_git_reads_the_stamp_and_sees_later_changes(checkout: Path,
     assert source_provenance(copy)["dirty"] is True
 
 
+def test_results_written_by_a_run_leave_the_tree_clean(checkout: Path, tmp_path: Path):
+    commit = _git(checkout, "rev-parse", "HEAD")
+    write_stamp(checkout)
+    copy = tmp_path / "copy"
+    shutil.copytree(checkout, copy)  # with its .git, as a GPU machine's copy
+    (copy / "benchmarks" / "results").mkdir(parents=True)
+    (copy / "benchmarks" / "results" / "block_run1.json").write_text("{}\n")  # an earlier job's result
+    assert source_provenance(copy) == {"commit": commit, "dirty": False, "source": "git"}
+    (copy / "src" / "moefuse" / "ops.py").write_text("x = 4\n")
+    assert source_provenance(copy)["dirty"] is True
+
+
 def test_stamp_of_a_dirty_tree_stays_dirty(checkout: Path, tmp_path: Path):
     (checkout / "src" / "moefuse" / "new.py").write_text("y = 1\n")  # untracked, travels with the copy
     stamp = write_stamp(checkout)

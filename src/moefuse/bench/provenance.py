@@ -4,7 +4,8 @@ In a git checkout git answers. A copy of the tree without ``.git`` (a GPU machin
 ``python -m moefuse.bench.provenance`` writes at the checkout's root before the copy: the commit, git's dirty
 flag, and a hash of every source file's contents. On the copy the hash is taken again; a tree changed after
 the stamp counts as dirty. Where git finds the tree dirty, a stamp that matches every file (the same files, the
-same contents) answers instead: a copy can carry a ``.git`` older than its files.
+same contents) answers instead: a copy can carry a ``.git`` older than its files. The measurements' own output
+(``benchmarks/results/``) is not source: a result written by an earlier run of the same tree leaves it clean.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 STAMP_FILE = ".moefuse-provenance.json"
 # The checkout's root, where the source tree runs from one (src/moefuse/bench/provenance.py).
 SOURCE_ROOT = Path(__file__).resolve().parents[3]
+RESULTS_DIR = "benchmarks/results/"  # what the tools write; left out of the source
 
 
 def _git(*args: str, root: Path) -> str:
@@ -27,9 +29,16 @@ def _git(*args: str, root: Path) -> str:
 
 
 def _source_files(root: Path) -> list[str]:
-    """Tracked and untracked-not-ignored files (what the device tool copies), the stamp itself left out."""
+    """Tracked and untracked-not-ignored files (what the device tool copies), the stamp and results left out."""
     listed = _git("ls-files", "--cached", "--others", "--exclude-standard", "-z", root=root).split("\0")
-    return sorted(f for f in listed if f and f != STAMP_FILE and (root / f).is_file())
+    return sorted(
+        f for f in listed if f and f != STAMP_FILE and not f.startswith(RESULTS_DIR) and (root / f).is_file()
+    )
+
+
+def _git_dirty(root: Path) -> bool:
+    """Whether git sees a change to the source (results left out)."""
+    return bool(_git("status", "--porcelain", "--", ".", f":(exclude){RESULTS_DIR}", root=root).strip())
 
 
 def tree_hash(root: Path, files: list[str]) -> str:
@@ -48,7 +57,7 @@ def write_stamp(root: Path = SOURCE_ROOT) -> dict:
     files = _source_files(root)
     stamp = {
         "commit": _git("rev-parse", "HEAD", root=root).strip(),
-        "dirty": bool(_git("status", "--porcelain", root=root).strip()),
+        "dirty": _git_dirty(root),
         "files": files,
         "sha256": tree_hash(root, files),
     }
@@ -61,7 +70,7 @@ def _from_git(root: Path) -> dict | None:
         if _git("rev-parse", "--show-toplevel", root=root).strip() != str(root):
             return None
         commit = _git("rev-parse", "HEAD", root=root).strip()
-        dirty = bool(_git("status", "--porcelain", root=root).strip())
+        dirty = _git_dirty(root)
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": commit, "dirty": dirty, "source": "git"}
