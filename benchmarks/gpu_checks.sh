@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine, from the repository root, moefuse uninstalled (PYTHONPATH=src):
-#   bash benchmarks/gpu_checks.sh tests OUT      the GPU-marked tests; their summary to OUT/gpu-tests-<commit>.txt
+#   bash benchmarks/gpu_checks.sh tests OUT [TEST_PATH...]
+#        the GPU-marked tests; their summary to OUT/gpu-tests-<commit>.txt (given paths, only those tests, to
+#        OUT/gpu-tests-<commit>-part.txt: the header names them)
 #   bash benchmarks/gpu_checks.sh block OUT N    N runs of the MoE block, eager and compiled, moefuse and grouped_mm
 #   bash benchmarks/gpu_checks.sh families OUT N N runs of the MoE block of other families' published shapes
 #        (gpt-oss-20b: clamped SwiGLU, biases, interleaved rows; mixtral-8x7b, olmoe-1b-7b; moonlight-16b-a3b:
@@ -33,15 +35,20 @@ next_run() {  # OUT/$1_<commit>_run<n>.json, n the first number not yet taken
 
 case "$what" in
 tests)
-    log="$out/gpu-tests-$label.txt"
+    shift 2
+    paths=("${@:-tests}")
+    name=gpu-tests-$label
+    if (($#)); then name+=-part; fi
+    log="$out/$name.txt"
+    command="python -m pytest -q -m gpu -n 8 --dist loadgroup -p no:cacheprovider ${paths[*]}"
     { echo "commit: $commit"; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
       python -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-      echo "command: python -m pytest -q -m gpu -n 8 --dist loadgroup -p no:cacheprovider tests"; } >"$log"
+      echo "command: $command"; } >"$log"
     # Each worker takes a slice of the card; the largest tests compare in chunks to fit beside the others, and
     # the cases at a real model's expert dims run on one worker, one after another (xdist_group "card-sized").
     # The summary's tail goes in the results file; the whole output (failures' tracebacks) beside it.
-    python -m pytest -q -m gpu -n 8 --dist loadgroup -p no:cacheprovider tests >"$out/gpu-tests-$label.log" 2>&1 || true
-    tail -n 40 "$out/gpu-tests-$label.log" | tee -a "$log"
+    $command >"$out/$name.log" 2>&1 || true
+    tail -n 40 "$out/$name.log" | tee -a "$log"
     ;;
 block)
     runs=${3:-3}
