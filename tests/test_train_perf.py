@@ -384,6 +384,46 @@ def test_offloaded_tensors_come_back_with_their_values_and_strides():
     assert all(c.numel() * c.element_size() >= 1024 for c in copies)  # nor a small tensor
 
 
+@pytest.mark.slow
+@pytest.mark.interpreter
+def test_torch_compile_with_checkpointing_compiles_each_layer_below_its_checkpoint(tmp_path, monkeypatch):
+    """With gradient checkpointing Dynamo would run every checkpointed layer eagerly (the checkpoint, traced as one
+    operator, takes no graph break or side effect, and this stack's hooks make both): ``torch_compile`` compiles
+    each layer's forward below its checkpoint instead. Graphs then hold moefuse's experts, and the losses are
+    eager's."""
+    import torch._dynamo.backends.registry as registry
+
+    from moefuse.settings import override_settings
+
+    registry.list_backends(exclude_tags=())  # the built-in backends are registered before one is wrapped
+    aot_eager = registry.lookup_backend("aot_eager")
+    graphs: list[list[str]] = []
+
+    def recording(gm, example_inputs, **kwargs):
+        graphs.append([str(node.target) for node in gm.graph.nodes if node.op == "call_function"])
+        return aot_eager(gm, example_inputs, **kwargs)
+
+    monkeypatch.setitem(registry._COMPILER_FNS, "aot_eager", recording)
+    common = ["--max_samples", "8", "--max_steps", "1", "--logging_steps", "1", "--save_strategy", "no"]
+    common += ["--save_base_model", "false", "--gradient_checkpointing", "true"]
+    torch._dynamo.reset()
+    try:
+        with override_settings(backend="triton"):
+            eager = run_train(None, [*common, "--output_dir", str(tmp_path / "a")])
+            compiled = run_train(
+                None,
+                [*common, "--torch_compile", "true", "--torch_compile_backend", "aot_eager"]
+                + ["--output_dir", str(tmp_path / "b")],
+            )
+    finally:
+        torch._dynamo.reset()
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-5)
+    assert any(any("moefuse" in target for target in graph) for graph in graphs)
+    setup = json.loads((tmp_path / "b" / SUMMARY_FILE).read_text())["setup"]
+    assert setup["torch_compile"] and setup["compiled"] == "2 decoder layers, each below its checkpoint"
+    assert json.loads((tmp_path / "a" / SUMMARY_FILE).read_text())["setup"]["compiled"] is None
+
+
 def test_all_savers_together_with_checkpointing_still_train(tmp_path, capsys):
     result = run_train(
         None,

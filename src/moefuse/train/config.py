@@ -354,6 +354,24 @@ def default_attention(sft_config: SFTConfig, model_type: str) -> str:
     return ATTN_IMPLEMENTATION if varlen else "sdpa"
 
 
+def compile_below_checkpoints(sft_config: SFTConfig) -> dict[str, Any] | None:
+    """Where ``torch_compile`` compiles: with gradient checkpointing, each decoder layer's forward below its
+    checkpoint (the ``torch.compile`` options returned; the Trainer's own compile of the whole model is turned
+    off in ``sft_config``), else the whole model as the Trainer does it (``None``). Dynamo traces a checkpoint
+    as one operator that takes no graph break and no side effect inside it, and the attention's kernel-function
+    wrapper (the ``kernels`` package) and Transformers' output-capturing hooks put both there: every checkpointed
+    layer would run eagerly (docs/training.md)."""
+    if not (sft_config.torch_compile and sft_config.gradient_checkpointing):
+        return None
+    options = {
+        "backend": sft_config.torch_compile_backend or "inductor",
+        "mode": sft_config.torch_compile_mode,
+    }
+    sft_config.torch_compile = False
+    sft_config.torch_compile_backend = sft_config.torch_compile_mode = None
+    return options
+
+
 def trl_fused_lm_head() -> bool:
     """Whether this TRL's SFTTrainer computes the loss with its own fused LM head (TRL >= 1.0) instead of the
     model's loss function."""

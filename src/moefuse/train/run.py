@@ -25,7 +25,14 @@ from ..ops.cross_entropy import causal_lm_loss, use_chunked_loss
 from ..ops.rms_norm import use_fused_rms_norm
 from ..ops.rope import fused_rope
 from .callbacks import GIB, ThroughputCallback, add_throughput_callback
-from .config import LORA_TYPES, MoefuseTrainArguments, TrainConfigError, parse_train_args, trl_fused_lm_head
+from .config import (
+    LORA_TYPES,
+    MoefuseTrainArguments,
+    TrainConfigError,
+    compile_below_checkpoints,
+    parse_train_args,
+    trl_fused_lm_head,
+)
 from .data import is_conversational, load_train_dataset
 from .model import (
     ModelSource,
@@ -61,6 +68,7 @@ class TrainResult:
     model: PreTrainedModel | None = field(default=None, repr=False)  # the trained model, still in memory
     adapter_in_format: Path | None = None  # the adapter in adapter_format, when asked
     packed_sequences: dict[str, float] | None = None  # see packed_sequence_lengths
+    compiled: str | None = None  # what torch_compile compiled: see _compiled
 
 
 def _resume_checkpoint(sft_config: SFTConfig) -> str | None:
@@ -227,6 +235,7 @@ def train(args: MoefuseTrainArguments, sft_config: SFTConfig) -> TrainResult:
     if args.finetuning_type in LORA_TYPES:
         model = apply_lora(model, args, output_dir, seed=sft_config.seed)
 
+    layer_compile = compile_below_checkpoints(sft_config)
     trainer = MoefuseSFTTrainer(
         model=model,
         args=sft_config,
@@ -235,6 +244,7 @@ def train(args: MoefuseTrainArguments, sft_config: SFTConfig) -> TrainResult:
         processing_class=tokenizer,
         step_in_backward=args.step_in_backward,
         offload_activations=args.offload_activations,
+        compile_below_checkpoints=layer_compile,
     )
     throughput = add_throughput_callback(
         trainer, args.peak_tflops, args.throughput_warmup_steps, args.gpu_busy_steps, args.host_profile_steps
@@ -263,6 +273,7 @@ def train(args: MoefuseTrainArguments, sft_config: SFTConfig) -> TrainResult:
         throughput=throughput.totals,
         model=trainer.model,
         packed_sequences=packed_sequence_lengths(trainer.train_dataset),
+        compiled=_compiled(trainer, sft_config),
     )
     if trainer.is_world_process_zero():
         (output_dir / SUMMARY_FILE).write_text(
@@ -313,6 +324,14 @@ def _adapter_copies(
     return per_expert, in_format
 
 
+def _compiled(trainer: MoefuseSFTTrainer, sft_config: SFTConfig) -> str | None:
+    """What ``torch_compile`` compiled: the whole model (the Trainer's way), the decoder layers below their
+    checkpoints (with gradient checkpointing, ``compile_below_checkpoints``), or nothing."""
+    if trainer.layer_compile is not None:
+        return f"{trainer.layer_compile.layers} decoder layers, each below its checkpoint"
+    return "the whole model" if sft_config.torch_compile else None
+
+
 def _summary_record(result: TrainResult, args: MoefuseTrainArguments, sft_config: SFTConfig) -> dict:
     return {
         "finetuning_type": args.finetuning_type,
@@ -327,7 +346,8 @@ def _summary_record(result: TrainResult, args: MoefuseTrainArguments, sft_config
             "max_length": sft_config.max_length,
             "packing": sft_config.packing,
             "packed_sequences": result.packed_sequences,
-            "torch_compile": sft_config.torch_compile,
+            "torch_compile": result.compiled is not None,
+            "compiled": result.compiled,
             "gradient_checkpointing": sft_config.gradient_checkpointing,
             # the attention the model ran with (Transformers' choice where none was given)
             "attn_implementation": getattr(
@@ -439,6 +459,8 @@ def summary(result: TrainResult, args: MoefuseTrainArguments, source: ModelSourc
             f"{result.global_step} steps"
         )
     lines += _throughput_lines(result.throughput)
+    if result.compiled is not None:
+        lines.append(f"  compiled   {result.compiled} (torch_compile)")
     on_moefuse = args.experts_implementation == EXPERTS_IMPLEMENTATION
     if source.config.model_type == "qwen3_moe" and on_moefuse:
         imports, cls, load_kwargs = "import moefuse", "moefuse.Qwen3MoeFusedForCausalLM", ""

@@ -22,17 +22,19 @@ What a step would otherwise synchronise on, and what this class does about it:
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, TrainerCallback
 from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS,
     and_masks,
     causal_mask_function,
     packed_sequence_mask_function,
 )
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.trainer_pt_utils import LayerWiseDummyOptimizer
 from trl import SFTTrainer
 
@@ -119,13 +121,52 @@ class OffloadSavedTensors(saved_tensors_hooks):
         super().__init__(pack, unpack)
 
 
+def _call(function, *args):
+    return function(*args)
+
+
+class CompileBelowCheckpoints(TrainerCallback):
+    """``torch.compile`` of each checkpointed decoder layer's forward, the checkpoint itself left eager: once
+    the Trainer has turned gradient checkpointing on, every layer's checkpoint function runs a compiled call of
+    what it checkpoints (the forward, and its recompute in the backward). One compiled function serves every
+    layer (Dynamo keeps one graph for layers of one class). :attr:`layers` counts the layers it reached."""
+
+    def __init__(self, **compile_options):
+        self.compiled = torch.compile(_call, **compile_options)
+        self.layers = 0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        for module in model.modules():
+            checkpoint = getattr(module, "_gradient_checkpointing_func", None)
+            if (
+                isinstance(module, GradientCheckpointingLayer)
+                and module.gradient_checkpointing
+                and checkpoint is not None
+                and not getattr(checkpoint, "compiles_below", False)
+            ):
+                module._gradient_checkpointing_func = partial(self._checkpoint, checkpoint)
+                module._gradient_checkpointing_func.compiles_below = True
+                self.layers += 1
+
+    def _checkpoint(self, checkpoint, function, *args, **kwargs):
+        return checkpoint(self.compiled, function, *args, **kwargs)
+
+
 class MoefuseSFTTrainer(SFTTrainer):
     """``SFTTrainer`` with ``step_in_backward`` (an optimizer per trainable tensor, stepped by a hook when its
     gradient is complete, behind Transformers' no-op layer-wise optimizer) and ``offload_activations``
-    (:class:`OffloadSavedTensors`), and
-    the sync-free loss metrics and packed masks described in the module's docstring."""
+    (:class:`OffloadSavedTensors`), ``compile_below_checkpoints`` (the ``torch.compile`` options of
+    :class:`CompileBelowCheckpoints`), and the sync-free loss metrics and packed masks described in the module's
+    docstring."""
 
-    def __init__(self, *args, step_in_backward: bool = False, offload_activations: bool = False, **kwargs):
+    def __init__(
+        self,
+        *args,
+        step_in_backward: bool = False,
+        offload_activations: bool = False,
+        compile_below_checkpoints: dict | None = None,
+        **kwargs,
+    ):
         self.step_in_backward = step_in_backward
         self.offload_activations = offload_activations
         self._pending_metrics: list[
@@ -133,6 +174,10 @@ class MoefuseSFTTrainer(SFTTrainer):
         ] = []  # [entropy, accuracy] of each micro-batch, on the device
         self._pending_tokens: torch.Tensor | int = 0
         super().__init__(*args, **kwargs)
+        self.layer_compile = None
+        if compile_below_checkpoints is not None:
+            self.layer_compile = CompileBelowCheckpoints(**compile_below_checkpoints)
+            self.add_callback(self.layer_compile)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self._decoder = base.base_model  # the module that builds the attention mask
         if takes_prepared_mask(self._decoder.config):
