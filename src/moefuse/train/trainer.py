@@ -88,6 +88,11 @@ def packed_causal_mask(
     )
 
 
+def _is_parameter(tensor: torch.Tensor) -> bool:
+    """A parameter, or a view of one (``linear`` saves its weight transposed)."""
+    return isinstance(tensor if tensor._base is None else tensor._base, nn.Parameter)
+
+
 class OffloadSavedTensors(saved_tensors_hooks):
     """The tensors autograd saves for the backward, on ``device_type``, wait in host memory (pinned where CUDA is
     available): each is copied out when saved and back when the backward unpacks it, both queued on the current
@@ -102,9 +107,7 @@ class OffloadSavedTensors(saved_tensors_hooks):
             if (
                 tensor.device.type != device_type
                 or tensor.layout != torch.strided
-                or isinstance(
-                    tensor if tensor._base is None else tensor._base, nn.Parameter
-                )  # or a view of one
+                or _is_parameter(tensor)
                 or tensor.numel() * tensor.element_size() < min_bytes
             ):
                 return tensor
