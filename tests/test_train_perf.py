@@ -384,6 +384,39 @@ def test_offloaded_tensors_come_back_with_their_values_and_strides():
     assert all(c.numel() * c.element_size() >= 1024 for c in copies)  # nor a small tensor
 
 
+@pytest.mark.parametrize(
+    "keys, options",
+    [
+        ({"torch_compile": True, "gradient_checkpointing": True}, {"backend": "inductor", "mode": None}),
+        (
+            {
+                "torch_compile_backend": "aot_eager",
+                "torch_compile_mode": "max-autotune",
+                "gradient_checkpointing": True,
+            },
+            {"backend": "aot_eager", "mode": "max-autotune"},
+        ),
+        (
+            {"torch_compile": True, "gradient_checkpointing": False},
+            None,
+        ),  # the Trainer compiles the whole model
+        ({"gradient_checkpointing": True}, None),
+    ],
+)
+def test_compile_goes_below_the_checkpoints_only_with_checkpointing(tmp_path, keys, options):
+    from trl import SFTConfig
+
+    from moefuse.train.config import compile_below_checkpoints
+
+    sft_config = SFTConfig(output_dir=str(tmp_path), use_cpu=True, **keys)
+    compiled_by_trainer = sft_config.torch_compile
+    assert compile_below_checkpoints(sft_config) == options
+    # the Trainer's own compile is off where the layers compile, and untouched elsewhere
+    assert sft_config.torch_compile == (compiled_by_trainer and options is None)
+    if options is not None:
+        assert sft_config.torch_compile_backend is None and sft_config.torch_compile_mode is None
+
+
 @pytest.mark.slow
 @pytest.mark.interpreter
 def test_torch_compile_with_checkpointing_compiles_each_layer_below_its_checkpoint(tmp_path, monkeypatch):
