@@ -133,9 +133,8 @@ def _batch_counts(args: tuple, kwargs: dict) -> tuple[torch.Tensor | int, torch.
     return rows * length, rows * length**2
 
 
-def _device_memory_calls(device: torch.device) -> tuple[int, int]:
-    """The caching allocator's cudaMalloc and cudaFree calls so far on ``device``."""
-    stats = torch.cuda.memory_stats(device)
+def _device_memory_calls(stats: dict) -> tuple[int, int]:
+    """The caching allocator's cudaMalloc and cudaFree calls so far, from ``torch.cuda.memory_stats``."""
     return stats.get("num_device_alloc", 0), stats.get("num_device_free", 0)
 
 
@@ -442,7 +441,7 @@ class ThroughputCallback(TrainerCallback):
         if self._steady is None and state.global_step >= (self.warmup_steps or 0):
             self._steady = mark
             if args.device.type == "cuda":
-                self._steady_device_calls = _device_memory_calls(args.device)
+                self._steady_device_calls = _device_memory_calls(torch.cuda.memory_stats(args.device))
 
     def on_train_end(self, args: TrainingArguments, state, control, **kwargs):
         if self._hook is not None:
@@ -483,16 +482,17 @@ class ThroughputCallback(TrainerCallback):
                 "not_measured": "the run ended before the warm-up and the GPU-busy steps were over"
             }
         if args.device.type == "cuda":
+            stats = torch.cuda.memory_stats(args.device)
             self.totals["memory"] = {
                 "peak_allocated_gib": torch.cuda.max_memory_allocated(args.device) / GIB,
                 "peak_reserved_gib": torch.cuda.max_memory_reserved(args.device) / GIB,
                 # Allocations that failed, freed the cache and retried: a process near its cap pays device syncs
-                "alloc_retries": torch.cuda.memory_stats(args.device).get("num_alloc_retries", 0),
+                "alloc_retries": stats.get("num_alloc_retries", 0),
             }
             if self._steady_device_calls is not None:
                 # A warm cache serves every allocation; cudaFree waits for the device, so a run at its memory
                 # cap that keeps returning cached blocks to the driver shows here, not in alloc_retries.
-                now = _device_memory_calls(args.device)
+                now = _device_memory_calls(stats)
                 self.totals["memory"]["after_warmup"] = {
                     "cuda_mallocs": now[0] - self._steady_device_calls[0],
                     "cuda_frees": now[1] - self._steady_device_calls[1],
